@@ -1,0 +1,154 @@
+"""The bundle format: a folder with ``manifest.json`` and model files, the only hand-off to the device.
+
+This module is torch-free. It knows the manifest schema, writes bundles atomically and verifies
+them (schema, types, every referenced file present with the right sha256) before anything is loaded.
+See docs/bundle.md for the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgetl.atomic import atomic_directory, write_json_atomic  # noqa: F401  (re-exported for writers)
+from edgetl.errors import BundleError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA = "edgetl.bundle"
+SCHEMA_VERSION = 1
+
+FORMATS = ("onnx", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+ROLES = ("trunk", "head", "merged")
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def variant_name(fmt: str, precision: str) -> str:
+    return f"{fmt}-{precision}"
+
+
+def file_record(
+    bundle_dir: Path,
+    rel_path: str,
+    *,
+    fmt: str,
+    precision: str,
+    role: str,
+    head: str | None,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    derived_from: str,
+    extra_files: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Manifest record of one model file (OpenVINO's .bin goes in ``extra_files``, hashed too)."""
+    rec = {
+        "sha256": sha256_file(bundle_dir / rel_path),
+        "bytes": (bundle_dir / rel_path).stat().st_size,
+        "format": fmt,
+        "precision": precision,
+        "role": role,
+        "head": head,
+        "inputs": inputs,
+        "outputs": outputs,
+        "derived_from": derived_from,
+    }
+    if extra_files:
+        rec["extra_files"] = {
+            p: {"sha256": sha256_file(bundle_dir / p), "bytes": (bundle_dir / p).stat().st_size} for p in extra_files
+        }
+    return rec
+
+
+def _require(cond: bool, bundle_dir: Path, what: str) -> None:
+    if not cond:
+        raise BundleError(f"bundle {bundle_dir}: invalid manifest: {what}; re-export the bundle with `edgetl export`")
+
+
+def _safe_rel_path(bundle_dir: Path, rel: Any) -> Path:
+    _require(isinstance(rel, str) and rel != "", bundle_dir, f"file path {rel!r} is not a string")
+    p = PurePosixPath(rel)
+    _require(not p.is_absolute() and ".." not in p.parts, bundle_dir, f"file path {rel!r} escapes the bundle")
+    return bundle_dir.joinpath(*p.parts)
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` (schema and types only; see :func:`verify_files`)."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir} is not a bundle folder (made by `edgetl export RUN --out {bundle_dir}`)")
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST_NAME}; is it a bundle made by `edgetl export`?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    validate_manifest(manifest, bundle_dir)
+    return manifest
+
+
+def validate_manifest(m: Any, bundle_dir: Path) -> None:
+    _require(isinstance(m, dict), bundle_dir, "top level is not an object")
+    _require(m.get("schema") == SCHEMA, bundle_dir, f"schema is {m.get('schema')!r}, expected {SCHEMA!r}")
+    version = m.get("schema_version")
+    _require(isinstance(version, int), bundle_dir, "schema_version is not an integer")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle {bundle_dir} has schema version {version}; this edgetl reads up to {SCHEMA_VERSION}: upgrade edgetl"
+        )
+    for key, typ in (("backbone", dict), ("preprocessing", dict), ("heads", dict), ("files", dict), ("variants", dict)):
+        _require(isinstance(m.get(key), typ), bundle_dir, f"{key!r} missing or not an object")
+    _require(len(m["heads"]) > 0, bundle_dir, "no heads")
+    for name, head in m["heads"].items():
+        _require(isinstance(head, dict), bundle_dir, f"head {name!r} is not an object")
+        labels = head.get("labels")
+        _require(
+            isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels),
+            bundle_dir,
+            f"head {name!r} labels must be a list of >= 2 strings",
+        )
+    for rel, rec in m["files"].items():
+        _safe_rel_path(bundle_dir, rel)
+        _require(isinstance(rec, dict), bundle_dir, f"file record {rel!r} is not an object")
+        _require(isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64, bundle_dir, f"{rel}: bad sha256")
+        _require(rec.get("format") in FORMATS, bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
+        _require(rec.get("precision") in PRECISIONS, bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}")
+        _require(rec.get("role") in ROLES, bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
+        for extra in (rec.get("extra_files") or {}):
+            _safe_rel_path(bundle_dir, extra)
+    for vname, var in m["variants"].items():
+        _require(isinstance(var, dict), bundle_dir, f"variant {vname!r} is not an object")
+        _require(var.get("format") in FORMATS and var.get("precision") in PRECISIONS, bundle_dir, f"variant {vname!r}: bad format/precision")
+        _require(isinstance(var.get("trunk"), str) and var["trunk"] in m["files"], bundle_dir, f"variant {vname!r}: trunk file not listed in files")
+        heads = var.get("heads")
+        _require(isinstance(heads, dict) and heads, bundle_dir, f"variant {vname!r}: no heads")
+        for hname, rel in heads.items():
+            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: unknown head {hname!r}")
+            _require(isinstance(rel, str) and rel in m["files"], bundle_dir, f"variant {vname!r}: head file {rel!r} not listed in files")
+
+
+def verify_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], rel_paths: list[str] | None = None) -> None:
+    """Check that each listed file (default: all) exists and has the recorded sha256."""
+    bundle_dir = Path(bundle_dir)
+    for rel in rel_paths if rel_paths is not None else list(manifest["files"]):
+        rec = manifest["files"][rel]
+        items = [(rel, rec["sha256"])] + [(p, r["sha256"]) for p, r in (rec.get("extra_files") or {}).items()]
+        for path_rel, expected in items:
+            path = _safe_rel_path(bundle_dir, path_rel)
+            if not path.is_file():
+                raise BundleError(f"bundle {bundle_dir}: file {path_rel} is missing; copy the whole bundle again")
+            if sha256_file(path) != expected:
+                raise BundleError(
+                    f"bundle {bundle_dir}: file {path_rel} does not match its sha256 in the manifest "
+                    "(modified or corrupted); copy or export the bundle again"
+                )

@@ -1,0 +1,55 @@
+"""What every command shares: one-line errors, JSON on stdout, logs and progress on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from edgetl.errors import EdgetlError
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (logs go to stderr).")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("edgetl")
+    if not any(getattr(h, "_edgetl", False) for h in root.handlers):
+        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+        handler._edgetl = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn library errors into a one-line message and exit code 1 (2 is Click's usage error)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except EdgetlError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def parse_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None

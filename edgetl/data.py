@@ -1,0 +1,145 @@
+"""Image-folder datasets (one sub-folder per class), validation splits and the offline digits demo."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import DataError
+from edgetl.preprocess import load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder:
+    root: str
+    classes: tuple[str, ...]
+    samples: tuple[Sample, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of unreadable images
+
+    def counts(self) -> list[int]:
+        counts = [0] * len(self.classes)
+        for s in self.samples:
+            counts[s.label] += 1
+        return counts
+
+
+def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = None) -> ImageFolder:
+    """List the images of ``root``/<class>/*; ``classes`` pins the class order (for --val-dir)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; pass a folder with one sub-folder of images per class")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes is not None:
+        if set(found) != set(classes):
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise DataError(
+                f"classes in {root} differ from the training classes (missing: {missing or 'none'}, "
+                f"extra: {extra or 'none'}); both folders need the same class sub-folders"
+            )
+        found = list(classes)
+    if len(found) < 2:
+        raise DataError(
+            f"{root} has {len(found)} class folder(s); a classifier needs at least 2 "
+            "(lay the data out as DATA/<class name>/<image files>)"
+        )
+    samples = []
+    for label, name in enumerate(found):
+        files = sorted(
+            p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not files:
+            raise DataError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        samples.extend(Sample(str(p), label) for p in files)
+    return ImageFolder(str(root), tuple(found), tuple(samples))
+
+
+def drop_unreadable(folder: ImageFolder, *, on_bad_image: str = "skip", min_per_class: int = 1) -> ImageFolder:
+    """Decode every image once; skip (and report) or fail on those that cannot be read."""
+    good, skipped = [], []
+    for s in folder.samples:
+        try:
+            load_image(s.path)
+        except DataError as exc:
+            if on_bad_image == "fail":
+                raise DataError(f"{exc} (use --on-bad-image skip to leave such files out)") from None
+            skipped.append((s.path, str(exc)))
+            continue
+        good.append(s)
+    for path, reason in skipped:
+        log.warning("skipped unreadable image: %s", reason)
+    result = dataclasses.replace(folder, samples=tuple(good), skipped=tuple(skipped))
+    for name, n in zip(folder.classes, result.counts()):
+        if n < min_per_class:
+            raise DataError(f"class {name!r} has {n} readable image(s) after skipping bad files; it needs >= {min_per_class}")
+    return result
+
+
+def stratified_split(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class split: the same seed and files always give the same split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1, not {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label, name in enumerate(folder.classes):
+        items = sorted((s for s in folder.samples if s.label == label), key=lambda s: s.path)
+        if len(items) < 2:
+            raise DataError(f"class {name!r} has {len(items)} image(s); a validation split needs at least 2 per class")
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+        order = rng.permutation(len(items))
+        val.extend(items[i] for i in sorted(order[:n_val]))
+        train.extend(items[i] for i in sorted(order[n_val:]))
+    return train, val
+
+
+def class_counts(samples: list[Sample], n_classes: int) -> list[int]:
+    counts = [0] * n_classes
+    for s in samples:
+        counts[s.label] += 1
+    return counts
+
+
+def write_digits(out: str | os.PathLike) -> dict:
+    """Write scikit-learn's bundled 8x8 digits (1,797 images) as a PNG image folder."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("`edgetl data digits` needs scikit-learn: pip install 'edgetl[train]'") from None
+    from PIL import Image
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not empty; choose a new folder")
+    digits = load_digits()
+    tmp = out.with_name(out.name + ".tmp-digits")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    classes = [str(int(c)) for c in digits.target_names]
+    for c in classes:
+        (tmp / c).mkdir(parents=True)
+    for i, (img, target) in enumerate(zip(digits.images, digits.target)):
+        # Values are 0..16 ink levels; scale to 0..255 grey.
+        pixels = np.clip(np.round(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(tmp / str(int(target)) / f"{i:04d}.png")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return {"path": str(out), "classes": classes, "images": int(len(digits.images))}
