@@ -1,3 +1,122 @@
-"""Placeholder; filled in by its owner."""
+"""`edgetl finetune` and `edgetl evaluate`."""
 
-COMMANDS = []
+from __future__ import annotations
+
+import click
+
+from edgetl.cli._common import emit_json, handle_errors, json_option
+from edgetl.train import STRATEGIES, TrainConfig
+
+# Defaults come from TrainConfig (torch-free at import) so the CLI and the library cannot drift.
+_D = TrainConfig()
+
+
+@click.command()
+@click.argument("data", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(), help="Run directory to write.")
+@click.option("--backbone", default=_D.backbone, show_default=True, help="See `edgetl backbones`.")
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=_D.strategy,
+    show_default=True,
+    help="Frozen trunk + new head; last N blocks unfrozen; or everything trained.",
+)
+@click.option("--unfreeze", default=_D.unfreeze, show_default=True, help="Trunk blocks to unfreeze (fine-tune).")
+@click.option("--epochs", default=_D.epochs, show_default=True)
+@click.option("--batch-size", default=_D.batch_size, show_default=True)
+@click.option("--lr", default=_D.lr, show_default=True, help="Head learning rate (AdamW, cosine schedule).")
+@click.option("--trunk-lr-scale", default=_D.trunk_lr_scale, show_default=True, help="Trunk learning rate = lr x this.")
+@click.option("--weight-decay", default=_D.weight_decay, show_default=True)
+@click.option("--dropout", default=_D.dropout, show_default=True, help="Dropout before the head's linear layer.")
+@click.option("--label-smoothing", default=_D.label_smoothing, show_default=True)
+@click.option("--patience", default=_D.patience, show_default=True, help="Early stopping: epochs without a better val top-1.")
+@click.option("--augment/--no-augment", default=_D.augment, show_default=True, help="Light augmentation (fine-tune, full).")
+@click.option("--hflip/--no-hflip", default=_D.hflip, show_default=True, help="Random horizontal flips when augmenting.")
+@click.option("--img-size", type=int, default=None, help="Input size (default: the backbone's, e.g. 224).")
+@click.option("--val-split", default=_D.val_split, show_default=True, help="Stratified validation fraction (by --seed).")
+@click.option("--val-dir", type=click.Path(), default=None, help="Use this image folder for validation instead.")
+@click.option("--seed", default=_D.seed, show_default=True)
+@click.option("--device", default=_D.device, show_default=True, help="auto, cpu or cuda.")
+@click.option("--workers", default=_D.workers, show_default=True, help="DataLoader worker processes.")
+@click.option("--weights", default=_D.weights, show_default=True, help="imagenet, none (random init) or a .pth file.")
+@click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default="skip", show_default=True)
+@click.option("--force", is_flag=True, help="Replace RUN if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@json_option
+@handle_errors
+def finetune(data, out, val_dir, force, no_progress, as_json, **options) -> None:
+    """Adapt a pretrained backbone to the image folder DATA (one sub-folder per class).
+
+    \b
+    Example:
+      edgetl finetune data/digits --out runs/digits --img-size 96
+      edgetl finetune data/digits --out runs/digits-ft --strategy fine-tune --unfreeze 3 --epochs 3 --img-size 96
+    """
+    from edgetl.train import finetune as run_finetune
+
+    result = run_finetune(data, out, config=TrainConfig(**options), val_dir=val_dir, force=force, progress=not no_progress)
+    doc = result.to_dict()
+    doc["skipped"] = [{"path": p, "reason": r} for p, r in result.skipped]
+    if as_json:
+        emit_json(doc)
+        return
+    origin = "pretrained" if result.pretrained else "RANDOM INIT (no transfer)"
+    click.echo(
+        f"{result.strategy} on {result.backbone} ({origin}): val top-1 {result.val_top1:.4f} "
+        f"(best epoch {result.best_epoch}/{result.epochs_run}) in {result.train_seconds:.1f}s -> {result.run_dir}"
+    )
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} unreadable image(s):")
+        for path, reason in result.skipped:
+            click.echo(f"  {reason}")
+
+
+@click.command()
+@click.argument("model", type=click.Path())
+@click.argument("data", type=click.Path())
+@click.option("--runtime", default="onnxruntime", show_default=True, help="For bundles: onnxruntime.")
+@click.option("--precision", default=None, help="For bundles: fp32, int8 (default fp32).")
+@click.option("--head", default=None, help="For bundles with several heads.")
+@click.option("--batch-size", default=64, show_default=True)
+@json_option
+@handle_errors
+def evaluate(model, data, runtime, precision, head, batch_size, as_json) -> None:
+    """Top-1, per-class accuracy and confusion matrix of a run or a bundle on DATA.
+
+    \b
+    Example:
+      edgetl evaluate runs/digits data/digits-test
+      edgetl evaluate bundles/digits data/digits-test --precision int8 --json
+    """
+    from edgetl.evaluate import evaluate as run_evaluate
+
+    report = run_evaluate(model, data, runtime=runtime, precision=precision, head=head, batch_size=batch_size)
+    if as_json:
+        emit_json(report)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"{report['kind']}: top-1 [bold]{report['top1']:.4f}[/bold] on {report['n']} images")
+    table = Table(title="per class")
+    table.add_column("class")
+    table.add_column("accuracy")
+    table.add_column("n")
+    for name, rec in report["per_class"].items():
+        acc = "-" if rec["accuracy"] is None else f"{rec['accuracy']:.3f}"
+        table.add_row(name, acc, str(rec["n"]))
+    console.print(table)
+    confusion = Table(title="confusion (rows: true, columns: predicted)")
+    confusion.add_column("")
+    for name in report["labels"]:
+        confusion.add_column(name)
+    for name, row in zip(report["labels"], report["confusion"]):
+        confusion.add_row(name, *[str(v) for v in row])
+    console.print(confusion)
+    if report["skipped"]:
+        console.print(f"skipped {len(report['skipped'])} unreadable image(s)")
+
+
+COMMANDS = [finetune, evaluate]

@@ -1,0 +1,68 @@
+"""The torch-free preprocessing must equal the torchvision transform used in training."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgetl.backbones import get_backbone
+from edgetl.data import write_digits
+from edgetl.preprocess import Preprocessing, preprocess, to_rgb
+from edgetl.train import eval_transform
+
+
+def _photo(w, h, seed):
+    rng = np.random.default_rng(seed)
+    # Smooth gradients plus noise: interpolation differences would show.
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("size", [(300, 200), (200, 300), (64, 64), (8, 8), (500, 137)])
+def test_matches_torchvision(size, interp):
+    pp = Preprocessing(input_size=96, resize_size=110, interpolation=interp)
+    img = _photo(*size, seed=sum(size))
+    ours = preprocess(img, pp)
+    theirs = eval_transform(pp)(img).numpy()
+    assert ours.shape == theirs.shape == (3, 96, 96) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_matches_torchvision_on_real_digits(tmp_path):
+    write_digits(tmp_path / "d")
+    pp = get_backbone("mobilenet_v2").preprocessing(96)
+    transform = eval_transform(pp)
+    for path in sorted((tmp_path / "d").rglob("*.png"))[:40]:
+        img = to_rgb(Image.open(path))
+        np.testing.assert_allclose(preprocess(img, pp), transform(img).numpy(), atol=1e-6, rtol=0)
+
+
+def test_backbone_default_keeps_crop_ratio():
+    pp = get_backbone("mobilenet_v2").preprocessing()
+    assert (pp.input_size, pp.resize_size) == (224, 256)
+    assert get_backbone("mobilenet_v2").preprocessing(96).resize_size == 110
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "LA", "I;16"])
+def test_modes_become_rgb(mode):
+    img = _photo(20, 10, 0)
+    if mode == "I;16":
+        conv = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+    else:
+        conv = img.convert(mode)
+    out = to_rgb(conv)
+    assert out.mode == "RGB" and out.size == (20, 10)
+
+
+def test_transparent_palette_composited_on_black():
+    img = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    assert np.asarray(to_rgb(img)).max() == 0
+
+
+def test_torch_and_numpy_normalise_identically():
+    pp = Preprocessing(input_size=8, resize_size=8)
+    img = _photo(8, 8, 3)
+    t = eval_transform(pp)(img)
+    assert torch.equal(t, torch.from_numpy(preprocess(img, pp)))

@@ -1,0 +1,116 @@
+"""Training on the tiny registered backbone and generated images: seconds, offline."""
+
+import json
+
+import pytest
+import torch
+
+from edgetl.errors import ConfigError, DataError, OutputExistsError
+from edgetl.run import load_run
+from edgetl.train import TrainConfig, finetune
+
+TINY = dict(backbone="tiny_test", weights="none", batch_size=16, epochs=3, lr=1e-2)
+
+
+def _train(image_folder, out, **kw):
+    return finetune(image_folder, out, config=TrainConfig(**{**TINY, **kw}), progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["feature-extraction", "fine-tune", "full"])
+def test_each_strategy_writes_a_complete_run(image_folder, tmp_path, strategy):
+    result = _train(image_folder, tmp_path / "run", strategy=strategy, unfreeze=1)
+    run_dir = tmp_path / "run"
+    for name in ("config.json", "labels.json", "split.json", "model.pt", "history.json", "metrics.json", "history.png"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val_top1"] == result.val_top1 and 0 <= result.val_top1 <= 1
+    assert len(metrics["confusion"]) == 3 and set(metrics["per_class"]) == {"blue", "green", "red"}
+    history = json.loads((run_dir / "history.json").read_text())
+    assert {"train_loss", "val_top1", "gap_top1", "lr"} <= set(history[0])
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["pretrained"] is False and config["weights"]["kind"] == "none"
+    run = load_run(run_dir)
+    model = run.build_model()
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "temporary folder left behind"
+
+
+def test_feature_extraction_runs_trunk_once_per_image(image_folder, tmp_path, monkeypatch):
+    from edgetl.model import Trunk
+
+    seen = {"images": 0}
+    original = Trunk.forward
+
+    def counting(self, x):
+        seen["images"] += x.shape[0]
+        return original(self, x)
+
+    monkeypatch.setattr(Trunk, "forward", counting)
+    _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=6)
+    assert seen["images"] == 48  # train + validation, once each, for 6 epochs
+
+
+def test_feature_extraction_learns_easy_data(image_folder, tmp_path):
+    result = _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=15, lr=3e-2)
+    assert result.val_top1 >= 0.8
+
+
+def test_fine_tune_keeps_frozen_blocks_and_their_batchnorm_stats(image_folder, tmp_path):
+    from edgetl.backbones import get_backbone
+    from edgetl.model import build_trunk
+
+    torch.manual_seed(0)
+    _train(image_folder, tmp_path / "run", strategy="fine-tune", unfreeze=1, seed=0)
+    trained = load_run(tmp_path / "run").build_model().trunk.state_dict()
+    torch.manual_seed(0)
+    initial = build_trunk(get_backbone("tiny_test")).state_dict()
+    # Blocks 0 and 1 frozen (weights and BN running stats untouched), block 2 trained.
+    for key in ("body.0.0.weight", "body.0.1.running_mean", "body.1.1.running_var"):
+        assert torch.equal(trained[key], initial[key]), key
+    assert not torch.equal(trained["body.2.0.weight"], initial["body.2.0.weight"])
+
+
+def test_same_seed_reproduces_the_same_numbers(image_folder, tmp_path):
+    a = _train(image_folder, tmp_path / "a", strategy="fine-tune", unfreeze=2, seed=1)
+    b = _train(image_folder, tmp_path / "b", strategy="fine-tune", unfreeze=2, seed=1)
+    ha = json.loads((tmp_path / "a" / "history.json").read_text())
+    hb = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert a.val_top1 == b.val_top1
+    assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
+
+
+def test_early_stopping_keeps_best_epoch(image_folder, tmp_path):
+    result = _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=40, patience=2, lr=0.5)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert result.epochs_run == len(history)
+    best = max(history, key=lambda h: (h["val_top1"], -h["val_loss"]))
+    assert result.best_epoch == best["epoch"]
+    assert result.val_top1 == pytest.approx(best["val_top1"], abs=1e-6)
+
+
+def test_existing_run_refused_before_training(image_folder, tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        _train(image_folder, tmp_path / "run")
+
+
+def test_val_dir_used_instead_of_split(image_folder, tmp_path):
+    from tests.helpers import make_image_folder
+
+    val = make_image_folder(tmp_path / "val", per_class=4, seed=9)
+    finetune(image_folder, tmp_path / "run", config=TrainConfig(**TINY), val_dir=val, progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["train"]) == 48 and len(split["val"]) == 12
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(strategy="linear"), dict(epochs=0), dict(lr=-1.0), dict(dropout=1.0), dict(device="tpu")]
+)
+def test_bad_config_is_a_clear_error(bad):
+    with pytest.raises(ConfigError):
+        TrainConfig(**bad)
+
+
+def test_bad_data_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        _train(tmp_path / "missing", tmp_path / "run")
