@@ -1,0 +1,91 @@
+"""The device side never imports torch: a device installs `pip install edgetl`, which has no torch.
+
+torch is installed in the test environment, so "it works here" proves nothing; these tests run in a
+subprocess whose import system refuses torch and torchvision outright.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.bundle_factory import build_bundle, write_colour_images
+
+BLOCK_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("torch", "torchvision"):
+                raise ImportError(f"{name} is blocked: the device side must not import torch")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def device_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    bundle = build_bundle(root / "bundle", heads=("colour", "brightness"))
+    write_colour_images(root / "images", corrupt=True)
+    return bundle, root / "images"
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_runtime_import_does_not_load_torch():
+    proc = _run_python("import edgetl.runtime, sys; assert 'torch' not in sys.modules, 'torch was imported'")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_predict_and_bench_run_with_torch_blocked(device_files):
+    bundle, images = device_files
+    code = BLOCK_TORCH + textwrap.dedent(
+        f"""
+        import json
+        import edgetl.runtime, edgetl.bench, edgetl.envinfo, edgetl.cli
+        from click.testing import CliRunner
+        from edgetl.cli import main
+
+        predict = CliRunner().invoke(main, ["predict", {str(bundle)!r}, {str(images)!r}, "--head", "all", "--json"])
+        assert predict.exit_code == 0, predict.output
+        bench = CliRunner().invoke(main, ["bench", {str(bundle)!r}, "--json", "--warmup", "1", "--iterations", "3"])
+        assert bench.exit_code == 0, bench.output
+        leaked = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "torchvision"))
+        assert not leaked, leaked
+        print(json.dumps({{"predict": json.loads(predict.stdout), "bench": json.loads(bench.stdout)}}))
+        """
+    )
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert len(out["predict"]) == 6  # 3 readable images x 2 heads; the corrupt one is skipped
+    assert [r["precision"] for r in out["bench"]["results"]] == ["fp32", "int8"]
+
+
+def test_blocker_really_blocks():
+    proc = _run_python(BLOCK_TORCH + "import torch")
+    assert proc.returncode != 0 and "is blocked" in proc.stderr
+
+
+def test_installed_entry_point(device_files):
+    """The `edgetl` console script, as a device user runs it."""
+    bundle, images = device_files
+    script = Path(sys.executable).with_name("edgetl")
+    if not script.exists():
+        pytest.skip("edgetl console script not installed next to this interpreter")
+    proc = subprocess.run([str(script), "predict", str(bundle), str(images / "red.png"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["label"] == "red"
