@@ -17,6 +17,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; runs and bundles are read by others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
@@ -40,6 +41,7 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False) -> Itera
         raise OutputExistsError(f"{target} already exists; pass --force to replace it, or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; bundles are copied and read by others
     try:
         yield tmp
     except BaseException:
@@ -53,3 +55,9 @@ def atomic_directory(target: str | os.PathLike, *, force: bool = False) -> Itera
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

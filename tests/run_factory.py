@@ -1,0 +1,94 @@
+"""Write a run directory without the training code, for export tests (and measurements).
+
+``make_run`` produces exactly what :func:`edgetl.run.load_run` reads: config.json, labels.json,
+split.json, model.pt and metrics.json. The head is fitted on trunk features (a few hundred steps of
+full-batch logistic regression), so validation accuracy is meaningful and int8 drops are real
+numbers. When ``edgetl.train.finetune`` is available it can replace this helper one for one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.backbones import get_backbone
+from edgetl.data import scan_image_folder, stratified_split
+from edgetl.preprocess import load_image, preprocess_batch
+
+
+def _features(trunk, samples, pp, batch_size: int = 128) -> np.ndarray:
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(samples), batch_size):
+            x = preprocess_batch([load_image(s.path) for s in samples[i : i + batch_size]], pp)
+            out.append(trunk(torch.from_numpy(x)).numpy())
+    return np.concatenate(out)
+
+
+def make_run(
+    run_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    backbone: str = "tiny_test",
+    img_size: int | None = None,
+    trunk_state: dict | None = None,
+    weights: dict | None = None,
+    val_fraction: float = 0.25,
+    seed: int = 0,
+    steps: int = 300,
+) -> Path:
+    """Write a run for ``data_dir`` (an image folder): trunk from ``trunk_state`` (ImageNet
+    checkpoint of the full torchvision model) or seeded random init, head fitted on its features."""
+    import torch
+
+    from edgetl.model import Head, build_trunk
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = get_backbone(backbone)
+    pp = spec.preprocessing(img_size)
+    folder = scan_image_folder(data_dir)
+    train, val = stratified_split(folder, val_fraction, seed)
+
+    torch.manual_seed(seed)
+    trunk = build_trunk(spec, trunk_state).eval()
+    head = Head(spec.feature_dim, len(folder.classes), dropout=0.2)
+    f_train = torch.from_numpy(_features(trunk, train, pp))
+    y_train = torch.tensor([s.label for s in train])
+    # Standardise through the linear layer's own parameters so the head stays a plain Linear.
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    lin = torch.nn.Linear(spec.feature_dim, len(folder.classes))
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin((f_train - mu) / sd), y_train) + 1e-3 * lin.weight.pow(2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        head.fc.weight.copy_(lin.weight / sd)
+        head.fc.bias.copy_(lin.bias - (lin.weight * (mu / sd)).sum(1))
+    head.eval()
+
+    f_val = torch.from_numpy(_features(trunk, val, pp))
+    with torch.no_grad():
+        pred = head(f_val).argmax(1).numpy()
+    val_top1 = float((pred == np.array([s.label for s in val])).mean())
+
+    config = {
+        "backbone": backbone,
+        "preprocessing": pp.to_dict(),
+        "train": {"dropout": 0.2, "strategy": "feature-extraction", "seed": seed},
+        "weights": weights or {"kind": "none", "path": None, "sha256": None, "origin": None},
+        "data": {"root": str(data_dir), "classes": list(folder.classes)},
+    }
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "labels.json").write_text(json.dumps(list(folder.classes)))
+    split = {"train": [[s.path, s.label] for s in train], "val": [[s.path, s.label] for s in val]}
+    (run_dir / "split.json").write_text(json.dumps(split))
+    torch.save({"trunk": trunk.state_dict(), "head": head.state_dict()}, run_dir / "model.pt")
+    (run_dir / "metrics.json").write_text(json.dumps({"val_top1": val_top1, "n": len(val)}))
+    return run_dir

@@ -1,0 +1,256 @@
+"""`edgetl export`: bundle layout and manifest, parity and int8 bars, atomicity, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+import edgetl.export as export_mod
+import edgetl.quantize as quantize_mod
+from edgetl.bundle import read_manifest, validate_manifest, verify_files
+from edgetl.cli import main
+from edgetl.errors import ConfigError, ExportError, OutputExistsError, RunError
+from edgetl.export import ONNX_OPSET, check_options, export_bundle
+from edgetl.run import load_run
+from edgetl.runtime import open_bundle
+from tests.helpers import make_image_folder
+from tests.run_factory import make_run
+
+LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    return make_run(root / "run", make_image_folder(root / "images"))
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bundles") / "b"
+    return out, export_bundle(run_dir, out, progress=False)
+
+
+def files_under(path: Path) -> set[str]:
+    return {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_bundle_layout_and_manifest_validate(exported, run_dir):
+    out, doc = exported
+    assert doc["bundle"] == str(out) and set(doc["variants"]) == {"onnx-fp32", "onnx-int8"}
+    assert files_under(out) == LAYOUT
+    m = read_manifest(out)
+    verify_files(out, m)
+    assert set(m["files"]) == LAYOUT - {"manifest.json"}
+    run = load_run(run_dir)
+    assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "weights": run.config["weights"]}
+    assert m["preprocessing"] == run.preprocessing.to_dict()
+    assert m["trunk"]["input"] == {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
+    assert m["trunk"]["output"] == {"name": "features", "shape": ["batch", 16], "dtype": "float32"}
+    head = m["heads"]["default"]
+    assert head["labels"] == run.labels and head["output"]["shape"] == ["batch", 3]
+    assert head["run"] == {"path": str(run_dir.resolve()), "strategy": "feature-extraction", "val_top1": run.metrics["val_top1"]}
+    assert m["default_head"] == "default"
+    f = m["files"]
+    assert f["onnx/trunk.fp32.onnx"]["derived_from"] == f"run:{run_dir.resolve()}/model.pt"
+    assert f["onnx/trunk.int8.onnx"]["derived_from"] == "onnx/trunk.fp32.onnx"
+    assert (f["onnx/head.default.onnx"]["role"], f["onnx/head.default.onnx"]["head"]) == ("head", "default")
+    assert (f["onnx/trunk.int8.onnx"]["precision"], f["onnx/trunk.int8.onnx"]["role"]) == ("int8", "trunk")
+    for v in m["variants"].values():
+        assert v["heads"] == {"default": "onnx/head.default.onnx"}  # the head stays fp32 in every variant
+    assert set(m["versions"]) == {"edgetl", "torch", "torchvision", "onnx", "onnxruntime"}
+
+
+def test_fp32_parity_is_measured_and_recorded(exported):
+    out, doc = exported
+    fp32 = read_manifest(out)["variants"]["onnx-fp32"]["metrics"]
+    assert fp32 == doc["variants"]["onnx-fp32"]
+    assert fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 1.0
+    assert fp32["n"] == 12 and 0.0 <= fp32["val_top1"] <= 1.0
+
+
+def test_int8_variant_is_smaller_and_reports_its_drop(exported, run_dir):
+    out, doc = exported
+    m = read_manifest(out)
+    fp32, int8 = doc["variants"]["onnx-fp32"], doc["variants"]["onnx-int8"]
+    assert int8 == m["variants"]["onnx-int8"]["metrics"]
+    assert m["files"]["onnx/trunk.int8.onnx"]["bytes"] < m["files"]["onnx/trunk.fp32.onnx"]["bytes"]
+    assert int8["bytes"] < fp32["bytes"]
+    assert int8["top1_drop_pp"] == pytest.approx((fp32["val_top1"] - int8["val_top1"]) * 100, abs=1e-3)
+    assert int8["top1_drop_pp"] <= 1.0 and {"max_abs_diff", "top1_agreement", "n"} <= set(int8)
+    q = m["variants"]["onnx-int8"]["quantization"]
+    assert q["method"] == "onnxruntime static QDQ" and isinstance(q["per_channel"], bool)
+    train_paths = {s.path for s in load_run(run_dir).train_samples}
+    assert q["calibration"]["method"] in ("minmax", "entropy", "percentile")
+    assert q["calibration"]["size"] == len(q["calibration"]["images"]) == 36  # all 36 training images (< 200)
+    assert set(q["calibration"]["images"]) <= train_paths
+    assert q["attempts"] and q["attempts"][-1]["passed"] and q["attempts"][-1]["val_top1"] == int8["val_top1"]
+    assert q["excluded_nodes"] == q["attempts"][-1]["excluded_nodes"]
+    ops = {n.op_type for n in onnx.load(str(out / "onnx/trunk.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(out / "onnx/head.default.onnx")).graph.node}
+
+
+@pytest.mark.parametrize("rel, io", [("onnx/trunk.fp32.onnx", ("image", "features")),
+                                     ("onnx/trunk.int8.onnx", ("image", "features")),
+                                     ("onnx/head.default.onnx", ("features", "logits"))])
+def test_graphs_have_opset_and_a_dynamic_batch(exported, rel, io):
+    out, _ = exported
+    model = onnx.load(str(out / rel))
+    onnx.checker.check_model(model, full_check=True)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= ONNX_OPSET >= 17
+    (inp,), (outp,) = model.graph.input, model.graph.output
+    assert (inp.name, outp.name) == io
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(str(out / rel), providers=["CPUExecutionProvider"])
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    for batch in (1, 5):
+        x = np.zeros([batch, *shape[1:]], dtype=np.float32)
+        assert session.run(None, {io[0]: x})[0].shape[0] == batch
+
+
+def test_bundle_predicts_through_the_runtime(exported, run_dir):
+    out, _ = exported
+    run = load_run(run_dir)
+    sample = run.val_samples[0]
+    for precision in ("fp32", "int8"):
+        record = open_bundle(out).load(precision=precision).predict([sample.path])[0]
+        assert record["label"] in run.labels and 0.0 < record["score"] <= 1.0
+
+
+def test_failure_mid_export_leaves_no_bundle_and_no_temp_dir(run_dir, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure in the int8 step")
+
+    monkeypatch.setattr(quantize_mod, "search_int8", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        export_bundle(run_dir, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+def test_existing_bundle_is_refused_untouched_and_replaced_only_with_force(run_dir, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_bundle(run_dir, out, precisions=("fp32",), progress=False)
+    assert (out / "keep.txt").read_text() == "old"
+    export_bundle(run_dir, out, precisions=("fp32",), force=True, progress=False)
+    assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx"}
+    assert leftovers(tmp_path) == []
+
+
+def test_int8_over_max_drop_fails_naming_the_variant_and_figures(run_dir, tmp_path):
+    with pytest.raises(ExportError) as err:
+        export_bundle(run_dir, tmp_path / "b", max_drop=-1.0, progress=False)
+    message = str(err.value)
+    assert "onnx-int8" in message and "--max-drop -1 pp" in message and " pp validation top-1" in message
+    assert "->" in message and "12 images" in message
+    assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
+
+
+def test_fp32_parity_failure_fails_naming_the_variant(run_dir, tmp_path, monkeypatch):
+    real = export_mod.torch_logits
+    monkeypatch.setattr(export_mod, "torch_logits", lambda model, x: real(model, x) + 0.01)
+    with pytest.raises(ExportError, match=r"onnx-fp32 .*max abs logit diff 1\.00e-02"):
+        export_bundle(run_dir, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
+    doc = export_bundle(run_dir, tmp_path / "b", precisions=("int8",), progress=False)
+    assert set(doc["variants"]) == {"onnx-int8"} and "top1_drop_pp" in doc["variants"]["onnx-int8"]
+    m = read_manifest(tmp_path / "b")
+    assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+    assert m["files"]["onnx/trunk.int8.onnx"]["derived_from"] == f"run:{run_dir.resolve()}/model.pt"
+    assert files_under(tmp_path / "b") == {"manifest.json", *m["files"]}
+
+
+@pytest.mark.parametrize(
+    "formats, precisions, calib, match",
+    [
+        (("openvino",), ("fp32",), 200, "--format openvino is not supported yet; use --format onnx"),
+        (("tflite",), ("fp32",), 200, "unknown --format 'tflite'"),
+        (("onnx",), ("fp16",), 200, "unsupported --precision 'fp16'"),
+        (("onnx",), (), 200, "no --precision"),
+        (("onnx",), ("int8",), 0, "--calib-size must be"),
+    ],
+)
+def test_bad_options_are_config_errors(formats, precisions, calib, match):
+    with pytest.raises(ConfigError, match=match):
+        check_options(formats, precisions, calib)
+
+
+def test_bad_options_fail_before_any_work(tmp_path):
+    with pytest.raises(ConfigError):
+        export_bundle(tmp_path / "no-run", tmp_path / "b", formats=("openvino",))
+    with pytest.raises(RunError, match="does not exist"):
+        export_bundle(tmp_path / "no-run", tmp_path / "b")
+
+
+def test_manifest_validation_catches_a_tampered_bundle(exported):
+    out, _ = exported
+    m = json.loads((out / "manifest.json").read_text())
+    validate_manifest(m, out)
+    m["variants"]["onnx-int8"]["trunk"] = "onnx/missing.onnx"
+    with pytest.raises(Exception, match="trunk file not listed"):
+        validate_manifest(m, out)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def cli(*args):
+    return CliRunner().invoke(main, ["export", *[str(a) for a in args]])
+
+
+def test_cli_json_document(run_dir, tmp_path):
+    result = cli(run_dir, "--out", tmp_path / "b", "--precision", "fp32", "--no-progress", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["bundle"] == str(tmp_path / "b")
+    assert set(doc["variants"]["onnx-fp32"]) >= {"val_top1", "max_abs_diff", "top1_agreement", "bytes"}
+
+
+def test_cli_table_and_help(run_dir, tmp_path):
+    result = cli(run_dir, "--out", tmp_path / "b", "--calib-size", "8", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "onnx-fp32" in result.stdout and "onnx-int8" in result.stdout and "int8 drop" in result.stdout
+    help_text = cli("--help").output
+    assert "Example:" in help_text and "--max-drop" in help_text and "--calib-size" in help_text
+    assert read_manifest(tmp_path / "b")["variants"]["onnx-int8"]["quantization"]["calibration"]["size"] == 8
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--format", "openvino"], "not supported yet"),
+        (["--precision", "fp16"], "unsupported --precision"),
+        (["--max-drop", "-1"], "onnx-int8"),
+    ],
+)
+def test_cli_user_errors_are_one_line(run_dir, tmp_path, extra, pattern):
+    result = cli(run_dir, "--out", tmp_path / "b", "--no-progress", *extra)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and pattern in errors[0], result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_refuses_an_existing_bundle(exported, run_dir):
+    out, _ = exported
+    before = (out / "manifest.json").read_bytes()
+    result = cli(run_dir, "--out", out, "--no-progress")
+    assert result.exit_code == 1 and "already exists" in result.stderr
+    assert (out / "manifest.json").read_bytes() == before

@@ -1,0 +1,164 @@
+"""int8 quantization of a trunk: calibration data, sensitivity from data, the search and its record."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgetl.backbones import get_backbone
+from edgetl.data import Sample
+from edgetl.export import export_onnx
+from edgetl.model import build_trunk
+from edgetl.quantize import (
+    ArrayReader,
+    NoiseSource,
+    QuantConfig,
+    build_gated_model,
+    exclusion_schedule,
+    prepare_for_quantization,
+    quantize_trunk,
+    quiet_onnxruntime,
+    rank_noise_sources,
+    search_int8,
+    select_calibration,
+)
+from tests.helpers import TINY
+
+
+@pytest.fixture(scope="module")
+def trunk_onnx(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    trunk = build_trunk(get_backbone(TINY)).eval()
+    path = tmp_path_factory.mktemp("trunk") / "trunk.onnx"
+    export_onnx(trunk, torch.zeros(2, 3, 32, 32), path, input_name="image", output_name="features")
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib() -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 1, (24, 3, 32, 32)).astype(np.float32)
+
+
+def run_onnx(path, x, **extra) -> np.ndarray:
+    session = ort.InferenceSession(str(path) if not isinstance(path, bytes) else path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": x, **extra})[0]
+
+
+def test_calibration_is_deterministic_stratified_and_capped():
+    samples = [Sample(f"/d/{c}/{i:03d}.png", c) for c in range(3) for i in range(40 if c == 0 else 10)]
+    first = select_calibration(samples, 12)
+    assert first == select_calibration(list(reversed(samples)), 12)  # order of the split does not matter
+    assert Counter(s.label for s in first) == {0: 4, 1: 4, 2: 4}
+    assert len(set(first)) == 12
+    # A class running out leaves its share to the others; never more than asked or available.
+    assert Counter(s.label for s in select_calibration(samples, 40)) == {0: 20, 1: 10, 2: 10}
+    assert len(select_calibration(samples, 1000)) == len(samples)
+    assert select_calibration(samples, 12, seed=1) != first
+
+
+def test_array_reader_yields_fixed_batches_and_supports_ranges():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1)
+    reader = ArrayReader(x, "image", batch_size=4)
+    assert len(reader) == 3
+    assert [b["image"].shape[0] for b in reader] == [4, 4, 2]
+    reader.set_range(1, 2)
+    assert reader.get_next()["image"][0, 0] == 4.0 and reader.get_next() is None
+
+
+def test_quantize_trunk_writes_qdq_and_keeps_stdout_clean(trunk_onnx, calib, tmp_path, capfd):
+    with quiet_onnxruntime():
+        # Entropy calibration prints progress on stdout inside ORT: it must not reach ours (--json).
+        out = quantize_trunk(trunk_onnx, tmp_path / "q.onnx", calib, QuantConfig("entropy", True),
+                             input_name="image", cache_dir=tmp_path)
+    assert capfd.readouterr().out == ""
+    ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert (tmp_path / "calibration.entropy.json").is_file()  # ranges cached for later attempts
+    a, b = run_onnx(trunk_onnx, calib), run_onnx(out, calib)
+    assert a.shape == b.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_gated_model_is_float_when_off_and_quantized_when_on(trunk_onnx, calib, tmp_path):
+    with quiet_onnxruntime():
+        prepared = prepare_for_quantization(trunk_onnx, tmp_path / "prepared.onnx")
+        qdq = quantize_trunk(prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", True),
+                             input_name="image", cache_dir=tmp_path)
+    model, sources = build_gated_model(onnx.load(str(prepared)), onnx.load(str(qdq)))
+    onnx.checker.check_model(model)
+    kinds = Counter(kind for kind, _, _ in sources)
+    assert kinds["weight"] == 3 and kinds["activation"] >= 4  # three convolutions; image, their outputs, features
+    blob = model.SerializeToString()
+    off = {g: np.array(0.0, np.float32) for _, _, g in sources}
+    on = {g: np.array(1.0, np.float32) for _, _, g in sources}
+    np.testing.assert_allclose(run_onnx(blob, calib, **off), run_onnx(prepared, calib), atol=1e-5)
+    simulated, real = run_onnx(blob, calib, **on), run_onnx(qdq, calib)
+    assert not np.allclose(simulated, run_onnx(prepared, calib), atol=1e-5)
+    assert np.abs(simulated - real).max() < 0.1 * np.abs(real).max()
+
+
+def test_rank_noise_sources_returns_nodes_of_the_graph(trunk_onnx, calib, tmp_path):
+    with quiet_onnxruntime():
+        prepared = prepare_for_quantization(trunk_onnx, tmp_path / "prepared.onnx")
+        qdq = quantize_trunk(prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", False),
+                             input_name="image", cache_dir=tmp_path)
+        ranked = rank_noise_sources(prepared, qdq, calib[:8], input_name="image")
+    graph = onnx.load(str(prepared)).graph
+    names = {n.name for n in graph.node}
+    assert ranked and all(s.nodes and set(s.nodes) <= names for s in ranked)
+    sqnr = [s.sqnr_db for s in ranked]
+    assert sqnr == sorted(sqnr) and all(np.isfinite(sqnr))
+    image = next(s for s in ranked if s.tensor == "image")
+    assert image.kind == "activation" and image.nodes == (graph.node[0].name,)  # the first conv reads it
+    weight = next(s for s in ranked if s.kind == "weight")
+    assert len(weight.nodes) == 1 and weight.nodes[0].endswith("Conv")
+
+
+def test_exclusion_schedule_doubles_dedupes_and_caps():
+    s = [NoiseSource("activation", f"t{i}", float(i), nodes) for i, nodes in
+         enumerate([("a", "b"), ("b",), ("c",), ("d",), ("e", "f", "g", "h")])]
+    assert exclusion_schedule(s, cap=10) == [("a", "b"), ("a", "b", "c", "d"), ("a", "b", "c", "d", "e", "f", "g", "h")]
+    assert exclusion_schedule(s, cap=4) == [("a", "b"), ("a", "b", "c", "d")]
+    assert exclusion_schedule(s, cap=1) == []
+    # k=2 adds no node: no duplicate attempt
+    assert exclusion_schedule(s[:2], cap=10) == [("a", "b")]
+
+
+def test_search_stops_at_the_first_attempt_within_the_bar(trunk_onnx, calib, tmp_path):
+    out = tmp_path / "int8.onnx"
+    result = search_int8(trunk_onnx, out, calib, lambda p: 0.9, baseline_top1=0.9, max_drop=1.0, workdir=tmp_path / "w")
+    assert result.passed and len(result.attempts) == 1
+    assert result.chosen.config == QuantConfig("minmax", False) and out.is_file()
+    record = result.manifest_record(["a.png"])
+    assert record["method"] == "onnxruntime static QDQ" and record["per_channel"] is False
+    assert record["calibration"] == {"method": "minmax", "size": len(calib), "images": ["a.png"]}
+    assert record["excluded_nodes"] == [] and record["attempts"][0]["passed"] is True
+
+
+def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_path):
+    scores = iter([0.50, 0.70, 0.80, 0.75, 0.60, 0.60, 0.60, 0.60, 0.60])
+    seen = []
+
+    def evaluate(path):
+        seen.append(path)
+        return next(scores)
+
+    out = tmp_path / "int8.onnx"
+    result = search_int8(trunk_onnx, out, calib, evaluate, baseline_top1=0.9, max_drop=1.0, workdir=tmp_path / "w")
+    configs = [a.config for a in result.attempts]
+    assert not result.passed and len(configs) == len(seen)
+    assert configs[:2] == [QuantConfig("minmax", False), QuantConfig("minmax", True)]
+    # Remedies continue from the better granularity (per-channel scored 0.70 > 0.50).
+    assert all(c.per_channel for c in configs[2:])
+    assert any(c.excluded_nodes for c in configs) and {"percentile", "entropy"} <= {c.method for c in configs}
+    assert result.chosen.val_top1 == 0.80 and result.chosen.config.excluded_nodes
+    assert abs(result.chosen.top1_drop_pp - 10.0) < 1e-9
+    assert result.sensitivity and out.is_file()
+    record = result.manifest_record([])
+    assert record["excluded_nodes"] == list(result.chosen.config.excluded_nodes)
+    assert [a["val_top1"] for a in record["attempts"]] == [a.val_top1 for a in result.attempts]
