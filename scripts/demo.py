@@ -48,7 +48,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=110)
     t = Table(title="edgetl demo: scikit-learn digits, MobileNetV2 (ImageNet), 96x96, seed 0, 20% validation")
     t.add_column("step")
     t.add_column("result")
