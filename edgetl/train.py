@@ -245,8 +245,12 @@ def _evaluate_logits(logits, labels, criterion) -> tuple[float, float]:
     return float(criterion(logits, labels)), float((logits.argmax(1) == labels).float().mean())
 
 
-def _train_head_on_features(head, ftr, ytr, fval, yval, cfg: TrainConfig, criterion, progress, history):
-    """Feature extraction: epochs over cached features; the trunk does not run here at all."""
+def train_head(head, ftr, ytr, fval, yval, cfg: TrainConfig, *, criterion, progress, history: list) -> int:
+    """Train ``head`` on precomputed features (tensors); the trunk does not run here at all.
+
+    Uses ``cfg``'s lr, weight decay, epochs, batch size, seed and patience; appends one record per
+    epoch to ``history``; leaves the best epoch's weights in ``head`` and returns that epoch.
+    """
     import torch
 
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -450,7 +454,7 @@ def finetune(
             fval, yval = extract_features(trunk, va_loader, device, bar, "trunk features (val)")
             feature_seconds = time.perf_counter() - t_start
             head.cpu()
-            best_epoch = _train_head_on_features(head, ftr, ytr, fval, yval, cfg, criterion, bar, history)
+            best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history)
             model = model.cpu()
         else:
             set_trainable(trunk, cfg.unfreeze if cfg.strategy == "fine-tune" else None)
