@@ -44,6 +44,7 @@ def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | Non
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; pass a folder with one sub-folder of images per class")
+    root = root.resolve()  # runs record absolute paths: --resume and export work from any directory
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes is not None:
         if set(found) != set(classes):

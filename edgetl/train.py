@@ -1,22 +1,28 @@
 """Transfer learning: adapt a pretrained trunk to an image folder with one of three strategies.
 
-* ``feature-extraction``: the trunk is frozen; its features are computed **once** per image and the
-  head is trained on those (the trunk never runs again during training).
+* ``feature-extraction``: the trunk is frozen; its features are computed **once** per image (and
+  kept in a persistent on-disk cache, :mod:`edgetl.featcache`) and the head is trained on those.
+  ``--no-feature-cache`` runs the trunk on every batch instead (needed when augmenting).
 * ``fine-tune``: the last ``unfreeze`` blocks of the trunk train with a lower learning rate than the
   head; frozen blocks keep their batch-norm statistics.
 * ``full``: everything trains (trunk at the lower learning rate).
 
 All strategies use AdamW, a cosine schedule, weight decay, head dropout, label smoothing and early
-stopping on validation top-1 with the best epoch kept.
+stopping on validation top-1 with the best epoch kept; ``--balance`` weights the loss by inverse
+class frequency; fine-tune and full add light augmentation and optionally mixup/CutMix.
+
+A run is built in ``RUN.partial/`` with a checkpoint after every epoch (``--resume RUN`` continues
+it) and renamed to ``RUN`` once complete. The training loops live in :mod:`edgetl.loops`, feature
+computation in :mod:`edgetl.features`, multi-process training in :mod:`edgetl.distributed`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import json
 import logging
-import math
-import random
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,16 +30,20 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__
-from edgetl.atomic import atomic_directory, write_json_atomic
+from edgetl.atomic import write_json_atomic
 from edgetl.backbones import get_backbone
 from edgetl.data import Sample, class_counts, drop_unreadable, scan_image_folder, stratified_split
-from edgetl.errors import ConfigError
+from edgetl.errors import ConfigError, OutputExistsError, RunError
+from edgetl.loops import EarlyStopping, LoopIO, cosine, predict_logits, train_end_to_end, train_head  # noqa: F401
 from edgetl.metrics import classification_report
 from edgetl.preprocess import Preprocessing, load_image
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("feature-extraction", "fine-tune", "full")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+# Fields that do not change what is learned: they may differ when a run is resumed.
+_RESUMABLE_OVERRIDES = ("device", "workers", "amp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,27 +66,42 @@ class TrainConfig:
     patience: int = 5
     augment: bool = True
     hflip: bool = False
-    workers: int = 0
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off (fine-tune, full)
+    cutmix: float = 0.0
+    balance: bool = False
+    feature_cache: bool = True
+    amp: str = "auto"
+    workers: int | None = None  # None: 4 on CUDA, 0 on the CPU
     on_bad_image: str = "skip"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
         for name in ("epochs", "batch_size", "unfreeze", "patience"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
+        for name in ("lr", "trunk_lr_scale", "weight_decay", "dropout", "label_smoothing", "val_split", "mixup", "cutmix"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ConfigError(f"{name.replace('_', '-')} must be a number, not {getattr(self, name)!r}")
         if self.lr <= 0 or self.trunk_lr_scale <= 0:
             raise ConfigError("--lr and the trunk learning-rate scale must be > 0")
         if self.weight_decay < 0 or not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise ConfigError("weight decay must be >= 0, dropout and label smoothing in [0, 1)")
-        if self.img_size is not None and self.img_size < 16:
-            raise ConfigError(f"--img-size must be >= 16, not {self.img_size}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("--mixup and --cutmix are Beta alphas: >= 0 (0 = off)")
+        if (self.mixup or self.cutmix) and self.strategy == "feature-extraction":
+            raise ConfigError("--mixup/--cutmix mix images: use them with --strategy fine-tune or full")
+        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 16):
+            raise ConfigError(f"--img-size must be an integer >= 16, not {self.img_size!r}")
+        if not isinstance(self.device, str) or (self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")):
             raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}")
         if self.on_bad_image not in ("skip", "fail"):
             raise ConfigError(f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}")
-        if self.workers < 0:
-            raise ConfigError("--workers must be >= 0")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
+            raise ConfigError("--workers must be an integer >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,10 +119,36 @@ class FinetuneResult:
     val_top1: float
     train_seconds: float
     feature_seconds: float
+    feature_cache: dict | None
+    resumed_from_epoch: int | None
     skipped: list[tuple[str, str]]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    labels: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    skipped: list[tuple[str, str]]
+    root: str
+    val_dir: str | None = None
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What :func:`train_model` learned; ``model`` is a CPU TransferModel in eval mode."""
+
+    model: Any
+    history: list[dict]
+    metrics: dict[str, Any]
+    weights_source: Any
+    best_epoch: int
+    train_seconds: float
+    feature_seconds: float
+    feature_cache: dict | None
 
 
 # --- transforms and datasets --------------------------------------------------------------------
@@ -144,23 +195,23 @@ class _ImageDataset:
 
 
 def _loader(samples, transform, *, batch_size, shuffle, seed, workers, device):
+    """A plain DataLoader (benchmarks use it for a hand-written baseline loop)."""
     import torch
     from torch.utils.data import DataLoader
 
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(
-        _ImageDataset(samples, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=g,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
+    return DataLoader(_ImageDataset(samples, transform), batch_size=batch_size, shuffle=shuffle, generator=g,
+                      num_workers=workers, pin_memory=device.type == "cuda")
+
+
+def _cosine(optimizer, total_steps):  # kept for benchmarks/ scripts
+    return cosine(optimizer, total_steps)
 
 
 def seed_everything(seed: int) -> None:
+    import random
+
     import torch
 
     random.seed(seed)
@@ -178,181 +229,220 @@ def select_device(name: str):
     return torch.device(name)
 
 
-# --- training -----------------------------------------------------------------------------------
-
-
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[status]}"), console=Console(stderr=True), disable=not enabled)
 
 
-def extract_features(trunk, loader, device, progress=None, description="features"):
-    """One pass of the frozen trunk over a loader -> (features, labels) tensors on the CPU."""
+# --- data -----------------------------------------------------------------------------------------
+
+
+def prepare_data(data: str | Path, cfg: TrainConfig, *, val_dir: str | Path | None = None) -> PreparedData:
+    """Scan ``data`` (and ``val_dir``), drop unreadable images, split by ``cfg.seed``."""
+    folder = drop_unreadable(scan_image_folder(data), on_bad_image=cfg.on_bad_image, min_per_class=1 if val_dir else 2)
+    if val_dir is not None:
+        val_folder = drop_unreadable(scan_image_folder(val_dir, classes=folder.classes), on_bad_image=cfg.on_bad_image)
+        train, val = list(folder.samples), list(val_folder.samples)
+        skipped = list(folder.skipped) + list(val_folder.skipped)
+    else:
+        train, val = stratified_split(folder, cfg.val_split, cfg.seed)
+        skipped = list(folder.skipped)
+    return PreparedData(list(folder.classes), train, val, skipped, str(Path(data).resolve()),
+                        str(Path(val_dir).resolve()) if val_dir else None)
+
+
+def subsample_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
+    """At most ``n`` samples per class, chosen by ``seed`` (None: all). Order is kept."""
+    if n is None:
+        return list(samples)
+    rng = np.random.default_rng(seed)
+    keep: set[int] = set()
+    by_class: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.label, []).append(i)
+    for idx in by_class.values():
+        keep.update(idx if len(idx) <= n else rng.choice(idx, size=n, replace=False).tolist())
+    return [s for i, s in enumerate(samples) if i in keep]
+
+
+def class_weights(counts: list[int]):
+    """Inverse-frequency weights normalised to mean 1 (``--balance``)."""
     import torch
 
-    trunk.eval()
-    feats, labels = [], []
-    task = progress.add_task(description, total=len(loader.dataset), status="") if progress else None
-    with torch.inference_mode():
-        for x, y in loader:
-            feats.append(trunk(x.to(device, non_blocking=True)).float().cpu())
-            labels.append(y)
-            if progress:
-                progress.advance(task, len(y))
-    return torch.cat(feats), torch.cat(labels)
+    counts_t = torch.tensor([max(c, 1) for c in counts], dtype=torch.float32)
+    w = counts_t.sum() / (len(counts) * counts_t)
+    return w / w.mean()
 
 
-def _cosine(optimizer, total_steps: int):
+def _warn_imbalance(counts: list[int], labels: list[str], balance: bool) -> None:
+    if max(counts) > 3 * min(counts):
+        small = labels[counts.index(min(counts))]
+        log.warning(
+            "classes are imbalanced (train images per class from %d (%r) to %d)%s; per-class accuracy is in metrics.json",
+            min(counts), small, max(counts), "" if balance else ": consider --balance",
+        )
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def train_model(
+    prepared: PreparedData,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    resume: dict | None = None,
+    on_epoch_end=None,
+    cache_dir: str | Path | None = None,
+) -> TrainOutcome:
+    """Train ``cfg.strategy`` on prepared data; nothing is written except the feature cache."""
     import torch
 
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
-    )
+    from edgetl import distributed
+    from edgetl.features import OnTheFlyFeatures, cached_trunk_features
+    from edgetl.model import Head, TransferModel, build_trunk, set_trainable
+    from edgetl.weights import resolve_weights
 
+    spec = get_backbone(cfg.backbone)
+    pp = spec.preprocessing(cfg.img_size)
+    labels = prepared.labels
+    device = select_device(cfg.device)
+    dist = distributed.init_from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
+    train_counts = class_counts(prepared.train, len(labels))
+    if dist.is_main:
+        _warn_imbalance(train_counts, labels, cfg.balance)
 
-class _EarlyStopping:
-    """Best = highest val top-1 (ties: lower val loss); stop after ``patience`` epochs without one."""
-
-    def __init__(self, patience: int):
-        self.patience = patience
-        self.best: tuple[float, float] | None = None
-        self.best_epoch = 0
-        self.best_state: dict | None = None
-        self.bad_epochs = 0
-
-    def update(self, epoch: int, top1: float, loss: float, state_fn) -> bool:
-        key = (top1, -loss)
-        if self.best is None or key > self.best:
-            self.best, self.best_epoch, self.bad_epochs = key, epoch, 0
-            self.best_state = copy.deepcopy(state_fn())
+    seed_everything(cfg.seed)
+    state_dict, weights_source = resolve_weights(spec, cfg.weights)
+    trunk = build_trunk(spec, state_dict)
+    del state_dict
+    head = Head(spec.feature_dim, len(labels), dropout=cfg.dropout)
+    model = TransferModel(trunk, head)
+    weight = class_weights(train_counts) if cfg.balance else None
+    criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    evaluation = eval_transform(pp)
+    history: list[dict] = []
+    if dist.is_main:
+        log.info(
+            "%s on %s: %d train / %d validation images, %d classes, %s%s, %s",
+            cfg.strategy, spec.name, len(prepared.train), len(prepared.val), len(labels), device,
+            f" x{dist.world_size} processes" if dist.enabled else "",
+            "pretrained " + weights_source.kind if weights_source.kind != "none" else "RANDOM INIT (no transfer)",
+        )
+    ytr = torch.tensor([s.label for s in prepared.train])
+    yval = torch.tensor([s.label for s in prepared.val])
+    t_start = time.perf_counter()
+    feature_seconds, cache_info = 0.0, None
+    amp_on, amp_dtype, _ = _amp(cfg, device)
+    autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_on else None
+    with progress_bar(progress and dist.is_main) as bar:
+        if cfg.strategy == "feature-extraction":
+            set_trainable(trunk, 0)
+            trunk.to(device)
+            if cfg.feature_cache:
+                feats = {}
+                # Rank 0 fills the cache first; the other ranks then read it (all hits).
+                for turn in ((0,) if not dist.enabled else (0, 1)):
+                    if (turn == 0) == dist.is_main:
+                        for part, samples in (("train", prepared.train), ("val", prepared.val)):
+                            feats[part] = cached_trunk_features(
+                                trunk, backbone=spec.name, weights_sha256=weights_source.sha256, pp=pp, samples=samples,
+                                transform=evaluation, device=device, batch_size=cfg.batch_size, progress=bar,
+                                description=f"trunk features ({part})", cache_dir=cache_dir, autocast=autocast)
+                    distributed.barrier(dist)
+                (ftr_np, st_tr), (fval_np, st_val) = feats["train"], feats["val"]
+                ftr, fval = torch.from_numpy(ftr_np), torch.from_numpy(fval_np)
+                hits, misses = st_tr.hits + st_val.hits, st_tr.misses + st_val.misses
+                cache_info = {"status": "hit" if not misses else ("miss" if not hits else "partial"), "hits": hits, "misses": misses}
+            else:
+                train_tf = train_transform(pp, hflip=cfg.hflip) if cfg.augment else evaluation
+                ftr = OnTheFlyFeatures(trunk, prepared.train, train_tf, device)
+                fval = OnTheFlyFeatures(trunk, prepared.val, evaluation, device)
+            feature_seconds = time.perf_counter() - t_start
+            best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history,
+                                    resume=resume, on_epoch_end=on_epoch_end)
+            trunk.cpu()
+            with torch.inference_mode():
+                head.eval()
+                val_logits = head(fval if isinstance(fval, torch.Tensor) else torch.from_numpy(
+                    _features_array(fval, cfg.batch_size)))
         else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-
-def _evaluate_logits(logits, labels, criterion) -> tuple[float, float]:
-    return float(criterion(logits, labels)), float((logits.argmax(1) == labels).float().mean())
-
-
-def train_head(head, ftr, ytr, fval, yval, cfg: TrainConfig, *, criterion, progress, history: list) -> int:
-    """Train ``head`` on precomputed features (tensors); the trunk does not run here at all.
-
-    Uses ``cfg``'s lr, weight decay, epochs, batch size, seed and patience; appends one record per
-    epoch to ``history``; leaves the best epoch's weights in ``head`` and returns that epoch.
-    """
-    import torch
-
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(ftr) / cfg.batch_size)
-    sched = _cosine(opt, steps_per_epoch * cfg.epochs)
-    stopper = _EarlyStopping(cfg.patience)
-    g = torch.Generator().manual_seed(cfg.seed)
-    task = progress.add_task("head epochs", total=cfg.epochs, status="")
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        head.train()
-        order = torch.randperm(len(ftr), generator=g)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(ftr), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            logits = head(ftr[idx])
-            loss = criterion(logits, ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == ytr[idx]).sum())
-        head.eval()
-        with torch.inference_mode():
-            val_loss, val_top1 = _evaluate_logits(head(fval), yval, criterion)
-        rec = _epoch_record(epoch, loss_sum / len(ftr), correct / len(ftr), val_loss, val_top1, opt, t0)
-        history.append(rec)
-        progress.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
-        if stopper.update(epoch, val_top1, val_loss, head.state_dict):
-            log.info("early stopping at epoch %d (best epoch %d)", epoch, stopper.best_epoch)
-            break
-    head.load_state_dict(stopper.best_state)
-    return stopper.best_epoch
-
-
-def _epoch_record(epoch, train_loss, train_top1, val_loss, val_top1, opt, t0) -> dict[str, Any]:
-    return {
-        "epoch": epoch,
-        "train_loss": round(train_loss, 6),
-        "train_top1": round(train_top1, 6),
-        "val_loss": round(val_loss, 6),
-        "val_top1": round(val_top1, 6),
-        "gap_top1": round(train_top1 - val_top1, 6),
-        "lr": [g["lr"] for g in opt.param_groups],
-        "seconds": round(time.perf_counter() - t0, 3),
+            set_trainable(trunk, cfg.unfreeze if cfg.strategy == "fine-tune" else None)
+            model.to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            train_tf = train_transform(pp, hflip=cfg.hflip) if cfg.augment else evaluation
+            train_set = _ImageDataset(prepared.train, train_tf)
+            val_set = _ImageDataset(prepared.val, evaluation)
+            wrapped = model
+            if dist.enabled:
+                wrapped = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None)
+            io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
+            best_epoch = train_end_to_end(wrapped, train_set, val_set, cfg, criterion=criterion.to(device), device=device,
+                                          io=io, dist=dist, workers=workers)
+            model = model.cpu().eval()
+            val_logits, _ = predict_logits(model, val_set, torch.arange(len(val_set)), batch_size=cfg.batch_size,
+                                           workers=0, device=torch.device("cpu"))
+    train_seconds = time.perf_counter() - t_start
+    model = TransferModel(trunk.cpu(), head.cpu()).eval()
+    report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
+    last = history[-1]
+    metrics = {
+        "val_top1": report["top1"],
+        "val_loss": float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing)),
+        "n_val": report["n"],
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": len(history) < cfg.epochs,
+        "train_top1_last": last["train_top1"],
+        "gap_top1_last": last["gap_top1"],
+        "gap_top1_max": max(h["gap_top1"] for h in history),
+        "train_seconds": round(train_seconds, 3),
+        "feature_seconds": round(feature_seconds, 3),
+        "feature_cache": cache_info,
+        "per_class": report["per_class"],
+        "confusion": report["confusion"],
     }
+    if metrics["gap_top1_last"] > 0.1 and dist.is_main:
+        log.warning("train top-1 exceeds validation top-1 by %.1f pp at the last epoch: the head may be overfitting",
+                    100 * metrics["gap_top1_last"])
+    return TrainOutcome(model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info)
 
 
-def _train_end_to_end(model, train_loader, val_loader, cfg: TrainConfig, criterion, device, progress, history):
-    """fine-tune / full: the trunk runs every step; frozen blocks keep their batch-norm statistics."""
+def _amp(cfg: TrainConfig, device):
+    from edgetl.loops import amp_settings
+
+    return amp_settings(cfg.amp, device)
+
+
+def _features_array(source, batch_size: int) -> np.ndarray:
     import torch
 
-    from edgetl.model import freeze_batchnorm_stats
-
-    head_params = list(model.head.parameters())
-    trunk_params = [p for p in model.trunk.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": head_params, "lr": cfg.lr}, {"params": trunk_params, "lr": cfg.lr * cfg.trunk_lr_scale}],
-        weight_decay=cfg.weight_decay,
-    )
-    sched = _cosine(opt, len(train_loader) * cfg.epochs)
-    stopper = _EarlyStopping(cfg.patience)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        freeze_batchnorm_stats(model.trunk)
-        task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(train_loader.dataset), status="")
-        loss_sum, correct, n = 0.0, 0, 0
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = criterion(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-            progress.update(task, advance=len(y), status=f"loss {loss_sum / n:.3f}")
-        val_logits, val_labels = predict_logits(model, val_loader, device)
-        val_loss, val_top1 = _evaluate_logits(val_logits, val_labels, criterion)
-        history.append(_epoch_record(epoch, loss_sum / n, correct / n, val_loss, val_top1, opt, t0))
-        progress.update(task, status=f"val top-1 {val_top1:.3f}")
-        if stopper.update(epoch, val_top1, val_loss, model.state_dict):
-            log.info("early stopping at epoch %d (best epoch %d)", epoch, stopper.best_epoch)
-            break
-    model.load_state_dict(stopper.best_state)
-    return stopper.best_epoch
+    idx = torch.arange(len(source))
+    return torch.cat([source[idx[i : i + batch_size]] for i in range(0, len(source), batch_size)]).numpy()
 
 
-def predict_logits(model, loader, device):
+# --- the run directory ----------------------------------------------------------------------------
+
+
+def partial_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
-    model.eval()
-    out, labels = [], []
-    with torch.inference_mode():
-        for x, y in loader:
-            out.append(model(x.to(device)).float().cpu())
-            labels.append(y)
-    return torch.cat(out), torch.cat(labels)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -366,19 +456,36 @@ def _plot_history(history: list[dict], path: Path) -> None:
         return
     epochs = [h["epoch"] for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(epochs, [h["train_loss"] for h in history], label="train")
-    a.plot(epochs, [h["val_loss"] for h in history], label="validation")
-    a.set_xlabel("epoch")
-    a.set_title("loss")
-    a.legend()
-    b.plot(epochs, [h["train_top1"] for h in history], label="train")
-    b.plot(epochs, [h["val_top1"] for h in history], label="validation")
-    b.set_xlabel("epoch")
-    b.set_title("top-1")
-    b.legend()
+    for ax, key, title in ((a, "loss", "loss"), (b, "top1", "top-1")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _run_config(cfg: TrainConfig, prepared: PreparedData, pp: Preprocessing, device: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "edgetl_version": __version__,
+        "torch_version": torch.__version__,
+        "backbone": cfg.backbone,
+        "train": cfg.to_dict(),
+        "preprocessing": pp.to_dict(),
+        "device": device,
+        "data": {
+            "root": prepared.root,
+            "val_dir": prepared.val_dir,
+            "classes": prepared.labels,
+            "train_counts": class_counts(prepared.train, len(prepared.labels)),
+            "val_counts": class_counts(prepared.val, len(prepared.labels)),
+            "skipped": [{"path": p, "reason": r} for p, r in prepared.skipped],
+        },
+    }
 
 
 def finetune(
@@ -389,145 +496,118 @@ def finetune(
     val_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> FinetuneResult:
     """Train ``config.strategy`` on the image folder ``data``; write the run directory ``out``."""
+    out = Path(out)
+    partial = partial_dir(out)
+    # Fail before minutes of training, not after.
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    if partial.exists():
+        if not force:
+            raise OutputExistsError(
+                f"an interrupted run is in {partial}; continue it with `edgetl finetune --resume {out}`, "
+                "or pass --force to start over")
+        shutil.rmtree(partial)
+    prepared = prepare_data(data, config, val_dir=val_dir)
+    return _train_into(out, partial, config, prepared, progress=progress, force=force, cache_dir=cache_dir)
+
+
+def resume(out: str | Path, *, progress: bool = True, overrides: dict[str, Any] | None = None,
+           cache_dir: str | Path | None = None) -> FinetuneResult:
+    """Continue the interrupted run ``out`` (its ``out.partial/`` folder) from its last checkpoint."""
     import torch
 
-    from edgetl.model import Head, TransferModel, build_trunk, set_trainable
-    from edgetl.weights import resolve_weights
+    out = Path(out)
+    partial = out if out.name.endswith(".partial") else partial_dir(out)
+    if partial == out:
+        out = out.with_name(out.name[: -len(".partial")])
+    if not (partial / "config.json").is_file():
+        if (out / "model.pt").is_file():
+            raise RunError(f"run {out} is already complete; nothing to resume")
+        raise RunError(f"no interrupted run at {partial} (it is created when `edgetl finetune --out {out}` starts)")
+    saved = json.loads((partial / "config.json").read_text())
+    values = dict(saved["train"])
+    for key, value in (overrides or {}).items():
+        if key not in _RESUMABLE_OVERRIDES:
+            raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming (it changes what is learned)")
+        values[key] = value
+    cfg = TrainConfig(**values)
+    split = json.loads((partial / "split.json").read_text())
+    prepared = PreparedData(
+        labels=json.loads((partial / "labels.json").read_text()),
+        train=[Sample(p, int(label)) for p, label in split["train"]],
+        val=[Sample(p, int(label)) for p, label in split["val"]],
+        skipped=[(d["path"], d["reason"]) for d in saved["data"]["skipped"]],
+        root=saved["data"]["root"],
+        val_dir=saved["data"]["val_dir"],
+    )
+    checkpoint = None
+    if (partial / "checkpoint.pt").is_file():
+        checkpoint = torch.load(partial / "checkpoint.pt", map_location="cpu", weights_only=True)
+        log.info("resuming %s after epoch %d", out, checkpoint["epoch"])
+    return _train_into(out, partial, cfg, prepared, progress=progress, force=True, resume_state=checkpoint,
+                       cache_dir=cache_dir)
 
-    cfg = config
+
+def _train_into(out: Path, partial: Path, cfg: TrainConfig, prepared: PreparedData, *, progress: bool, force: bool,
+                resume_state: dict | None = None, cache_dir=None) -> FinetuneResult:
+    import torch
+
+    from edgetl import distributed
+
     spec = get_backbone(cfg.backbone)
     pp = spec.preprocessing(cfg.img_size)
-    out = Path(out)
-    if out.exists() and not force:
-        # Fail before minutes of training, not after.
-        from edgetl.errors import OutputExistsError
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and resume_state is None:
+        partial.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial / "config.json", _run_config(cfg, prepared, pp, cfg.device))
+        write_json_atomic(partial / "labels.json", prepared.labels)
+        write_json_atomic(partial / "split.json", {"train": [[s.path, s.label] for s in prepared.train],
+                                                   "val": [[s.path, s.label] for s in prepared.val]})
 
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    def on_epoch_end(epoch: int, state: dict) -> None:
+        if is_main:
+            _save_checkpoint(partial / "checkpoint.pt", state)
 
-    folder = drop_unreadable(scan_image_folder(data), on_bad_image=cfg.on_bad_image, min_per_class=1 if val_dir else 2)
-    if val_dir is not None:
-        val_folder = drop_unreadable(scan_image_folder(val_dir, classes=folder.classes), on_bad_image=cfg.on_bad_image)
-        train_samples, val_samples = list(folder.samples), list(val_folder.samples)
-        skipped = list(folder.skipped) + list(val_folder.skipped)
-    else:
-        train_samples, val_samples = stratified_split(folder, cfg.val_split, cfg.seed)
-        skipped = list(folder.skipped)
-    labels = list(folder.classes)
-    train_counts = class_counts(train_samples, len(labels))
-    if max(train_counts) > 3 * min(train_counts):
-        log.warning(
-            "classes are imbalanced (train images per class from %d to %d): per-class accuracy in metrics.json "
-            "tells whether the small classes suffer",
-            min(train_counts),
-            max(train_counts),
-        )
-
-    seed_everything(cfg.seed)
-    device = select_device(cfg.device)
-    state_dict, weights_source = resolve_weights(spec, cfg.weights)
-    trunk = build_trunk(spec, state_dict)
-    del state_dict
-    head = Head(spec.feature_dim, len(labels), dropout=cfg.dropout)
-    model = TransferModel(trunk, head).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    loader_kw = dict(batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, device=device)
-    evaluation = eval_transform(pp)
-    history: list[dict] = []
-    log.info(
-        "%s on %s: %d train / %d validation images, %d classes, %s, %s",
-        cfg.strategy, spec.name, len(train_samples), len(val_samples), len(labels), device,
-        "pretrained " + weights_source.kind if weights_source.kind != "none" else "RANDOM INIT",
-    )
-
-    t_start = time.perf_counter()
-    feature_seconds = 0.0
-    with _progress(progress) as bar:
-        if cfg.strategy == "feature-extraction":
-            set_trainable(trunk, 0)
-            tr_loader = _loader(train_samples, evaluation, shuffle=False, **loader_kw)
-            va_loader = _loader(val_samples, evaluation, shuffle=False, **loader_kw)
-            ftr, ytr = extract_features(trunk, tr_loader, device, bar, "trunk features (train)")
-            fval, yval = extract_features(trunk, va_loader, device, bar, "trunk features (val)")
-            feature_seconds = time.perf_counter() - t_start
-            head.cpu()
-            best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history)
-            model = model.cpu()
+    outcome = train_model(prepared, cfg, progress=progress, resume=resume_state, on_epoch_end=on_epoch_end,
+                          cache_dir=cache_dir)
+    dist = distributed.init_from_env("cpu") if os.environ.get("WORLD_SIZE", "1") != "1" else distributed.SINGLE
+    if is_main:
+        config = json.loads((partial / "config.json").read_text())
+        config.update({"weights": outcome.weights_source.to_dict(), "pretrained": outcome.weights_source.kind != "none"})
+        write_json_atomic(partial / "config.json", config)
+        torch.save({"trunk": outcome.model.trunk.state_dict(), "head": outcome.model.head.state_dict()}, partial / "model.pt")
+        write_json_atomic(partial / "history.json", outcome.history)
+        write_json_atomic(partial / "metrics.json", outcome.metrics)
+        _plot_history(outcome.history, partial / "history.png")
+        (partial / "checkpoint.pt").unlink(missing_ok=True)
+        if out.exists():
+            if not force:
+                raise OutputExistsError(f"{out} appeared while training; the finished run is in {partial}")
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(partial, out)
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            set_trainable(trunk, cfg.unfreeze if cfg.strategy == "fine-tune" else None)
-            train_tf = train_transform(pp, hflip=cfg.hflip) if cfg.augment else evaluation
-            tr_loader = _loader(train_samples, train_tf, shuffle=True, **loader_kw)
-            va_loader = _loader(val_samples, evaluation, shuffle=False, **loader_kw)
-            best_epoch = _train_end_to_end(model, tr_loader, va_loader, cfg, criterion, device, bar, history)
-    train_seconds = time.perf_counter() - t_start
-
-    model = model.cpu().eval()
-    va_loader = _loader(val_samples, evaluation, shuffle=False, **{**loader_kw, "device": torch.device("cpu")})
-    if cfg.strategy == "feature-extraction":
-        with torch.inference_mode():
-            val_logits, val_labels = head(fval), yval
-    else:
-        val_logits, val_labels = predict_logits(model, va_loader, torch.device("cpu"))
-    report = classification_report(val_labels.numpy(), val_logits.argmax(1).numpy(), labels)
-    last = history[-1]
-    metrics = {
-        "val_top1": report["top1"],
-        "val_loss": float(criterion(val_logits, val_labels)),
-        "n_val": report["n"],
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "train_top1_last": last["train_top1"],
-        "gap_top1_last": last["gap_top1"],
-        "train_seconds": round(train_seconds, 3),
-        "feature_seconds": round(feature_seconds, 3),
-        "per_class": report["per_class"],
-        "confusion": report["confusion"],
-    }
-    root = Path(data).resolve()
-    run_config = {
-        "edgetl_version": __version__,
-        "torch_version": torch.__version__,
-        "backbone": spec.name,
-        "train": cfg.to_dict(),
-        "preprocessing": pp.to_dict(),
-        "weights": weights_source.to_dict(),
-        "pretrained": weights_source.kind != "none",
-        "device": str(device),
-        "data": {
-            "root": str(root),
-            "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
-            "classes": labels,
-            "train_counts": train_counts,
-            "val_counts": class_counts(val_samples, len(labels)),
-            "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        },
-    }
-    with atomic_directory(out, force=force) as tmp:
-        write_json_atomic(tmp / "config.json", run_config)
-        write_json_atomic(tmp / "labels.json", labels)
-        write_json_atomic(
-            tmp / "split.json",
-            {"train": [[s.path, s.label] for s in train_samples], "val": [[s.path, s.label] for s in val_samples]},
-        )
-        torch.save({"trunk": model.trunk.state_dict(), "head": model.head.state_dict()}, tmp / "model.pt")
-        write_json_atomic(tmp / "history.json", history)
-        write_json_atomic(tmp / "metrics.json", metrics)
-        _plot_history(history, tmp / "history.png")
-    log.info("run written to %s: val top-1 %.4f (best epoch %d) in %.1fs", out, metrics["val_top1"], best_epoch, train_seconds)
+            os.replace(partial, out)
+        log.info("run written to %s: val top-1 %.4f (best epoch %d) in %.1fs", out, outcome.metrics["val_top1"],
+                 outcome.best_epoch, outcome.train_seconds)
+    distributed.shutdown(dist)
     return FinetuneResult(
         run_dir=str(out),
         backbone=spec.name,
         strategy=cfg.strategy,
-        pretrained=weights_source.kind != "none",
+        pretrained=outcome.weights_source.kind != "none",
         epochs=cfg.epochs,
-        epochs_run=len(history),
-        best_epoch=best_epoch,
-        val_top1=metrics["val_top1"],
-        train_seconds=round(train_seconds, 3),
-        feature_seconds=round(feature_seconds, 3),
-        skipped=skipped,
+        epochs_run=len(outcome.history),
+        best_epoch=outcome.best_epoch,
+        val_top1=outcome.metrics["val_top1"],
+        train_seconds=round(outcome.train_seconds, 3),
+        feature_seconds=round(outcome.feature_seconds, 3),
+        feature_cache=outcome.feature_cache,
+        resumed_from_epoch=resume_state["epoch"] if resume_state else None,
+        skipped=list(prepared.skipped),
     )

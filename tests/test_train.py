@@ -114,3 +114,48 @@ def test_bad_config_is_a_clear_error(bad):
 def test_bad_data_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         _train(tmp_path / "missing", tmp_path / "run")
+
+
+def test_balance_weights_inverse_frequency_and_imbalance_warning(tmp_path, caplog):
+    from edgetl.train import class_weights
+    from tests.helpers import make_image_folder
+
+    w = class_weights([30, 10, 10])
+    assert w[1] == pytest.approx(3 * w[0]) and float(w.mean()) == pytest.approx(1.0)
+    data = make_image_folder(tmp_path / "imb", per_class=4)
+    make_image_folder(data, per_class=40, classes=("red",), seed=5)
+    with caplog.at_level("WARNING"):
+        result = finetune(data, tmp_path / "run", config=TrainConfig(**{**TINY, "balance": True}), progress=False)
+    assert "imbalanced" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["balance"] is True
+    assert 0 <= result.val_top1 <= 1
+
+
+@pytest.mark.parametrize("mix", [dict(mixup=0.4), dict(cutmix=1.0), dict(mixup=0.2, cutmix=1.0)])
+def test_mixup_and_cutmix_train(image_folder, tmp_path, mix):
+    result = _train(image_folder, tmp_path / "run", strategy="full", **mix)
+    assert result.epochs_run == 3
+
+
+def test_mix_batch_keeps_mass():
+    from edgetl.loops import mix_batch
+
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 16, 16)
+    y = torch.arange(8)
+    xm, ya, yb, lam = mix_batch(x, y, TrainConfig(strategy="full", cutmix=1.0))
+    assert xm.shape == x.shape and 0 <= lam <= 1 and torch.equal(ya, y)
+    changed = (xm != x).any(dim=1).float().mean().item()
+    assert changed == pytest.approx(1 - lam, abs=0.05) or torch.equal(yb, y)
+
+
+def test_mixup_refused_for_feature_extraction():
+    with pytest.raises(ConfigError, match="fine-tune or full"):
+        TrainConfig(strategy="feature-extraction", mixup=0.2)
+
+
+def test_amp_settings_on_cpu():
+    from edgetl.loops import amp_settings
+
+    assert amp_settings("auto", torch.device("cpu")) == (False, None, False)
+    assert amp_settings("bf16", torch.device("cpu")) == (True, torch.bfloat16, False)
