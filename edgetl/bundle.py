@@ -23,6 +23,8 @@ SCHEMA_VERSION = 1
 FORMATS = ("onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 ROLES = ("trunk", "head", "merged")
+# OpenVINO's INFERENCE_PRECISION_HINT values a variant may pin (absent for ONNX Runtime variants).
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -124,8 +126,12 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         _require(rec.get("format") in FORMATS, bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
         _require(rec.get("precision") in PRECISIONS, bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}")
         _require(rec.get("role") in ROLES, bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
-        for extra in (rec.get("extra_files") or {}):
+        extra_files = rec.get("extra_files", {})
+        _require(isinstance(extra_files, dict), bundle_dir, f"{rel}: extra_files is not an object")
+        for extra, extra_rec in extra_files.items():
             _safe_rel_path(bundle_dir, extra)
+            _require(isinstance(extra_rec, dict) and isinstance(extra_rec.get("sha256"), str) and len(extra_rec["sha256"]) == 64,
+                     bundle_dir, f"{extra}: bad sha256")
     for vname, var in m["variants"].items():
         _require(isinstance(var, dict), bundle_dir, f"variant {vname!r} is not an object")
         _require(var.get("format") in FORMATS and var.get("precision") in PRECISIONS, bundle_dir, f"variant {vname!r}: bad format/precision")
@@ -135,6 +141,13 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         for hname, rel in heads.items():
             _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: unknown head {hname!r}")
             _require(isinstance(rel, str) and rel in m["files"], bundle_dir, f"variant {vname!r}: head file {rel!r} not listed in files")
+        merged = var.get("merged", {})
+        _require(isinstance(merged, dict), bundle_dir, f"variant {vname!r}: 'merged' is not an object")
+        for hname, rel in merged.items():
+            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: merged graph of unknown head {hname!r}")
+            _require(isinstance(rel, str) and rel in m["files"], bundle_dir, f"variant {vname!r}: merged file {rel!r} not listed in files")
+        _require(var.get("inference_precision") in (None, *INFERENCE_PRECISIONS), bundle_dir,
+                 f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}")
 
 
 def verify_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], rel_paths: list[str] | None = None) -> None:

@@ -9,10 +9,11 @@ agree on real images.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from edgetl.errors import BundleError, DataError
 
@@ -23,8 +24,10 @@ _PIL_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 
-# A decompression bomb guard that still admits large camera images (~ 16k x 11k).
-Image.MAX_IMAGE_PIXELS = 180_000_000
+# A decompression-bomb guard that still admits large camera images (~ 16k x 11k); checked before
+# decoding, so a 50 kB PNG that claims 100k x 100k pixels never allocates its 30 GB.
+# (PIL itself refuses above twice its default limit, ~179M pixels; its warning below that is ours to give.)
+MAX_PIXELS = 178_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +93,30 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path) -> Image.Image:
-    """Open an image file fully (decode now, so corrupt files fail here) and convert it to RGB."""
+    """Open an image file fully (decode now, so corrupt files fail here) and convert it to RGB.
+
+    EXIF orientation is applied (a phone's portrait photo is upright, as every viewer shows it) on
+    the workstation and on the device alike. Any failure is a :class:`DataError`: the decoders run
+    on untrusted bytes and may raise more than OSError, none of which may crash a long job.
+    """
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > MAX_PIXELS:
+                raise DataError(
+                    f"cannot read image {path}: {img.width}x{img.height} pixels is more than {MAX_PIXELS:,} "
+                    "(a decompression bomb, or an image to downscale first)"
+                )
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             return to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see docstring
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read image {path}: {reason}") from None
 
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:

@@ -37,6 +37,12 @@ def handle_errors(func: Callable) -> Callable:
         except EdgetlError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:
+            # The machine, not the input: a full disk, a read-only folder, a vanished file. The
+            # writers are atomic, so nothing half-written is left; say what and where.
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)

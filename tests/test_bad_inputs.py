@@ -1,0 +1,163 @@
+"""Faults in user data (issue: reliability): each one injected, each outcome checked."""
+
+import io
+import json
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgetl.cli import main
+from edgetl.data import drop_unreadable, scan_image_folder
+from edgetl.errors import DataError
+from edgetl.preprocess import MAX_PIXELS, load_image
+
+TINY = ["--backbone", "tiny_test", "--weights", "none", "--epochs", "2", "--batch-size", "16", "--no-progress"]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny valid-looking PNG whose header claims width x height pixels (a decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature + chunk length/type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[12 : ihdr + 13]))
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+BAD = {
+    "zero-byte.png": lambda: b"",
+    "truncated.jpg": lambda: _jpeg_bytes(Image.new("RGB", (64, 64), (200, 10, 10)))[:300],
+    "not-an-image.png": lambda: b"this is a text file, not a picture\n" * 20,
+    "bomb.png": lambda: _png_claiming(100_000, 100_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_is_a_data_error_naming_it(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(BAD[name]())
+    with pytest.raises(DataError, match="cannot read image .*" + name.split(".")[0]):
+        load_image(path)
+
+
+def test_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_claiming(20_000, 10_000))
+    assert 20_000 * 10_000 > MAX_PIXELS
+    with pytest.raises(DataError, match="decompression bomb"):
+        load_image(path)
+
+
+def _good_variants(tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    out = {}
+    out["cmyk.jpg"] = _jpeg_bytes(rgb.convert("CMYK"))
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(buf, "PNG")
+    out["sixteen-bit.png"] = buf.getvalue()
+    pal = rgb.convert("P")
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)
+    out["palette-transparent.png"] = buf.getvalue()
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    out["exif-rotated.jpg"] = _jpeg_bytes(rgb, exif=exif)
+    return out
+
+
+def test_odd_but_valid_images_load_as_rgb(tmp_path):
+    for name, data in _good_variants(tmp_path).items():
+        (tmp_path / name).write_bytes(data)
+        img = load_image(tmp_path / name)
+        assert img.mode == "RGB", name
+        if name.startswith("exif"):
+            assert img.size == (20, 30)  # upright: EXIF orientation applied
+        else:
+            assert img.size == (30, 20)
+
+
+def test_unreadable_permissions_reported(tmp_path, monkeypatch):
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (4, 4)).save(path)
+    if os.geteuid() != 0:
+        path.chmod(0)
+    else:  # root reads everything: simulate the OS refusing
+        real_open = Image.open
+
+        def refusing(fp, *a, **kw):
+            if str(fp) == str(path):
+                raise PermissionError(13, "Permission denied", str(fp))
+            return real_open(fp, *a, **kw)
+
+        monkeypatch.setattr(Image, "open", refusing)
+    with pytest.raises(DataError, match="Permission denied"):
+        load_image(path)
+
+
+def test_finetune_skips_every_bad_file_and_reports_it(image_folder, tmp_path):
+    for name, make in BAD.items():
+        (image_folder / "red" / name).write_bytes(make())
+    for name, data in _good_variants(tmp_path).items():
+        (image_folder / "green" / name).write_bytes(data)
+    odd = os.fsencode(str(image_folder / "blue")) + b"/caf\xe9 with spaces \xff.png"
+    Image.new("RGB", (40, 48), (40, 60, 200)).save(odd.decode(errors="surrogateescape"))
+    result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    skipped = {os.path.basename(s["path"]) for s in doc["skipped"]}
+    assert skipped == set(BAD)
+    assert all(s["reason"].startswith("cannot read image") for s in doc["skipped"])
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert len(config["data"]["skipped"]) == len(BAD)
+    assert config["data"]["train_counts"][0] + config["data"]["val_counts"][0] == 17  # blue: 16 + the odd name
+    assert config["data"]["train_counts"][1] + config["data"]["val_counts"][1] == 20  # green: 16 + 4 odd formats
+
+
+def test_on_bad_image_fail_stops_with_one_line(image_folder, tmp_path):
+    (image_folder / "red" / "zero.png").write_bytes(b"")
+    result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *TINY,
+                                       "--on-bad-image", "fail"])
+    assert result.exit_code == 1 and "zero.png" in result.stderr and "--on-bad-image skip" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_few_readable_images_left(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "d" / cls / "ok.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d" / "a" / "ok2.png")
+    (tmp_path / "d" / "b" / "bad.png").write_bytes(b"")
+    with pytest.raises(DataError, match="class 'b' has 1 readable image"):
+        drop_unreadable(scan_image_folder(tmp_path / "d"), min_per_class=2)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="0 class folder"):
+        scan_image_folder(tmp_path / "empty")
+
+
+def test_a_file_instead_of_a_folder(tmp_path):
+    (tmp_path / "f.png").write_bytes(b"")
+    with pytest.raises(DataError, match="not a folder"):
+        scan_image_folder(tmp_path / "f.png")
+
+
+def test_symlink_loop_does_not_hang(image_folder):
+    os.symlink(image_folder, image_folder / "red" / "loop")
+    os.symlink(image_folder / "red" / "nowhere.png", image_folder / "red" / "dangling.png")
+    folder = scan_image_folder(image_folder)
+    assert folder.counts() == [16, 16, 16]
