@@ -111,6 +111,8 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
     for key, typ in (("backbone", dict), ("preprocessing", dict), ("heads", dict), ("files", dict), ("variants", dict)):
         _require(isinstance(m.get(key), typ), bundle_dir, f"{key!r} missing or not an object")
     _require(len(m["heads"]) > 0, bundle_dir, "no heads")
+    _require(m.get("default_head") is None or isinstance(m["default_head"], str), bundle_dir,
+             "default_head is not a head name")
     for name, head in m["heads"].items():
         _require(isinstance(head, dict), bundle_dir, f"head {name!r} is not an object")
         labels = head.get("labels")

@@ -6,6 +6,7 @@
     RUN/labels.json    class names, in label order
     RUN/split.json     the exact train / validation files (path, label)
     RUN/model.pt       weights-only checkpoint {"trunk": state_dict, "head": state_dict}
+                       ({"head": state_dict} only for a head trained with ``finetune --trunk-from BUNDLE``)
     RUN/history.json   one record per epoch (losses, accuracies, train/val gap, learning rate, seconds)
     RUN/metrics.json   best-epoch validation metrics (top-1, per class, confusion matrix)
     RUN/history.png    loss and accuracy curves
@@ -47,12 +48,41 @@ class Run:
     def dropout(self) -> float:
         return float(self.config["train"]["dropout"])
 
+    @property
+    def trunk_from(self) -> dict[str, Any] | None:
+        """For a head trained on a bundle's trunk (``finetune --trunk-from``): ``{bundle, trunk,
+        sha256, backbone, feature_dim}``; such a run's model.pt holds the head only."""
+        return self.config.get("trunk_from")
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.trunk_from["feature_dim"]) if self.trunk_from else self.spec.feature_dim
+
+    def build_head(self):
+        """The trained Head (torch), in eval mode; works for every run, head-only or not."""
+        import torch
+
+        from edgetl.model import Head
+
+        head = Head(self.feature_dim, len(self.labels), dropout=self.dropout)
+        try:
+            state = torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
+            head.load_state_dict(state["head"])
+        except Exception as exc:
+            raise RunError(f"run {self.path}: cannot load the head from model.pt ({str(exc).splitlines()[0]})") from None
+        return head.eval()
+
     def build_model(self):
         """The trained TransferModel (torch), in eval mode."""
         import torch
 
         from edgetl.model import Head, TransferModel, build_trunk
 
+        if self.trunk_from:
+            raise RunError(
+                f"run {self.path} holds only a head, trained on the trunk of bundle {self.trunk_from['bundle']}; "
+                f"use that bundle (`edgetl export {self.path} --add-to BUNDLE --head NAME` adds the head to it)"
+            )
         trunk = build_trunk(self.spec)
         head = Head(self.spec.feature_dim, len(self.labels), dropout=self.dropout)
         try:
@@ -88,7 +118,8 @@ def load_run(path: str | Path) -> Run:
     try:
         train = [Sample(str(p), int(label)) for p, label in split["train"]]
         val = [Sample(str(p), int(label)) for p, label in split["val"]]
-        get_backbone(config["backbone"])
+        if not config.get("trunk_from"):  # a head-only run needs no registered backbone
+            get_backbone(config["backbone"])
         Preprocessing.from_dict(config["preprocessing"])
     except Exception as exc:
         raise RunError(f"run {path} is inconsistent: {exc}") from None

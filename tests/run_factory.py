@@ -8,6 +8,7 @@ numbers. When ``edgetl.train.finetune`` is available it can replace this helper 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -92,3 +93,49 @@ def make_run(
     torch.save({"trunk": trunk.state_dict(), "head": head.state_dict()}, run_dir / "model.pt")
     (run_dir / "metrics.json").write_text(json.dumps({"val_top1": val_top1, "n": len(val)}))
     return run_dir
+
+
+# --- shared across test modules -----------------------------------------------------------------
+# Exports take seconds each; modules that only read a bundle share one per pytest session. Tests
+# that modify a bundle copy it first.
+_SHARED: dict[tuple, object] = {}
+
+
+def shared_run(tmp_path_factory) -> Path:
+    """The tiny colour run (tiny_test backbone, 36 train / 12 validation images), made once per session."""
+    from tests.helpers import make_image_folder
+
+    key = ("run",)
+    if key not in _SHARED:
+        root = tmp_path_factory.mktemp("shared-run")
+        _SHARED[key] = make_run(root / "run", make_image_folder(root / "images"))
+    return _SHARED[key]
+
+
+def shared_export(tmp_path_factory, profile: str, **options) -> tuple[Path, dict]:
+    """``export_bundle(shared_run, ..., profile=profile, **options)`` once per session: (bundle, --json doc)."""
+    from edgetl.export import export_bundle
+
+    key = ("export", profile, tuple(sorted(options.items())))
+    if key not in _SHARED:
+        out = tmp_path_factory.mktemp(f"shared-{profile}") / "b"
+        _SHARED[key] = (out, export_bundle(shared_run(tmp_path_factory), out, profile=profile, progress=False, **options))
+    return _SHARED[key]
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_runs_bf16() -> bool:
+    """OpenVINO runs bf16 natively on AMX/AVX512-BF16 CPUs and emulates it on other AVX-512 ones;
+    older CPUs answer f32 to a bf16 hint."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    param = ops.parameter([1, 4], ov.Type.f32)
+    compiled = ov.Core().compile_model(ov.Model([ops.relu(param)], [param]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+
+
+def all_profile_export(tmp_path_factory) -> tuple[Path, dict]:
+    """The ``all`` profile: every format and precision with merged graphs (bf16 left out where the
+    CPU cannot run it)."""
+    return shared_export(tmp_path_factory, "all", **({} if cpu_runs_bf16() else {"precisions": ("fp32", "fp16", "int8")}))

@@ -1,4 +1,8 @@
-"""`edgetl export`: bundle layout and manifest, parity and int8 bars, atomicity, the CLI."""
+"""`edgetl export`: bundle layout and manifest, parity and int8 bars, atomicity, the CLI.
+
+The module's bundle is the default export (ONNX and OpenVINO, fp32 and int8) of a tiny run; the
+OpenVINO specifics are in test_openvino.py, profiles in test_export_profiles.py.
+"""
 
 from __future__ import annotations
 
@@ -19,22 +23,22 @@ from edgetl.errors import ConfigError, ExportError, OutputExistsError, RunError
 from edgetl.export import ONNX_OPSET, check_options, export_bundle
 from edgetl.run import load_run
 from edgetl.runtime import open_bundle
-from tests.helpers import make_image_folder
-from tests.run_factory import make_run
+from tests.run_factory import shared_export, shared_run
 
-LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+ONNX_LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+LAYOUT = ONNX_LAYOUT | {f"openvino/{name}.{ext}" for name in ("trunk.fp32", "trunk.int8", "head.default")
+                        for ext in ("xml", "bin")}
+VARIANTS = {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("export")
-    return make_run(root / "run", make_image_folder(root / "images"))
+    return shared_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("bundles") / "b"
-    return out, export_bundle(run_dir, out, progress=False)
+def exported(tmp_path_factory) -> tuple[Path, dict]:
+    return shared_export(tmp_path_factory, "default")
 
 
 def files_under(path: Path) -> set[str]:
@@ -47,11 +51,11 @@ def leftovers(parent: Path) -> list[str]:
 
 def test_bundle_layout_and_manifest_validate(exported, run_dir):
     out, doc = exported
-    assert doc["bundle"] == str(out) and set(doc["variants"]) == {"onnx-fp32", "onnx-int8"}
+    assert doc["bundle"] == str(out) and set(doc["variants"]) == VARIANTS
     assert files_under(out) == LAYOUT
     m = read_manifest(out)
     verify_files(out, m)
-    assert set(m["files"]) == LAYOUT - {"manifest.json"}
+    assert set(m["files"]) == {p for p in LAYOUT if p.endswith((".onnx", ".xml"))}
     run = load_run(run_dir)
     assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "weights": run.config["weights"]}
     assert m["preprocessing"] == run.preprocessing.to_dict()
@@ -66,17 +70,28 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     assert f["onnx/trunk.int8.onnx"]["derived_from"] == "onnx/trunk.fp32.onnx"
     assert (f["onnx/head.default.onnx"]["role"], f["onnx/head.default.onnx"]["head"]) == ("head", "default")
     assert (f["onnx/trunk.int8.onnx"]["precision"], f["onnx/trunk.int8.onnx"]["role"]) == ("int8", "trunk")
+    assert f["openvino/trunk.fp32.xml"]["derived_from"] == "onnx/trunk.fp32.onnx"
+    assert f["openvino/trunk.int8.xml"]["derived_from"] == "openvino/trunk.fp32.xml"
+    assert set(f["openvino/trunk.fp32.xml"]["extra_files"]) == {"openvino/trunk.fp32.bin"}
     for v in m["variants"].values():
-        assert v["heads"] == {"default": "onnx/head.default.onnx"}  # the head stays fp32 in every variant
-    assert set(m["versions"]) == {"edgetl", "torch", "torchvision", "onnx", "onnxruntime"}
+        fmt = v["format"]
+        head = f"{fmt}/head.default.{'onnx' if fmt == 'onnx' else 'xml'}"
+        assert v["heads"] == {"default": head}  # the head stays fp32 in every variant
+        assert v.get("inference_precision") == (None if fmt == "onnx" else "f32")
+    assert set(m["heads"]["default"]["metrics"]) == VARIANTS
+    assert m["export"]["formats"] == ["onnx", "openvino"] and m["export"]["precisions"] == ["fp32", "int8"]
+    assert set(m["versions"]) == {"edgetl", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf"}
 
 
-def test_fp32_parity_is_measured_and_recorded(exported):
+@pytest.mark.parametrize("variant", ["onnx-fp32", "openvino-fp32"])
+def test_fp32_parity_is_measured_and_recorded(exported, variant):
     out, doc = exported
-    fp32 = read_manifest(out)["variants"]["onnx-fp32"]["metrics"]
-    assert fp32 == doc["variants"]["onnx-fp32"]
+    fp32 = read_manifest(out)["variants"][variant]["metrics"]
+    assert fp32 == doc["variants"][variant]
     assert fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 1.0
     assert fp32["n"] == 12 and 0.0 <= fp32["val_top1"] <= 1.0
+    assert set(fp32) >= {"val_top1", "max_abs_diff", "top1_agreement", "bytes"}
+    assert fp32["features_sqnr_db"] is None or fp32["features_sqnr_db"] > 60  # the trunk alone matches too
 
 
 def test_int8_variant_is_smaller_and_reports_its_drop(exported, run_dir):
@@ -88,6 +103,7 @@ def test_int8_variant_is_smaller_and_reports_its_drop(exported, run_dir):
     assert int8["bytes"] < fp32["bytes"]
     assert int8["top1_drop_pp"] == pytest.approx((fp32["val_top1"] - int8["val_top1"]) * 100, abs=1e-3)
     assert int8["top1_drop_pp"] <= 1.0 and {"max_abs_diff", "top1_agreement", "n"} <= set(int8)
+    assert 0 < int8["features_sqnr_db"] < (fp32["features_sqnr_db"] or float("inf"))
     q = m["variants"]["onnx-int8"]["quantization"]
     assert q["method"] == "onnxruntime static QDQ" and isinstance(q["per_channel"], bool)
     train_paths = {s.path for s in load_run(run_dir).train_samples}
@@ -123,9 +139,10 @@ def test_bundle_predicts_through_the_runtime(exported, run_dir):
     out, _ = exported
     run = load_run(run_dir)
     sample = run.val_samples[0]
-    for precision in ("fp32", "int8"):
-        record = open_bundle(out).load(precision=precision).predict([sample.path])[0]
-        assert record["label"] in run.labels and 0.0 < record["score"] <= 1.0
+    for runtime in ("onnxruntime", "openvino"):
+        for precision in ("fp32", "int8"):
+            record = open_bundle(out).load(runtime=runtime, precision=precision).predict([sample.path])[0]
+            assert record["label"] in run.labels and 0.0 < record["score"] <= 1.0
 
 
 def test_failure_mid_export_leaves_no_bundle_and_no_temp_dir(run_dir, tmp_path, monkeypatch):
@@ -134,7 +151,7 @@ def test_failure_mid_export_leaves_no_bundle_and_no_temp_dir(run_dir, tmp_path, 
 
     monkeypatch.setattr(quantize_mod, "search_int8", broken)
     with pytest.raises(RuntimeError, match="injected"):
-        export_bundle(run_dir, tmp_path / "b", progress=False)
+        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
@@ -143,16 +160,16 @@ def test_existing_bundle_is_refused_untouched_and_replaced_only_with_force(run_d
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(OutputExistsError, match="--force"):
-        export_bundle(run_dir, out, precisions=("fp32",), progress=False)
+        export_bundle(run_dir, out, formats=("onnx",), precisions=("fp32",), progress=False)
     assert (out / "keep.txt").read_text() == "old"
-    export_bundle(run_dir, out, precisions=("fp32",), force=True, progress=False)
+    export_bundle(run_dir, out, formats=("onnx",), precisions=("fp32",), force=True, progress=False)
     assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx"}
     assert leftovers(tmp_path) == []
 
 
 def test_int8_over_max_drop_fails_naming_the_variant_and_figures(run_dir, tmp_path):
     with pytest.raises(ExportError) as err:
-        export_bundle(run_dir, tmp_path / "b", max_drop=-1.0, progress=False)
+        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), max_drop=-1.0, progress=False)
     message = str(err.value)
     assert "onnx-int8" in message and "--max-drop -1 pp" in message and " pp validation top-1" in message
     assert "->" in message and "12 images" in message
@@ -163,12 +180,12 @@ def test_fp32_parity_failure_fails_naming_the_variant(run_dir, tmp_path, monkeyp
     real = export_mod.torch_logits
     monkeypatch.setattr(export_mod, "torch_logits", lambda model, x: real(model, x) + 0.01)
     with pytest.raises(ExportError, match=r"onnx-fp32 .*max abs logit diff 1\.00e-02"):
-        export_bundle(run_dir, tmp_path / "b", progress=False)
+        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
     assert not (tmp_path / "b").exists()
 
 
 def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
-    doc = export_bundle(run_dir, tmp_path / "b", precisions=("int8",), progress=False)
+    doc = export_bundle(run_dir, tmp_path / "b", formats=("onnx",), precisions=("int8",), progress=False)
     assert set(doc["variants"]) == {"onnx-int8"} and "top1_drop_pp" in doc["variants"]["onnx-int8"]
     m = read_manifest(tmp_path / "b")
     assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
@@ -179,9 +196,9 @@ def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "formats, precisions, calib, match",
     [
-        (("openvino",), ("fp32",), 200, "--format openvino is not supported yet; use --format onnx"),
         (("tflite",), ("fp32",), 200, "unknown --format 'tflite'"),
-        (("onnx",), ("fp16",), 200, "unsupported --precision 'fp16'"),
+        (("onnx",), ("fp8",), 200, "unsupported --precision 'fp8'"),
+        (("onnx",), ("bf16",), 200, "--precision bf16 is not available for --format onnx; it needs --format openvino"),
         (("onnx",), (), 200, "no --precision"),
         (("onnx",), ("int8",), 0, "--calib-size must be"),
     ],
@@ -193,7 +210,7 @@ def test_bad_options_are_config_errors(formats, precisions, calib, match):
 
 def test_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError):
-        export_bundle(tmp_path / "no-run", tmp_path / "b", formats=("openvino",))
+        export_bundle(tmp_path / "no-run", tmp_path / "b", formats=("onnx",), precisions=("bf16",))
     with pytest.raises(RunError, match="does not exist"):
         export_bundle(tmp_path / "no-run", tmp_path / "b")
 
@@ -215,7 +232,7 @@ def cli(*args):
 
 
 def test_cli_json_document(run_dir, tmp_path):
-    result = cli(run_dir, "--out", tmp_path / "b", "--precision", "fp32", "--no-progress", "--json")
+    result = cli(run_dir, "--out", tmp_path / "b", "--format", "onnx", "--precision", "fp32", "--no-progress", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["bundle"] == str(tmp_path / "b")
@@ -223,9 +240,9 @@ def test_cli_json_document(run_dir, tmp_path):
 
 
 def test_cli_table_and_help(run_dir, tmp_path):
-    result = cli(run_dir, "--out", tmp_path / "b", "--calib-size", "8", "--no-progress")
+    result = cli(run_dir, "--out", tmp_path / "b", "--format", "onnx", "--calib-size", "8", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "onnx-fp32" in result.stdout and "onnx-int8" in result.stdout and "int8 drop" in result.stdout
+    assert "onnx-fp32" in result.stdout and "onnx-int8" in result.stdout and "drop" in result.stdout
     help_text = cli("--help").output
     assert "Example:" in help_text and "--max-drop" in help_text and "--calib-size" in help_text
     assert read_manifest(tmp_path / "b")["variants"]["onnx-int8"]["quantization"]["calibration"]["size"] == 8
@@ -234,9 +251,11 @@ def test_cli_table_and_help(run_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra, pattern",
     [
-        (["--format", "openvino"], "not supported yet"),
-        (["--precision", "fp16"], "unsupported --precision"),
-        (["--max-drop", "-1"], "onnx-int8"),
+        (["--format", "tflite"], "unknown --format"),
+        (["--precision", "fp8"], "unsupported --precision"),
+        (["--format", "onnx", "--max-drop", "-1"], "onnx-int8"),
+        (["--head", "x"], "--head applies to a head added with --add-to"),
+        (["--profile", "nope"], "unknown export-profile 'nope'"),
     ],
 )
 def test_cli_user_errors_are_one_line(run_dir, tmp_path, extra, pattern):

@@ -17,6 +17,9 @@ _D = TrainConfig()
 @click.option("--recipe", default=None, help="A recipe name (see models/), a recipe .yaml, or a run directory to repeat.")
 @click.option("--resume", "resume_run", type=click.Path(), default=None,
               help="Continue the interrupted run RUN from its last epoch checkpoint.")
+@click.option("--trunk-from", "trunk_from", type=click.Path(), default=None, metavar="BUNDLE",
+              help="Train only a new head, on the features of this bundle's fp32 trunk (run through ONNX Runtime "
+                   "with its preprocessing); then `edgetl export RUN --add-to BUNDLE --head NAME`.")
 @click.option("--backbone", default=_D.backbone, show_default=True, help="See `edgetl backbones`.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default=_D.strategy, show_default=True,
               help="Frozen trunk + new head; last N blocks unfrozen; or everything trained.")
@@ -51,7 +54,7 @@ _D = TrainConfig()
 @json_option
 @click.pass_context
 @handle_errors
-def finetune(ctx, data, out, recipe, resume_run, val_dir, force, no_progress, as_json, **options) -> None:
+def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_progress, as_json, **options) -> None:
     """Adapt a pretrained backbone to the image folder DATA (one sub-folder per class).
 
     Options given on the command line override the --recipe, which overrides the defaults shown.
@@ -63,6 +66,7 @@ def finetune(ctx, data, out, recipe, resume_run, val_dir, force, no_progress, as
       edgetl finetune data/digits --out runs/digits-ft --strategy fine-tune --unfreeze 3 --epochs 3 --img-size 96
       edgetl finetune data/digits --out runs/digits-r --recipe mobilenet_v2-fine-tune
       edgetl finetune --resume runs/digits-ft
+      edgetl finetune data/parts --out runs/parts-head --trunk-from bundles/digits   # a second head, same trunk
     """
     from click.core import ParameterSource
 
@@ -72,7 +76,18 @@ def finetune(ctx, data, out, recipe, resume_run, val_dir, force, no_progress, as
 
     explicit = {k: v for k, v in options.items()
                 if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
-    if resume_run:
+    if trunk_from:
+        from edgetl.heads import TRUNK_OPTIONS, finetune_head
+
+        fixed = sorted(k for k in explicit if k in TRUNK_OPTIONS and not (k == "strategy" and explicit[k] == "feature-extraction"))
+        if resume_run or recipe or fixed:
+            what = "--resume" if resume_run else "--recipe" if recipe else "--" + fixed[0].replace("_", "-")
+            raise ConfigError(f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle")
+        if not data or not out:
+            raise ConfigError("finetune --trunk-from BUNDLE needs DATA and --out RUN")
+        result = finetune_head(data, out, trunk_from=trunk_from, config=TrainConfig(**explicit), val_dir=val_dir,
+                               force=force, progress=not no_progress)
+    elif resume_run:
         if data or recipe:
             raise ConfigError("--resume RUN takes the data and options from the run; drop DATA and --recipe")
         result = resume(resume_run, progress=not no_progress, overrides=explicit)

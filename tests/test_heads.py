@@ -1,0 +1,212 @@
+"""Many heads, one trunk: finetune --trunk-from BUNDLE, export --add-to BUNDLE --head NAME, predict --head all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgetl.bundle import read_manifest, sha256_file
+from edgetl.cli import main
+from edgetl.errors import BundleError, ConfigError, ExportError, OutputExistsError, RunError
+from edgetl.export import export_bundle
+from edgetl.heads import add_head, finetune_head
+from edgetl.run import load_run
+from edgetl.runtime import open_bundle
+from edgetl.train import TrainConfig
+from tests.helpers import make_image_folder
+from tests.run_factory import all_profile_export, make_run, shared_run
+
+TASK2 = ("cyan", "magenta", "yellow")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("heads")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """Every format and precision, with merged graphs (read only: tests that change it copy it)."""
+    return all_profile_export(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def run1(tmp_path_factory) -> Path:
+    return shared_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data2(root) -> Path:
+    return make_image_folder(root / "task2", classes=TASK2, per_class=20, seed=5)
+
+
+@pytest.fixture(scope="module")
+def head_run(bundle, data2, root) -> Path:
+    result = CliRunner().invoke(main, ["finetune", str(data2), "--out", str(root / "run2"), "--trunk-from", str(bundle),
+                                       "--epochs", "60", "--patience", "60", "--lr", "0.05", "--no-progress", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["trunk_from"]["trunk"] == "onnx/trunk.fp32.onnx" and doc["strategy"] == "feature-extraction"
+    return Path(doc["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def added(bundle, head_run, root) -> tuple[Path, dict, dict]:
+    """A copy of the bundle with the second head added, and the file checksums from before."""
+    two = shutil.copytree(bundle, root / "two-heads")
+    before = {rel: rec["sha256"] for rel, rec in read_manifest(two)["files"].items()}
+    result = CliRunner().invoke(main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--no-progress",
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    return two, before, json.loads(result.stdout)
+
+
+def test_head_run_records_the_trunk_and_holds_only_a_head(head_run, bundle):
+    run = load_run(head_run)
+    m = read_manifest(bundle)
+    assert run.trunk_from["sha256"] == m["files"]["onnx/trunk.fp32.onnx"]["sha256"] == sha256_file(bundle / "onnx/trunk.fp32.onnx")
+    assert run.trunk_from["backbone"] == m["backbone"]["name"] and run.feature_dim == m["backbone"]["feature_dim"]
+    assert run.config["preprocessing"] == m["preprocessing"] and run.labels == list(TASK2)
+    assert set(torch.load(head_run / "model.pt", weights_only=True)) == {"head"}
+    for name in ("config.json", "labels.json", "split.json", "history.json", "metrics.json", "history.png"):
+        assert (head_run / name).is_file()
+    assert run.metrics["val_top1"] >= 0.9
+    with pytest.raises(RunError, match="holds only a head"):
+        run.build_model()
+
+
+def test_head_is_trained_on_the_shipped_trunk_features(head_run, bundle):
+    """The run's PyTorch head on the bundle's ONNX Runtime features reproduces the run's val top-1."""
+    run = load_run(head_run)
+    predictor = open_bundle(bundle).load(runtime="onnxruntime", precision="fp32")
+    feats = predictor.features(predictor.preprocess([__import__("edgetl.preprocess").preprocess.load_image(s.path)
+                                                     for s in run.val_samples]))
+    with torch.inference_mode():
+        pred = run.build_head()(torch.from_numpy(feats)).argmax(1).numpy()
+    assert float((pred == np.array([s.label for s in run.val_samples])).mean()) == pytest.approx(run.metrics["val_top1"])
+
+
+def test_add_to_leaves_the_trunk_untouched_and_checks_every_variant(added):
+    two, before, doc = added
+    m = read_manifest(two)
+    for rel, sha in before.items():
+        assert m["files"][rel]["sha256"] == sha == sha256_file(two / rel)
+    new = set(m["files"]) - set(before)
+    merged = {v["merged"]["tint"] for v in m["variants"].values()}
+    assert new == {"onnx/head.tint.onnx", "openvino/head.tint.xml"} | merged
+    assert "onnx/merged.tint.int8.onnx" in merged and "openvino/merged.tint.fp32.xml" in merged
+    assert set(doc["variants"]) == set(m["variants"]) and len(m["variants"]) >= 6
+    assert all(v["heads"]["tint"] in new for v in m["variants"].values())
+    for name, v in doc["variants"].items():
+        if name.endswith("fp32"):
+            assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] == 1.0
+        else:
+            assert v["top1_drop_pp"] <= 1.0
+    assert m["heads"]["tint"]["labels"] == list(TASK2) and m["heads"]["tint"]["metrics"] == doc["variants"]
+    assert m["default_head"] == "default"
+    assert [p.name for p in two.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_predict_head_all_returns_both_heads(added, data2):
+    two, _, _ = added
+    images = [str(sorted((data2 / c).iterdir())[0]) for c in TASK2]
+    for runtime in ("onnxruntime", "openvino"):
+        result = CliRunner().invoke(main, ["predict", str(two), *images, "--head", "all", "--runtime", runtime, "--json"])
+        assert result.exit_code == 0, result.output
+        records = json.loads(result.stdout)
+        assert [(r["image"], r["head"]) for r in records] == [(i, h) for i in images for h in ("default", "tint")]
+        assert [r["label"] for r in records if r["head"] == "tint"] == list(TASK2)
+
+
+def test_the_trunk_runs_once_per_input_for_all_heads(added, data2):
+    two, _, _ = added
+    predictor = open_bundle(two).load(heads="all")
+    calls = []
+    trunk = predictor._trunk
+    predictor._trunk = lambda x: calls.append(len(x)) or trunk(x)
+    images = sorted((data2 / "cyan").iterdir())[:5]
+    x = predictor.preprocess([__import__("PIL.Image").Image.open(p).convert("RGB") for p in images])
+    logits = predictor.logits(x)
+    assert calls == [5] and set(logits) == {"default", "tint"}
+    predictor.predict(images, batch_size=2)
+    assert calls == [5, 2, 2, 1]  # one trunk pass per batch, not per head
+
+
+def test_any_subset_of_heads_loads(added):
+    two, _, _ = added
+    bundle = open_bundle(two)
+    assert bundle.load(heads="tint").head_names == ("tint",)
+    assert bundle.load(runtime="openvino", precision="int8", heads=["tint", "default"]).head_names == ("tint", "default")
+    assert bundle.load(merged=True, heads="tint").merged
+
+
+def test_add_to_refuses_another_trunk_an_existing_head_and_a_normal_run(bundle, head_run, run1, tmp_path):
+    two = shutil.copytree(bundle, tmp_path / "b")
+    add_head(head_run, two, "tint", progress=False)
+    with pytest.raises(OutputExistsError, match="already has a head 'tint'"):
+        add_head(head_run, two, "tint", progress=False)
+    with pytest.raises(ConfigError, match="--head 'a.b'"):
+        add_head(head_run, two, "a.b", progress=False)
+    with pytest.raises(ExportError, match="was not trained on a bundle's trunk"):
+        add_head(run1, two, "again", progress=False)
+    other = make_run(tmp_path / "other-run", make_image_folder(tmp_path / "other-images"), seed=3)
+    other_bundle = export_bundle(other, tmp_path / "other", formats=("onnx",), precisions=("fp32",), progress=False)["bundle"]
+    before = (Path(other_bundle) / "manifest.json").read_bytes()
+    with pytest.raises(ExportError, match=r"is not the trunk run .* was trained on \(sha256"):
+        add_head(head_run, other_bundle, "tint", progress=False)
+    assert (Path(other_bundle) / "manifest.json").read_bytes() == before
+    with pytest.raises(ExportError, match="holds a head trained on the trunk of bundle"):
+        export_bundle(head_run, tmp_path / "new", progress=False)
+
+
+def test_a_failed_check_leaves_the_bundle_as_it_was(bundle, head_run, tmp_path):
+    two = shutil.copytree(bundle, tmp_path / "b")
+    before = {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()}
+    with pytest.raises(ExportError, match=r"variant onnx-fp16 \(head tint\) loses .* pp validation top-1 .*--max-drop -1 pp"):
+        add_head(head_run, two, "tint", max_drop=-1.0, progress=False)
+    assert {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_trunk_from_refuses_trunk_options_and_bundles_without_fp32(bundle, data2, tmp_path):
+    result = CliRunner().invoke(main, ["finetune", str(data2), "--out", str(tmp_path / "r"), "--trunk-from", str(bundle),
+                                       "--backbone", "resnet18"])
+    assert result.exit_code == 1 and "--backbone does not apply with --trunk-from" in result.stderr
+    with pytest.raises(ConfigError, match="--img-size 64 differs"):
+        finetune_head(data2, tmp_path / "r", trunk_from=bundle, config=TrainConfig(img_size=64), progress=False)
+    int8_only = shutil.copytree(bundle, tmp_path / "int8")
+    m = read_manifest(int8_only)
+    for name in [v for v in m["variants"] if v.endswith("fp32")]:
+        del m["variants"][name]
+    (int8_only / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="no onnx-fp32 variant"):
+        finetune_head(data2, tmp_path / "r", trunk_from=int8_only, progress=False)
+    assert not (tmp_path / "r").exists()
+    result = CliRunner().invoke(main, ["export", str(bundle), "--add-to", str(bundle)])
+    assert result.exit_code == 1 and "--add-to BUNDLE needs --head NAME" in result.stderr
+
+
+def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_run, tmp_path):
+    two = shutil.copytree(bundle, tmp_path / "b")
+    trunks = {rel: rec["sha256"] for rel, rec in read_manifest(two)["files"].items() if rec["role"] == "trunk"}
+    result = CliRunner().invoke(main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--max-drop", "-1",
+                                       "--no-progress"])
+    assert result.exit_code == 1 and "pass --partial to add the head to the other variants only" in result.stderr
+    doc = add_head(head_run, two, "tint", max_drop=-1.0, partial=True, progress=False)
+    m = read_manifest(two)
+    kept = {n for n, v in m["variants"].items() if "tint" in v["heads"]}
+    assert kept == {"onnx-fp32", "openvino-fp32"} and set(doc["left_out"]) == set(m["variants"]) - kept
+    assert set(m["heads"]["tint"]["left_out"]) == set(doc["left_out"])
+    assert "loses" in doc["left_out"]["onnx-int8"] and "--max-drop -1 pp" in doc["left_out"]["onnx-int8"]
+    assert not any(rel.startswith(("onnx/merged.tint.int8", "openvino/merged.tint.int8")) for rel in m["files"])
+    assert {rel: m["files"][rel]["sha256"] for rel in trunks} == trunks
+    bundle_ = open_bundle(two)
+    assert bundle_.load(precision="int8", heads="all").head_names == ("default",)
+    with pytest.raises(BundleError, match="no head 'tint' in this variant"):
+        bundle_.load(precision="int8", heads="tint")
