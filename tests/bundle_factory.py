@@ -4,6 +4,7 @@ The trunk averages each colour channel (GlobalAveragePool) and maps the 3 means 
 features with a fixed matrix whose first 3 columns are the identity; the ``colour`` head scores
 class c by feature c, so a red image is "red", a green one "green": predictions are checkable.
 The int8 trunk is the same graph under another name (real quantization is the exporter's test).
+``formats=("onnx", "openvino")`` adds OpenVINO IR variants converted from the same ONNX graphs.
 """
 
 from __future__ import annotations
@@ -106,6 +107,50 @@ def _io(name: str, shape: list) -> list[dict[str, Any]]:
     return [{"name": name, "shape": shape, "dtype": "float32"}]
 
 
+def write_merged(trunk_path: Path, head_path: Path, out_path: Path) -> None:
+    """Trunk and head as one graph (image -> logits), as ``export --merged`` ships them."""
+    onnx, *_ = _onnx()
+    from onnx import compose
+
+    head = compose.add_prefix(onnx.load(str(head_path)), "head/")
+    merged = compose.merge_models(onnx.load(str(trunk_path)), head, io_map=[("features", "head/features")])
+    _save(merged, out_path)
+
+
+def write_openvino_ir(onnx_path: Path, xml_path: Path) -> tuple[str, str]:
+    """Convert an ONNX graph to OpenVINO IR (fp32 weights kept); returns the xml and bin paths."""
+    import openvino as ov
+
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
+    return str(xml_path), str(xml_path.with_suffix(".bin"))
+
+
+def _add_openvino_variants(root: Path, files: dict[str, Any], variants: dict[str, Any],
+                           precisions: tuple[str, ...], heads: tuple[str, ...]) -> None:
+    def convert(onnx_rel: str, role: str, head: str | None, precision: str) -> str:
+        xml_rel = onnx_rel.replace("onnx/", "openvino/").replace(".onnx", ".xml")
+        write_openvino_ir(root / onnx_rel, root / xml_rel)
+        bin_rel = xml_rel[: -len(".xml")] + ".bin"
+        rec = files[onnx_rel]
+        files[xml_rel] = file_record(root, xml_rel, fmt="openvino", precision=precision, role=role, head=head,
+                                     inputs=rec["inputs"], outputs=rec["outputs"], derived_from=onnx_rel,
+                                     extra_files=(bin_rel,))
+        return xml_rel
+
+    head_files = {h: convert(f"onnx/head.{h}.onnx", "head", h, "fp32") for h in heads}
+    for prec in precisions:
+        onnx_variant = variants[variant_name("onnx", prec)]
+        trunk = convert(onnx_variant["trunk"], "trunk", None, prec)
+        variants[variant_name("openvino", prec)] = {
+            "format": "openvino", "precision": prec, "trunk": trunk, "heads": dict(head_files),
+            "inference_precision": "f32", "metrics": dict(onnx_variant["metrics"]),
+        }
+        if "merged" in onnx_variant:
+            variants[variant_name("openvino", prec)]["merged"] = {
+                h: convert(rel, "merged", h, prec) for h, rel in onnx_variant["merged"].items()}
+
+
 def build_bundle(
     root: Path,
     *,
@@ -114,8 +159,12 @@ def build_bundle(
     default_head: str | None = "colour",
     input_size: int = INPUT_SIZE,
     feature_dim: int = FEATURE_DIM,
+    formats: tuple[str, ...] = ("onnx",),
+    merged: bool = False,
 ) -> Path:
-    """Write a bundle folder at ``root`` (format onnx) and return it; heads from :data:`HEADS`."""
+    """Write a bundle folder at ``root`` and return it; heads from :data:`HEADS`. ONNX files are
+    always written (OpenVINO variants are converted from them); ``formats`` lists the variants;
+    ``merged`` adds each head's trunk+head graph per variant (``merged.<head>.<precision>``)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     image_shape = ["batch", 3, input_size, input_size]
@@ -145,6 +194,22 @@ def build_bundle(
             "metrics": {"val_top1": 0.97 - 0.004 * i, "max_abs_diff": 1e-6, "top1_agreement": 1.0,
                         "bytes": files[trunk_rel]["bytes"] + sum(files[f"onnx/head.{h}.onnx"]["bytes"] for h in heads)},
         }
+    if merged:
+        for prec in precisions:
+            var = variants[variant_name("onnx", prec)]
+            var["merged"] = {}
+            for h in heads:
+                rel = f"onnx/merged.{h}.{prec}.onnx"
+                write_merged(root / var["trunk"], root / var["heads"][h], root / rel)
+                files[rel] = file_record(root, rel, fmt="onnx", precision=prec, role="merged", head=h,
+                                         inputs=files[var["trunk"]]["inputs"],
+                                         outputs=files[var["heads"][h]]["outputs"], derived_from=var["trunk"])
+                var["merged"][h] = rel
+    if "openvino" in formats:
+        _add_openvino_variants(root, files, variants, precisions, heads)
+    if "onnx" not in formats:
+        for prec in precisions:
+            del variants[variant_name("onnx", prec)]
     manifest = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

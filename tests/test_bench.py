@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
-from edgetl.bench import BenchResult, bench, bench_precisions, compare, latency_summary, report, synthetic_image
+from edgetl import bench as bench_mod
+from edgetl.bench import (BenchResult, _Timed, bench, bench_precisions, compare, interleave, latency_summary,
+                          plot_latencies, report, results_dir, run_bench, save_report, synthetic_image)
 from edgetl.cli import main
 from edgetl.envinfo import environment
 from edgetl.errors import BackendError, ConfigError
@@ -17,11 +22,17 @@ from tests.bundle_factory import build_bundle
 DESIGN_KEYS = {"runtime", "precision", "batch_size", "threads", "latency_ms", "throughput_ips", "cold_start_ms",
                "peak_rss_mb", "model_bytes", "env"}
 FAST = {"warmup": 1, "iterations": 5}
+QUICK = {"warmup": 1, "iterations": 5, "cold_start_runs": False}
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory):
     return build_bundle(tmp_path_factory.mktemp("bundle") / "b", heads=("colour", "brightness"))
+
+
+@pytest.fixture(scope="module")
+def one_head_bundle(tmp_path_factory):
+    return build_bundle(tmp_path_factory.mktemp("bundle1") / "b")
 
 
 @pytest.fixture(scope="module")
@@ -33,27 +44,66 @@ def test_bench_result_has_design_keys_and_sane_numbers(fp32_result, bundle_dir):
     d = fp32_result.to_dict()
     assert DESIGN_KEYS <= set(d)
     json.dumps(d)  # serialisable as is
+    assert "samples_ms" not in d and len(fp32_result.samples_ms) == 5
     assert (d["runtime"], d["precision"], d["batch_size"], d["threads"]) == ("onnxruntime", "fp32", 3, 1)
     lat = d["latency_ms"]
     assert set(lat) == {"p50", "p90", "p99", "mean", "min", "max"}
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert lat["min"] <= lat["mean"] <= lat["max"]
     assert d["throughput_ips"] == pytest.approx(3 / (lat["mean"] / 1000))
-    assert set(d["cold_start_ms"]) == {"load", "first_inference"}
+    # Cold start from a fresh process: import, load, first inference, and spawn-to-first-result.
+    assert set(d["cold_start_ms"]) == {"import", "load", "first_inference", "total"}
     assert all(v > 0 for v in d["cold_start_ms"].values())
+    cs = d["cold_start_ms"]
+    assert cs["total"] >= cs["import"] + cs["load"] + cs["first_inference"]
+    assert d["cold_start_scope"] == d["peak_rss_scope"] == "fresh-process"
     assert d["peak_rss_mb"] > 0
     assert d["preprocess_ms"] > 0
     assert d["heads"] == ["colour"] and d["variant"] == "onnx-fp32" and d["val_top1"] == pytest.approx(0.97)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     files = manifest["files"]
     assert d["model_bytes"] == files["onnx/trunk.fp32.onnx"]["bytes"] + files["onnx/head.colour.onnx"]["bytes"]
-    assert {"cpu", "logical_cores", "os", "kernel", "python", "versions", "governor"} <= set(d["env"])
+    assert {"cpu", "logical_cores", "os", "kernel", "python", "versions", "governor", "isa"} <= set(d["env"])
+
+
+def test_cold_start_runs_in_a_fresh_interpreter_without_a_shell(bundle_dir, monkeypatch):
+    calls = []
+    real_run = subprocess.run
+
+    def spy(args, **kwargs):
+        calls.append((args, kwargs))
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(bench_mod.subprocess, "run", spy)
+    r = bench(bundle_dir, precision="int8", warmup=0, iterations=2)
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    assert args[0] == sys.executable and args[1] == "-c" and not kwargs.get("shell")
+    assert json.loads(args[3])["load"]["precision"] == "int8"
+    assert r.cold_start_ms["import"] > 0 and r.cold_start_scope == "fresh-process"
+
+
+def test_no_cold_start_measures_in_process(bundle_dir):
+    r = bench(bundle_dir, **QUICK)
+    assert r.cold_start_scope == "in-process" and r.peak_rss_scope == "process"
+    assert r.cold_start_ms["import"] is None and r.cold_start_ms["load"] > 0
 
 
 def test_bench_all_heads_counts_every_head_file(bundle_dir, fp32_result):
-    r = bench(bundle_dir, head="all", **FAST)
+    r = bench(bundle_dir, head="all", **QUICK)
     assert r.heads == ("colour", "brightness")
     assert r.model_bytes > fp32_result.model_bytes
+
+
+def test_heads_cost_trunk_alone_and_each_head(bundle_dir, one_head_bundle):
+    r = bench(bundle_dir, **QUICK)
+    hc = r.heads_cost
+    assert hc["trunk_ms"] > 0 and hc["selected_heads"] == ["colour"]
+    assert [h["head"] for h in hc["heads"]] == ["colour", "brightness"]
+    for h in hc["heads"]:
+        assert h["head_ms"] > 0 and h["trunk_plus_head_ms"] > 0 and h["head_pct_of_trunk"] > 0
+    assert hc["trunk_plus_selected_ms"] == pytest.approx(r.latency_ms["p50"])
+    assert bench(one_head_bundle, **QUICK).heads_cost is None  # one head: nothing to split
 
 
 @pytest.mark.parametrize(
@@ -76,12 +126,12 @@ def test_bench_openvino_absent_from_bundle(bundle_dir):
 
 
 def test_bench_precisions_and_comparison(bundle_dir):
-    results = bench_precisions(bundle_dir, **FAST)
+    results = bench_precisions(bundle_dir, **QUICK)
     assert [r.precision for r in results] == ["fp32", "int8"]
     rows = compare(results)
     assert len(rows) == 1
     row = rows[0]
-    assert (row["variant"], row["baseline"]) == ("onnx-int8", "onnx-fp32")
+    assert (row["kind"], row["variant"], row["baseline"]) == ("precision", "onnx-int8", "onnx-fp32")
     assert row["speedup_p50"] > 0 and row["throughput_ratio"] > 0
     assert row["compression"] == pytest.approx(1.0)  # the factory's int8 trunk is the fp32 graph
     assert row["top1_drop_pp"] == pytest.approx(0.4)
@@ -90,6 +140,79 @@ def test_bench_precisions_and_comparison(bundle_dir):
     assert all(DESIGN_KEYS <= set(r) for r in doc["results"])
     assert report(results[:1]) == results[0].to_dict()
     assert compare(results[:1]) == []
+
+
+def test_sweep_threads_and_batch_sizes(bundle_dir):
+    rep = run_bench(bundle_dir, threads=[1, 2], batch_size=[1, 2], **QUICK)
+    got = [(r.precision, r.threads, r.batch_size) for r in rep.results]
+    assert got == [(p, t, b) for p in ("fp32", "int8") for t in (1, 2) for b in (1, 2)]
+    assert all(len(r.samples_ms) == 5 for r in rep.results)
+    # int8 against fp32 at each (threads, batch), never across settings.
+    assert sorted((c["threads"], c["batch_size"]) for c in rep.comparison) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    doc = rep.to_dict()
+    assert len(doc["results"]) == 8 and "profile" not in doc
+
+
+def test_all_variants_and_skipped(bundle_dir, monkeypatch):
+    rep = run_bench(bundle_dir, all_variants=True, **QUICK)
+    assert [r.variant for r in rep.results] == ["onnx-fp32", "onnx-int8"]
+    assert rep.to_dict()["results"][1]["variant"] == "onnx-int8"
+    # A variant whose runtime is missing here is skipped with the reason, not fatal.
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    fake = dict(manifest["variants"]["onnx-fp32"], format="openvino")
+    from edgetl.runtime import Bundle
+
+    real_init = Bundle.__init__
+
+    def with_ov(self, path, m):
+        m = dict(m, variants={**m["variants"], "openvino-fp32": fake})
+        real_init(self, path, m)
+
+    monkeypatch.setattr(Bundle, "__init__", with_ov)
+    real_import = bench_mod.import_backend
+
+    def no_openvino(runtime):
+        if runtime == "openvino":
+            raise BackendError("runtime 'openvino' is not installed: pip install 'edgetl[openvino]'")
+        return real_import(runtime)
+
+    monkeypatch.setattr(bench_mod, "import_backend", no_openvino)
+    rep = run_bench(bundle_dir, all_variants=True, **QUICK)
+    assert [r.variant for r in rep.results] == ["onnx-fp32", "onnx-int8"]
+    assert rep.skipped == [{"variant": "openvino-fp32",
+                            "reason": "runtime 'openvino' is not installed: pip install 'edgetl[openvino]'"}]
+    assert rep.to_dict()["skipped"] == rep.skipped
+
+
+def test_compare_openvino_against_onnxruntime(fp32_result):
+    ort_int8 = dataclasses.replace(fp32_result, precision="int8", variant="onnx-int8",
+                                   latency_ms={**fp32_result.latency_ms, "p50": 2.0})
+    ort_fp32 = dataclasses.replace(fp32_result, latency_ms={**fp32_result.latency_ms, "p50": 3.0})
+    ov_fp32 = dataclasses.replace(ort_fp32, runtime="openvino", variant="openvino-fp32",
+                                  latency_ms={**fp32_result.latency_ms, "p50": 1.5})
+    ov_int8 = dataclasses.replace(ort_int8, runtime="openvino", variant="openvino-int8",
+                                  latency_ms={**fp32_result.latency_ms, "p50": 1.0})
+    other_threads = dataclasses.replace(ov_int8, threads=7)
+    rows = compare([ort_fp32, ort_int8, ov_fp32, ov_int8, other_threads])
+    by = {(r["kind"], r["variant"], r["threads"]): r for r in rows}
+    assert by[("precision", "onnx-int8", 1)]["speedup_p50"] == pytest.approx(1.5)
+    assert by[("precision", "openvino-int8", 1)]["speedup_p50"] == pytest.approx(1.5)
+    assert by[("runtime", "openvino-fp32", 1)]["speedup_p50"] == pytest.approx(2.0)
+    assert by[("runtime", "openvino-int8", 1)]["baseline"] == "onnx-int8"
+    assert ("runtime", "openvino-int8", 7) not in by  # no ONNX Runtime result with 7 threads to compare with
+
+
+def test_interleave_rotates_and_rewarms():
+    log = []
+    timed = [_Timed(name, (lambda n=name: log.append(n))) for name in "abc"]
+    interleave(timed, warmup=2, iterations=7, block=3)
+    assert [len(t.samples) for t in timed] == [7, 7, 7]
+    rounds = log[9:]  # after the first call and 2 warm-ups of each
+    assert log[:9] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    # Round 0: a b c; round 1 rotated by one and reversed: a c b; round 2: c a b. One untimed call per block.
+    firsts = [rounds[i] for i in (0, 4, 8, 12, 16, 20)]
+    assert firsts == ["a", "b", "c", "a", "c", "b"]
+    assert rounds[24:] == ["c", "c", "a", "a", "b", "b"]  # last round: 1 timed call each (7 = 3 + 3 + 1)
 
 
 def test_latency_summary():
@@ -108,6 +231,47 @@ def test_environment_fingerprint():
     assert env["logical_cores"] >= 1
     assert env["cpu"]
     assert env["versions"]["edgetl"] and env["versions"]["onnxruntime"] and env["versions"]["numpy"]
+    assert {"isa", "kernel", "governor", "usable_cores", "virtualized"} <= set(env)
+
+
+def test_device_profile_applies_and_options_win(bundle_dir, tmp_path):
+    profile = tmp_path / "tiny-board.yaml"
+    profile.write_text("description: a test board\nthreads: 1\nbatch_size: 2\nprecision: int8\n")
+    rep = run_bench(bundle_dir, device_profile=str(profile), **QUICK)
+    (r,) = rep.results
+    assert (r.threads, r.batch_size, r.precision) == (1, 2, "int8")
+    assert r.profile == {"name": "tiny-board", "path": str(profile),
+                         "applied": {"runtime": "onnxruntime", "threads": 1, "batch_size": 2, "precision": "int8"},
+                         "overridden": []}
+    rep = run_bench(bundle_dir, device_profile=str(profile), threads=2, **QUICK)
+    assert rep.results[0].threads == 2 and rep.results[0].profile["overridden"] == ["threads"]
+
+
+def test_save_report_and_results_dir(bundle_dir, tmp_path, monkeypatch):
+    rep = run_bench(bundle_dir, **QUICK)
+    path = save_report(rep, profile_name="x86-server", save_dir=tmp_path / "out")
+    assert path.parent == tmp_path / "out" and path.suffix == ".json"
+    doc = json.loads(path.read_text())
+    assert len(doc["results"]) == 2 and len(doc["results"][0]["samples_ms"]) == 5
+    assert doc["profile_folder"] == "x86-server"
+    # From this checkout: the project's devices/<profile>/results; an installed copy: under the cwd.
+    project = bench_mod.Path(bench_mod.__file__).resolve().parents[1]
+    assert results_dir("rpi5") == project / "devices" / "rpi5" / "results"
+    monkeypatch.setattr(bench_mod, "__file__", str(tmp_path / "site-packages" / "edgetl" / "bench.py"))
+    monkeypatch.chdir(tmp_path)
+    assert results_dir("rpi5") == tmp_path / "devices" / "rpi5" / "results"
+
+
+def test_plot_writes_a_png(bundle_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    rep = run_bench(bundle_dir, **QUICK)
+    path = plot_latencies(rep.results, tmp_path / "lat.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+CLI_FAST = ["--warmup", "0", "--iterations", "3", "--no-cold-start"]
 
 
 def test_cli_bench_single_precision_json(bundle_dir):
@@ -117,19 +281,50 @@ def test_cli_bench_single_precision_json(bundle_dir):
     doc = json.loads(result.stdout)
     assert DESIGN_KEYS <= set(doc)
     assert (doc["precision"], doc["batch_size"], doc["threads"]) == ("int8", 2, 1)
+    assert doc["cold_start_scope"] == "fresh-process"
 
 
 def test_cli_bench_all_precisions_json_and_table(bundle_dir):
-    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--json", "--iterations", "3", "--warmup", "0"])
+    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--json", *CLI_FAST])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [r["precision"] for r in doc["results"]] == ["fp32", "int8"]
     assert doc["comparison"][0]["variant"] == "onnx-int8"
 
-    table = CliRunner().invoke(main, ["bench", str(bundle_dir), "--iterations", "3", "--warmup", "0"])
+    table = CliRunner().invoke(main, ["bench", str(bundle_dir), *CLI_FAST])
     assert table.exit_code == 0, table.output
     assert "onnx-int8 vs onnx-fp32: speed-up" in table.stdout
-    assert "latency p50 ms" in table.stdout and "onnxruntime" in table.stdout
+    assert "latency p50 ms" in table.stdout and "trunk alone" in table.stdout
+
+
+def test_cli_bench_all_with_thread_sweep(bundle_dir, tmp_path):
+    plot = tmp_path / "p.png"
+    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--all", "--threads", "1,2", "--json",
+                                       "--plot", str(plot), "--save-dir", str(tmp_path / "saved"), *CLI_FAST])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [(r["variant"], r["threads"]) for r in doc["results"]] == [
+        ("onnx-fp32", 1), ("onnx-fp32", 2), ("onnx-int8", 1), ("onnx-int8", 2)]
+    assert all(DESIGN_KEYS <= set(r) for r in doc["results"])
+    assert {c["threads"] for c in doc["comparison"]} == {1, 2}
+    assert plot.is_file() and len(list((tmp_path / "saved").glob("*.json"))) == 1
+    assert "Saved " in result.stderr
+    table = CliRunner().invoke(main, ["bench", str(bundle_dir), "--threads", "1,2", "--batch-size", "1,2",
+                                      *CLI_FAST])
+    assert table.exit_code == 0, table.output
+    assert "onnx-int8 t2 b2" in table.stdout  # a sweep prints one row per configuration
+    assert "onnx-int8 vs onnx-fp32 (threads 2, batch 2): speed-up" in table.stdout
+
+
+def test_cli_bench_device_profile_rpi5_is_visible_in_json(bundle_dir):
+    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--device-profile", "rpi5", "--json", *CLI_FAST])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert (doc["threads"], doc["precision"], doc["batch_size"], doc["runtime"]) == (4, "int8", 1, "onnxruntime")
+    assert doc["provider"] == "cpu"
+    assert doc["profile"]["name"] == "rpi5"
+    assert doc["profile"]["applied"] == {"runtime": "onnxruntime", "provider": "cpu", "threads": 4,
+                                         "precision": "int8", "batch_size": 1}
 
 
 @pytest.mark.parametrize(
@@ -138,6 +333,8 @@ def test_cli_bench_all_precisions_json_and_table(bundle_dir):
         (["--precision", "fp64"], "'fp64' is not one of"),
         (["--iterations", "0"], "--iterations"),
         (["--threads", "0"], "--threads"),
+        (["--threads", "1,x"], "'x' is not an integer"),
+        (["--batch-size", "-1"], "--batch-size"),
         (["--runtime", "tflite"], "--runtime"),
     ],
 )
@@ -148,7 +345,77 @@ def test_cli_bench_bad_options_are_usage_errors(bundle_dir, args, message):
     assert "Traceback" not in result.output
 
 
-def test_cli_bench_missing_precision_is_one_line(bundle_dir):
-    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--precision", "fp16", "--iterations", "1"])
-    assert result.exit_code == 1
-    assert result.stderr.startswith("Error: ") and "no fp16 variant" in result.stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--precision", "fp16"], "no fp16 variant"),
+        (["--provider", "tensorrt"], "ONNX Runtime provider 'tensorrt' is not in this build"),
+        (["--provider", "nosuch"], "unknown ONNX Runtime provider 'nosuch'"),
+        (["--streams", "2"], "--streams applies to --runtime openvino"),
+        (["--ov-device", "GPU"], "--ov-device with --runtime onnxruntime needs --provider openvino"),
+        (["--device-profile", "nosuch-board"], "unknown device-profile 'nosuch-board'"),
+    ],
+)
+def test_cli_bench_user_errors_are_one_line(bundle_dir, args, message):
+    result = CliRunner().invoke(main, ["bench", str(bundle_dir), *args, *CLI_FAST])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("Error: ") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    if "tensorrt" in args:
+        assert "has: cpu" in result.stderr  # what is available is listed
+
+
+# --- OpenVINO variants, merged graphs -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tmp_path_factory):
+    pytest.importorskip("openvino")
+    return build_bundle(tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"),
+                        formats=("onnx", "openvino"), merged=True)
+
+
+def test_all_variants_with_openvino_and_ratios(ov_bundle):
+    rep = run_bench(ov_bundle, all_variants=True, threads=1, **QUICK)
+    assert [(r.runtime, r.variant) for r in rep.results] == [
+        ("onnxruntime", "onnx-fp32"), ("onnxruntime", "onnx-int8"),
+        ("openvino", "openvino-fp32"), ("openvino", "openvino-int8")]
+    kinds = sorted((c["kind"], c["variant"], c["baseline"]) for c in rep.comparison)
+    assert kinds == [("precision", "onnx-int8", "onnx-fp32"), ("precision", "openvino-int8", "openvino-fp32"),
+                     ("runtime", "openvino-fp32", "onnx-fp32"), ("runtime", "openvino-int8", "onnx-int8")]
+    ov = rep.results[2]
+    assert ov.heads_cost is not None and ov.model_bytes > 0
+
+
+def test_openvino_device_and_streams_reach_the_load(ov_bundle):
+    rep = run_bench(ov_bundle, runtime="openvino", precisions="fp32", device="AUTO", streams=1, threads=1,
+                    warmup=1, iterations=3)  # cold start too: the fresh process gets the same options
+    (r,) = rep.results
+    assert (r.device, r.streams, r.threads, r.cold_start_scope) == ("AUTO", 1, 1, "fresh-process")
+    result = CliRunner().invoke(main, ["bench", str(ov_bundle), "--runtime", "openvino", "--ov-device", "NPU",
+                                       *CLI_FAST])
+    assert result.exit_code == 1 and "OpenVINO device 'NPU' is not available here (OpenVINO has: CPU" in result.stderr
+
+
+def test_merged_graphs(ov_bundle, bundle_dir):
+    for runtime in ("onnxruntime", "openvino"):
+        rep = run_bench(ov_bundle, runtime=runtime, precisions="fp32", merged=True, **QUICK)
+        (r,) = rep.results
+        variant = json.loads((ov_bundle / "manifest.json").read_text())["variants"][r.variant]
+        files = json.loads((ov_bundle / "manifest.json").read_text())["files"]
+        merged_rec = files[variant["merged"]["colour"]]
+        assert r.merged and r.heads_cost is None and "merged" in r.label
+        assert r.model_bytes == merged_rec["bytes"] + sum(x["bytes"] for x in (merged_rec.get("extra_files") or {}).values())
+    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--merged", *CLI_FAST])
+    assert result.exit_code == 1 and "has no merged graph for head 'colour'; export with --merged" in result.stderr
+
+
+def test_configurations_with_provider_options_are_hashable():
+    from edgetl.bench import _Config, _load_options
+
+    settings = {"provider": "tensorrt", "provider_options": {"trt_fp16_enable": True, "a": 1}, "ov_device": None,
+                "streams": None}
+    options = _load_options("onnxruntime", settings, strict=True)
+    c = _Config("onnxruntime", "fp32", None, 1, options)
+    assert {c: 1}[c] == 1
+    assert c.load_options == {"provider": "tensorrt", "provider_options": {"a": 1, "trt_fp16_enable": True}}

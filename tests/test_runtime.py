@@ -13,6 +13,7 @@ from PIL import Image
 from edgetl.bundle import sha256_file
 from edgetl.cli import main
 from edgetl.errors import BackendError, BundleError, ConfigError, DataError
+from edgetl import runtime as runtime_mod
 from edgetl.runtime import RUNTIMES, open_bundle, predict_files, softmax
 from tests.bundle_factory import COLOURS, MEAN, STD, build_bundle, write_colour_images
 
@@ -346,24 +347,106 @@ def _add_openvino_variant(bundle):
     _edit_manifest(bundle, edit)
 
 
-def test_openvino_seam_says_not_installed_or_not_supported(fresh_bundle, monkeypatch):
+def test_openvino_not_installed_and_broken_ir(fresh_bundle, monkeypatch):
     import importlib.util
 
     _add_openvino_variant(fresh_bundle)
     b = open_bundle(fresh_bundle)
     assert b.precisions("openvino") == ["fp32"]
-    real_find_spec = importlib.util.find_spec
-
-    def pretend(found):
-        return lambda name, *a: (found if name == "openvino" else real_find_spec(name, *a))
-
-    monkeypatch.setattr(importlib.util, "find_spec", pretend(None))
-    with pytest.raises(BackendError, match=r"'openvino' is not installed: pip install 'edgetl\[openvino\]'"):
-        b.load(runtime="openvino")
-    monkeypatch.setattr(importlib.util, "find_spec", pretend(object()))
-    with pytest.raises(BackendError, match="not supported by edgetl yet"):
-        b.load(runtime="openvino")
     files = b.manifest["files"]
     expected = files["openvino/trunk.fp32.xml"]["bytes"] + 8 + files["onnx/head.colour.onnx"]["bytes"]
     assert b.model_bytes(b.variant("openvino", "fp32"), ["colour"]) == expected  # the .bin counts
     assert b.load().variant == "onnx-fp32"  # the ONNX variants are unaffected
+    if importlib.util.find_spec("openvino") is not None:
+        # Checksums match but the IR is not one: OpenVINO's refusal names the file.
+        with pytest.raises(BundleError, match=r"OpenVINO cannot load .*trunk\.fp32\.xml"):
+            b.load(runtime="openvino")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    with pytest.raises(BackendError, match=r"'openvino' is not installed: pip install 'edgetl\[openvino\]'"):
+        b.load(runtime="openvino")
+
+
+# --- providers and devices ---------------------------------------------------------------------------
+
+
+def test_cpu_provider_by_short_and_full_name(bundle_dir):
+    x = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    b = open_bundle(bundle_dir)
+    a = b.load(provider="cpu").logits(x)["colour"]
+    c = b.load(provider="CPUExecutionProvider", provider_options={}).logits(x)["colour"]
+    np.testing.assert_array_equal(a, c)
+
+
+def test_unavailable_provider_lists_what_is_installed(bundle_dir):
+    import onnxruntime as ort
+
+    missing = next(p for p in ("tensorrt", "cuda", "coreml") if runtime_mod.PROVIDERS[p][0]
+                   not in ort.get_available_providers())
+    with pytest.raises(BackendError, match=rf"provider '{missing}' is not in this build .*has: cpu") as info:
+        open_bundle(bundle_dir).load(provider=missing)
+    assert runtime_mod.PROVIDERS[missing][1] in str(info.value)  # how to get it
+    with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'warp-drive'; choose one of cpu, cuda"):
+        open_bundle(bundle_dir).load(provider="warp-drive")
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider")
+def test_provider_that_falls_back_to_cpu_is_refused(bundle_dir, monkeypatch):
+    """A CUDA build on a machine without a usable GPU: ORT warns and runs on the CPU; edgetl refuses."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA really is available here")
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real()])
+    with pytest.raises(BackendError, match="provider 'cuda' is installed but did not start"):
+        open_bundle(bundle_dir).load(provider="cuda")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"streams": 2}, "--streams applies to --runtime openvino, not onnxruntime"),
+        ({"device": "CPU"}, "--ov-device with --runtime onnxruntime needs --provider openvino"),
+        ({"streams": 0}, "streams must be >= 1"),
+        ({"runtime": "openvino", "provider": "cpu"}, "--provider applies to --runtime onnxruntime, not openvino"),
+    ],
+)
+def test_options_of_the_other_runtime_are_refused(bundle_dir, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        open_bundle(bundle_dir).load(**kwargs)
+
+
+def test_onnxruntime_providers_lists_local_ones():
+    import onnxruntime as ort
+
+    names = runtime_mod.onnxruntime_providers()
+    assert "cpu" in names and "AzureExecutionProvider" not in names
+    assert len(names) == len([p for p in ort.get_available_providers() if p != "AzureExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tmp_path_factory):
+    pytest.importorskip("openvino")
+    return build_bundle(tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"),
+                        formats=("onnx", "openvino"))
+
+
+def test_openvino_devices_threads_and_streams(ov_bundle):
+    import openvino as ov
+
+    available = ov.Core().available_devices
+    assert runtime_mod.openvino_devices() == list(available)
+    b = open_bundle(ov_bundle)
+    x = b.load().preprocess([_solid(COLOURS["red"])])
+    expected = b.load(heads="all").logits(x)
+    for device in ("CPU", "cpu", "AUTO", "AUTO:CPU"):
+        got = b.load(runtime="openvino", heads="all", device=device, threads=1, streams=1).logits(x)
+        for head in expected:
+            np.testing.assert_allclose(got[head], expected[head], atol=1e-4)
+    absent = next(d for d in ("NPU", "GPU") if not any(a.startswith(d) for a in available))
+    with pytest.raises(BackendError, match=rf"OpenVINO device '{absent}' is not available here \(OpenVINO has: CPU"):
+        b.load(runtime="openvino", device=absent)
+    with pytest.raises(BackendError, match=rf"device '{absent}' is not available"):
+        b.load(runtime="openvino", device=f"AUTO:{absent},CPU")

@@ -9,14 +9,28 @@ from edgetl.cli._common import emit_json, handle_errors, json_option, parse_list
 
 # Mirrors edgetl.runtime.RUNTIMES (a test checks); spelled out so `--help` does not import numpy.
 RUNTIMES = ("onnxruntime", "openvino")
+TABLE_ROWS = 200  # predict prints a table up to this many results, then plain lines (bounded memory)
 
 runtime_option = click.option(
-    "--runtime", type=click.Choice(RUNTIMES), default="onnxruntime", show_default=True,
-    help="Inference library; the bundle must hold files for it.",
+    "--runtime", type=click.Choice(RUNTIMES), default=None,
+    help="Inference library; the bundle must hold files for it. Default: the profile's, else onnxruntime.",
 )
 head_option = click.option(
     "--head", default=None, metavar="NAME|all",
     help="Head (task) to run; `all` runs every head on one trunk pass. Default: the bundle's default head.",
+)
+provider_option = click.option(
+    "--provider", default=None, metavar="NAME",
+    help="ONNX Runtime execution provider: cpu (default), cuda, tensorrt, openvino, coreml, xnnpack ... "
+         "(`edgetl doctor` lists the installed ones).",
+)
+ov_device_option = click.option(
+    "--ov-device", default=None, metavar="DEVICE",
+    help="OpenVINO device: CPU (default), GPU, NPU, AUTO (with --runtime openvino, or --provider openvino).",
+)
+profile_option = click.option(
+    "--device-profile", default=None, metavar="NAME|PATH",
+    help="Apply a device profile (`edgetl devices`); options given here win over its values.",
 )
 
 
@@ -28,53 +42,166 @@ def _precisions(ctx: click.Context, param: click.Parameter, value: str | None) -
     return items
 
 
+def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    items = parse_list(value)
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        if not item.isdigit() or int(item) < 1:
+            raise click.BadParameter(f"{item!r} is not an integer >= 1 (give one value or a comma list: 1,2,4)")
+        out.append(int(item))
+    return out
+
+
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @runtime_option
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Variant precision. Default: fp32 if the bundle has it.")
+              help="Variant precision. Default: the profile's, else fp32 if the bundle has it.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Best classes to report per image (at most the number of labels).")
 @head_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per inference call.")
+              help="Images per inference call (memory holds one batch).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the runtime's).")
+@provider_option
+@ov_device_option
+@click.option("--streams", type=click.IntRange(min=1), default=None, help="OpenVINO streams.")
+@profile_option
 @json_option
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout: image, head, label, score, top_k.")
 @handle_errors
-def predict(bundle: str, images: tuple[str, ...], runtime: str, precision: str | None, top_k: int,
-            head: str | None, batch_size: int, as_json: bool) -> None:
+def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision: str | None, top_k: int,
+            head: str | None, batch_size: int, threads: int | None, provider: str | None, ov_device: str | None,
+            streams: int | None, device_profile: str | None, as_json: bool, as_csv: bool) -> None:
     """Classify image files, or every image in folders (recursively), with a bundle.
 
-    Unreadable images are skipped and listed on stderr. With --head all, each image gets one
-    result per head.
+    Folders of any size stream through in batches: results are printed as they come and memory
+    holds one batch. Unreadable images are skipped and listed on stderr; a summary (images/s,
+    time split, images per label) ends on stderr. With --head all, each image gets one result per
+    head. --json prints one JSON list, --csv one CSV table.
 
     \b
     Example:
       edgetl predict bundles/digits img.png photos/ --top-k 3
-      edgetl predict bundles/parts line1/ --precision int8 --head all --json
+      edgetl predict bundles/parts /mnt/camera/ --precision int8 --head all --csv > results.csv
     """
-    from edgetl.runtime import open_bundle, predict_files
+    from edgetl.devices import load_profile, merge_settings
+    from edgetl.errors import ConfigError
+    from edgetl.runtime import PredictionStream, open_bundle
 
-    predictor = open_bundle(bundle).load(runtime=runtime, precision=precision, heads=head)
-    result = predict_files(predictor, images, top_k=top_k, batch_size=batch_size)
-    if result.skipped:
-        click.echo(f"Skipped {len(result.skipped)} unreadable image(s):", err=True)
-        for _, reason in result.skipped:
-            click.echo(f"  {reason}", err=True)
+    if as_json and as_csv:
+        raise ConfigError("choose one of --json and --csv")
+    profile = load_profile(device_profile) if device_profile else None
+    s, _ = merge_settings(profile, {"runtime": runtime, "precision": precision, "threads": threads,
+                                    "provider": provider, "ov_device": ov_device, "streams": streams})
+    load_options = {k: v for k, v in (("provider", s["provider"]), ("provider_options", s["provider_options"]),
+                                      ("device", s["ov_device"]), ("streams", s["streams"])) if v is not None}
+    runtime = s["runtime"] or "onnxruntime"
+    predictor = open_bundle(bundle).load(runtime=runtime, precision=s["precision"], heads=head,
+                                         threads=s["threads"], **load_options)
+
+    skipped: list[str] = []
+
+    def on_skip(path: str, reason: str) -> None:
+        if len(skipped) < 20:
+            skipped.append(reason)
+
+    stream = PredictionStream(predictor, images, top_k=top_k, batch_size=batch_size, on_skip=on_skip)
+    out = _Echo()
     if as_json:
-        emit_json(result.predictions)
-        return
+        _stream_json(stream, out)
+    elif as_csv:
+        _stream_csv(stream, out)
+    else:
+        _stream_table(stream, predictor, runtime, top_k)
+    summary = stream.summary
+    if summary.skipped:
+        click.echo(f"Skipped {summary.skipped} unreadable image(s):", err=True)
+        for reason in skipped:
+            click.echo(f"  {reason}", err=True)
+        if summary.skipped > len(skipped):
+            click.echo(f"  ... and {summary.skipped - len(skipped)} more", err=True)
+    _print_summary(summary, predictor)
+
+
+class _Echo:
+    """A file-like ``write`` onto click.echo (stdout, as CliRunner and pipes see it)."""
+
+    def write(self, text: str) -> None:
+        click.echo(text, nl=False)
+
+
+def _stream_json(stream, out) -> None:
+    """One JSON list, written record by record (valid JSON even for a million images)."""
+    import json
+
+    first = True
+    out.write("[")
+    try:
+        for record in stream:
+            out.write(("\n  " if first else ",\n  ") + json.dumps(record))
+            first = False
+    finally:  # stdout stays one valid document even when the run fails part-way
+        out.write("\n]\n" if not first else "]\n")
+
+
+def _stream_csv(stream, out) -> None:
+    import csv
+
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", "head", "label", "score", "top_k"])
+    for r in stream:
+        top = ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])
+        writer.writerow([r["image"], r["head"], r["label"], f"{r['score']:.6f}", top])
+
+
+def _stream_table(stream, predictor, runtime: str, top_k: int) -> None:
+    """A table while results fit on a screen or two; beyond TABLE_ROWS, plain lines as they come."""
     from rich.console import Console
     from rich.table import Table
 
     several_heads = len(predictor.head_names) > 1
-    table = Table(title=f"{predictor.variant} ({runtime})")
-    for col in ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}"):
-        table.add_column(col, justify="right" if col == "score" else "left", overflow="fold")
-    for r in result.predictions:
+    console = Console()
+
+    def cells(r):
         top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"])
-        table.add_row(r["image"], *((r["head"],) if several_heads else ()), r["label"], f"{r['score']:.3f}", top)
-    Console().print(table)
+        return (r["image"], *((r["head"],) if several_heads else ()), r["label"], f"{r['score']:.3f}", top)
+
+    buffered = []
+    iterator = iter(stream)
+    for r in iterator:
+        buffered.append(r)
+        if len(buffered) > TABLE_ROWS:
+            break
+    else:
+        table = Table(title=f"{predictor.variant} ({runtime})")
+        for col in ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}"):
+            table.add_column(col, justify="right" if col == "score" else "left", overflow="fold")
+        for r in buffered:
+            table.add_row(*cells(r))
+        console.print(table)
+        return
+    click.echo(f"# {predictor.variant} ({runtime}): " + "\t".join(
+        ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}")))
+    for r in buffered:
+        click.echo("\t".join(cells(r)))
+    for r in iterator:
+        click.echo("\t".join(cells(r)))
+
+
+def _print_summary(s, predictor) -> None:
+    busy = s.decode_s + s.preprocess_s + s.inference_s
+    split = (f"decode {100 * s.decode_s / busy:.0f}%, preprocess {100 * s.preprocess_s / busy:.0f}%, "
+             f"inference {100 * s.inference_s / busy:.0f}%") if busy > 0 else ""
+    click.echo(f"Classified {s.images} image(s) in {s.seconds:.2f} s ({s.images_per_s:.1f} images/s; {split})"
+               + (f", skipped {s.skipped}" if s.skipped else ""), err=True)
+    for head, counts in s.per_class.items():
+        shown = ", ".join(f"{label}: {n}" for label, n in counts.items() if n)
+        prefix = f"  {head}: " if len(s.per_class) > 1 else "  per label: "
+        click.echo(prefix + (shown or "none"), err=True)
 
 
 @click.command()
@@ -82,79 +209,162 @@ def predict(bundle: str, images: tuple[str, ...], runtime: str, precision: str |
 @runtime_option
 @click.option("--precision", callback=_precisions, default=None, metavar="P[,P...]",
               help="Precisions to bench, e.g. int8 or fp32,int8. "
-                   "Default: every precision the bundle has for the runtime.")
+                   "Default: the profile's, else every precision the bundle has for the runtime.")
+@click.option("--all", "all_variants", is_flag=True,
+              help="Every variant this machine can run (ONNX Runtime and OpenVINO), interleaved, with ratios.")
 @head_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Images per inference call.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Intra-op threads. Default: the runtime's (ONNX Runtime: one per physical core).")
+@click.option("--batch-size", callback=_positive_ints, default=None, metavar="N[,N...]",
+              help="Images per inference call; a comma list sweeps (1,8). Default: the profile's, else 1.")
+@click.option("--threads", callback=_positive_ints, default=None, metavar="N[,N...]",
+              help="Intra-op threads; a comma list sweeps (1,2,4). Default: the profile's, else the runtime's "
+                   "(ONNX Runtime: one per physical core).")
+@provider_option
+@ov_device_option
+@click.option("--streams", type=click.IntRange(min=1), default=None, help="OpenVINO streams (default: the runtime's).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
-@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs.")
+@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Timed runs per configuration.")
+@click.option("--block", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Timed runs per configuration per interleaving round.")
+@click.option("--merged", is_flag=True,
+              help="Time each head's single trunk+head graph (bundles exported with --merged) instead of the "
+                   "shared trunk and separate heads.")
+@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
+              help="Measure import, load and first inference in a fresh process (about a second each).")
+@profile_option
+@click.option("--save", is_flag=True,
+              help="Write the result (every sample included) under devices/<profile>/results/ (see --save-dir).")
+@click.option("--save-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for --save. Default: the checkout's devices/<profile>/results/, else the same under "
+                   "the current directory.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
+              help="Write the latency distribution of each configuration to this PNG (needs matplotlib).")
 @json_option
 @handle_errors
-def bench(bundle: str, runtime: str, precision: list[str] | None, head: str | None, batch_size: int,
-          threads: int | None, warmup: int, iterations: int, as_json: bool) -> None:
+def bench(bundle: str, runtime: str | None, precision: list[str] | None, all_variants: bool, head: str | None,
+          batch_size: list[int] | None, threads: list[int] | None, provider: str | None, ov_device: str | None,
+          streams: int | None, warmup: int, iterations: int, block: int, merged: bool, cold_start: bool,
+          device_profile: str | None, save: bool, save_dir: str | None, plot: str | None, as_json: bool) -> None:
     """Measure latency, throughput, cold start, memory and size of a bundle's variants.
 
-    Timed: preprocessed input -> logits (trunk + head), after warm-up. With several precisions
-    (the default when the bundle has fp32 and int8) the table ends with the int8-vs-fp32
-    comparison; --json then prints {"results": [...], "comparison": [...]}, and with one
-    precision the single result. See docs/runtime.md.
+    Timed: preprocessed input -> logits (trunk + head), after warm-up; several configurations
+    (precisions, --all, --threads/--batch-size lists) are timed interleaved so that drift hits
+    all of them alike, and compared: int8 vs fp32, OpenVINO vs ONNX Runtime. Cold start comes
+    from a fresh process. --json prints {"results": [...], "comparison": [...]}, or the single
+    result when one configuration was asked for. See docs/benchmarking.md.
 
     \b
     Example:
       edgetl bench bundles/digits
-      edgetl bench bundles/digits --precision int8 --threads 2 --batch-size 8 --json
+      edgetl bench bundles/digits --all --threads 1,2 --batch-size 1,8 --json
+      edgetl bench bundles/digits --device-profile rpi5 --save --plot rpi5.png
     """
-    from edgetl.bench import bench_precisions, compare, report
+    from edgetl.bench import plot_latencies, run_bench, save_report
 
-    results = bench_precisions(bundle, runtime=runtime, precisions=precision, head=head, batch_size=batch_size,
-                               threads=threads, warmup=warmup, iterations=iterations)
+    if save_dir is not None:
+        save = True
+    rep = run_bench(bundle, device_profile=device_profile, runtime=runtime, precisions=precision,
+                    all_variants=all_variants, head=head, threads=threads, batch_size=batch_size, provider=provider,
+                    device=ov_device, streams=streams, warmup=warmup, iterations=iterations, block=block,
+                    cold_start_runs=cold_start, merged=merged)
+    if save:
+        path = save_report(rep, profile_name=_profile_name(rep), save_dir=save_dir)
+        click.echo(f"Saved {path}", err=True)
+    if plot:
+        click.echo(f"Plot {plot_latencies(rep.results, plot)}", err=True)
     if as_json:
-        emit_json(report(results))
+        emit_json(rep.to_dict())
         return
-    _print_bench(results, compare(results))
+    _print_bench(rep)
 
 
-def _print_bench(results, comparison) -> None:
-    """Metrics as rows, variants as columns: fits a Pi's terminal and puts fp32 beside int8."""
+def _profile_name(rep) -> str:
+    """The profile applied, else the one doctor says fits this machine, else the architecture."""
+    if rep.profile:
+        return rep.profile["name"]
+    from edgetl.doctor import machine_facts, runtime_facts
+    from edgetl.devices import best_fit
+
+    machine, runtimes = machine_facts(), runtime_facts()
+    fits = best_fit({**machine, "providers": runtimes["onnxruntime"].get("providers", []),
+                     "ov_devices": [d["name"] for d in runtimes["openvino"].get("devices", [])]})
+    return fits[0].profile if fits else f"unknown-{machine['arch']}"
+
+
+def _print_bench(rep) -> None:
+    """Few configurations: metrics as rows, configurations as columns (fits a Pi's terminal and puts
+    fp32 beside int8). A sweep: one row per configuration."""
     from rich.console import Console
     from rich.table import Table
 
+    results = rep.results
     first = results[0]
-    stats = ("p50", "p90", "p99", "mean", "min", "max")
-    rows = [(f"latency {k} ms", lambda r, k=k: f"{r.latency_ms[k]:.3f}") for k in stats]
+    cs_total = "cold start: total ms" if first.cold_start_scope == "fresh-process" else None
+    rows = [(f"latency {k} ms", lambda r, k=k: f"{r.latency_ms[k]:.3f}") for k in ("p50", "p90", "p99", "mean", "min", "max")]
     rows += [
         ("throughput img/s", lambda r: f"{r.throughput_ips:.1f}"),
-        ("cold start: load ms", lambda r: f"{r.cold_start_ms['load']:.1f}"),
-        ("cold start: first run ms", lambda r: f"{r.cold_start_ms['first_inference']:.2f}"),
+        *([("cold start: import ms", lambda r: _ms(r.cold_start_ms.get("import")))] if cs_total else []),
+        ("cold start: load ms", lambda r: _ms(r.cold_start_ms["load"])),
+        ("cold start: first run ms", lambda r: _ms(r.cold_start_ms["first_inference"], 2)),
+        *([(cs_total, lambda r: _ms(r.cold_start_ms.get("total")))] if cs_total else []),
         ("peak RSS MB", lambda r: "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}"),
         ("model size", lambda r: _human_bytes(r.model_bytes)),
+        ("inference precision", lambda r: r.inference_precision or "-"),
         ("val top-1 (export)", lambda r: "-" if r.val_top1 is None else f"{r.val_top1:.4f}"),
     ]
-    table = Table(title=f"{first.bundle}: {first.runtime}, batch {first.batch_size}, "
-                        f"threads {first.threads or 'default'}, {first.warmup} warm-up + {first.iterations} runs")
-    table.add_column("")
-    for r in results:
-        table.add_column(r.variant, justify="right")
-    for label, cell in rows:
-        table.add_row(label, *(cell(r) for r in results))
+    settings = f"{first.warmup} warm-up + {first.iterations} runs" + (" each, interleaved" if len(results) > 1 else "")
     console = Console()
+    if len(results) <= 4:
+        same = len({(r.threads, r.batch_size) for r in results}) == 1
+        title = f"{first.bundle}: " + (f"batch {first.batch_size}, threads {first.threads or 'default'}, " if same else "")
+        table = Table(title=title + settings)
+        table.add_column("")
+        for r in results:
+            table.add_column(r.variant if same else r.label, justify="right")
+        for label, cell in rows:
+            table.add_row(label, *(cell(r) for r in results))
+    else:
+        table = Table(title=f"{first.bundle}: {settings}")
+        table.add_column("configuration", no_wrap=True)
+        for col in ("p50 ms", "p99 ms", "img/s", "cold start ms", "RSS MB", "size"):
+            table.add_column(col, justify="right")
+        for r in results:
+            table.add_row(r.label, f"{r.latency_ms['p50']:.2f}", f"{r.latency_ms['p99']:.2f}", f"{r.throughput_ips:.1f}",
+                          _ms(r.cold_start_ms.get("total") or r.cold_start_ms["load"], 0),
+                          "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", _human_bytes(r.model_bytes))
     console.print(table)
-    for c in comparison:
+    for c in rep.comparison:
         parts = [f"speed-up {c['speedup_p50']:.2f}x (p50 latency)"]
-        if c["compression"] is not None:
+        if c["kind"] == "precision" and c["compression"] is not None:
             parts.append(f"compression {c['compression']:.2f}x")
-        if c["top1_drop_pp"] is not None:
+        if c["kind"] == "precision" and c["top1_drop_pp"] is not None:
             parts.append(f"top-1 drop {c['top1_drop_pp']:.2f} pp (at export)")
-        console.print(f"{c['variant']} vs {c['baseline']}: " + ", ".join(parts))
+        where = "" if len({(r.threads, r.batch_size) for r in results}) == 1 else \
+            f" (threads {c['threads'] or 'default'}, batch {c['batch_size']})"
+        console.print(f"{c['variant']} vs {c['baseline']}{where}: " + ", ".join(parts))
+    for r in results:
+        if r.heads_cost:
+            hc = r.heads_cost
+            heads = "; ".join(f"{h['head']} {h['head_ms']:.3f} ms alone ({h['head_pct_of_trunk']:.1f}% of the trunk), "
+                              f"trunk + {h['head']} {h['trunk_plus_head_ms']:.3f} ms" for h in hc["heads"])
+            console.print(f"heads on {r.label}: trunk alone {hc['trunk_ms']:.3f} ms; {heads}")
+    for s in rep.skipped:
+        console.print(f"[yellow]skipped {s['variant']}: {s['reason']}[/yellow]")
+    if rep.profile:
+        applied = ", ".join(f"{k}={v}" for k, v in rep.profile["applied"].items()) or "nothing (all overridden)"
+        console.print(f"profile {rep.profile['name']}: applied {applied}")
     env = first.env
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     console.print(
         f"[dim]{env['cpu']}; {env['logical_cores']} logical cores ({env['usable_cores']} usable); "
         f"governor {env['governor'] or 'n/a'}; {env['os']} {env['kernel']}; python {env['python']}; {versions}. "
-        f"Preprocessing, not timed above: {first.preprocess_ms:.1f} ms per image.[/dim]"
+        f"Preprocessing, not timed above: {first.preprocess_ms:.1f} ms per image. "
+        f"Cold start: {first.cold_start_scope}.[/dim]"
     )
+
+
+def _ms(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _human_bytes(n: int) -> str:

@@ -1,0 +1,152 @@
+"""`edgetl doctor`: this machine's CPU features and runtimes, the fitting profile, the int8 warning."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgetl import doctor as doctor_mod
+from edgetl.cli import main
+from edgetl.doctor import diagnose, int8_outlook
+from edgetl.envinfo import ARM_FEATURES, X86_FEATURES
+from tests.bundle_factory import build_bundle
+from tests.test_no_torch import BLOCK_TORCH
+
+
+@pytest.fixture(scope="module")
+def report():
+    return diagnose()
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory):
+    return build_bundle(tmp_path_factory.mktemp("bundle") / "b")
+
+
+def _proc_cpuinfo() -> dict[str, str]:
+    info: dict[str, str] = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info.setdefault(key.strip().lower(), value.strip())
+    return info
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="cross-checks /proc/cpuinfo")
+def test_cpu_features_match_proc_cpuinfo(report):
+    info = _proc_cpuinfo()
+    flags = set((info.get("flags") or info.get("features") or "").split())
+    table = X86_FEATURES if platform.machine() in ("x86_64", "AMD64") else ARM_FEATURES
+    assert report.machine["isa"] == [f for f in table if f in flags]
+    assert set(report.machine["isa_missing"]) == {f for f in table if f not in flags and f != "neon"}
+    if "model name" in info:
+        assert report.machine["cpu"] == info["model name"]
+    assert report.machine["logical_cores"] == sum(1 for line in Path("/proc/cpuinfo").read_text().splitlines()
+                                                  if line.startswith("processor"))
+
+
+def test_runtimes_match_the_libraries(report):
+    import onnxruntime as ort
+
+    ort_doc = report.runtimes["onnxruntime"]
+    assert ort_doc["installed"] and ort_doc["version"] == ort.__version__
+    assert "cpu" in ort_doc["providers"]
+    assert len(ort_doc["providers"]) == len([p for p in ort.get_available_providers() if p != "AzureExecutionProvider"])
+    ov_doc = report.runtimes["openvino"]
+    try:
+        import openvino as ov
+    except ImportError:
+        assert ov_doc == {"installed": False, "version": None, "devices": []}
+        return
+    core = ov.Core()
+    assert [d["name"] for d in ov_doc["devices"]] == list(core.available_devices)
+    cpu = next(d for d in ov_doc["devices"] if d["name"] == "CPU")
+    assert cpu["full_name"] == core.get_property("CPU", "FULL_DEVICE_NAME") and "FP32" in cpu["capabilities"]
+
+
+def test_profile_and_outlook_are_consistent(report):
+    assert report.profiles["best"] == (report.profiles["fits"][0]["profile"] if report.profiles["fits"] else None)
+    assert report.int8 == int8_outlook(report.machine["arch"], report.machine["isa"])
+    if report.int8["warning"]:
+        assert report.int8["warning"] in report.warnings
+
+
+@pytest.mark.parametrize(
+    "arch, isa, expect, warns",
+    [
+        ("x86_64", ["avx2", "fma"], "not-faster", "no VNNI"),
+        ("x86_64", ["fma"], "not-faster", "neither AVX2 nor VNNI"),
+        ("x86_64", ["avx2", "avx512f", "avx512_vnni"], "uncertain", None),
+        ("x86_64", ["avx2", "avx_vnni"], "uncertain", None),
+        ("x86_64", ["avx2", "avx512_vnni", "amx_int8"], "faster", None),
+        ("aarch64", ["asimd"], "not-faster", "no int8 dot-product"),
+        ("aarch64", ["asimd", "asimddp"], "faster", None),
+        ("aarch64", ["asimd", "asimddp", "i8mm"], "faster", None),
+        ("armv7l", ["neon"], "not-faster", "no int8 dot-product"),
+        ("x86_64", None, "unknown", None),
+        ("riscv64", [], "unknown", None),
+    ],
+)
+def test_int8_outlook_rules(arch, isa, expect, warns):
+    out = int8_outlook(arch, isa)
+    assert out["expect"] == expect and out["reason"]
+    if warns is None:
+        assert out["warning"] is None
+    else:
+        assert warns in out["warning"]
+
+
+def test_measured_int8_slower_than_fp32_is_a_warning(bundle_dir, monkeypatch):
+    rows = doctor_mod.measure_int8(bundle_dir, iterations=3, warmup=0)
+    assert [r["runtime"] for r in rows] == ["onnxruntime"]
+    assert rows[0]["speedup"] == pytest.approx(rows[0]["fp32_p50_ms"] / rows[0]["int8_p50_ms"])
+    monkeypatch.setattr(doctor_mod, "measure_int8", lambda bundle: [
+        {"runtime": "onnxruntime", "batch_size": 1, "threads": None, "fp32_p50_ms": 2.0, "int8_p50_ms": 3.0,
+         "speedup": 2.0 / 3.0}])
+    rep = diagnose(bundle_dir)
+    assert any("int8 is slower than fp32 (0.67x" in w for w in rep.warnings)
+
+
+def test_cli_doctor_json_is_one_document():
+    result = CliRunner().invoke(main, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"machine", "runtimes", "profiles", "int8", "warnings"}
+    assert doc["machine"]["arch"] and "onnxruntime" in doc["runtimes"]
+
+
+def test_cli_doctor_with_bundle_and_text(bundle_dir):
+    result = CliRunner().invoke(main, ["doctor", str(bundle_dir)])
+    assert result.exit_code == 0, result.output
+    for word in ("machine", "CPU", "runtimes", "profile", "int8", "measured onnxruntime"):
+        assert word in result.stdout
+    help_ = CliRunner().invoke(main, ["doctor", "--help"])
+    assert "Example:" in help_.output
+
+
+def test_doctor_and_devices_run_with_torch_blocked():
+    code = BLOCK_TORCH + textwrap.dedent(
+        """
+        import json
+        from click.testing import CliRunner
+        from edgetl.cli import main
+
+        doctor = CliRunner().invoke(main, ["doctor", "--json"])
+        assert doctor.exit_code == 0, doctor.output
+        devices = CliRunner().invoke(main, ["devices", "rpi5", "--json"])
+        assert devices.exit_code == 0, devices.output
+        assert not [m for m in sys.modules if m.partition(".")[0] in ("torch", "torchvision")]
+        print(json.dumps(json.loads(doctor.stdout)["machine"]["arch"]))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)
