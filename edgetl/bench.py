@@ -93,6 +93,16 @@ class BenchResult:
             del d["samples_ms"]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        """A result read back from ``--json`` (another machine's, or a saved file); keys this
+        version does not know are ignored, so an older workstation reads a newer device."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["heads"] = tuple(kw.get("heads", ()))
+        kw["samples_ms"] = tuple(kw.get("samples_ms", ()))
+        return cls(**kw)
+
     @property
     def label(self) -> str:
         target = self.provider or self.device
@@ -108,6 +118,14 @@ class BenchReport:
     skipped: list[dict[str, str]]  # variants --all could not run here, with the reason
     profile: dict[str, Any] | None
     several: bool  # a sweep or --all: always the {"results": [...]} shape
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> BenchReport:
+        """The inverse of :meth:`to_dict` (either shape)."""
+        if "results" not in doc:
+            return cls([BenchResult.from_dict(doc)], [], [], None, False)
+        return cls([BenchResult.from_dict(r) for r in doc["results"]], doc.get("comparison", []),
+                   doc.get("skipped", []), doc.get("profile"), True)
 
     def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
         """One configuration asked for: its result; otherwise ``{results, comparison, ...}``."""

@@ -112,7 +112,8 @@ def _physical_cores() -> int | None:
 
 
 def cpu_model() -> str:
-    """x86: 'model name'; Raspberry Pi and other ARM boards: the device-tree model, then cpuinfo fields."""
+    """x86: 'model name'; Raspberry Pi and other ARM boards: the device-tree model, then cpuinfo
+    fields, then the core types (``2x Cortex-A72``) rather than just the architecture."""
     info = _cpuinfo()
     for candidate in (
         info.get("model name"),
@@ -120,6 +121,7 @@ def cpu_model() -> str:
         info.get("model"),
         info.get("hardware"),
         _sysctl("machdep.cpu.brand_string") if platform.system() == "Darwin" else None,
+        ", ".join(cpu_cores()),
         platform.processor(),
     ):
         if candidate:

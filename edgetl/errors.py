@@ -35,3 +35,7 @@ class BackendError(EdgetlError):
 
 class OutputExistsError(EdgetlError):
     """The output path exists and replacing it was not asked for."""
+
+
+class RemoteError(EdgetlError):
+    """A device reached over SSH could not be used: connection, host key, login, or the command there failed."""

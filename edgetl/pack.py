@@ -137,15 +137,22 @@ def unpack_bundle(
     force: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_files: int = DEFAULT_MAX_FILES,
+    sha256: str | None = None,
 ) -> dict[str, Any]:
     """Safely extract a packed bundle into ``dest`` and verify it; nothing appears unless it verifies.
 
     The archive holds either one top folder with the bundle inside (what :func:`pack_bundle`
-    writes) or the bundle's files at its root.
+    writes) or the bundle's files at its root. ``sha256``: the archive's expected checksum (what
+    ``pack`` printed), checked before anything is read from it.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
         raise BundleError(f"archive {archive} does not exist")
+    if sha256 is not None:
+        actual = sha256_file(archive)
+        if actual != sha256.lower():
+            raise BundleError(f"archive {archive} has sha256 {actual[:16]}..., expected {sha256[:16]}...: it is "
+                              "incomplete or altered (copy it again)")
     if max_bytes < 1 or max_files < 1:
         raise ConfigError("the size and file-count limits must be >= 1")
     if dest.exists() and not force:

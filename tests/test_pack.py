@@ -178,3 +178,16 @@ def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "dev" / "manifest.json").is_file()
+
+
+def test_unpack_checks_the_archive_sha256_first(bundle, archive, tmp_path):
+    good = sha256_file(archive)
+    doc = unpack_bundle(archive, tmp_path / "ok", sha256=good.upper())
+    assert doc["files"] == len(read_manifest(tmp_path / "ok")["files"]) + 1
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(archive.read_bytes()[:-100])
+    with pytest.raises(BundleError, match="incomplete or altered"):
+        unpack_bundle(truncated, tmp_path / "bad", sha256=good)
+    assert not (tmp_path / "bad").exists()
+    result = CliRunner().invoke(main, ["unpack", str(truncated), str(tmp_path / "bad"), "--sha256", good])
+    assert result.exit_code == 1 and "incomplete or altered" in result.stderr and not (tmp_path / "bad").exists()

@@ -21,15 +21,18 @@ def main(verbose: bool) -> None:
       edgetl export runs/digits --out bundles/digits
       edgetl predict bundles/digits img.png          # on the device (no torch needed)
       edgetl bench bundles/digits
+      edgetl deploy bundles/digits pi@raspberrypi.local:bundles/digits --check
+      edgetl bench pi@raspberrypi.local:bundles/digits   # on the device, from the workstation
     """
     setup_logging(verbose)
 
 
 def _register() -> None:
     # Each module adds its commands; modules import heavy libraries only inside command bodies.
-    from edgetl.cli import data_cmds, device_cmds, export_cmd, pack_cmds, runtime_cmds, study_cmds, train_cmds
+    from edgetl.cli import (data_cmds, deploy_cmds, device_cmds, export_cmd, pack_cmds, runtime_cmds, study_cmds,
+                            train_cmds)
 
-    for module in (data_cmds, train_cmds, study_cmds, export_cmd, pack_cmds, runtime_cmds, device_cmds):
+    for module in (data_cmds, train_cmds, study_cmds, export_cmd, pack_cmds, deploy_cmds, runtime_cmds, device_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 

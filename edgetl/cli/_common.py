@@ -59,3 +59,25 @@ def parse_list(value: str | None) -> list[str] | None:
         return None
     items = [v.strip() for v in value.split(",") if v.strip()]
     return items or None
+
+
+def ssh_options(func: Callable) -> Callable:
+    """--identity, --ssh-config and --remote-edgetl: how to reach a device and run edgetl there."""
+    options = [
+        click.option("--identity", "-i", "identity", type=click.Path(dir_okay=False), default=None, metavar="KEY",
+                     help="SSH private key for the device (ssh -i). Default: your ssh config, agent and keys."),
+        click.option("--ssh-config", "ssh_config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="SSH config file to use instead of ~/.ssh/config (ssh -F)."),
+        click.option("--remote-edgetl", "remote_edgetl", default="edgetl", show_default=True, metavar="CMD",
+                     help="How to run edgetl on the device when it is not on its PATH, e.g. "
+                          "'~/edgetl/bin/edgetl' or 'python3 -m edgetl'."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def make_remote(target: str, identity: str | None, ssh_config: str | None, remote_edgetl: str):
+    from edgetl.remote import Remote, parse_target
+
+    return Remote(parse_target(target), identity=identity, ssh_config=ssh_config, edgetl=remote_edgetl)

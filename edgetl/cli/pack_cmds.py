@@ -20,6 +20,7 @@ def pack(bundle: str, out: str, force: bool, as_json: bool) -> None:
     Example:
       edgetl pack bundles/digits digits.tar.gz
       scp digits.tar.gz pi@raspberrypi: && ssh pi@raspberrypi edgetl unpack digits.tar.gz bundles/digits
+      (`edgetl deploy bundles/digits pi@raspberrypi:bundles/digits` does all of this in one step)
     """
     from edgetl.pack import pack_bundle
 
@@ -37,9 +38,11 @@ def pack(bundle: str, out: str, force: bool, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace DEST if it exists (only once the new bundle is verified).")
 @click.option("--max-size", "max_mb", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Refuse archives that unpack to more than this many MB.")
+@click.option("--sha256", "sha256", default=None, metavar="HEX",
+              help="The archive's expected sha256 (`pack --json` prints it); checked before anything is extracted.")
 @json_option
 @handle_errors
-def unpack(archive: str, dest: str, force: bool, max_mb: int, as_json: bool) -> None:
+def unpack(archive: str, dest: str, force: bool, max_mb: int, sha256: str | None, as_json: bool) -> None:
     """Safely unpack ARCHIVE (from `edgetl pack`) into the bundle folder DEST and verify every checksum.
 
     Refused: absolute paths, `..`, links, devices, files the manifest does not list, a checksum
@@ -51,7 +54,7 @@ def unpack(archive: str, dest: str, force: bool, max_mb: int, as_json: bool) -> 
     """
     from edgetl.pack import unpack_bundle
 
-    doc = unpack_bundle(archive, dest, force=force, max_bytes=max_mb * 1024 * 1024)
+    doc = unpack_bundle(archive, dest, force=force, max_bytes=max_mb * 1024 * 1024, sha256=sha256)
     if as_json:
         emit_json(doc)
     else:

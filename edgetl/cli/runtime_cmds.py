@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetl.bundle import PRECISIONS
-from edgetl.cli._common import emit_json, handle_errors, json_option, parse_list
+from edgetl.cli._common import emit_json, handle_errors, json_option, make_remote, parse_list, ssh_options
 
 # Mirrors edgetl.runtime.RUNTIMES (a test checks); spelled out so `--help` does not import numpy.
 RUNTIMES = ("onnxruntime", "openvino")
@@ -72,10 +72,12 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 @profile_option
 @json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout: image, head, label, score, top_k.")
+@ssh_options
 @handle_errors
 def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision: str | None, top_k: int,
             head: str | None, batch_size: int, threads: int | None, provider: str | None, ov_device: str | None,
-            streams: int | None, device_profile: str | None, as_json: bool, as_csv: bool) -> None:
+            streams: int | None, device_profile: str | None, as_json: bool, as_csv: bool, identity: str | None,
+            ssh_config: str | None, remote_edgetl: str) -> None:
     """Classify image files, or every image in folders (recursively), with a bundle.
 
     Folders of any size stream through in batches: results are printed as they come and memory
@@ -83,17 +85,29 @@ def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision
     time split, images per label) ends on stderr. With --head all, each image gets one result per
     head. --json prints one JSON list, --csv one CSV table.
 
+    BUNDLE may be on a device (user@host:PATH or ssh://user@host:port/PATH, see `edgetl deploy`):
+    edgetl runs there over ssh, IMAGES are paths on the device, and the output streams back.
+
     \b
     Example:
       edgetl predict bundles/digits img.png photos/ --top-k 3
       edgetl predict bundles/parts /mnt/camera/ --precision int8 --head all --csv > results.csv
+      edgetl predict pi@raspberrypi.local:bundles/parts /home/pi/camera/ --json > results.json
     """
     from edgetl.devices import load_profile, merge_settings
     from edgetl.errors import ConfigError
-    from edgetl.runtime import PredictionStream, open_bundle
+    from edgetl.remote import is_remote
 
     if as_json and as_csv:
         raise ConfigError("choose one of --json and --csv")
+    if is_remote(bundle):
+        _predict_remote(make_remote(bundle, identity, ssh_config, remote_edgetl), images, dict(
+            runtime=runtime, precision=precision, top_k=top_k, head=head, batch_size=batch_size, threads=threads,
+            provider=provider, ov_device=ov_device, streams=streams, device_profile=device_profile,
+            as_json=as_json, as_csv=as_csv))
+        return
+    from edgetl.runtime import PredictionStream, open_bundle
+
     profile = load_profile(device_profile) if device_profile else None
     s, _ = merge_settings(profile, {"runtime": runtime, "precision": precision, "threads": threads,
                                     "provider": provider, "ov_device": ov_device, "streams": streams})
@@ -125,6 +139,32 @@ def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision
         if summary.skipped > len(skipped):
             click.echo(f"  ... and {summary.skipped - len(skipped)} more", err=True)
     _print_summary(summary, predictor)
+
+
+PREDICT_FLAGS = {"runtime": "--runtime", "precision": "--precision", "top_k": "--top-k", "head": "--head",
+                 "batch_size": "--batch-size", "threads": "--threads", "provider": "--provider",
+                 "ov_device": "--ov-device", "streams": "--streams", "device_profile": "--device-profile",
+                 "as_json": "--json", "as_csv": "--csv"}
+
+
+def _predict_remote(remote, images: tuple[str, ...], options: dict) -> None:
+    """`edgetl predict` on the device; its stdout and stderr stream here as they come."""
+    import codecs
+    import sys
+
+    from edgetl.remote import remote_args
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def on_stdout(chunk: bytes) -> None:
+        click.echo(decoder.decode(chunk), nl=False)
+
+    remote.version()  # connection, host key and edgetl there, with clear errors, before streaming
+    command = remote.edgetl_command("predict", remote.target.path, *images, *remote_args(options, PREDICT_FLAGS))
+    result = remote.run(command, on_stdout=on_stdout, echo_stderr=True)
+    click.echo(decoder.decode(b"", final=True), nl=False)
+    sys.stdout.flush()
+    remote.check(result, "edgetl predict")
 
 
 class _Echo:
@@ -205,7 +245,7 @@ def _print_summary(s, predictor) -> None:
 
 
 @click.command()
-@click.argument("bundle", type=click.Path())
+@click.argument("bundle", required=False, type=click.Path())
 @runtime_option
 @click.option("--precision", callback=_precisions, default=None, metavar="P[,P...]",
               help="Precisions to bench, e.g. int8 or fp32,int8. "
@@ -239,12 +279,18 @@ def _print_summary(s, predictor) -> None:
                    "the current directory.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
               help="Write the latency distribution of each configuration to this PNG (needs matplotlib).")
+@click.option("--target", "targets", multiple=True, metavar="TARGET",
+              help="A bundle on a device (user@host:PATH or ssh://user@host:port/PATH); repeat to compare devices "
+                   "in one table. Same as giving one as BUNDLE.")
+@ssh_options
+@click.option("--samples", is_flag=True, help="With --json: include every timed sample (samples_ms).")
 @json_option
 @handle_errors
-def bench(bundle: str, runtime: str | None, precision: list[str] | None, all_variants: bool, head: str | None,
+def bench(bundle: str | None, runtime: str | None, precision: list[str] | None, all_variants: bool, head: str | None,
           batch_size: list[int] | None, threads: list[int] | None, provider: str | None, ov_device: str | None,
           streams: int | None, warmup: int, iterations: int, block: int, merged: bool, cold_start: bool,
-          device_profile: str | None, save: bool, save_dir: str | None, plot: str | None, as_json: bool) -> None:
+          device_profile: str | None, save: bool, save_dir: str | None, plot: str | None, targets: tuple[str, ...],
+          identity: str | None, ssh_config: str | None, remote_edgetl: str, samples: bool, as_json: bool) -> None:
     """Measure latency, throughput, cold start, memory and size of a bundle's variants.
 
     Timed: preprocessed input -> logits (trunk + head), after warm-up; several configurations
@@ -253,16 +299,37 @@ def bench(bundle: str, runtime: str | None, precision: list[str] | None, all_var
     from a fresh process. --json prints {"results": [...], "comparison": [...]}, or the single
     result when one configuration was asked for. See docs/benchmarking.md.
 
+    On a device (BUNDLE or --target as user@host:PATH, after `edgetl deploy`): edgetl bench runs
+    there over ssh with these options, its progress streams here, and the result comes back;
+    --save stores it here under devices/<profile>/results/ with the device's fingerprint.
+
     \b
     Example:
       edgetl bench bundles/digits
       edgetl bench bundles/digits --all --threads 1,2 --batch-size 1,8 --json
       edgetl bench bundles/digits --device-profile rpi5 --save --plot rpi5.png
+      edgetl bench --target pi@rpi4.local:bundles/digits --target me@nuc:bundles/digits --precision int8
     """
-    from edgetl.bench import plot_latencies, run_bench, save_report
+    from edgetl.errors import ConfigError
+    from edgetl.remote import is_remote
 
     if save_dir is not None:
         save = True
+    remote_targets = ([bundle] if bundle is not None and is_remote(bundle) else []) + list(targets)
+    if remote_targets:
+        if bundle is not None and not is_remote(bundle):
+            raise ConfigError(f"give a local BUNDLE or device targets, not both ({bundle} is local)")
+        _bench_remote(remote_targets, dict(
+            runtime=runtime, precision=precision, all_variants=all_variants, head=head, batch_size=batch_size,
+            threads=threads, provider=provider, ov_device=ov_device, streams=streams, warmup=warmup,
+            iterations=iterations, block=block, merged=merged, cold_start=cold_start, device_profile=device_profile),
+            ssh=(identity, ssh_config, remote_edgetl), save=save, save_dir=save_dir, plot=plot, as_json=as_json,
+            samples=samples)
+        return
+    if bundle is None:
+        raise ConfigError("give a BUNDLE (a folder here, or user@host:PATH on a device) or --target")
+    from edgetl.bench import plot_latencies, run_bench, save_report
+
     rep = run_bench(bundle, device_profile=device_profile, runtime=runtime, precisions=precision,
                     all_variants=all_variants, head=head, threads=threads, batch_size=batch_size, provider=provider,
                     device=ov_device, streams=streams, warmup=warmup, iterations=iterations, block=block,
@@ -273,9 +340,73 @@ def bench(bundle: str, runtime: str | None, precision: list[str] | None, all_var
     if plot:
         click.echo(f"Plot {plot_latencies(rep.results, plot)}", err=True)
     if as_json:
-        emit_json(rep.to_dict())
+        emit_json(rep.to_dict(samples=samples))
         return
     _print_bench(rep)
+
+
+BENCH_FLAGS = {"runtime": "--runtime", "precision": "--precision", "all_variants": "--all", "head": "--head",
+               "batch_size": "--batch-size", "threads": "--threads", "provider": "--provider",
+               "ov_device": "--ov-device", "streams": "--streams", "warmup": "--warmup", "iterations": "--iterations",
+               "block": "--block", "merged": "--merged", "cold_start": "--cold-start/--no-cold-start",
+               "device_profile": "--device-profile"}
+
+
+def _bench_remote(targets: list[str], options: dict, *, ssh: tuple, save: bool, save_dir: str | None,
+                  plot: str | None, as_json: bool, samples: bool) -> None:
+    """Bench on each device in turn (one at a time, so that they do not share the workstation's
+    network or ssh), then one table: the device's own when there is one, else a comparison."""
+    from edgetl.bench import BenchReport, plot_latencies
+    from edgetl.deploy import bench_remote, comparison_rows, save_remote
+    from edgetl.remote import remote_args
+
+    remotes = [make_remote(t, *ssh) for t in targets]  # every target parsed before the first connection
+    args = remote_args(options, BENCH_FLAGS)
+    benches = []
+    for remote in remotes:
+        rb = bench_remote(remote, args)
+        benches.append(rb)
+        if save:
+            click.echo(f"Saved {save_remote(rb, save_dir)}", err=True)
+    if plot:
+        results = [r for rb in benches for r in BenchReport.from_dict(rb.report).results]
+        click.echo(f"Plot {plot_latencies(results, plot)}", err=True)
+    if as_json:
+        if len(benches) == 1:
+            emit_json(benches[0].to_dict(samples=samples))
+        else:
+            emit_json({"targets": [rb.to_dict(samples=samples) for rb in benches],
+                       "comparison": comparison_rows(benches)})
+        return
+    if len(benches) == 1:
+        rb = benches[0]
+        _print_bench(BenchReport.from_dict(rb.report))
+        d = rb.device
+        click.echo(f"Device {d['where']}: edgetl {d['edgetl']}, fingerprint {d['fingerprint']}"
+                   + (f", fits profile {d['profile_fit']}" if d["profile_fit"] else ""))
+        return
+    _print_comparison(comparison_rows(benches))
+
+
+def _print_comparison(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Devices compared (preprocessed input -> logits)")
+    for col in ("device", "configuration", "p50 ms", "p99 ms", "img/s", "cold ms", "RSS MB", "vs first"):
+        table.add_column(col, justify="left" if col in ("device", "configuration") else "right", overflow="fold")
+    for r in rows:
+        config = f"{r['variant']} t{r['threads'] or '-default'} b{r['batch_size']}"
+        table.add_row(r["target"], config, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}",
+                      _ms(r["cold_start_ms"], 0), "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
+                      f"{r['speedup_vs_first']:.2f}x" if r["speedup_vs_first"] else "-")
+    console = Console()
+    console.print(table)
+    seen = set()
+    for r in rows:
+        if r["target"] not in seen:
+            seen.add(r["target"])
+            console.print(f"{r['target']}: {r['cpu'] or '?'} (fingerprint {r['fingerprint']})", highlight=False)
 
 
 def _profile_name(rep) -> str:

@@ -1,0 +1,262 @@
+"""`edgetl deploy`, and bench/predict on a device, against a real OpenSSH server on loopback.
+
+No mocked SSH: tests/sshd.py starts Debian's sshd with a throwaway host key; the "device" is
+this machine, reached as ``edgetl-device`` through a client config that holds exactly that key.
+The device runs edgetl as ``python -m edgetl`` (--remote-edgetl), as a user with a venv would.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from edgetl.bundle import read_manifest, sha256_file, verify_files
+from edgetl.cli import main
+from edgetl.deploy import check_fit, fingerprint
+from edgetl.errors import ConfigError
+from edgetl.remote import Remote, is_remote, parse_target
+from tests.bundle_factory import COLOURS, build_bundle
+from tests.sshd import ALIAS, LoopbackSSHD, keygen, require_sshd
+
+REMOTE_EDGETL = f"{sys.executable} -m edgetl"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    require_sshd()
+    server = LoopbackSSHD(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def ssh_args(server: LoopbackSSHD, config: Path | None = None) -> list[str]:
+    return ["--ssh-config", str(config or server.config), "--remote-edgetl", REMOTE_EDGETL]
+
+
+def deploy(server, bundle: Path, dest: Path, *extra: str, config: Path | None = None):
+    return cli("deploy", str(bundle), f"{ALIAS}:{dest}", *ssh_args(server, config), "--json", *extra)
+
+
+# --- targets -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pi@raspberrypi.local:/home/pi/b", ("raspberrypi.local", "/home/pi/b", "pi", None)),
+    ("pi@rpi:bundles/digits", ("rpi", "bundles/digits", "pi", None)),
+    ("rpi:~/bundles/digits/", ("rpi", "bundles/digits", None, None)),
+    ("ssh://me@nuc:2222/opt/models/d", ("nuc", "/opt/models/d", "me", 2222)),
+    ("ssh://nuc/~/models/d", ("nuc", "models/d", None, None)),
+    ("ssh://root@[::1]:22/tmp/b", ("[::1]", "/tmp/b", "root", 22)),
+    ("pi@[fe80::1]:b", ("[fe80::1]", "b", "pi", None)),
+])
+def test_parse_target(text, expected):
+    t = parse_target(text)
+    assert (t.host, t.path, t.user, t.port) == expected
+    assert parse_target(str(t)) == t  # the canonical form reads back the same
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pi@rpi:", "bundle's own folder"),
+    ("ssh://rpi", "no bundle path"),
+    ("ssh://rpi:99999/b", "port"),
+    ("ssh://rpi:x/b", "port"),
+    ("-oProxyCommand=evil:b", "not a host"),
+    ("ssh://-oProxyCommand=x/b", "not a host"),
+    ("bad user@rpi:b", "not a device target"),
+    ("rpi:/", "bundle's own folder"),
+    ("rpi:b\nrm -rf", "control characters"),
+])
+def test_parse_target_rejects(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_target(text)
+
+
+def test_is_remote_prefers_existing_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert is_remote("ssh://h/b") and is_remote("pi@rpi:b") and is_remote("rpi:b")
+    assert not is_remote("bundles/digits") and not is_remote("./a:b") and not is_remote("/x/a:b")
+    Path("rpi:b").mkdir()
+    assert not is_remote("rpi:b")
+
+
+def test_ssh_command_never_weakens_host_key_checking(tmp_path):
+    key = tmp_path / "k"
+    key.write_text("x")
+    argv = Remote(parse_target("ssh://pi@rpi:2222/b"), identity=str(key)).ssh_argv("edgetl --version")
+    assert argv[:1] == ["ssh"] and ["-i", str(key)] == argv[1:3] and "-p" in argv and "-l" in argv
+    assert argv[-3:] == ["--", "rpi", "edgetl --version"]
+    assert not any("StrictHostKeyChecking" in a or "UserKnownHostsFile" in a for a in argv)
+    with pytest.raises(ConfigError, match="--identity"):
+        Remote(parse_target("rpi:b"), identity=str(tmp_path / "missing"))
+
+
+# --- deploy ------------------------------------------------------------------------------------------
+
+
+def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
+    bundle = build_bundle(tmp_path / "colours")
+    dest = tmp_path / "device" / "bundles" / "colours"
+    result = deploy(sshd, bundle, dest)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["where"] == ALIAS and doc["path"] == str(dest) and doc["files"] == 4
+    verify_files(dest, read_manifest(dest))  # complete and every checksum right on the "device"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["colours"]  # no upload or temp left behind
+
+    red = tmp_path / "device" / "red.png"
+    Image.new("RGB", (40, 30), COLOURS["red"]).save(red)
+    result = cli("predict", f"{ALIAS}:{dest}", str(red), *ssh_args(sshd), "--json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.stdout)
+    assert [r["label"] for r in records] == ["red"]
+
+    save_dir = tmp_path / "saved"
+    result = cli("bench", f"{ALIAS}:{dest}", *ssh_args(sshd), "--precision", "fp32", "--warmup", "1",
+                 "--iterations", "5", "--no-cold-start", "--json", "--save-dir", str(save_dir))
+    assert result.exit_code == 0, result.output
+    rep = json.loads(result.stdout)
+    assert rep["precision"] == "fp32" and rep["iterations"] == 5 and rep["latency_ms"]["p50"] > 0
+    assert rep["device"]["where"] == ALIAS and len(rep["device"]["fingerprint"]) == 16
+    assert "samples_ms" not in rep
+    saved = json.loads(next(save_dir.glob("*.json")).read_text())
+    assert len(saved["results"][0]["samples_ms"]) == 5
+    assert saved["device"]["fingerprint"] == rep["device"]["fingerprint"]
+    assert saved["device"]["machine"]["arch"] == rep["env"]["machine"]
+
+
+def test_bench_several_targets_gives_one_comparison(sshd, tmp_path):
+    a = build_bundle(tmp_path / "a")
+    b = build_bundle(tmp_path / "b", feature_dim=64)
+    for src, dst in ((a, tmp_path / "dev" / "a"), (b, tmp_path / "dev" / "b")):
+        assert deploy(sshd, src, dst).exit_code == 0
+    ssh_form = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{tmp_path / 'dev' / 'b'}"
+    args = ["bench", "--target", f"{ALIAS}:{tmp_path / 'dev' / 'a'}", "--target", ssh_form,
+            *ssh_args(sshd), "--precision", "fp32", "--warmup", "1", "--iterations", "4", "--no-cold-start"]
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [t["device"]["target"] for t in doc["targets"]][0].endswith("/dev/a")
+    rows = doc["comparison"]
+    assert len(rows) == 2 and rows[0]["speedup_vs_first"] == 1.0 and rows[1]["fingerprint"] == rows[0]["fingerprint"]
+    table = cli(*args)
+    assert table.exit_code == 0, table.output
+    assert "Devices compared" in table.stdout and "127.0.0.1" in table.stdout
+
+
+def test_redeploy_replaces_and_an_interrupted_copy_keeps_the_old_bundle(sshd, tmp_path):
+    old = build_bundle(tmp_path / "old")
+    dest = tmp_path / "device" / "model"
+    assert deploy(sshd, old, dest).exit_code == 0
+    before = sha256_file(dest / "manifest.json")
+
+    # A bundle of a few MB, copied through a relay that pulls the cable after 256 kB.
+    new = build_bundle(tmp_path / "new", heads=("colour", "brightness"), feature_dim=150_000)
+    cut = sshd.write_client_config(relay_limit=256 * 1024, name="ssh_config_cut")
+    result = deploy(sshd, new, dest, config=cut)
+    assert result.exit_code == 1
+    assert "interrupted" in result.stderr and "Traceback" not in result.output
+    assert sha256_file(dest / "manifest.json") == before
+    verify_files(dest, read_manifest(dest))
+    assert list(read_manifest(dest)["heads"]) == ["colour"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]  # the partial upload was removed
+
+    result = deploy(sshd, new, dest)
+    assert result.exit_code == 0, result.output
+    assert list(read_manifest(dest)["heads"]) == ["colour", "brightness"]
+    verify_files(dest, read_manifest(dest))
+
+
+def test_wrong_or_unknown_host_key_is_refused(sshd, tmp_path):
+    bundle = build_bundle(tmp_path / "b")
+    dest = tmp_path / "device" / "b"
+    impostor = keygen(tmp_path / "impostor")
+    wrong = tmp_path / "known_hosts_wrong"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} {impostor}\n")
+    result = deploy(sshd, bundle, dest, config=sshd.write_client_config(known_hosts=wrong, name="cfg_wrong"))
+    assert result.exit_code == 1
+    assert "does not match the one in known_hosts" in result.stderr and "SHA256:" in result.stderr
+    assert f'-R "[127.0.0.1]:{sshd.port}"' in result.stderr  # ssh's own advice, for the right known_hosts line
+    assert len(result.stderr.strip().splitlines()) == 1 and not dest.exists()
+
+    empty = tmp_path / "known_hosts_empty"
+    empty.write_text("")
+    result = deploy(sshd, bundle, dest, config=sshd.write_client_config(known_hosts=empty, name="cfg_unknown"))
+    assert result.exit_code == 1 and "not in known_hosts" in result.stderr and not dest.exists()
+    assert not empty.read_text()  # nothing was accepted on the user's behalf
+
+
+def test_deploy_errors_are_one_line(sshd, tmp_path):
+    bundle = build_bundle(tmp_path / "b")
+    precious = tmp_path / "device" / "notes"
+    precious.mkdir(parents=True)
+    (precious / "todo.txt").write_text("keep me")
+    result = deploy(sshd, bundle, precious)
+    assert result.exit_code == 1 and "is not an edgetl bundle" in result.stderr
+    assert [p.name for p in precious.iterdir()] == ["todo.txt"]
+    assert sorted(p.name for p in precious.parent.iterdir()) == ["notes"]
+
+    result = cli("deploy", str(bundle), f"{ALIAS}:{tmp_path / 'x'}", "--ssh-config", str(sshd.config),
+                 "--remote-edgetl", "/nonexistent/edgetl")
+    assert result.exit_code == 1 and "is not found there" in result.stderr
+
+    result = cli("deploy", str(tmp_path / "missing"), f"{ALIAS}:{tmp_path / 'x'}", *ssh_args(sshd))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_deploy_check_reads_doctor_on_the_device(sshd, tmp_path):
+    bundle = build_bundle(tmp_path / "b")
+    result = deploy(sshd, bundle, tmp_path / "device" / "b", "--check")
+    assert result.exit_code == 0, result.output
+    check = json.loads(result.stdout)["check"]
+    by_name = {c["check"]: c for c in check["checks"]}
+    assert check["ok"] and by_name["runtime"]["status"] == "ok" and "onnxruntime" in by_name["runtime"]["detail"]
+    assert "measured on the device" in by_name["precision"]["detail"]  # doctor BUNDLE timed int8 vs fp32 there
+    assert {"runtime", "precision", "profile"} <= set(by_name)
+
+
+# --- fit checks without a device ----------------------------------------------------------------------
+
+
+def _manifest(*variants: str) -> dict:
+    return {"variants": {v: {"format": v.split("-")[0], "precision": v.split("-")[1]} for v in variants}}
+
+
+def _doctor(**kw) -> dict:
+    doc = {"machine": {"cpu": "Cortex-A72", "arch": "aarch64"},
+           "runtimes": {"onnxruntime": {"installed": True, "version": "1.20"}, "openvino": {"installed": False}},
+           "profiles": {"best": "rpi4"}, "int8": {"hardware": "NEON without dot product", "expect": "not-faster"},
+           "warnings": []}
+    doc.update(kw)
+    return doc
+
+
+def test_check_fit_fails_without_a_runtime_for_the_bundle():
+    fit = check_fit(_manifest("openvino-fp32"), _doctor())
+    assert not fit["ok"] and "pip install openvino" in fit["checks"][0]["detail"]
+
+
+def test_check_fit_warns_when_int8_is_measured_slow_and_when_the_profile_variant_is_missing():
+    measured = {"hardware": "x", "expect": "uncertain",
+                "measured": [{"runtime": "onnxruntime", "speedup": 0.7, "int8_p50_ms": 3.0, "fp32_p50_ms": 2.1}]}
+    fit = check_fit(_manifest("onnx-fp32", "onnx-int8"), _doctor(int8=measured, profiles={"best": "rpi5"}))
+    by_name = {c["check"]: c for c in fit["checks"]}
+    assert fit["ok"] and by_name["precision"]["status"] == "warn" and "0.70x" in by_name["precision"]["detail"]
+    fit = check_fit(_manifest("onnx-fp32"), _doctor(profiles={"best": "rpi5"}))
+    by_name = {c["check"]: c for c in fit["checks"]}
+    assert by_name["profile"]["status"] in ("ok", "warn") and "rpi5" in by_name["profile"]["detail"]
+
+
+def test_fingerprint_ignores_software_versions():
+    m = {"cpu": "Cortex-A76", "board": "Raspberry Pi 5", "arch": "aarch64", "logical_cores": 4, "memory_mb": 8000,
+         "os": "Linux", "kernel": "6.6", "python": "3.11.2"}
+    assert fingerprint(m) == fingerprint({**m, "kernel": "6.12", "python": "3.13"})
+    assert fingerprint(m) != fingerprint({**m, "logical_cores": 2})
