@@ -54,7 +54,7 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
     code = BLOCK_TORCH + textwrap.dedent(
         f"""
         import json
-        import edgetl.runtime, edgetl.bench, edgetl.envinfo, edgetl.cli
+        import edgetl.runtime, edgetl.bench, edgetl.envinfo, edgetl.cli, edgetl.pack, edgetl.remote, edgetl.deploy, edgetl.doctor
         from click.testing import CliRunner
         from edgetl.cli import main
 
