@@ -104,7 +104,7 @@ def test_ssh_command_never_weakens_host_key_checking(tmp_path):
 
 def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
     bundle = build_bundle(tmp_path / "colours")
-    dest = tmp_path / "device" / "bundles" / "colours"
+    dest = tmp_path / "device" / "my $HOME; bundles" / "colours"  # quoted for the device's shell, never run
     result = deploy(sshd, bundle, dest)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
