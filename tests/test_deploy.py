@@ -147,9 +147,10 @@ def test_bench_several_targets_gives_one_comparison(sshd, tmp_path):
     assert [t["device"]["target"] for t in doc["targets"]][0].endswith("/dev/a")
     rows = doc["comparison"]
     assert len(rows) == 2 and rows[0]["speedup_vs_first"] == 1.0 and rows[1]["fingerprint"] == rows[0]["fingerprint"]
-    table = cli(*args)
+    table = cli(*args, "--plot", str(tmp_path / "devices.png"))
     assert table.exit_code == 0, table.output
     assert "Devices compared" in table.stdout and "127.0.0.1" in table.stdout
+    assert (tmp_path / "devices.png").stat().st_size > 1000
 
 
 def test_redeploy_replaces_and_an_interrupted_copy_keeps_the_old_bundle(sshd, tmp_path):
@@ -211,6 +212,10 @@ def test_deploy_errors_are_one_line(sshd, tmp_path):
     result = cli("deploy", str(tmp_path / "missing"), f"{ALIAS}:{tmp_path / 'x'}", *ssh_args(sshd))
     assert result.exit_code == 1 and "Traceback" not in result.output
 
+    result = CliRunner(env={"EDGETL_REMOTE_EDGETL": "/nonexistent/edgetl-from-env"}).invoke(
+        main, ["deploy", str(bundle), f"{ALIAS}:{tmp_path / 'x'}", "--ssh-config", str(sshd.config)])
+    assert result.exit_code == 1 and "/nonexistent/edgetl-from-env" in result.stderr
+
 
 def test_deploy_check_reads_doctor_on_the_device(sshd, tmp_path):
     bundle = build_bundle(tmp_path / "b")
@@ -221,6 +226,9 @@ def test_deploy_check_reads_doctor_on_the_device(sshd, tmp_path):
     assert check["ok"] and by_name["runtime"]["status"] == "ok" and "onnxruntime" in by_name["runtime"]["detail"]
     assert "measured on the device" in by_name["precision"]["detail"]  # doctor BUNDLE timed int8 vs fp32 there
     assert {"runtime", "precision", "profile"} <= set(by_name)
+    human = cli("deploy", str(bundle), f"{ALIAS}:{tmp_path / 'device' / 'b'}", *ssh_args(sshd), "--check")
+    assert human.exit_code == 0, human.output
+    assert "Deployed 4 files" in human.stdout and "runtime" in human.stdout and "Device:" in human.stdout
 
 
 # --- fit checks without a device ----------------------------------------------------------------------

@@ -69,8 +69,9 @@ def ssh_options(func: Callable) -> Callable:
         click.option("--ssh-config", "ssh_config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
                      help="SSH config file to use instead of ~/.ssh/config (ssh -F)."),
         click.option("--remote-edgetl", "remote_edgetl", default="edgetl", show_default=True, metavar="CMD",
+                     envvar="EDGETL_REMOTE_EDGETL",
                      help="How to run edgetl on the device when it is not on its PATH, e.g. "
-                          "'~/edgetl/bin/edgetl' or 'python3 -m edgetl'."),
+                          "'~/edgetl/bin/edgetl' or 'python3 -m edgetl' (or set EDGETL_REMOTE_EDGETL)."),
     ]
     for option in reversed(options):
         func = option(func)
