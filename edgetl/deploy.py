@@ -252,6 +252,15 @@ def bench_remote(remote: Remote, bench_args: Sequence[str]) -> RemoteBench:
     return RemoteBench(t, version, report, doctor.get("machine", {}), doctor.get("profiles", {}).get("best"))
 
 
+def predict_remote(remote: Remote, images: Sequence[str], predict_args: Sequence[str], *,
+                   on_stdout: Callable[[bytes], None]) -> None:
+    """Run ``edgetl predict PATH IMAGES ARGS`` on the device (IMAGES are device paths); its stdout
+    goes to ``on_stdout`` as it comes (a million results cost no memory here), its stderr to ours."""
+    remote.version()  # connection, host key and edgetl there, with clear errors, before streaming
+    command = remote.edgetl_command("predict", remote.target.path, *images, *predict_args)
+    remote.check(remote.run(command, on_stdout=on_stdout, echo_stderr=True), "edgetl predict")
+
+
 def save_remote(rb: RemoteBench, save_dir: str | os.PathLike | None = None) -> Path:
     """Write a device's bench result, every sample and the device's fingerprint included, under
     ``devices/<profile>/results/`` (the same place `bench --save` on the device would use)."""
@@ -293,4 +302,5 @@ def comparison_rows(benches: Sequence[RemoteBench]) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["RemoteBench", "bench_remote", "check_fit", "comparison_rows", "deploy", "fingerprint", "save_remote"]
+__all__ = ["RemoteBench", "bench_remote", "check_fit", "comparison_rows", "deploy", "fingerprint", "predict_remote",
+           "save_remote"]

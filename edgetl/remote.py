@@ -306,7 +306,7 @@ def _ssh_failure(t: Target, text: str, what: str) -> str:
         return (f"the host key of {t.where} does not match the one in known_hosts: refusing to connect (the "
                 "connection may be intercepted, or the device was re-installed"
                 + (f"; it offered {offered.group(1)}" if offered else "") + "). If you re-installed it, check its "
-                f"new key, then remove the old one with: "
+                "new key, then remove the old one with: "
                 + (remove.group(1).strip() if remove else f"ssh-keygen -R '{t.known_hosts_name}'"))
     if "Host key verification failed" in text or "No ED25519 host key is known" in text \
             or re.search(r"No \S+ host key is known", text):

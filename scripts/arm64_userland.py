@@ -141,7 +141,10 @@ def ensure_base(root: Path = DEFAULT_ROOT, *, log=print) -> dict[str, float]:
     return timings
 
 
-def build_wheel(out: Path, project: Path = Path(__file__).resolve().parents[1]) -> Path:
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def build_wheel(out: Path, project: Path = PROJECT) -> Path:
     """This checkout's wheel (pure Python; the same file installs on x86 and arm64)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("edgetl-*.whl"):

@@ -150,21 +150,16 @@ PREDICT_FLAGS = {"runtime": "--runtime", "precision": "--precision", "top_k": "-
 def _predict_remote(remote, images: tuple[str, ...], options: dict) -> None:
     """`edgetl predict` on the device; its stdout and stderr stream here as they come."""
     import codecs
-    import sys
 
+    from edgetl.deploy import predict_remote
     from edgetl.remote import remote_args
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def on_stdout(chunk: bytes) -> None:
-        click.echo(decoder.decode(chunk), nl=False)
-
-    remote.version()  # connection, host key and edgetl there, with clear errors, before streaming
-    command = remote.edgetl_command("predict", remote.target.path, *images, *remote_args(options, PREDICT_FLAGS))
-    result = remote.run(command, on_stdout=on_stdout, echo_stderr=True)
-    click.echo(decoder.decode(b"", final=True), nl=False)
-    sys.stdout.flush()
-    remote.check(result, "edgetl predict")
+    try:
+        predict_remote(remote, images, remote_args(options, PREDICT_FLAGS),
+                       on_stdout=lambda chunk: click.echo(decoder.decode(chunk), nl=False))
+    finally:
+        click.echo(decoder.decode(b"", final=True), nl=False)
 
 
 class _Echo:
