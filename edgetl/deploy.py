@@ -272,15 +272,9 @@ def save_remote(rb: RemoteBench, save_dir: str | os.PathLike | None = None) -> P
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     name = PurePosixPath(rb.target.path).name or "bundle"
     path = folder / f"{stamp}-{name}-{rb.target.host.strip('[]').replace(':', '_')}.json"
-    doc = rb.to_dict(samples=True)
-    doc = doc if "results" in doc else {"results": [_without_device(doc)], "comparison": [], "device": doc["device"]}
-    doc["saved_utc"], doc["profile_folder"] = stamp, rb.profile_folder()
-    write_json_atomic(path, doc)
+    report = rb.report if "results" in rb.report else {"results": [rb.report], "comparison": []}
+    write_json_atomic(path, {**report, "device": rb.device, "saved_utc": stamp, "profile_folder": rb.profile_folder()})
     return path
-
-
-def _without_device(doc: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in doc.items() if k != "device"}
 
 
 def comparison_rows(benches: Sequence[RemoteBench]) -> list[dict[str, Any]]:

@@ -25,9 +25,10 @@ import numpy as np
 from edgetl import __version__
 from edgetl.atomic import atomic_directory, write_json_atomic
 from edgetl.bundle import MANIFEST_NAME, file_record, read_manifest, sha256_file, variant_name
-from edgetl.data import drop_unreadable, scan_image_folder, stratified_split
+from edgetl.data import class_counts, drop_unreadable, scan_image_folder, stratified_split
 from edgetl.errors import BundleError, ConfigError, ExportError, OutputExistsError
 from edgetl.preprocess import Preprocessing
+from edgetl.train import FinetuneResult
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +41,10 @@ TRUNK_OPTIONS = ("backbone", "strategy", "unfreeze", "trunk_lr_scale", "img_size
 
 
 @dataclasses.dataclass(frozen=True)
-class HeadResult:
-    """What ``finetune --trunk-from`` did (the fields ``finetune`` reports, plus ``trunk_from``)."""
+class HeadResult(FinetuneResult):
+    """What ``finetune --trunk-from`` did: what ``finetune`` reports, plus the trunk it used."""
 
-    run_dir: str
-    backbone: str
-    strategy: str
-    pretrained: bool
-    epochs: int
-    epochs_run: int
-    best_epoch: int
-    val_top1: float
-    train_seconds: float
-    feature_seconds: float
-    trunk_from: dict[str, Any]
-    skipped: list[tuple[str, str]]
-    feature_cache: dict | None = None
-    resumed_from_epoch: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    trunk_from: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def trunk_reference(bundle) -> dict[str, Any]:
@@ -116,7 +101,7 @@ def finetune_head(
     from edgetl.metrics import classification_report
     from edgetl.model import Head
     from edgetl.runtime import open_bundle
-    from edgetl.train import TrainConfig, train_head
+    from edgetl.train import TrainConfig, plot_history, train_head
 
     cfg = config or TrainConfig()
     if cfg.strategy != "feature-extraction":
@@ -191,8 +176,8 @@ def finetune_head(
             "root": str(Path(data).resolve()),
             "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
             "classes": labels,
-            "train_counts": folder_counts(train, len(labels)),
-            "val_counts": folder_counts(val, len(labels)),
+            "train_counts": class_counts(train, len(labels)),
+            "val_counts": class_counts(val, len(labels)),
             "skipped": [{"path": p, "reason": r} for p, r in skipped],
         },
     }
@@ -213,36 +198,6 @@ def finetune_head(
         train_seconds=round(train_seconds, 3), feature_seconds=round(feature_seconds, 3), trunk_from=ref,
         skipped=skipped,
     )
-
-
-def folder_counts(samples, n: int) -> list[int]:
-    counts = [0] * n
-    for s in samples:
-        counts[s.label] += 1
-    return counts
-
-
-def plot_history(history: list[dict], path: Path) -> None:
-    """Loss and top-1 per epoch, as a normal run's history.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no history plot")
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, title in zip(axes, ("loss", "top1"), ("loss", "top-1")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 # --- adding a head to a bundle ------------------------------------------------------------------

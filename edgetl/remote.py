@@ -162,13 +162,13 @@ class Remote:
     def edgetl_command(self, *args: str) -> str:
         return " ".join([self.edgetl, *(shlex.quote(a) for a in args)])
 
-    def run(self, command: str, *, stdin: IO[bytes] | None = None, feed: Callable[[IO[bytes]], None] | None = None,
+    def run(self, command: str, *, feed: Callable[[IO[bytes]], None] | None = None,
             on_stdout: Callable[[bytes], None] | None = None, echo_stderr: bool = False) -> Result:
         """Run ``command`` on the device. stdout is returned (or handed to ``on_stdout`` as it
         comes); stderr is echoed live when ``echo_stderr`` (except ``Error:`` lines, which end up
         in the raised message) and its tail kept. ``feed`` writes the command's stdin."""
         try:
-            proc = subprocess.Popen(self.ssh_argv(command), stdin=subprocess.PIPE if feed else (stdin or subprocess.DEVNULL),
+            proc = subprocess.Popen(self.ssh_argv(command), stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except FileNotFoundError:
             raise RemoteError(f"the OpenSSH client ({self.ssh}) is not installed on this machine: "

@@ -119,9 +119,9 @@ class FinetuneResult:
     val_top1: float
     train_seconds: float
     feature_seconds: float
-    feature_cache: dict | None
-    resumed_from_epoch: int | None
     skipped: list[tuple[str, str]]
+    feature_cache: dict | None = None
+    resumed_from_epoch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -445,7 +445,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _plot_history(history: list[dict], path: Path) -> None:
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss and top-1 per epoch (train and validation) as a PNG: a run's history.png."""
     try:
         import matplotlib
 
@@ -581,7 +582,7 @@ def _train_into(out: Path, partial: Path, cfg: TrainConfig, prepared: PreparedDa
         torch.save({"trunk": outcome.model.trunk.state_dict(), "head": outcome.model.head.state_dict()}, partial / "model.pt")
         write_json_atomic(partial / "history.json", outcome.history)
         write_json_atomic(partial / "metrics.json", outcome.metrics)
-        _plot_history(outcome.history, partial / "history.png")
+        plot_history(outcome.history, partial / "history.png")
         (partial / "checkpoint.pt").unlink(missing_ok=True)
         if out.exists():
             if not force:

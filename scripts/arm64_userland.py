@@ -130,7 +130,6 @@ def ensure_base(root: Path = DEFAULT_ROOT, *, log=print) -> dict[str, float]:
         _run([_which("debootstrap"), "--arch=arm64", "--variant=minbase",
               "--include=python3,python3-venv,ca-certificates", "bookworm", str(root), MIRROR])
         timings["debootstrap_s"] = time.perf_counter() - t
-        _fake_cpu_files(root)
         t = time.perf_counter()
         run_in(root, ["/usr/bin/python3", "-m", "venv", VENV])
         timings["venv_s"] = time.perf_counter() - t
