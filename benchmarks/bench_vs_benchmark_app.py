@@ -1,5 +1,5 @@
 """`edgetl bench` vs OpenVINO's `benchmark_app` on the same IR, threads, streams and batch size.
-DESIGN.md's bar: median latencies within 10%.
+docs/design.md's bar: median latencies within 10%.
 
 The IR is the bundle's OpenVINO merged graph (trunk + head in one IR, ``export --format openvino
 --merged``), so both tools run exactly one compiled model: ``edgetl bench --runtime openvino
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_overhead import build_bundle, merged_onnx  # noqa: E402  (same folder, a script)
+from runtime_overhead import build_bundle, merged_onnx
 
 
 def ensure_openvino_merged(bundle: Path, work: Path) -> Path:
@@ -53,8 +53,8 @@ def ensure_openvino_merged(bundle: Path, work: Path) -> Path:
         return bundle
     import openvino as ov_lib
 
-    from edgetl.atomic import write_json_atomic
-    from edgetl.bundle import file_record
+    from edgetl.core.atomic import write_json_atomic
+    from edgetl.core.bundle import file_record
 
     copy = work / "bundle-openvino"
     if copy.exists():
@@ -68,17 +68,30 @@ def ensure_openvino_merged(bundle: Path, work: Path) -> Path:
     def convert(src: Path, rel: str, role: str, head_name: str | None, io_from: tuple[str, str]) -> str:
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         ov_lib.save_model(ov_lib.convert_model(str(src)), str(copy / rel), compress_to_fp16=False)
-        files[rel] = file_record(copy, rel, fmt="openvino", precision="fp32", role=role, head=head_name,
-                                 inputs=files[io_from[0]]["inputs"], outputs=files[io_from[1]]["outputs"],
-                                 derived_from=str(src.name), extra_files=(rel[:-4] + ".bin",))
+        files[rel] = file_record(
+            copy,
+            rel,
+            fmt="openvino",
+            precision="fp32",
+            role=role,
+            head=head_name,
+            inputs=files[io_from[0]]["inputs"],
+            outputs=files[io_from[1]]["outputs"],
+            derived_from=str(src.name),
+            extra_files=(rel[:-4] + ".bin",),
+        )
         return rel
 
     trunk_rel, head_rel = onnx_var["trunk"], onnx_var["heads"][head]
     manifest["variants"]["openvino-fp32"] = {
-        "format": "openvino", "precision": "fp32", "inference_precision": "f32",
+        "format": "openvino",
+        "precision": "fp32",
+        "inference_precision": "f32",
         "trunk": convert(copy / trunk_rel, "openvino/trunk.fp32.xml", "trunk", None, (trunk_rel, trunk_rel)),
         "heads": {head: convert(copy / head_rel, f"openvino/head.{head}.xml", "head", head, (head_rel, head_rel))},
-        "merged": {head: convert(merged_src, f"openvino/merged.{head}.fp32.xml", "merged", head, (trunk_rel, head_rel))},
+        "merged": {
+            head: convert(merged_src, f"openvino/merged.{head}.fp32.xml", "merged", head, (trunk_rel, head_rel))
+        },
     }
     write_json_atomic(copy / "manifest.json", manifest)
     return copy
@@ -100,14 +113,42 @@ def same_cpus(threads: int):
 def run_benchmark_app(xml: Path, *, threads: int, streams: int, batch: int, size: int, iterations: int) -> float:
     # The console script the openvino wheel installs; its module has no __main__ guard for `-m`.
     script = Path(sys.executable).with_name("benchmark_app")
-    tool = [str(script)] if script.exists() else [
-        sys.executable, "-c", "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()"]
-    cmd = [*tool, "-m", str(xml), "-d", "CPU", "-hint", "none",
-           "-nthreads", str(threads), "-nstreams", str(streams), "-api", "sync", "-niter", str(iterations),
-           "-data_shape", f"[{batch},3,{size},{size}]", "-infer_precision", "f32", "-inference_only", "true",
-           # benchmark_app treats a 3-channel 4-D input as an image and feeds u8 through an added
-           # convert unless told otherwise; edgetl feeds the IR's own f32 input.
-           "-ip", "f32"]
+    tool = (
+        [str(script)]
+        if script.exists()
+        else [
+            sys.executable,
+            "-c",
+            "import sys; from openvino.tools.benchmark.main import main; sys.argv[0] = 'benchmark_app'; main()",
+        ]
+    )
+    cmd = [
+        *tool,
+        "-m",
+        str(xml),
+        "-d",
+        "CPU",
+        "-hint",
+        "none",
+        "-nthreads",
+        str(threads),
+        "-nstreams",
+        str(streams),
+        "-api",
+        "sync",
+        "-niter",
+        str(iterations),
+        "-data_shape",
+        f"[{batch},3,{size},{size}]",
+        "-infer_precision",
+        "f32",
+        "-inference_only",
+        "true",
+        # benchmark_app treats a 3-channel 4-D input as an image and feeds u8 through an added
+        # convert unless told otherwise; edgetl feeds the IR's own f32 input.
+        "-ip",
+        "f32",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=same_cpus(threads))
     if proc.returncode != 0:
         raise SystemExit(f"benchmark_app failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -119,9 +160,31 @@ def run_benchmark_app(xml: Path, *, threads: int, streams: int, batch: int, size
 
 
 def run_edgetl(bundle: Path, *, threads: int, streams: int, batch: int, iterations: int, merged: bool) -> float:
-    cmd = [sys.executable, "-m", "edgetl", "bench", str(bundle), "--runtime", "openvino", "--precision", "fp32",
-           "--ov-device", "CPU", "--threads", str(threads), "--streams", str(streams), "--batch-size", str(batch),
-           "--iterations", str(iterations), "--warmup", "10", "--no-cold-start", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgetl",
+        "bench",
+        str(bundle),
+        "--runtime",
+        "openvino",
+        "--precision",
+        "fp32",
+        "--ov-device",
+        "CPU",
+        "--threads",
+        str(threads),
+        "--streams",
+        str(streams),
+        "--batch-size",
+        str(batch),
+        "--iterations",
+        str(iterations),
+        "--warmup",
+        "10",
+        "--no-cold-start",
+        "--json",
+    ]
     if merged:
         cmd.append("--merged")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, preexec_fn=same_cpus(threads))
@@ -155,7 +218,12 @@ def main() -> None:
         for t in (int(x) for x in args.threads.split(",")):
             rounds = []
             for r in range(args.rounds):
-                settings = dict(threads=t, streams=args.streams, batch=args.batch_size, iterations=args.iterations)
+                settings = {
+                    "threads": t,
+                    "streams": args.streams,
+                    "batch": args.batch_size,
+                    "iterations": args.iterations,
+                }
                 order = ("benchmark_app", "edgetl") if r % 2 == 0 else ("edgetl", "benchmark_app")
                 got = {}
                 for tool in order:
@@ -166,34 +234,58 @@ def main() -> None:
                 got["edgetl_trunk_plus_head"] = run_edgetl(bundle, merged=False, **settings)
                 got["ratio"] = got["edgetl"] / got["benchmark_app"]
                 rounds.append(got)
-                print(f"threads {t} round {r + 1}: benchmark_app {got['benchmark_app']:.3f} ms, edgetl "
-                      f"{got['edgetl']:.3f} ms (ratio {got['ratio']:.3f}); edgetl trunk+head "
-                      f"{got['edgetl_trunk_plus_head']:.3f} ms", file=sys.stderr)
+                print(
+                    f"threads {t} round {r + 1}: benchmark_app {got['benchmark_app']:.3f} ms, edgetl "
+                    f"{got['edgetl']:.3f} ms (ratio {got['ratio']:.3f}); edgetl trunk+head "
+                    f"{got['edgetl_trunk_plus_head']:.3f} ms",
+                    file=sys.stderr,
+                )
             app = float(np.median([g["benchmark_app"] for g in rounds]))
             ours = float(np.median([g["edgetl"] for g in rounds]))
             ratio = ours / app
-            rows.append({"threads": t, "streams": args.streams, "batch_size": args.batch_size,
-                         "benchmark_app_median_ms": app, "edgetl_p50_ms": ours,
-                         "edgetl_trunk_plus_head_p50_ms": float(np.median([g["edgetl_trunk_plus_head"] for g in rounds])),
-                         "ratio": ratio, "ratio_per_round_median": float(np.median([g["ratio"] for g in rounds])),
-                         "rounds": rounds, "within_10pct": abs(ratio - 1.0) <= 0.10})
+            rows.append(
+                {
+                    "threads": t,
+                    "streams": args.streams,
+                    "batch_size": args.batch_size,
+                    "benchmark_app_median_ms": app,
+                    "edgetl_p50_ms": ours,
+                    "edgetl_trunk_plus_head_p50_ms": float(np.median([g["edgetl_trunk_plus_head"] for g in rounds])),
+                    "ratio": ratio,
+                    "ratio_per_round_median": float(np.median([g["ratio"] for g in rounds])),
+                    "rounds": rounds,
+                    "within_10pct": abs(ratio - 1.0) <= 0.10,
+                }
+            )
     import openvino as ov_lib
 
-    from edgetl.envinfo import environment
+    from edgetl.core.envinfo import environment
 
-    doc = {"ir": str(xml.relative_to(bundle)), "input_size": size, "openvino": ov_lib.__version__,
-           "iterations": args.iterations, "rows": rows, "passed": all(r["within_10pct"] for r in rows),
-           "env": environment()}
+    doc = {
+        "ir": str(xml.relative_to(bundle)),
+        "input_size": size,
+        "openvino": ov_lib.__version__,
+        "iterations": args.iterations,
+        "rows": rows,
+        "passed": all(r["within_10pct"] for r in rows),
+        "env": environment(),
+    }
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"same IR ({doc['ir']}), CPU, streams {args.streams}, batch {args.batch_size}, {args.iterations} "
-          f"iterations per run, {args.rounds} rounds, OpenVINO {doc['openvino']}")
-    print(f"{'threads':>7} {'benchmark_app ms':>17} {'edgetl ms':>10} {'ratio':>6} {'per-round':>10} "
-          f"{'edgetl trunk+head ms':>21}")
+    print(
+        f"same IR ({doc['ir']}), CPU, streams {args.streams}, batch {args.batch_size}, {args.iterations} "
+        f"iterations per run, {args.rounds} rounds, OpenVINO {doc['openvino']}"
+    )
+    print(
+        f"{'threads':>7} {'benchmark_app ms':>17} {'edgetl ms':>10} {'ratio':>6} {'per-round':>10} "
+        f"{'edgetl trunk+head ms':>21}"
+    )
     for r in rows:
-        print(f"{r['threads']:>7} {r['benchmark_app_median_ms']:>17.3f} {r['edgetl_p50_ms']:>10.3f} "
-              f"{r['ratio']:>6.3f} {r['ratio_per_round_median']:>10.3f} {r['edgetl_trunk_plus_head_p50_ms']:>21.3f}")
+        print(
+            f"{r['threads']:>7} {r['benchmark_app_median_ms']:>17.3f} {r['edgetl_p50_ms']:>10.3f} "
+            f"{r['ratio']:>6.3f} {r['ratio_per_round_median']:>10.3f} {r['edgetl_trunk_plus_head_p50_ms']:>21.3f}"
+        )
     print(f"bar: medians within 10%: {'met' if doc['passed'] else 'NOT met'}")
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.sshd import ALIAS, LoopbackSSHD, require_sshd  # noqa: E402
+from tests.sshd import ALIAS, LoopbackSSHD, require_sshd
 
 
 def edgetl(*args: str) -> tuple[dict, float]:
@@ -50,8 +50,17 @@ def main() -> None:
             ssh = ["--ssh-config", str(server.config), "--remote-edgetl", f"{sys.executable} -m edgetl"]
             dest = f"{ALIAS}:{Path(tmp) / 'device' / 'bundle'}"
             deploys = [edgetl("deploy", a.bundle, dest, *ssh)[0] for _ in range(a.rounds)]
-            bench = ["--precision", "fp32", "--threads", "1", "--warmup", "10", "--iterations", str(a.iterations),
-                     "--no-cold-start"]
+            bench = [
+                "--precision",
+                "fp32",
+                "--threads",
+                "1",
+                "--warmup",
+                "10",
+                "--iterations",
+                str(a.iterations),
+                "--no-cold-start",
+            ]
             local, remote = [], []
             for _ in range(a.rounds):
                 local.append(edgetl("bench", str(Path(tmp) / "device" / "bundle"), *bench))
@@ -60,12 +69,17 @@ def main() -> None:
             server.stop()
     med = statistics.median
     doc = {
-        "bundle": a.bundle, "archive_mb": round(deploys[0]["archive_bytes"] / 1e6, 2), "rounds": a.rounds,
-        "deploy_seconds": [d["seconds"] for d in deploys], "copy_seconds": [d["copy_seconds"] for d in deploys],
-        "copy_mb_per_s": [d["copy_mb_per_s"] for d in deploys], "unpack_seconds": [d["unpack_seconds"] for d in deploys],
+        "bundle": a.bundle,
+        "archive_mb": round(deploys[0]["archive_bytes"] / 1e6, 2),
+        "rounds": a.rounds,
+        "deploy_seconds": [d["seconds"] for d in deploys],
+        "copy_seconds": [d["copy_seconds"] for d in deploys],
+        "copy_mb_per_s": [d["copy_mb_per_s"] for d in deploys],
+        "unpack_seconds": [d["unpack_seconds"] for d in deploys],
         "bench_p50_ms_local": [r["latency_ms"]["p50"] for r, _ in local],
         "bench_p50_ms_remote": [r["latency_ms"]["p50"] for r, _ in remote],
-        "bench_wall_s_local": [round(w, 2) for _, w in local], "bench_wall_s_remote": [round(w, 2) for _, w in remote],
+        "bench_wall_s_local": [round(w, 2) for _, w in local],
+        "bench_wall_s_remote": [round(w, 2) for _, w in remote],
     }
     doc["remote_over_local_p50"] = round(med(doc["bench_p50_ms_remote"]) / med(doc["bench_p50_ms_local"]), 3)
     doc["remote_extra_wall_s"] = round(med(doc["bench_wall_s_remote"]) - med(doc["bench_wall_s_local"]), 2)
@@ -73,11 +87,15 @@ def main() -> None:
     if a.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"deploy of {doc['archive_mb']} MB: median {med(doc['deploy_seconds']):.2f} s (copy "
-          f"{med(doc['copy_seconds']):.2f} s at {med(doc['copy_mb_per_s']):.1f} MB/s, verify + unpack "
-          f"{med(doc['unpack_seconds']):.2f} s)")
-    print(f"bench p50 remote / local: {doc['remote_over_local_p50']:.3f}; remote adds "
-          f"{doc['remote_extra_wall_s']:.2f} s of wall time (ssh sessions, version, doctor)")
+    print(
+        f"deploy of {doc['archive_mb']} MB: median {med(doc['deploy_seconds']):.2f} s (copy "
+        f"{med(doc['copy_seconds']):.2f} s at {med(doc['copy_mb_per_s']):.1f} MB/s, verify + unpack "
+        f"{med(doc['unpack_seconds']):.2f} s)"
+    )
+    print(
+        f"bench p50 remote / local: {doc['remote_over_local_p50']:.3f}; remote adds "
+        f"{doc['remote_extra_wall_s']:.2f} s of wall time (ssh sessions, version, doctor)"
+    )
 
 
 if __name__ == "__main__":

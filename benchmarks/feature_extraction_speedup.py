@@ -1,6 +1,6 @@
 """Feature extraction: trunk features computed once (cold and warm cache) vs the trunk run every epoch.
 
-All three arms are `edgetl.train.finetune` on the same split of the digits data with the real
+All three arms are `edgetl.workstation.train.finetune` on the same split of the digits data with the real
 ImageNet MobileNetV2 trunk, the same head settings, seed and epochs; only where the features come
 from differs:
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from edgetl.data import write_digits
-from edgetl.train import TrainConfig, finetune
+from edgetl.workstation.data import write_digits
+from edgetl.workstation.train import TrainConfig, finetune
 
 
 def timed(data: Path, out: Path, cfg: TrainConfig):
@@ -43,8 +43,9 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=96)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    base = TrainConfig(strategy="feature-extraction", epochs=args.epochs, img_size=args.img_size, patience=args.epochs,
-                       augment=False)
+    base = TrainConfig(
+        strategy="feature-extraction", epochs=args.epochs, img_size=args.img_size, patience=args.epochs, augment=False
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         os.environ["EDGETL_CACHE"] = str(tmp / "cache")  # a cold cache, private to this benchmark
@@ -60,7 +61,11 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "no_cache": {"seconds": round(t_plain, 2), "val_top1": round(plain.val_top1, 4)},
         "cold_cache": {"seconds": round(t_cold, 2), "val_top1": round(cold.val_top1, 4), "cache": cold.feature_cache},
-        "warm_cache_other_head": {"seconds": round(t_warm, 2), "val_top1": round(warm.val_top1, 4), "cache": warm.feature_cache},
+        "warm_cache_other_head": {
+            "seconds": round(t_warm, 2),
+            "val_top1": round(warm.val_top1, 4),
+            "cache": warm.feature_cache,
+        },
         "speedup_cold": round(t_plain / t_cold, 2),
         "speedup_warm": round(t_plain / t_warm, 2),
         "top1_diff_cold_pp": round(100 * (cold.val_top1 - plain.val_top1), 2),
@@ -71,8 +76,10 @@ def main() -> None:
     print(f"no cache (trunk every epoch): {t_plain:7.1f}s  val top-1 {plain.val_top1:.4f}")
     print(f"cold cache (features once):   {t_cold:7.1f}s  val top-1 {cold.val_top1:.4f}  {cold.feature_cache}")
     print(f"warm cache, other head:       {t_warm:7.1f}s  val top-1 {warm.val_top1:.4f}  {warm.feature_cache}")
-    print(f"speed-up: cold {doc['speedup_cold']}x, warm {doc['speedup_warm']}x; "
-          f"top-1 cold vs no cache {doc['top1_diff_cold_pp']:+.2f} pp")
+    print(
+        f"speed-up: cold {doc['speedup_cold']}x, warm {doc['speedup_warm']}x; "
+        f"top-1 cold vs no cache {doc['top1_diff_cold_pp']:+.2f} pp"
+    )
 
 
 if __name__ == "__main__":

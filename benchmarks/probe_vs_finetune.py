@@ -30,10 +30,11 @@ from pathlib import Path
 
 import torch
 
-from edgetl.data import class_counts, write_digits
-from edgetl.errors import EdgetlError
-from edgetl.probe import parse_candidates, probe_samples
-from edgetl.train import TrainConfig, prepare_data, subsample_per_class, train_model
+from edgetl.core.errors import EdgetlError
+from edgetl.core.imagefolder import class_counts
+from edgetl.workstation.data import write_digits
+from edgetl.workstation.probe import parse_candidates, probe_samples
+from edgetl.workstation.train import TrainConfig, prepare_data, subsample_per_class, train_model
 
 DEFAULT_CANDIDATES = "mobilenet_v2,mobilenet_v2:none,mobilenet_v3_small:none,mobilenet_v3_large:none,resnet18:none"
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_vs_finetune.json"
@@ -56,8 +57,13 @@ def main() -> None:
     parser.add_argument("--unfreeze", type=int, default=3)
     parser.add_argument("--fe-epochs", type=int, default=30, help="feature-extraction epochs")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--capped-probe", type=int, default=50, metavar="N",
-                        help="also probe on at most N training images per class (its own cold cache); 0: skip")
+    parser.add_argument(
+        "--capped-probe",
+        type=int,
+        default=50,
+        metavar="N",
+        help="also probe on at most N training images per class (its own cold cache); 0: skip",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json", action="store_true")
@@ -74,45 +80,114 @@ def main() -> None:
         write_digits(data)
         cache = Path(tmp) / "cache"  # cold: the probe's time includes its trunk pass
         prepared = prepare_data(data, base)
-        probe = probe_samples(prepared.train, prepared.labels, candidates, img_size=args.img_size, folds=args.folds,
-                              seed=args.seed, device="cpu", progress=False, cache_dir=cache)
-        print(f"probe ranking: {', '.join(r.candidate for r in probe.rows)} ({probe.seconds:.1f}s)", file=sys.stderr,
-              flush=True)
+        probe = probe_samples(
+            prepared.train,
+            prepared.labels,
+            candidates,
+            img_size=args.img_size,
+            folds=args.folds,
+            seed=args.seed,
+            device="cpu",
+            progress=False,
+            cache_dir=cache,
+        )
+        print(
+            f"probe ranking: {', '.join(r.candidate for r in probe.rows)} ({probe.seconds:.1f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         capped = {}
         if args.capped_probe:
             few = subsample_per_class(prepared.train, args.capped_probe, args.seed)
-            result = probe_samples(few, prepared.labels, candidates, img_size=args.img_size, folds=args.folds,
-                                   seed=args.seed, device="cpu", progress=False, cache_dir=Path(tmp) / "cache-capped")
+            result = probe_samples(
+                few,
+                prepared.labels,
+                candidates,
+                img_size=args.img_size,
+                folds=args.folds,
+                seed=args.seed,
+                device="cpu",
+                progress=False,
+                cache_dir=Path(tmp) / "cache-capped",
+            )
             capped = {r.candidate: (rank, r) for rank, r in enumerate(result.rows, 1)}
-            print(f"capped probe ({len(few)} images) ranking: {', '.join(r.candidate for r in result.rows)} "
-                  f"({result.seconds:.1f}s)", file=sys.stderr, flush=True)
+            print(
+                f"capped probe ({len(few)} images) ranking: {', '.join(r.candidate for r in result.rows)} "
+                f"({result.seconds:.1f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
         for rank, p in enumerate(probe.rows, 1):
-            fe = train_model(prepared, TrainConfig(**{**base.to_dict(), "backbone": p.backbone, "weights": p.weights,
-                                                      "strategy": "feature-extraction", "epochs": args.fe_epochs}),
-                             progress=False, cache_dir=cache)
-            ft = train_model(prepared, TrainConfig(**{**base.to_dict(), "backbone": p.backbone, "weights": p.weights,
-                                                      "strategy": "fine-tune", "unfreeze": args.unfreeze,
-                                                      "epochs": args.epochs, "patience": args.epochs}),
-                             progress=False, cache_dir=cache)
+            fe = train_model(
+                prepared,
+                TrainConfig(
+                    **{
+                        **base.to_dict(),
+                        "backbone": p.backbone,
+                        "weights": p.weights,
+                        "strategy": "feature-extraction",
+                        "epochs": args.fe_epochs,
+                    }
+                ),
+                progress=False,
+                cache_dir=cache,
+            )
+            ft = train_model(
+                prepared,
+                TrainConfig(
+                    **{
+                        **base.to_dict(),
+                        "backbone": p.backbone,
+                        "weights": p.weights,
+                        "strategy": "fine-tune",
+                        "unfreeze": args.unfreeze,
+                        "epochs": args.epochs,
+                        "patience": args.epochs,
+                    }
+                ),
+                progress=False,
+                cache_dir=cache,
+            )
             row = {
-                "candidate": p.candidate, "backbone": p.backbone, "weights": p.weights, "pretrained": p.pretrained,
-                "probe_rank": rank, "probe_linear_top1": p.linear_top1, "probe_linear_top1_std": p.linear_top1_std,
-                "probe_logme": p.logme, "probe_feature_std": p.feature_std, "probe_degenerate": p.degenerate,
-                "probe_seconds": p.seconds, "probe_feature_seconds": p.feature_seconds,
-                "probe_score_seconds": p.score_seconds, "probe_feature_cache": p.feature_cache,
-                "fe_val_top1": round(fe.metrics["val_top1"], 4), "fe_seconds": round(fe.train_seconds, 2),
+                "candidate": p.candidate,
+                "backbone": p.backbone,
+                "weights": p.weights,
+                "pretrained": p.pretrained,
+                "probe_rank": rank,
+                "probe_linear_top1": p.linear_top1,
+                "probe_linear_top1_std": p.linear_top1_std,
+                "probe_logme": p.logme,
+                "probe_feature_std": p.feature_std,
+                "probe_degenerate": p.degenerate,
+                "probe_seconds": p.seconds,
+                "probe_feature_seconds": p.feature_seconds,
+                "probe_score_seconds": p.score_seconds,
+                "probe_feature_cache": p.feature_cache,
+                "fe_val_top1": round(fe.metrics["val_top1"], 4),
+                "fe_seconds": round(fe.train_seconds, 2),
                 "fe_feature_cache": fe.feature_cache,
-                "ft_val_top1": round(ft.metrics["val_top1"], 4), "ft_seconds": round(ft.train_seconds, 2),
+                "ft_val_top1": round(ft.metrics["val_top1"], 4),
+                "ft_seconds": round(ft.train_seconds, 2),
             }
             row["probe_over_ft_time"] = round(row["probe_seconds"] / row["ft_seconds"], 3)
             if capped:
                 c_rank, c = capped[p.candidate]
-                row.update({"capped_rank": c_rank, "capped_linear_top1": c.linear_top1, "capped_logme": c.logme,
-                            "capped_degenerate": c.degenerate, "capped_seconds": c.seconds})
+                row.update(
+                    {
+                        "capped_rank": c_rank,
+                        "capped_linear_top1": c.linear_top1,
+                        "capped_logme": c.logme,
+                        "capped_degenerate": c.degenerate,
+                        "capped_seconds": c.seconds,
+                    }
+                )
             rows.append(row)
-            print(f"{p.candidate}: probe {p.linear_top1:.4f} (LogME {p.logme:.3f}) in {p.seconds:.1f}s; "
-                  f"FE {row['fe_val_top1']:.4f}; fine-tune {row['ft_val_top1']:.4f} in {row['ft_seconds']:.1f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{p.candidate}: probe {p.linear_top1:.4f} (LogME {p.logme:.3f}) in {p.seconds:.1f}s; "
+                f"FE {row['fe_val_top1']:.4f}; fine-tune {row['ft_val_top1']:.4f} in {row['ft_seconds']:.1f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     col = {k: [r[k] for r in rows] for k in rows[0]}
     probe_total, ft_total = sum(col["probe_seconds"]), sum(col["ft_seconds"])
     doc = {
@@ -137,9 +212,14 @@ def main() -> None:
         },
         "probe_ranking": [r["candidate"] for r in rows],
         "ft_ranking": [r["candidate"] for r in sorted(rows, key=lambda r: -r["ft_val_top1"])],
-        "seconds": {"probe_total": round(probe_total, 1), "ft_total": round(ft_total, 1),
-                    "probe_over_ft": round(probe_total / ft_total, 3)},
-        "capped_probe": None if not args.capped_probe else {
+        "seconds": {
+            "probe_total": round(probe_total, 1),
+            "ft_total": round(ft_total, 1),
+            "probe_over_ft": round(probe_total / ft_total, 3),
+        },
+        "capped_probe": None
+        if not args.capped_probe
+        else {
             "samples_per_class": args.capped_probe,
             "images": sum(min(args.capped_probe, n) for n in class_counts(prepared.train, len(prepared.labels))),
             "ranking": [r["candidate"] for r in sorted(rows, key=lambda r: r["capped_rank"])],
@@ -148,11 +228,16 @@ def main() -> None:
             "seconds_total": round(sum(col["capped_seconds"]), 1),
             "over_ft": round(sum(col["capped_seconds"]) / ft_total, 3),
         },
-        "env": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(), "device": "cpu"},
+        "env": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "device": "cpu",
+        },
     }
     try:
-        from edgetl.envinfo import cpu_model
+        from edgetl.core.envinfo import cpu_model
 
         doc["env"]["cpu"] = cpu_model()
     except Exception:  # envinfo is optional context, not the measurement
@@ -162,21 +247,29 @@ def main() -> None:
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"{'#':>2} {'candidate':26} {'probe':>7} {'LogME':>7} {'degen.':>6} {'FE top-1':>9} {'FT top-1':>9} "
-          f"{'probe s':>8} {'FT s':>7}")
+    print(
+        f"{'#':>2} {'candidate':26} {'probe':>7} {'LogME':>7} {'degen.':>6} {'FE top-1':>9} {'FT top-1':>9} "
+        f"{'probe s':>8} {'FT s':>7}"
+    )
     for r in rows:
-        print(f"{r['probe_rank']:2d} {r['candidate']:26} {r['probe_linear_top1']:7.4f} {r['probe_logme']:7.3f} "
-              f"{'yes' if r['probe_degenerate'] else 'no':>6} {r['fe_val_top1']:9.4f} {r['ft_val_top1']:9.4f} "
-              f"{r['probe_seconds']:8.1f} {r['ft_seconds']:7.1f}")
+        print(
+            f"{r['probe_rank']:2d} {r['candidate']:26} {r['probe_linear_top1']:7.4f} {r['probe_logme']:7.3f} "
+            f"{'yes' if r['probe_degenerate'] else 'no':>6} {r['fe_val_top1']:9.4f} {r['ft_val_top1']:9.4f} "
+            f"{r['probe_seconds']:8.1f} {r['ft_seconds']:7.1f}"
+        )
     s = doc["spearman"]
-    print(f"Spearman, probe ranking vs fine-tune {s['probe_rank_vs_ft']}, vs feature extraction {s['probe_rank_vs_fe']} "
-          f"(linear score alone: {s['probe_linear_vs_ft']}, {s['probe_linear_vs_fe']}; LogME: {s['probe_logme_vs_ft']}, "
-          f"{s['probe_logme_vs_fe']}); probe time / fine-tune time {doc['seconds']['probe_over_ft']}")
+    print(
+        f"Spearman, probe ranking vs fine-tune {s['probe_rank_vs_ft']}, vs feature extraction {s['probe_rank_vs_fe']} "
+        f"(linear score alone: {s['probe_linear_vs_ft']}, {s['probe_linear_vs_fe']}; LogME: {s['probe_logme_vs_ft']}, "
+        f"{s['probe_logme_vs_fe']}); probe time / fine-tune time {doc['seconds']['probe_over_ft']}"
+    )
     if doc["capped_probe"]:
         c = doc["capped_probe"]
-        print(f"capped probe ({c['samples_per_class']} per class, {c['images']} images): Spearman vs fine-tune "
-              f"{c['spearman_rank_vs_ft']}, vs feature extraction {c['spearman_rank_vs_fe']}; time / fine-tune time "
-              f"{c['over_ft']}")
+        print(
+            f"capped probe ({c['samples_per_class']} per class, {c['images']} images): Spearman vs fine-tune "
+            f"{c['spearman_rank_vs_ft']}, vs feature extraction {c['spearman_rank_vs_fe']}; time / fine-tune time "
+            f"{c['over_ft']}"
+        )
     print(f"-> {args.out}")
 
 

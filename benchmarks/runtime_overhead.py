@@ -1,5 +1,5 @@
 """edgetl's runtime (preprocessed input -> logits, trunk and head as two sessions) vs a bare ONNX
-Runtime session on one merged graph. DESIGN.md's bar: edgetl <= 1.10x the bare session's latency.
+Runtime session on one merged graph. docs/design.md's bar: edgetl <= 1.10x the bare session's latency.
 
 Both arms run the same fp32 weights with the same session options (ORT_ENABLE_ALL, CPU provider,
 the same intra-op threads) on the same preprocessed input, in one process, interleaved: rounds of
@@ -33,9 +33,11 @@ def build_bundle(work: Path, img_size: int) -> Path:
     if (bundle / "manifest.json").is_file():
         return bundle
     edgetl = [sys.executable, "-m", "edgetl"]
-    for args in (["data", "digits", str(work / "digits")],
-                 ["finetune", str(work / "digits"), "--out", str(work / "run"), "--img-size", str(img_size)],
-                 ["export", str(work / "run"), "--out", str(bundle), "--precision", "fp32"]):
+    for args in (
+        ["data", "digits", str(work / "digits")],
+        ["finetune", str(work / "digits"), "--out", str(work / "run"), "--img-size", str(img_size)],
+        ["export", str(work / "run"), "--out", str(bundle), "--precision", "fp32"],
+    ):
         print("$ edgetl " + " ".join(args), file=sys.stderr)
         subprocess.run(edgetl + args, check=True, stdout=subprocess.DEVNULL)
     return bundle
@@ -63,7 +65,7 @@ def interleaved(arms: dict, *, rounds: int, block: int, warmup: int) -> dict[str
     samples = {name: [] for name in arms}
     names = list(arms)
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             fn = arms[name]
             fn()
             for _ in range(block):
@@ -73,12 +75,13 @@ def interleaved(arms: dict, *, rounds: int, block: int, warmup: int) -> dict[str
     return samples
 
 
-def measure(bundle: Path, merged: Path, *, threads: int, batch_size: int, repeats: int, rounds: int, block: int,
-            warmup: int) -> dict:
+def measure(
+    bundle: Path, merged: Path, *, threads: int, batch_size: int, repeats: int, rounds: int, block: int, warmup: int
+) -> dict:
     import onnxruntime as ort
 
-    from edgetl.bench import bench_input
-    from edgetl.runtime import open_bundle
+    from edgetl.device.bench import bench_input
+    from edgetl.device.runtime import open_bundle
 
     predictor = open_bundle(bundle).load(precision="fp32", threads=threads)
     x = bench_input(predictor, batch_size)
@@ -95,10 +98,15 @@ def measure(bundle: Path, merged: Path, *, threads: int, batch_size: int, repeat
         s = interleaved(arms, rounds=rounds, block=block, warmup=warmup)
         per_repeat.append({k: float(np.median(v)) for k, v in s.items()})
     ratios = [r["edgetl"] / r["bare_merged"] for r in per_repeat]
-    return {"threads": threads, "batch_size": batch_size, "max_abs_diff": diff,
-            "edgetl_p50_ms": float(np.median([r["edgetl"] for r in per_repeat])),
-            "bare_p50_ms": float(np.median([r["bare_merged"] for r in per_repeat])),
-            "ratio_median": float(np.median(ratios)), "ratios": ratios}
+    return {
+        "threads": threads,
+        "batch_size": batch_size,
+        "max_abs_diff": diff,
+        "edgetl_p50_ms": float(np.median([r["edgetl"] for r in per_repeat])),
+        "bare_p50_ms": float(np.median([r["bare_merged"] for r in per_repeat])),
+        "ratio_median": float(np.median(ratios)),
+        "ratios": ratios,
+    }
 
 
 def main() -> None:
@@ -108,7 +116,9 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=96)
     parser.add_argument("--threads", default="1,2", help="Comma list of intra-op threads.")
     parser.add_argument("--batch-size", default="1", help="Comma list of batch sizes.")
-    parser.add_argument("--repeats", type=int, default=5, help="Independent interleaved measurements; the median ratio counts.")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="Independent interleaved measurements; the median ratio counts."
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--block", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=20)
@@ -122,23 +132,44 @@ def main() -> None:
         variant = manifest["variants"]["onnx-fp32"]
         head_rel = variant["heads"][manifest.get("default_head") or next(iter(variant["heads"]))]
         merged = merged_onnx(bundle / variant["trunk"], bundle / head_rel, work / "merged.fp32.onnx")
-        rows = [measure(bundle, merged, threads=int(t), batch_size=int(b), repeats=args.repeats, rounds=args.rounds,
-                        block=args.block, warmup=args.warmup)
-                for t in args.threads.split(",") for b in args.batch_size.split(",")]
-    from edgetl.envinfo import environment
+        rows = [
+            measure(
+                bundle,
+                merged,
+                threads=int(t),
+                batch_size=int(b),
+                repeats=args.repeats,
+                rounds=args.rounds,
+                block=args.block,
+                warmup=args.warmup,
+            )
+            for t in args.threads.split(",")
+            for b in args.batch_size.split(",")
+        ]
+    from edgetl.core.envinfo import environment
 
-    doc = {"bundle": str(bundle), "backbone": manifest["backbone"]["name"],
-           "input_size": manifest["preprocessing"]["input_size"], "bar": 1.10, "rows": rows,
-           "passed": all(r["ratio_median"] <= 1.10 for r in rows), "env": environment()}
+    doc = {
+        "bundle": str(bundle),
+        "backbone": manifest["backbone"]["name"],
+        "input_size": manifest["preprocessing"]["input_size"],
+        "bar": 1.10,
+        "rows": rows,
+        "passed": all(r["ratio_median"] <= 1.10 for r in rows),
+        "env": environment(),
+    }
     if args.json:
         print(json.dumps(doc, indent=2))
         return
-    print(f"{doc['backbone']} at {doc['input_size']} px, fp32, ONNX Runtime CPU; "
-          f"{args.repeats} x {args.rounds} rounds of {args.block} calls per arm")
+    print(
+        f"{doc['backbone']} at {doc['input_size']} px, fp32, ONNX Runtime CPU; "
+        f"{args.repeats} x {args.rounds} rounds of {args.block} calls per arm"
+    )
     print(f"{'threads':>7} {'batch':>5} {'edgetl p50 ms':>14} {'bare p50 ms':>12} {'ratio':>6}  per repeat")
     for r in rows:
-        print(f"{r['threads']:>7} {r['batch_size']:>5} {r['edgetl_p50_ms']:>14.3f} {r['bare_p50_ms']:>12.3f} "
-              f"{r['ratio_median']:>6.3f}  " + " ".join(f"{x:.3f}" for x in r["ratios"]))
+        print(
+            f"{r['threads']:>7} {r['batch_size']:>5} {r['edgetl_p50_ms']:>14.3f} {r['bare_p50_ms']:>12.3f} "
+            f"{r['ratio_median']:>6.3f}  " + " ".join(f"{x:.3f}" for x in r["ratios"])
+        )
     print(f"bar: edgetl <= 1.10x the bare merged session: {'met' if doc['passed'] else 'NOT met'}")
 
 

@@ -22,12 +22,20 @@ from pathlib import Path
 
 import torch
 
-from edgetl.backbones import get_backbone
-from edgetl.data import write_digits
-from edgetl.loops import cosine
-from edgetl.model import Head, TransferModel, build_trunk, freeze_batchnorm_stats, set_trainable
-from edgetl.train import TrainConfig, _ImageDataset, eval_transform, prepare_data, select_device, train_model, train_transform
-from edgetl.weights import resolve_weights
+from edgetl.workstation.backbones import get_backbone
+from edgetl.workstation.data import write_digits
+from edgetl.workstation.loops import cosine
+from edgetl.workstation.model import Head, TransferModel, build_trunk, freeze_batchnorm_stats, set_trainable
+from edgetl.workstation.train import (
+    TrainConfig,
+    _ImageDataset,
+    eval_transform,
+    prepare_data,
+    select_device,
+    train_model,
+    train_transform,
+)
+from edgetl.workstation.weights import resolve_weights
 
 
 def hand_written(prepared, cfg: TrainConfig, device) -> float:
@@ -39,12 +47,20 @@ def hand_written(prepared, cfg: TrainConfig, device) -> float:
     model = TransferModel(build_trunk(spec, state), Head(spec.feature_dim, len(prepared.labels), cfg.dropout))
     set_trainable(model.trunk, cfg.unfreeze)
     model.to(device)
-    train = torch.utils.data.DataLoader(_ImageDataset(prepared.train, train_transform(pp, hflip=False)),
-                                        batch_size=cfg.batch_size, shuffle=True, pin_memory=device.type == "cuda")
+    train = torch.utils.data.DataLoader(
+        _ImageDataset(prepared.train, train_transform(pp, hflip=False)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        pin_memory=device.type == "cuda",
+    )
     val = torch.utils.data.DataLoader(_ImageDataset(prepared.val, eval_transform(pp)), batch_size=cfg.batch_size)
-    opt = torch.optim.AdamW([{"params": model.head.parameters(), "lr": cfg.lr},
-                             {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": cfg.lr * cfg.trunk_lr_scale}],
-                            weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.head.parameters(), "lr": cfg.lr},
+            {"params": [p for p in model.trunk.parameters() if p.requires_grad], "lr": cfg.lr * cfg.trunk_lr_scale},
+        ],
+        weight_decay=cfg.weight_decay,
+    )
     sched = cosine(opt, math.ceil(len(prepared.train) / cfg.batch_size) * cfg.epochs)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     t0 = time.perf_counter()
@@ -60,7 +76,7 @@ def hand_written(prepared, cfg: TrainConfig, device) -> float:
             sched.step()
         model.eval()
         with torch.inference_mode():
-            for x, y in val:
+            for x, _y in val:
                 model(x.to(device))
     return time.perf_counter() - t0
 
@@ -74,8 +90,15 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    cfg = TrainConfig(strategy="fine-tune", unfreeze=args.unfreeze, epochs=args.epochs, img_size=args.img_size,
-                      patience=args.epochs, device=args.device, workers=0)
+    cfg = TrainConfig(
+        strategy="fine-tune",
+        unfreeze=args.unfreeze,
+        epochs=args.epochs,
+        img_size=args.img_size,
+        patience=args.epochs,
+        device=args.device,
+        workers=0,
+    )
     device = select_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "digits"

@@ -1,8 +1,14 @@
 """edgetl: adapt an ImageNet backbone to your images, export it, run it on the edge.
 
-The package is library first; ``edgetl.cli`` is a thin layer over it. Modules that need torch
-(``backbones`` builders, ``train``, ``export``) import it lazily, so the device side
-(``edgetl.runtime``, ``edgetl.bundle``, ``edgetl.preprocess``, ``edgetl.bench``) runs without it.
+Four packages, and the folder says where each runs (docs/design.md has the diagram):
+
+* ``edgetl.core``: torch-free pieces both sides share (errors, the format table, the bundle
+  manifest, images and preprocessing, shipped YAML, machine facts);
+* ``edgetl.workstation``: training, heads, study, probe, export and quantization (torch);
+* ``edgetl.device``: runtime back-ends, predictor, bench, doctor, pack, deploy (never torch);
+* ``edgetl.cli``: the thin command line over both.
+
+The direction (cli -> workstation -> device -> core) is checked by import-linter in CI.
 """
 
 __version__ = "0.1.0"

@@ -35,9 +35,13 @@ from pathlib import Path
 DEFAULT_ROOT = Path(os.environ.get("EDGETL_ARM64_ROOT", "/var/tmp/edgetl-arm64-bookworm"))
 MIRROR = os.environ.get("EDGETL_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 QEMU_CPU = os.environ.get("EDGETL_QEMU_CPU", "cortex-a72")
-CPU_PART = {"cortex-a72": ("0xd08", "fp asimd evtstrm crc32 cpuid"),
-            "cortex-a76": ("0xd0b", "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid "
-                                    "asimdrdm lrcpc dcpop asimddp")}
+CPU_PART = {
+    "cortex-a72": ("0xd08", "fp asimd evtstrm crc32 cpuid"),
+    "cortex-a76": (
+        "0xd0b",
+        "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp",
+    ),
+}
 VENV = "/opt/edgetl"
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 READY = ".edgetl-base-ready"
@@ -52,8 +56,12 @@ def missing_requirements() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root (debootstrap, chroot and binfmt_misc need it)")
-    for tool, package in (("debootstrap", "debootstrap"), ("qemu-aarch64-static", "qemu-user-static"),
-                          ("update-binfmts", "binfmt-support"), ("chroot", "coreutils")):
+    for tool, package in (
+        ("debootstrap", "debootstrap"),
+        ("qemu-aarch64-static", "qemu-user-static"),
+        ("update-binfmts", "binfmt-support"),
+        ("chroot", "coreutils"),
+    ):
         if not shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
             missing.append(f"{tool} (apt install {package})")
     return missing
@@ -66,8 +74,9 @@ def _which(tool: str) -> str:
 def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
     result = subprocess.run(argv, capture_output=True, text=True, **kw)
     if result.returncode != 0:
-        raise SetupError(f"{' '.join(argv[:4])} ... failed (exit {result.returncode}): "
-                         f"{(result.stderr or result.stdout)[-2000:]}")
+        raise SetupError(
+            f"{' '.join(argv[:4])} ... failed (exit {result.returncode}): {(result.stderr or result.stdout)[-2000:]}"
+        )
     return result
 
 
@@ -86,8 +95,10 @@ def ensure_binfmt() -> None:
 def _fake_cpu_files(root: Path) -> None:
     part, features = CPU_PART[QEMU_CPU]
     cores = os.cpu_count() or 1
-    block = ("processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
-             "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 3\n\n")
+    block = (
+        "processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: {features}\nCPU implementer\t: 0x41\n"
+        "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: {part}\nCPU revision\t: 3\n\n"
+    )
     proc = root / "proc"
     if os.path.ismount(proc):
         raise SetupError(f"{proc} is a mounted /proc; unmount it (onnxruntime would read the host's x86 cpuinfo)")
@@ -101,19 +112,30 @@ def _fake_cpu_files(root: Path) -> None:
 
 def chroot_env(**extra: str) -> dict[str, str]:
     """The whole environment of a command in the userland (env -i): nothing of the host's."""
-    return {"PATH": f"{VENV}/bin:/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
-            "QEMU_CPU": QEMU_CPU, "PIP_CERT": "/etc/ssl/host-ca.crt", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "PIP_DEFAULT_TIMEOUT": "120", **extra}
+    return {
+        "PATH": f"{VENV}/bin:/usr/local/bin:/usr/bin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "QEMU_CPU": QEMU_CPU,
+        "PIP_CERT": "/etc/ssl/host-ca.crt",
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_DEFAULT_TIMEOUT": "120",
+        **extra,
+    }
 
 
-def run_in(root: Path, argv: list[str], *, check: bool = True, timeout: float = 1800,
-           **env: str) -> subprocess.CompletedProcess:
+def run_in(
+    root: Path, argv: list[str], *, check: bool = True, timeout: float = 1800, **env: str
+) -> subprocess.CompletedProcess:
     """Run ``argv`` inside the userland (chroot, emulated CPU, clean environment)."""
-    result = subprocess.run([_which("chroot"), str(root), *argv], capture_output=True, text=True,
-                            env=chroot_env(**env), timeout=timeout)
+    result = subprocess.run(
+        [_which("chroot"), str(root), *argv], capture_output=True, text=True, env=chroot_env(**env), timeout=timeout
+    )
     if check and result.returncode != 0:
-        raise SetupError(f"in the arm64 userland, {' '.join(argv)} failed (exit {result.returncode}): "
-                         f"{(result.stderr or result.stdout)[-3000:]}")
+        raise SetupError(
+            f"in the arm64 userland, {' '.join(argv)} failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout)[-3000:]}"
+        )
     return result
 
 
@@ -127,8 +149,17 @@ def ensure_base(root: Path = DEFAULT_ROOT, *, log=print) -> dict[str, float]:
         root.parent.mkdir(parents=True, exist_ok=True)
         log(f"debootstrap bookworm arm64 into {root} (a few minutes) ...")
         t = time.perf_counter()
-        _run([_which("debootstrap"), "--arch=arm64", "--variant=minbase",
-              "--include=python3,python3-venv,ca-certificates", "bookworm", str(root), MIRROR])
+        _run(
+            [
+                _which("debootstrap"),
+                "--arch=arm64",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(root),
+                MIRROR,
+            ]
+        )
         timings["debootstrap_s"] = time.perf_counter() - t
         t = time.perf_counter()
         run_in(root, ["/usr/bin/python3", "-m", "venv", VENV])
@@ -148,8 +179,7 @@ def build_wheel(out: Path, project: Path = PROJECT) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("edgetl-*.whl"):
         old.unlink()
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out),
-          str(project)])
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(project)])
     return next(out.glob("edgetl-*.whl"))
 
 

@@ -36,8 +36,17 @@ def main() -> None:
     common = ["--img-size", "96", "--seed", "0", "--val-split", "0.2", "--no-progress"]
     fe = edgetl("finetune", data["path"], "--out", str(root / "runs/feature-extraction"), "--epochs", "10", *common)
     ft = edgetl(
-        "finetune", data["path"], "--out", str(root / "runs/fine-tune"),
-        "--strategy", "fine-tune", "--unfreeze", "3", "--epochs", "3", *common,
+        "finetune",
+        data["path"],
+        "--out",
+        str(root / "runs/fine-tune"),
+        "--strategy",
+        "fine-tune",
+        "--unfreeze",
+        "3",
+        "--epochs",
+        "3",
+        *common,
     )
     exported = edgetl("export", ft["run_dir"], "--out", str(root / "bundles/digits"))
     sample = sorted((root / "digits" / "7").glob("*.png"))[0]
@@ -65,7 +74,7 @@ def main() -> None:
         )
     p = pred[0] if isinstance(pred, list) else pred["predictions"][0]
     t.add_row("predict", f"{sample.parent.name}/{sample.name} -> {p['label']} ({p['score']:.3f})")
-    results = bench["results"] if "results" in bench else [bench]
+    results = bench.get("results", [bench])
     for r in results:
         lat = r["latency_ms"]
         t.add_row(

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgetl.atomic import write_json_atomic
-from edgetl.bundle import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, file_record, variant_name
+from edgetl.core.atomic import write_json_atomic
+from edgetl.core.bundle import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, file_record
+from edgetl.core.formats import variant_name
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 INPUT_SIZE = 32
@@ -77,8 +78,10 @@ def write_head(path: Path, weight: np.ndarray, bias: np.ndarray) -> None:
         "head",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", feature_dim])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        initializer=[numpy_helper.from_array(weight.astype(np.float32), "W"),
-                     numpy_helper.from_array(bias.astype(np.float32), "b")],
+        initializer=[
+            numpy_helper.from_array(weight.astype(np.float32), "W"),
+            numpy_helper.from_array(bias.astype(np.float32), "b"),
+        ],
     )
     _save(_model(graph), path)
 
@@ -126,16 +129,26 @@ def write_openvino_ir(onnx_path: Path, xml_path: Path) -> tuple[str, str]:
     return str(xml_path), str(xml_path.with_suffix(".bin"))
 
 
-def _add_openvino_variants(root: Path, files: dict[str, Any], variants: dict[str, Any],
-                           precisions: tuple[str, ...], heads: tuple[str, ...]) -> None:
+def _add_openvino_variants(
+    root: Path, files: dict[str, Any], variants: dict[str, Any], precisions: tuple[str, ...], heads: tuple[str, ...]
+) -> None:
     def convert(onnx_rel: str, role: str, head: str | None, precision: str) -> str:
         xml_rel = onnx_rel.replace("onnx/", "openvino/").replace(".onnx", ".xml")
         write_openvino_ir(root / onnx_rel, root / xml_rel)
         bin_rel = xml_rel[: -len(".xml")] + ".bin"
         rec = files[onnx_rel]
-        files[xml_rel] = file_record(root, xml_rel, fmt="openvino", precision=precision, role=role, head=head,
-                                     inputs=rec["inputs"], outputs=rec["outputs"], derived_from=onnx_rel,
-                                     extra_files=(bin_rel,))
+        files[xml_rel] = file_record(
+            root,
+            xml_rel,
+            fmt="openvino",
+            precision=precision,
+            role=role,
+            head=head,
+            inputs=rec["inputs"],
+            outputs=rec["outputs"],
+            derived_from=onnx_rel,
+            extra_files=(bin_rel,),
+        )
         return xml_rel
 
     head_files = {h: convert(f"onnx/head.{h}.onnx", "head", h, "fp32") for h in heads}
@@ -143,12 +156,17 @@ def _add_openvino_variants(root: Path, files: dict[str, Any], variants: dict[str
         onnx_variant = variants[variant_name("onnx", prec)]
         trunk = convert(onnx_variant["trunk"], "trunk", None, prec)
         variants[variant_name("openvino", prec)] = {
-            "format": "openvino", "precision": prec, "trunk": trunk, "heads": dict(head_files),
-            "inference_precision": "f32", "metrics": dict(onnx_variant["metrics"]),
+            "format": "openvino",
+            "precision": prec,
+            "trunk": trunk,
+            "heads": dict(head_files),
+            "inference_precision": "f32",
+            "metrics": dict(onnx_variant["metrics"]),
         }
         if "merged" in onnx_variant:
             variants[variant_name("openvino", prec)]["merged"] = {
-                h: convert(rel, "merged", h, prec) for h, rel in onnx_variant["merged"].items()}
+                h: convert(rel, "merged", h, prec) for h, rel in onnx_variant["merged"].items()
+            }
 
 
 def build_bundle(
@@ -172,27 +190,52 @@ def build_bundle(
     for prec in precisions:
         rel = f"onnx/trunk.{prec}.onnx"
         write_trunk(root / rel, input_size=input_size, feature_dim=feature_dim, doc=f"tiny trunk {prec}")
-        files[rel] = file_record(root, rel, fmt="onnx", precision=prec, role="trunk", head=None,
-                                 inputs=_io("image", image_shape), outputs=_io("features", ["batch", feature_dim]),
-                                 derived_from="tests/bundle_factory.py" if prec == "fp32" else "onnx/trunk.fp32.onnx")
+        files[rel] = file_record(
+            root,
+            rel,
+            fmt="onnx",
+            precision=prec,
+            role="trunk",
+            head=None,
+            inputs=_io("image", image_shape),
+            outputs=_io("features", ["batch", feature_dim]),
+            derived_from="tests/bundle_factory.py" if prec == "fp32" else "onnx/trunk.fp32.onnx",
+        )
     head_records = {}
     for name in heads:
         labels, weights = HEADS[name]
         rel = f"onnx/head.{name}.onnx"
         write_head(root / rel, *weights(feature_dim))
-        files[rel] = file_record(root, rel, fmt="onnx", precision="fp32", role="head", head=name,
-                                 inputs=_io("features", ["batch", feature_dim]),
-                                 outputs=_io("logits", ["batch", len(labels)]), derived_from="tests/bundle_factory.py")
-        head_records[name] = {"labels": labels, "input": _io("features", ["batch", feature_dim])[0],
-                              "output": _io("logits", ["batch", len(labels)])[0]}
+        files[rel] = file_record(
+            root,
+            rel,
+            fmt="onnx",
+            precision="fp32",
+            role="head",
+            head=name,
+            inputs=_io("features", ["batch", feature_dim]),
+            outputs=_io("logits", ["batch", len(labels)]),
+            derived_from="tests/bundle_factory.py",
+        )
+        head_records[name] = {
+            "labels": labels,
+            "input": _io("features", ["batch", feature_dim])[0],
+            "output": _io("logits", ["batch", len(labels)])[0],
+        }
     variants = {}
     for i, prec in enumerate(precisions):
         trunk_rel = f"onnx/trunk.{prec}.onnx"
         variants[variant_name("onnx", prec)] = {
-            "format": "onnx", "precision": prec, "trunk": trunk_rel,
+            "format": "onnx",
+            "precision": prec,
+            "trunk": trunk_rel,
             "heads": {h: f"onnx/head.{h}.onnx" for h in heads},
-            "metrics": {"val_top1": 0.97 - 0.004 * i, "max_abs_diff": 1e-6, "top1_agreement": 1.0,
-                        "bytes": files[trunk_rel]["bytes"] + sum(files[f"onnx/head.{h}.onnx"]["bytes"] for h in heads)},
+            "metrics": {
+                "val_top1": 0.97 - 0.004 * i,
+                "max_abs_diff": 1e-6,
+                "top1_agreement": 1.0,
+                "bytes": files[trunk_rel]["bytes"] + sum(files[f"onnx/head.{h}.onnx"]["bytes"] for h in heads),
+            },
         }
     if merged:
         for prec in precisions:
@@ -201,9 +244,17 @@ def build_bundle(
             for h in heads:
                 rel = f"onnx/merged.{h}.{prec}.onnx"
                 write_merged(root / var["trunk"], root / var["heads"][h], root / rel)
-                files[rel] = file_record(root, rel, fmt="onnx", precision=prec, role="merged", head=h,
-                                         inputs=files[var["trunk"]]["inputs"],
-                                         outputs=files[var["heads"][h]]["outputs"], derived_from=var["trunk"])
+                files[rel] = file_record(
+                    root,
+                    rel,
+                    fmt="onnx",
+                    precision=prec,
+                    role="merged",
+                    head=h,
+                    inputs=files[var["trunk"]]["inputs"],
+                    outputs=files[var["heads"][h]]["outputs"],
+                    derived_from=var["trunk"],
+                )
                 var["merged"][h] = rel
     if "openvino" in formats:
         _add_openvino_variants(root, files, variants, precisions, heads)
@@ -216,9 +267,16 @@ def build_bundle(
         "created_utc": "2024-01-01T00:00:00Z",
         "edgetl_version": "0.1.0",
         "backbone": {"name": "tiny_onnx", "feature_dim": feature_dim, "weights": {"kind": "none"}},
-        "preprocessing": {"input_size": input_size, "resize_size": input_size + 4, "interpolation": "bilinear",
-                          "mean": list(MEAN), "std": list(STD), "color_mode": "RGB", "layout": "NCHW",
-                          "dtype": "float32"},
+        "preprocessing": {
+            "input_size": input_size,
+            "resize_size": input_size + 4,
+            "interpolation": "bilinear",
+            "mean": list(MEAN),
+            "std": list(STD),
+            "color_mode": "RGB",
+            "layout": "NCHW",
+            "dtype": "float32",
+        },
         "trunk": {"input": _io("image", image_shape)[0], "output": _io("features", ["batch", feature_dim])[0]},
         "heads": head_records,
         "files": files,

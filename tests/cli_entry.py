@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.helpers import register_tiny_backbone  # noqa: E402
+from tests.helpers import register_tiny_backbone
 
 register_tiny_backbone()
 

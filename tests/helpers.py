@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edgetl.backbones import BackboneSpec, get_backbone, register_backbone
+from edgetl.workstation.backbones import BackboneSpec, get_backbone, register_backbone
 
 TINY = "tiny_test"
 
@@ -48,8 +48,14 @@ def register_tiny_backbone() -> BackboneSpec:
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
-def make_image_folder(root: Path, per_class: int = 16, classes=("red", "green", "blue"), seed: int = 0,
-                      size: tuple[int, int] = (40, 48), fmt: str = "png") -> Path:
+def make_image_folder(
+    root: Path,
+    per_class: int = 16,
+    classes=("red", "green", "blue"),
+    seed: int = 0,
+    size: tuple[int, int] = (40, 48),
+    fmt: str = "png",
+) -> Path:
     """Classes told apart by colour, with noise and a random bright square: easy but not trivial."""
     rng = np.random.default_rng(seed)
     for name in classes:

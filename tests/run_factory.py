@@ -1,9 +1,9 @@
 """Write a run directory without the training code, for export tests (and measurements).
 
-``make_run`` produces exactly what :func:`edgetl.run.load_run` reads: config.json, labels.json,
+``make_run`` produces exactly what :func:`edgetl.workstation.run.load_run` reads: config.json, labels.json,
 split.json, model.pt and metrics.json. The head is fitted on trunk features (a few hundred steps of
 full-batch logistic regression), so validation accuracy is meaningful and int8 drops are real
-numbers. When ``edgetl.train.finetune`` is available it can replace this helper one for one.
+numbers. When ``edgetl.workstation.train.finetune`` is available it can replace this helper one for one.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.backbones import get_backbone
-from edgetl.data import scan_image_folder, stratified_split
-from edgetl.preprocess import load_image, preprocess_batch
+from edgetl.core.imagefolder import scan_image_folder
+from edgetl.core.preprocess import load_image, preprocess_batch
+from edgetl.workstation.backbones import get_backbone
+from edgetl.workstation.data import stratified_split
 
 
 def _features(trunk, samples, pp, batch_size: int = 128) -> np.ndarray:
@@ -46,7 +47,7 @@ def make_run(
     checkpoint of the full torchvision model) or seeded random init, head fitted on its features."""
     import torch
 
-    from edgetl.model import Head, build_trunk
+    from edgetl.workstation.model import Head, build_trunk
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,16 +115,19 @@ def shared_run(tmp_path_factory) -> Path:
 
 def shared_export(tmp_path_factory, profile: str, **options) -> tuple[Path, dict]:
     """``export_bundle(shared_run, ..., profile=profile, **options)`` once per session: (bundle, --json doc)."""
-    from edgetl.export import export_bundle
+    from edgetl.workstation.export import export_bundle
 
     key = ("export", profile, tuple(sorted(options.items())))
     if key not in _SHARED:
         out = tmp_path_factory.mktemp(f"shared-{profile}") / "b"
-        _SHARED[key] = (out, export_bundle(shared_run(tmp_path_factory), out, profile=profile, progress=False, **options))
+        _SHARED[key] = (
+            out,
+            export_bundle(shared_run(tmp_path_factory), out, profile=profile, progress=False, **options),
+        )
     return _SHARED[key]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_runs_bf16() -> bool:
     """OpenVINO runs bf16 natively on AMX/AVX512-BF16 CPUs and emulates it on other AVX-512 ones;
     older CPUs answer f32 to a bf16 hint."""
@@ -131,11 +135,15 @@ def cpu_runs_bf16() -> bool:
     import openvino.opset13 as ops
 
     param = ops.parameter([1, 4], ov.Type.f32)
-    compiled = ov.Core().compile_model(ov.Model([ops.relu(param)], [param]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    compiled = ov.Core().compile_model(
+        ov.Model([ops.relu(param)], [param]), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"}
+    )
     return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
 
 
 def all_profile_export(tmp_path_factory) -> tuple[Path, dict]:
     """The ``all`` profile: every format and precision with merged graphs (bf16 left out where the
     CPU cannot run it)."""
-    return shared_export(tmp_path_factory, "all", **({} if cpu_runs_bf16() else {"precisions": ("fp32", "fp16", "int8")}))
+    return shared_export(
+        tmp_path_factory, "all", **({} if cpu_runs_bf16() else {"precisions": ("fp32", "fp16", "int8")})
+    )

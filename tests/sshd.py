@@ -41,8 +41,11 @@ def _free_port() -> int:
 
 def keygen(path: Path) -> str:
     """A new ed25519 key pair at ``path``; returns the public key line."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgetl-test", "-f", str(path)],
-                   check=True, stdin=subprocess.DEVNULL)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "edgetl-test", "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
     return Path(f"{path}.pub").read_text().strip()
 
 
@@ -72,9 +75,10 @@ class LoopbackSSHD:
                 "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                 "UsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\nLogLevel VERBOSE\n"
             )
-            log = open(self.root / "sshd.log", "ab")
-            self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+            log = open(self.root / "sshd.log", "ab")  # noqa: SIM115  (sshd writes to it until stop())
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
             if self._wait_ready():
                 self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {self.host_pub}\n")
                 self.write_client_config()
@@ -95,8 +99,9 @@ class LoopbackSSHD:
                 time.sleep(0.05)
         return False
 
-    def write_client_config(self, *, known_hosts: Path | None = None, relay_limit: int | None = None,
-                            name: str = "ssh_config") -> Path:
+    def write_client_config(
+        self, *, known_hosts: Path | None = None, relay_limit: int | None = None, name: str = "ssh_config"
+    ) -> Path:
         """A client config for ``edgetl-device``; ``relay_limit`` routes it through a relay that
         drops the connection after that many bytes from the client (a network cut mid-copy)."""
         lines = [
@@ -113,8 +118,10 @@ class LoopbackSSHD:
             "  ConnectTimeout 10",
         ]
         if relay_limit is not None:
-            lines += [f"  HostKeyAlias [127.0.0.1]:{self.port}",
-                      f"  ProxyCommand {sys.executable} {RELAY} 127.0.0.1 {self.port} {relay_limit}"]
+            lines += [
+                f"  HostKeyAlias [127.0.0.1]:{self.port}",
+                f"  ProxyCommand {sys.executable} {RELAY} 127.0.0.1 {self.port} {relay_limit}",
+            ]
         path = self.root / name
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from edgetl.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import arm64_userland as arm64  # noqa: E402
+import arm64_userland as arm64
 
 pytestmark = [pytest.mark.slow, pytest.mark.arm64]
 
@@ -58,10 +58,35 @@ def real_bundle(tmp_path_factory):
     """ImageNet MobileNetV2 -> digits by feature extraction, exported as ONNX fp32 + int8 (x86)."""
     tmp = tmp_path_factory.mktemp("x86")
     digits = json.loads(edgetl("data", "digits", tmp / "digits", "--json"))["path"]
-    run = json.loads(edgetl("finetune", digits, "--out", tmp / "run", "--epochs", "5", "--img-size", "96",
-                            "--seed", "0", "--no-progress", "--json"))
-    bundle = json.loads(edgetl("export", run["run_dir"], "--out", tmp / "digits-bundle", "--format", "onnx",
-                               "--precision", "fp32,int8", "--json"))
+    run = json.loads(
+        edgetl(
+            "finetune",
+            digits,
+            "--out",
+            tmp / "run",
+            "--epochs",
+            "5",
+            "--img-size",
+            "96",
+            "--seed",
+            "0",
+            "--no-progress",
+            "--json",
+        )
+    )
+    bundle = json.loads(
+        edgetl(
+            "export",
+            run["run_dir"],
+            "--out",
+            tmp / "digits-bundle",
+            "--format",
+            "onnx",
+            "--precision",
+            "fp32,int8",
+            "--json",
+        )
+    )
     images = tmp / "images"
     for class_dir in sorted(Path(digits).iterdir()):
         for src in sorted(class_dir.glob("*.png"))[:IMAGES_PER_CLASS]:
@@ -82,28 +107,54 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
     shutil.copytree(bundle, work / "bundle")
     shutil.copytree(images, work / "images")
 
-    no_torch = arm64.run_in(root, ["python", "-c", "import importlib.util as u, platform; "
-                                   "print(platform.machine(), u.find_spec('torch') is None)"])
+    no_torch = arm64.run_in(
+        root,
+        [
+            "python",
+            "-c",
+            "import importlib.util as u, platform; print(platform.machine(), u.find_spec('torch') is None)",
+        ],
+    )
     assert no_torch.stdout.split() == ["aarch64", "True"]  # runtime-only install, really arm64
 
     summary = {"qemu_cpu": arm64.QEMU_CPU, "setup": {k: round(v, 1) for k, v in timings.items()}}
     for precision in ("fp32", "int8"):
         x86 = _labels(json.loads(edgetl("predict", bundle, images, "--precision", precision, "--json")))
         t = time.perf_counter()
-        out = arm64.run_in(root, ["edgetl", "predict", "/opt/work/bundle", "/opt/work/images", "--precision",
-                                  precision, "--json"])
+        out = arm64.run_in(
+            root, ["edgetl", "predict", "/opt/work/bundle", "/opt/work/images", "--precision", precision, "--json"]
+        )
         seconds = time.perf_counter() - t
         arm = _labels(json.loads(out.stdout))
         assert arm.keys() == x86.keys() and len(arm) == 10 * IMAGES_PER_CLASS
         assert {k: v[0] for k, v in arm.items()} == {k: v[0] for k, v in x86.items()}, precision
         max_diff = max(abs(arm[k][1] - x86[k][1]) for k in arm)
         assert max_diff < (1e-3 if precision == "fp32" else 0.05), (precision, max_diff)
-        summary[f"predict_{precision}"] = {"images": len(arm), "labels_identical": True,
-                                           "max_score_diff": max_diff, "emulated_seconds": round(seconds, 1)}
+        summary[f"predict_{precision}"] = {
+            "images": len(arm),
+            "labels_identical": True,
+            "max_score_diff": max_diff,
+            "emulated_seconds": round(seconds, 1),
+        }
 
     t = time.perf_counter()
-    out = arm64.run_in(root, ["edgetl", "bench", "/opt/work/bundle", "--precision", "fp32,int8", "--warmup", "2",
-                              "--iterations", "10", "--block", "5", "--json"])
+    out = arm64.run_in(
+        root,
+        [
+            "edgetl",
+            "bench",
+            "/opt/work/bundle",
+            "--precision",
+            "fp32,int8",
+            "--warmup",
+            "2",
+            "--iterations",
+            "10",
+            "--block",
+            "5",
+            "--json",
+        ],
+    )
     rep = json.loads(out.stdout)
     results = {r["precision"]: r for r in rep["results"]}
     assert set(results) == {"fp32", "int8"}
@@ -113,9 +164,14 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
     for r in results.values():
         assert r["latency_ms"]["p50"] > 0 and r["cold_start_ms"]["first_inference"] > 0
     doctor = json.loads(arm64.run_in(root, ["edgetl", "doctor", "--json"]).stdout)
-    summary["bench_emulated"] = {p: {"p50_ms": round(r["latency_ms"]["p50"], 1),
-                                     "cold_start_total_ms": round(r["cold_start_ms"]["total"] or 0),
-                                     "peak_rss_mb": r["peak_rss_mb"]} for p, r in results.items()}
+    summary["bench_emulated"] = {
+        p: {
+            "p50_ms": round(r["latency_ms"]["p50"], 1),
+            "cold_start_total_ms": round(r["cold_start_ms"]["total"] or 0),
+            "peak_rss_mb": r["peak_rss_mb"],
+        }
+        for p, r in results.items()
+    }
     summary["bench_seconds"] = round(time.perf_counter() - t, 1)
     summary["doctor_profile"] = doctor["profiles"]["best"]
     assert doctor["profiles"]["best"] == ("rpi4" if arm64.QEMU_CPU == "cortex-a72" else "rpi5")

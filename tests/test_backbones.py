@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from edgetl.backbones import BackboneSpec, get_backbone, list_backbones, register_backbone
-from edgetl.errors import ConfigError, WeightsError
-from edgetl.model import build_trunk, set_trainable
-from edgetl.weights import find_imagenet_weights, resolve_weights, verify_name_hash
+from edgetl.core.errors import ConfigError, WeightsError
+from edgetl.workstation.backbones import get_backbone, list_backbones, register_backbone
+from edgetl.workstation.model import build_trunk, set_trainable
+from edgetl.workstation.weights import find_imagenet_weights, resolve_weights, verify_name_hash
 
 REAL = ["mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50", "efficientnet_b0"]
 

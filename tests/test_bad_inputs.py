@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edgetl.cli import main
-from edgetl.data import drop_unreadable, scan_image_folder
-from edgetl.errors import DataError
-from edgetl.preprocess import MAX_PIXELS, load_image
+from edgetl.core.errors import DataError
+from edgetl.core.imagefolder import drop_unreadable, scan_image_folder
+from edgetl.core.preprocess import MAX_PIXELS, load_image
 
 TINY = ["--backbone", "tiny_test", "--weights", "none", "--epochs", "2", "--batch-size", "16", "--no-progress"]
 
@@ -56,7 +56,7 @@ def test_bad_file_is_a_data_error_naming_it(tmp_path, name):
 def test_bomb_is_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_claiming(20_000, 10_000))
-    assert 20_000 * 10_000 > MAX_PIXELS
+    assert MAX_PIXELS < 20_000 * 10_000
     with pytest.raises(DataError, match="decompression bomb"):
         load_image(path)
 
@@ -66,7 +66,7 @@ def _good_variants(tmp_path):
     out = {}
     out["cmyk.jpg"] = _jpeg_bytes(rgb.convert("CMYK"))
     buf = io.BytesIO()
-    Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)).save(buf, "PNG")
+    Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(buf, "PNG")
     out["sixteen-bit.png"] = buf.getvalue()
     pal = rgb.convert("P")
     buf = io.BytesIO()
@@ -128,8 +128,9 @@ def test_finetune_skips_every_bad_file_and_reports_it(image_folder, tmp_path):
 
 def test_on_bad_image_fail_stops_with_one_line(image_folder, tmp_path):
     (image_folder / "red" / "zero.png").write_bytes(b"")
-    result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *TINY,
-                                       "--on-bad-image", "fail"])
+    result = CliRunner().invoke(
+        main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--on-bad-image", "fail"]
+    )
     assert result.exit_code == 1 and "zero.png" in result.stderr and "--on-bad-image skip" in result.stderr
     assert not (tmp_path / "run").exists()
 

@@ -1,4 +1,4 @@
-"""edgetl.bench, edgetl.envinfo and `edgetl bench` on tiny torch-free bundles."""
+"""edgetl.device.bench, edgetl.core.envinfo and `edgetl bench` on tiny torch-free bundles."""
 
 from __future__ import annotations
 
@@ -10,17 +10,40 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from edgetl import bench as bench_mod
-from edgetl.bench import (BenchResult, _Timed, bench, bench_precisions, compare, interleave, latency_summary,
-                          plot_latencies, report, results_dir, run_bench, save_report, synthetic_image)
 from edgetl.cli import main
-from edgetl.envinfo import environment
-from edgetl.errors import BackendError, ConfigError
+from edgetl.core.envinfo import environment
+from edgetl.core.errors import BackendError, ConfigError
+from edgetl.device import bench as bench_mod
+from edgetl.device.bench import (
+    BenchResult,
+    _Timed,
+    bench,
+    bench_precisions,
+    compare,
+    interleave,
+    latency_summary,
+    plot_latencies,
+    report,
+    results_dir,
+    run_bench,
+    save_report,
+    synthetic_image,
+)
 from tests.bundle_factory import build_bundle
 
-# The DESIGN.md contract for `edgetl bench --json`.
-DESIGN_KEYS = {"runtime", "precision", "batch_size", "threads", "latency_ms", "throughput_ips", "cold_start_ms",
-               "peak_rss_mb", "model_bytes", "env"}
+# The docs/design.md contract for `edgetl bench --json`.
+DESIGN_KEYS = {
+    "runtime",
+    "precision",
+    "batch_size",
+    "threads",
+    "latency_ms",
+    "throughput_ips",
+    "cold_start_ms",
+    "peak_rss_mb",
+    "model_bytes",
+    "env",
+}
 FAST = {"warmup": 1, "iterations": 5}
 QUICK = {"warmup": 1, "iterations": 5, "cold_start_runs": False}
 
@@ -42,7 +65,7 @@ def fp32_result(bundle_dir) -> BenchResult:
 
 def test_bench_result_has_design_keys_and_sane_numbers(fp32_result, bundle_dir):
     d = fp32_result.to_dict()
-    assert DESIGN_KEYS <= set(d)
+    assert set(d) >= DESIGN_KEYS
     json.dumps(d)  # serialisable as is
     assert "samples_ms" not in d and len(fp32_result.samples_ms) == 5
     assert (d["runtime"], d["precision"], d["batch_size"], d["threads"]) == ("onnxruntime", "fp32", 3, 1)
@@ -137,7 +160,7 @@ def test_bench_precisions_and_comparison(bundle_dir):
     assert row["top1_drop_pp"] == pytest.approx(0.4)
     doc = report(results)
     assert set(doc) == {"results", "comparison"}
-    assert all(DESIGN_KEYS <= set(r) for r in doc["results"])
+    assert all(set(r) >= DESIGN_KEYS for r in doc["results"])
     assert report(results[:1]) == results[0].to_dict()
     assert compare(results[:1]) == []
 
@@ -160,7 +183,7 @@ def test_all_variants_and_skipped(bundle_dir, monkeypatch):
     # A variant whose runtime is missing here is skipped with the reason, not fatal.
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     fake = dict(manifest["variants"]["onnx-fp32"], format="openvino")
-    from edgetl.runtime import Bundle
+    from edgetl.device.runtime import Bundle
 
     real_init = Bundle.__init__
 
@@ -179,19 +202,23 @@ def test_all_variants_and_skipped(bundle_dir, monkeypatch):
     monkeypatch.setattr(bench_mod, "import_backend", no_openvino)
     rep = run_bench(bundle_dir, all_variants=True, **QUICK)
     assert [r.variant for r in rep.results] == ["onnx-fp32", "onnx-int8"]
-    assert rep.skipped == [{"variant": "openvino-fp32",
-                            "reason": "runtime 'openvino' is not installed: pip install 'edgetl[openvino]'"}]
+    assert rep.skipped == [
+        {"variant": "openvino-fp32", "reason": "runtime 'openvino' is not installed: pip install 'edgetl[openvino]'"}
+    ]
     assert rep.to_dict()["skipped"] == rep.skipped
 
 
 def test_compare_openvino_against_onnxruntime(fp32_result):
-    ort_int8 = dataclasses.replace(fp32_result, precision="int8", variant="onnx-int8",
-                                   latency_ms={**fp32_result.latency_ms, "p50": 2.0})
+    ort_int8 = dataclasses.replace(
+        fp32_result, precision="int8", variant="onnx-int8", latency_ms={**fp32_result.latency_ms, "p50": 2.0}
+    )
     ort_fp32 = dataclasses.replace(fp32_result, latency_ms={**fp32_result.latency_ms, "p50": 3.0})
-    ov_fp32 = dataclasses.replace(ort_fp32, runtime="openvino", variant="openvino-fp32",
-                                  latency_ms={**fp32_result.latency_ms, "p50": 1.5})
-    ov_int8 = dataclasses.replace(ort_int8, runtime="openvino", variant="openvino-int8",
-                                  latency_ms={**fp32_result.latency_ms, "p50": 1.0})
+    ov_fp32 = dataclasses.replace(
+        ort_fp32, runtime="openvino", variant="openvino-fp32", latency_ms={**fp32_result.latency_ms, "p50": 1.5}
+    )
+    ov_int8 = dataclasses.replace(
+        ort_int8, runtime="openvino", variant="openvino-int8", latency_ms={**fp32_result.latency_ms, "p50": 1.0}
+    )
     other_threads = dataclasses.replace(ov_int8, threads=7)
     rows = compare([ort_fp32, ort_int8, ov_fp32, ov_int8, other_threads])
     by = {(r["kind"], r["variant"], r["threads"]): r for r in rows}
@@ -240,9 +267,12 @@ def test_device_profile_applies_and_options_win(bundle_dir, tmp_path):
     rep = run_bench(bundle_dir, device_profile=str(profile), **QUICK)
     (r,) = rep.results
     assert (r.threads, r.batch_size, r.precision) == (1, 2, "int8")
-    assert r.profile == {"name": "tiny-board", "path": str(profile),
-                         "applied": {"runtime": "onnxruntime", "threads": 1, "batch_size": 2, "precision": "int8"},
-                         "overridden": []}
+    assert r.profile == {
+        "name": "tiny-board",
+        "path": str(profile),
+        "applied": {"runtime": "onnxruntime", "threads": 1, "batch_size": 2, "precision": "int8"},
+        "overridden": [],
+    }
     rep = run_bench(bundle_dir, device_profile=str(profile), threads=2, **QUICK)
     assert rep.results[0].threads == 2 and rep.results[0].profile["overridden"] == ["threads"]
 
@@ -255,7 +285,7 @@ def test_save_report_and_results_dir(bundle_dir, tmp_path, monkeypatch):
     assert len(doc["results"]) == 2 and len(doc["results"][0]["samples_ms"]) == 5
     assert doc["profile_folder"] == "x86-server"
     # From this checkout: the project's devices/<profile>/results; an installed copy: under the cwd.
-    project = bench_mod.Path(bench_mod.__file__).resolve().parents[1]
+    project = bench_mod.Path(bench_mod.__file__).resolve().parents[2]
     assert results_dir("rpi5") == project / "devices" / "rpi5" / "results"
     monkeypatch.setattr(bench_mod, "__file__", str(tmp_path / "site-packages" / "edgetl" / "bench.py"))
     monkeypatch.chdir(tmp_path)
@@ -275,11 +305,27 @@ CLI_FAST = ["--warmup", "0", "--iterations", "3", "--no-cold-start"]
 
 
 def test_cli_bench_single_precision_json(bundle_dir):
-    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--precision", "int8", "--json", "--warmup", "0",
-                                       "--iterations", "3", "--batch-size", "2", "--threads", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle_dir),
+            "--precision",
+            "int8",
+            "--json",
+            "--warmup",
+            "0",
+            "--iterations",
+            "3",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert DESIGN_KEYS <= set(doc)
+    assert set(doc) >= DESIGN_KEYS
     assert (doc["precision"], doc["batch_size"], doc["threads"]) == ("int8", 2, 1)
     assert doc["cold_start_scope"] == "fresh-process"
 
@@ -299,18 +345,35 @@ def test_cli_bench_all_precisions_json_and_table(bundle_dir):
 
 def test_cli_bench_all_with_thread_sweep(bundle_dir, tmp_path):
     plot = tmp_path / "p.png"
-    result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--all", "--threads", "1,2", "--json",
-                                       "--plot", str(plot), "--save-dir", str(tmp_path / "saved"), *CLI_FAST])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(bundle_dir),
+            "--all",
+            "--threads",
+            "1,2",
+            "--json",
+            "--plot",
+            str(plot),
+            "--save-dir",
+            str(tmp_path / "saved"),
+            *CLI_FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [(r["variant"], r["threads"]) for r in doc["results"]] == [
-        ("onnx-fp32", 1), ("onnx-fp32", 2), ("onnx-int8", 1), ("onnx-int8", 2)]
-    assert all(DESIGN_KEYS <= set(r) for r in doc["results"])
+        ("onnx-fp32", 1),
+        ("onnx-fp32", 2),
+        ("onnx-int8", 1),
+        ("onnx-int8", 2),
+    ]
+    assert all(set(r) >= DESIGN_KEYS for r in doc["results"])
     assert {c["threads"] for c in doc["comparison"]} == {1, 2}
     assert plot.is_file() and len(list((tmp_path / "saved").glob("*.json"))) == 1
     assert "Saved " in result.stderr
-    table = CliRunner().invoke(main, ["bench", str(bundle_dir), "--threads", "1,2", "--batch-size", "1,2",
-                                      *CLI_FAST])
+    table = CliRunner().invoke(main, ["bench", str(bundle_dir), "--threads", "1,2", "--batch-size", "1,2", *CLI_FAST])
     assert table.exit_code == 0, table.output
     assert "onnx-int8 t2 b2" in table.stdout  # a sweep prints one row per configuration
     assert "onnx-int8 vs onnx-fp32 (threads 2, batch 2): speed-up" in table.stdout
@@ -323,8 +386,13 @@ def test_cli_bench_device_profile_rpi5_is_visible_in_json(bundle_dir):
     assert (doc["threads"], doc["precision"], doc["batch_size"], doc["runtime"]) == (4, "int8", 1, "onnxruntime")
     assert doc["provider"] == "cpu"
     assert doc["profile"]["name"] == "rpi5"
-    assert doc["profile"]["applied"] == {"runtime": "onnxruntime", "provider": "cpu", "threads": 4,
-                                         "precision": "int8", "batch_size": 1}
+    assert doc["profile"]["applied"] == {
+        "runtime": "onnxruntime",
+        "provider": "cpu",
+        "threads": 4,
+        "precision": "int8",
+        "batch_size": 1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -371,29 +439,39 @@ def test_cli_bench_user_errors_are_one_line(bundle_dir, args, message):
 @pytest.fixture(scope="module")
 def ov_bundle(tmp_path_factory):
     pytest.importorskip("openvino")
-    return build_bundle(tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"),
-                        formats=("onnx", "openvino"), merged=True)
+    return build_bundle(
+        tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"), formats=("onnx", "openvino"), merged=True
+    )
 
 
 def test_all_variants_with_openvino_and_ratios(ov_bundle):
     rep = run_bench(ov_bundle, all_variants=True, threads=1, **QUICK)
     assert [(r.runtime, r.variant) for r in rep.results] == [
-        ("onnxruntime", "onnx-fp32"), ("onnxruntime", "onnx-int8"),
-        ("openvino", "openvino-fp32"), ("openvino", "openvino-int8")]
+        ("onnxruntime", "onnx-fp32"),
+        ("onnxruntime", "onnx-int8"),
+        ("openvino", "openvino-fp32"),
+        ("openvino", "openvino-int8"),
+    ]
     kinds = sorted((c["kind"], c["variant"], c["baseline"]) for c in rep.comparison)
-    assert kinds == [("precision", "onnx-int8", "onnx-fp32"), ("precision", "openvino-int8", "openvino-fp32"),
-                     ("runtime", "openvino-fp32", "onnx-fp32"), ("runtime", "openvino-int8", "onnx-int8")]
+    assert kinds == [
+        ("precision", "onnx-int8", "onnx-fp32"),
+        ("precision", "openvino-int8", "openvino-fp32"),
+        ("runtime", "openvino-fp32", "onnx-fp32"),
+        ("runtime", "openvino-int8", "onnx-int8"),
+    ]
     ov = rep.results[2]
     assert ov.heads_cost is not None and ov.model_bytes > 0
 
 
 def test_openvino_device_and_streams_reach_the_load(ov_bundle):
-    rep = run_bench(ov_bundle, runtime="openvino", precisions="fp32", device="AUTO", streams=1, threads=1,
-                    warmup=1, iterations=3)  # cold start too: the fresh process gets the same options
+    rep = run_bench(
+        ov_bundle, runtime="openvino", precisions="fp32", device="AUTO", streams=1, threads=1, warmup=1, iterations=3
+    )  # cold start too: the fresh process gets the same options
     (r,) = rep.results
     assert (r.device, r.streams, r.threads, r.cold_start_scope) == ("AUTO", 1, 1, "fresh-process")
-    result = CliRunner().invoke(main, ["bench", str(ov_bundle), "--runtime", "openvino", "--ov-device", "NPU",
-                                       *CLI_FAST])
+    result = CliRunner().invoke(
+        main, ["bench", str(ov_bundle), "--runtime", "openvino", "--ov-device", "NPU", *CLI_FAST]
+    )
     assert result.exit_code == 1 and "OpenVINO device 'NPU' is not available here (OpenVINO has: CPU" in result.stderr
 
 
@@ -405,16 +483,22 @@ def test_merged_graphs(ov_bundle, bundle_dir):
         files = json.loads((ov_bundle / "manifest.json").read_text())["files"]
         merged_rec = files[variant["merged"]["colour"]]
         assert r.merged and r.heads_cost is None and "merged" in r.label
-        assert r.model_bytes == merged_rec["bytes"] + sum(x["bytes"] for x in (merged_rec.get("extra_files") or {}).values())
+        assert r.model_bytes == merged_rec["bytes"] + sum(
+            x["bytes"] for x in (merged_rec.get("extra_files") or {}).values()
+        )
     result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--merged", *CLI_FAST])
     assert result.exit_code == 1 and "has no merged graph for head 'colour'; export with --merged" in result.stderr
 
 
 def test_configurations_with_provider_options_are_hashable():
-    from edgetl.bench import _Config, _load_options
+    from edgetl.device.bench import _Config, _load_options
 
-    settings = {"provider": "tensorrt", "provider_options": {"trt_fp16_enable": True, "a": 1}, "ov_device": None,
-                "streams": None}
+    settings = {
+        "provider": "tensorrt",
+        "provider_options": {"trt_fp16_enable": True, "a": 1},
+        "ov_device": None,
+        "streams": None,
+    }
     options = _load_options("onnxruntime", settings, strict=True)
     c = _Config("onnxruntime", "fp32", None, 1, options)
     assert {c: 1}[c] == 1

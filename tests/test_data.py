@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edgetl.data import drop_unreadable, scan_image_folder, stratified_split, write_digits
-from edgetl.errors import DataError
+from edgetl.core.errors import DataError
+from edgetl.core.imagefolder import drop_unreadable, scan_image_folder
+from edgetl.workstation.data import stratified_split, write_digits
 
 
 def test_scan_lists_classes_and_images(image_folder):

@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from edgetl.bundle import read_manifest, sha256_file, verify_files
 from edgetl.cli import main
-from edgetl.deploy import check_fit, fingerprint
-from edgetl.errors import ConfigError
-from edgetl.remote import Remote, is_remote, parse_target
+from edgetl.core.bundle import read_manifest, sha256_file, verify_files
+from edgetl.core.errors import ConfigError
+from edgetl.device.deploy import check_fit, fingerprint
+from edgetl.device.remote import Remote, is_remote, parse_target
 from tests.bundle_factory import COLOURS, build_bundle
 from tests.sshd import ALIAS, LoopbackSSHD, keygen, require_sshd
 
@@ -49,32 +49,38 @@ def deploy(server, bundle: Path, dest: Path, *extra: str, config: Path | None = 
 # --- targets -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("pi@raspberrypi.local:/home/pi/b", ("raspberrypi.local", "/home/pi/b", "pi", None)),
-    ("pi@rpi:bundles/digits", ("rpi", "bundles/digits", "pi", None)),
-    ("rpi:~/bundles/digits/", ("rpi", "bundles/digits", None, None)),
-    ("ssh://me@nuc:2222/opt/models/d", ("nuc", "/opt/models/d", "me", 2222)),
-    ("ssh://nuc/~/models/d", ("nuc", "models/d", None, None)),
-    ("ssh://root@[::1]:22/tmp/b", ("[::1]", "/tmp/b", "root", 22)),
-    ("pi@[fe80::1]:b", ("[fe80::1]", "b", "pi", None)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("pi@raspberrypi.local:/home/pi/b", ("raspberrypi.local", "/home/pi/b", "pi", None)),
+        ("pi@rpi:bundles/digits", ("rpi", "bundles/digits", "pi", None)),
+        ("rpi:~/bundles/digits/", ("rpi", "bundles/digits", None, None)),
+        ("ssh://me@nuc:2222/opt/models/d", ("nuc", "/opt/models/d", "me", 2222)),
+        ("ssh://nuc/~/models/d", ("nuc", "models/d", None, None)),
+        ("ssh://root@[::1]:22/tmp/b", ("[::1]", "/tmp/b", "root", 22)),
+        ("pi@[fe80::1]:b", ("[fe80::1]", "b", "pi", None)),
+    ],
+)
 def test_parse_target(text, expected):
     t = parse_target(text)
     assert (t.host, t.path, t.user, t.port) == expected
     assert parse_target(str(t)) == t  # the canonical form reads back the same
 
 
-@pytest.mark.parametrize("text, message", [
-    ("pi@rpi:", "bundle's own folder"),
-    ("ssh://rpi", "no bundle path"),
-    ("ssh://rpi:99999/b", "port"),
-    ("ssh://rpi:x/b", "port"),
-    ("-oProxyCommand=evil:b", "not a host"),
-    ("ssh://-oProxyCommand=x/b", "not a host"),
-    ("bad user@rpi:b", "not a device target"),
-    ("rpi:/", "bundle's own folder"),
-    ("rpi:b\nrm -rf", "control characters"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pi@rpi:", "bundle's own folder"),
+        ("ssh://rpi", "no bundle path"),
+        ("ssh://rpi:99999/b", "port"),
+        ("ssh://rpi:x/b", "port"),
+        ("-oProxyCommand=evil:b", "not a host"),
+        ("ssh://-oProxyCommand=x/b", "not a host"),
+        ("bad user@rpi:b", "not a device target"),
+        ("rpi:/", "bundle's own folder"),
+        ("rpi:b\nrm -rf", "control characters"),
+    ],
+)
 def test_parse_target_rejects(text, message):
     with pytest.raises(ConfigError, match=message):
         parse_target(text)
@@ -120,8 +126,21 @@ def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
     assert [r["label"] for r in records] == ["red"]
 
     save_dir = tmp_path / "saved"
-    result = cli("bench", f"{ALIAS}:{dest}", *ssh_args(sshd), "--precision", "fp32", "--warmup", "1",
-                 "--iterations", "5", "--no-cold-start", "--json", "--save-dir", str(save_dir))
+    result = cli(
+        "bench",
+        f"{ALIAS}:{dest}",
+        *ssh_args(sshd),
+        "--precision",
+        "fp32",
+        "--warmup",
+        "1",
+        "--iterations",
+        "5",
+        "--no-cold-start",
+        "--json",
+        "--save-dir",
+        str(save_dir),
+    )
     assert result.exit_code == 0, result.output
     rep = json.loads(result.stdout)
     assert rep["precision"] == "fp32" and rep["iterations"] == 5 and rep["latency_ms"]["p50"] > 0
@@ -139,12 +158,25 @@ def test_bench_several_targets_gives_one_comparison(sshd, tmp_path):
     for src, dst in ((a, tmp_path / "dev" / "a"), (b, tmp_path / "dev" / "b")):
         assert deploy(sshd, src, dst).exit_code == 0
     ssh_form = f"ssh://{sshd.user}@127.0.0.1:{sshd.port}{tmp_path / 'dev' / 'b'}"
-    args = ["bench", "--target", f"{ALIAS}:{tmp_path / 'dev' / 'a'}", "--target", ssh_form,
-            *ssh_args(sshd), "--precision", "fp32", "--warmup", "1", "--iterations", "4", "--no-cold-start"]
+    args = [
+        "bench",
+        "--target",
+        f"{ALIAS}:{tmp_path / 'dev' / 'a'}",
+        "--target",
+        ssh_form,
+        *ssh_args(sshd),
+        "--precision",
+        "fp32",
+        "--warmup",
+        "1",
+        "--iterations",
+        "4",
+        "--no-cold-start",
+    ]
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert [t["device"]["target"] for t in doc["targets"]][0].endswith("/dev/a")
+    assert next(t["device"]["target"] for t in doc["targets"]).endswith("/dev/a")
     rows = doc["comparison"]
     assert len(rows) == 2 and rows[0]["speedup_vs_first"] == 1.0 and rows[1]["fingerprint"] == rows[0]["fingerprint"]
     table = cli(*args, "--plot", str(tmp_path / "devices.png"))
@@ -205,15 +237,23 @@ def test_deploy_errors_are_one_line(sshd, tmp_path):
     assert [p.name for p in precious.iterdir()] == ["todo.txt"]
     assert sorted(p.name for p in precious.parent.iterdir()) == ["notes"]
 
-    result = cli("deploy", str(bundle), f"{ALIAS}:{tmp_path / 'x'}", "--ssh-config", str(sshd.config),
-                 "--remote-edgetl", "/nonexistent/edgetl")
+    result = cli(
+        "deploy",
+        str(bundle),
+        f"{ALIAS}:{tmp_path / 'x'}",
+        "--ssh-config",
+        str(sshd.config),
+        "--remote-edgetl",
+        "/nonexistent/edgetl",
+    )
     assert result.exit_code == 1 and "is not found there" in result.stderr
 
     result = cli("deploy", str(tmp_path / "missing"), f"{ALIAS}:{tmp_path / 'x'}", *ssh_args(sshd))
     assert result.exit_code == 1 and "Traceback" not in result.output
 
     result = CliRunner(env={"EDGETL_REMOTE_EDGETL": "/nonexistent/edgetl-from-env"}).invoke(
-        main, ["deploy", str(bundle), f"{ALIAS}:{tmp_path / 'x'}", "--ssh-config", str(sshd.config)])
+        main, ["deploy", str(bundle), f"{ALIAS}:{tmp_path / 'x'}", "--ssh-config", str(sshd.config)]
+    )
     assert result.exit_code == 1 and "/nonexistent/edgetl-from-env" in result.stderr
 
 
@@ -239,10 +279,13 @@ def _manifest(*variants: str) -> dict:
 
 
 def _doctor(**kw) -> dict:
-    doc = {"machine": {"cpu": "Cortex-A72", "arch": "aarch64"},
-           "runtimes": {"onnxruntime": {"installed": True, "version": "1.20"}, "openvino": {"installed": False}},
-           "profiles": {"best": "rpi4"}, "int8": {"hardware": "NEON without dot product", "expect": "not-faster"},
-           "warnings": []}
+    doc = {
+        "machine": {"cpu": "Cortex-A72", "arch": "aarch64"},
+        "runtimes": {"onnxruntime": {"installed": True, "version": "1.20"}, "openvino": {"installed": False}},
+        "profiles": {"best": "rpi4"},
+        "int8": {"hardware": "NEON without dot product", "expect": "not-faster"},
+        "warnings": [],
+    }
     doc.update(kw)
     return doc
 
@@ -253,8 +296,11 @@ def test_check_fit_fails_without_a_runtime_for_the_bundle():
 
 
 def test_check_fit_warns_when_int8_is_measured_slow_and_when_the_profile_variant_is_missing():
-    measured = {"hardware": "x", "expect": "uncertain",
-                "measured": [{"runtime": "onnxruntime", "speedup": 0.7, "int8_p50_ms": 3.0, "fp32_p50_ms": 2.1}]}
+    measured = {
+        "hardware": "x",
+        "expect": "uncertain",
+        "measured": [{"runtime": "onnxruntime", "speedup": 0.7, "int8_p50_ms": 3.0, "fp32_p50_ms": 2.1}],
+    }
     fit = check_fit(_manifest("onnx-fp32", "onnx-int8"), _doctor(int8=measured, profiles={"best": "rpi5"}))
     by_name = {c["check"]: c for c in fit["checks"]}
     assert fit["ok"] and by_name["precision"]["status"] == "warn" and "0.70x" in by_name["precision"]["detail"]
@@ -264,7 +310,15 @@ def test_check_fit_warns_when_int8_is_measured_slow_and_when_the_profile_variant
 
 
 def test_fingerprint_ignores_software_versions():
-    m = {"cpu": "Cortex-A76", "board": "Raspberry Pi 5", "arch": "aarch64", "logical_cores": 4, "memory_mb": 8000,
-         "os": "Linux", "kernel": "6.6", "python": "3.11.2"}
+    m = {
+        "cpu": "Cortex-A76",
+        "board": "Raspberry Pi 5",
+        "arch": "aarch64",
+        "logical_cores": 4,
+        "memory_mb": 8000,
+        "os": "Linux",
+        "kernel": "6.6",
+        "python": "3.11.2",
+    }
     assert fingerprint(m) == fingerprint({**m, "kernel": "6.12", "python": "3.13"})
     assert fingerprint(m) != fingerprint({**m, "logical_cores": 2})

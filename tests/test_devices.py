@@ -8,32 +8,72 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import main
-from edgetl.devices import (DeviceProfile, best_fit, fit, list_profiles, load_profile, merge_settings,
-                            profile_from_dict)
-from edgetl.errors import ConfigError
-from edgetl.profiles import list_shipped
+from edgetl.core.errors import ConfigError
+from edgetl.core.shipped import list_shipped
+from edgetl.device.profiles import (
+    DeviceProfile,
+    best_fit,
+    fit,
+    list_profiles,
+    load_profile,
+    merge_settings,
+    profile_from_dict,
+)
 
 REQUIRED = {"rpi4", "rpi5", "intel-nuc", "x86-server", "jetson-orin-nano"}
 
 # What doctor would report on each board (as its /proc files and runtimes say).
 MACHINES = {
-    "rpi4": {"arch": "aarch64", "cpu": "Raspberry Pi 4 Model B Rev 1.5", "board": "Raspberry Pi 4 Model B Rev 1.5",
-             "cpu_cores": ["4x Cortex-A72"], "isa": ["asimd"], "providers": ["cpu"], "ov_devices": []},
-    "rpi5": {"arch": "aarch64", "cpu": "Raspberry Pi 5 Model B Rev 1.0", "board": "Raspberry Pi 5 Model B Rev 1.0",
-             "cpu_cores": ["4x Cortex-A76"], "isa": ["asimd", "asimdhp", "asimddp"], "providers": ["cpu"],
-             "ov_devices": []},
-    "jetson-orin-nano": {"arch": "aarch64", "cpu": "NVIDIA Jetson Orin Nano Developer Kit",
-                         "board": "NVIDIA Jetson Orin Nano Developer Kit", "cpu_cores": ["6x Cortex-A78AE"],
-                         "isa": ["asimd", "asimddp"], "providers": ["tensorrt", "cuda", "cpu"], "ov_devices": []},
-    "intel-nuc": {"arch": "x86_64", "cpu": "13th Gen Intel(R) Core(TM) i7-1360P", "board": None, "cpu_cores": [],
-                  "isa": ["avx2", "fma", "avx_vnni"], "providers": ["cpu"], "ov_devices": ["CPU", "GPU"]},
-    "x86-server": {"arch": "x86_64", "cpu": "Intel(R) Xeon(R) Platinum 8480+", "board": None, "cpu_cores": [],
-                   "isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"], "providers": ["cpu"], "ov_devices": ["CPU"]},
+    "rpi4": {
+        "arch": "aarch64",
+        "cpu": "Raspberry Pi 4 Model B Rev 1.5",
+        "board": "Raspberry Pi 4 Model B Rev 1.5",
+        "cpu_cores": ["4x Cortex-A72"],
+        "isa": ["asimd"],
+        "providers": ["cpu"],
+        "ov_devices": [],
+    },
+    "rpi5": {
+        "arch": "aarch64",
+        "cpu": "Raspberry Pi 5 Model B Rev 1.0",
+        "board": "Raspberry Pi 5 Model B Rev 1.0",
+        "cpu_cores": ["4x Cortex-A76"],
+        "isa": ["asimd", "asimdhp", "asimddp"],
+        "providers": ["cpu"],
+        "ov_devices": [],
+    },
+    "jetson-orin-nano": {
+        "arch": "aarch64",
+        "cpu": "NVIDIA Jetson Orin Nano Developer Kit",
+        "board": "NVIDIA Jetson Orin Nano Developer Kit",
+        "cpu_cores": ["6x Cortex-A78AE"],
+        "isa": ["asimd", "asimddp"],
+        "providers": ["tensorrt", "cuda", "cpu"],
+        "ov_devices": [],
+    },
+    "intel-nuc": {
+        "arch": "x86_64",
+        "cpu": "13th Gen Intel(R) Core(TM) i7-1360P",
+        "board": None,
+        "cpu_cores": [],
+        "isa": ["avx2", "fma", "avx_vnni"],
+        "providers": ["cpu"],
+        "ov_devices": ["CPU", "GPU"],
+    },
+    "x86-server": {
+        "arch": "x86_64",
+        "cpu": "Intel(R) Xeon(R) Platinum 8480+",
+        "board": None,
+        "cpu_cores": [],
+        "isa": ["avx2", "avx512f", "avx512_vnni", "amx_int8"],
+        "providers": ["cpu"],
+        "ov_devices": ["CPU"],
+    },
 }
 
 
 def test_shipped_profiles_cover_the_issue_and_load():
-    assert REQUIRED <= set(list_shipped("device-profile"))
+    assert set(list_shipped("device-profile")) >= REQUIRED
     for p in list_profiles():
         assert p.description and p.hardware and p.notes.strip(), p.name
         assert p.runtime in ("onnxruntime", "openvino")
@@ -128,7 +168,7 @@ def test_cli_devices_list_show_and_json():
     shown = runner.invoke(main, ["devices", "rpi4"])
     assert shown.exit_code == 0 and "Cortex-A72" in shown.stdout and "onnxruntime/cpu, 4 threads" in shown.stdout
     doc = json.loads(runner.invoke(main, ["devices", "--json"]).stdout)
-    assert REQUIRED <= {p["name"] for p in doc}
+    assert {p["name"] for p in doc} >= REQUIRED
     one = json.loads(runner.invoke(main, ["devices", "x86-server", "--json"]).stdout)
     assert one["name"] == "x86-server" and one["match"]["fallback"] is True
     bad = runner.invoke(main, ["devices", "nope"])

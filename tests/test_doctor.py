@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetl import doctor as doctor_mod
 from edgetl.cli import main
-from edgetl.doctor import diagnose, int8_outlook
-from edgetl.envinfo import ARM_FEATURES, X86_FEATURES
+from edgetl.core.envinfo import ARM_FEATURES, X86_FEATURES
+from edgetl.device import doctor as doctor_mod
+from edgetl.device.doctor import diagnose, int8_outlook
 from tests.bundle_factory import build_bundle
 from tests.test_no_torch import BLOCK_TORCH
 
@@ -48,8 +48,9 @@ def test_cpu_features_match_proc_cpuinfo(report):
     assert set(report.machine["isa_missing"]) == {f for f in table if f not in flags and f != "neon"}
     if "model name" in info:
         assert report.machine["cpu"] == info["model name"]
-    assert report.machine["logical_cores"] == sum(1 for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                                  if line.startswith("processor"))
+    assert report.machine["logical_cores"] == sum(
+        1 for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("processor")
+    )
 
 
 def test_runtimes_match_the_libraries(report):
@@ -107,9 +108,20 @@ def test_measured_int8_slower_than_fp32_is_a_warning(bundle_dir, monkeypatch):
     rows = doctor_mod.measure_int8(bundle_dir, iterations=3, warmup=0)
     assert [r["runtime"] for r in rows] == ["onnxruntime"]
     assert rows[0]["speedup"] == pytest.approx(rows[0]["fp32_p50_ms"] / rows[0]["int8_p50_ms"])
-    monkeypatch.setattr(doctor_mod, "measure_int8", lambda bundle: [
-        {"runtime": "onnxruntime", "batch_size": 1, "threads": None, "fp32_p50_ms": 2.0, "int8_p50_ms": 3.0,
-         "speedup": 2.0 / 3.0}])
+    monkeypatch.setattr(
+        doctor_mod,
+        "measure_int8",
+        lambda bundle: [
+            {
+                "runtime": "onnxruntime",
+                "batch_size": 1,
+                "threads": None,
+                "fp32_p50_ms": 2.0,
+                "int8_p50_ms": 3.0,
+                "speedup": 2.0 / 3.0,
+            }
+        ],
+    )
     rep = diagnose(bundle_dir)
     assert any("int8 is slower than fp32 (0.67x" in w for w in rep.warnings)
 
@@ -146,7 +158,12 @@ def test_doctor_and_devices_run_with_torch_blocked():
         print(json.dumps(json.loads(doctor.stdout)["machine"]["arch"]))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)

@@ -1,6 +1,6 @@
 """The real path: ImageNet MobileNetV2 on the digits data, finetune -> export -> predict -> bench.
 
-Slow (a few minutes on 2 CPU cores); CI runs it. The quality bars are DESIGN.md's.
+Slow (a few minutes on 2 CPU cores); CI runs it. The quality bars are docs/design.md's.
 """
 
 import json
@@ -33,7 +33,9 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fine_tuned(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ft"
-    return edgetl("finetune", digits, "--out", out, "--strategy", "fine-tune", "--unfreeze", "3", "--epochs", "3", *COMMON)
+    return edgetl(
+        "finetune", digits, "--out", out, "--strategy", "fine-tune", "--unfreeze", "3", "--epochs", "3", *COMMON
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +69,15 @@ def _entry_point() -> str:
 
 def test_predict_and_bench_through_the_installed_entry_point(bundle, digits):
     image = sorted(Path(digits, "7").glob("*.png"))[0]
-    out = subprocess.run([_entry_point(), "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True)
+    out = subprocess.run(
+        [_entry_point(), "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["label"] == "7"
     out = subprocess.run(
         [_entry_point(), "bench", bundle["bundle"], "--precision", "int8", "--iterations", "20", "--json"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -104,17 +109,30 @@ def test_runtime_only_install_has_no_torch(bundle, digits, tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(root)], capture_output=True, text=True, env=env)
+    pip = subprocess.run(
+        [str(venv / "bin" / "pip"), "install", "-q", str(root)], capture_output=True, text=True, env=env
+    )
     assert pip.returncode == 0, pip.stderr[-2000:]
     check = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert check.stdout.strip() == "True", "torch got installed by the runtime-only install"
     image = sorted(Path(digits, "3").glob("*.png"))[0]
     exe = str(venv / "bin" / "edgetl")
-    out = subprocess.run([exe, "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [exe, "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["label"] == "3"
-    out = subprocess.run([exe, "bench", bundle["bundle"], "--iterations", "10", "--json"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [exe, "bench", bundle["bundle"], "--iterations", "10", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr

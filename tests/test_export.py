@@ -15,19 +15,20 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-import edgetl.export as export_mod
-import edgetl.quantize as quantize_mod
-from edgetl.bundle import read_manifest, validate_manifest, verify_files
+import edgetl.workstation.export as export_mod
+import edgetl.workstation.quantize as quantize_mod
 from edgetl.cli import main
-from edgetl.errors import ConfigError, ExportError, OutputExistsError, RunError
-from edgetl.export import ONNX_OPSET, check_options, export_bundle
-from edgetl.run import load_run
-from edgetl.runtime import open_bundle
+from edgetl.core.bundle import read_manifest, validate_manifest, verify_files
+from edgetl.core.errors import ConfigError, ExportError, OutputExistsError, RunError
+from edgetl.device.runtime import open_bundle
+from edgetl.workstation.export import ONNX_OPSET, check_options, export_bundle
+from edgetl.workstation.run import load_run
 from tests.run_factory import shared_export, shared_run
 
 ONNX_LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
-LAYOUT = ONNX_LAYOUT | {f"openvino/{name}.{ext}" for name in ("trunk.fp32", "trunk.int8", "head.default")
-                        for ext in ("xml", "bin")}
+LAYOUT = ONNX_LAYOUT | {
+    f"openvino/{name}.{ext}" for name in ("trunk.fp32", "trunk.int8", "head.default") for ext in ("xml", "bin")
+}
 VARIANTS = {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
 
 
@@ -63,7 +64,11 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     assert m["trunk"]["output"] == {"name": "features", "shape": ["batch", 16], "dtype": "float32"}
     head = m["heads"]["default"]
     assert head["labels"] == run.labels and head["output"]["shape"] == ["batch", 3]
-    assert head["run"] == {"path": str(run_dir.resolve()), "strategy": "feature-extraction", "val_top1": run.metrics["val_top1"]}
+    assert head["run"] == {
+        "path": str(run_dir.resolve()),
+        "strategy": "feature-extraction",
+        "val_top1": run.metrics["val_top1"],
+    }
     assert m["default_head"] == "default"
     f = m["files"]
     assert f["onnx/trunk.fp32.onnx"]["derived_from"] == f"run:{run_dir.resolve()}/model.pt"
@@ -117,9 +122,14 @@ def test_int8_variant_is_smaller_and_reports_its_drop(exported, run_dir):
     assert "QuantizeLinear" not in {n.op_type for n in onnx.load(str(out / "onnx/head.default.onnx")).graph.node}
 
 
-@pytest.mark.parametrize("rel, io", [("onnx/trunk.fp32.onnx", ("image", "features")),
-                                     ("onnx/trunk.int8.onnx", ("image", "features")),
-                                     ("onnx/head.default.onnx", ("features", "logits"))])
+@pytest.mark.parametrize(
+    "rel, io",
+    [
+        ("onnx/trunk.fp32.onnx", ("image", "features")),
+        ("onnx/trunk.int8.onnx", ("image", "features")),
+        ("onnx/head.default.onnx", ("features", "logits")),
+    ],
+)
 def test_graphs_have_opset_and_a_dynamic_batch(exported, rel, io):
     out, _ = exported
     model = onnx.load(str(out / rel))

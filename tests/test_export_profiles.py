@@ -7,16 +7,16 @@ import importlib.util
 import pytest
 from click.testing import CliRunner
 
-from edgetl import profiles
 from edgetl.cli import main
-from edgetl.errors import ConfigError
-from edgetl.export import ExportProfile, check_options, load_profile, resolve_options
+from edgetl.core import shipped as profiles
+from edgetl.core.errors import ConfigError
+from edgetl.workstation.export import ExportProfile, check_options, load_profile, resolve_options
 
 SHIPPED = {"default", "onnx-int8", "openvino-int8", "fp32-only", "all"}
 
 
 def test_shipped_profiles_are_valid_and_documented():
-    assert SHIPPED <= set(profiles.list_shipped("export-profile"))
+    assert set(profiles.list_shipped("export-profile")) >= SHIPPED
     for name in SHIPPED:
         values, path = load_profile(name)
         assert "description" in profiles.read_yaml(path, "export-profile"), name
@@ -24,13 +24,16 @@ def test_shipped_profiles_are_valid_and_documented():
         assert options.formats and options.precisions
 
 
-@pytest.mark.parametrize("name, formats, precisions", [
-    ("default", ("onnx", "openvino"), ("fp32", "int8")),
-    ("onnx-int8", ("onnx",), ("int8",)),
-    ("openvino-int8", ("openvino",), ("int8",)),
-    ("fp32-only", ("onnx", "openvino"), ("fp32",)),
-    ("all", ("onnx", "openvino"), ("fp32", "fp16", "bf16", "int8")),
-])
+@pytest.mark.parametrize(
+    "name, formats, precisions",
+    [
+        ("default", ("onnx", "openvino"), ("fp32", "int8")),
+        ("onnx-int8", ("onnx",), ("int8",)),
+        ("openvino-int8", ("openvino",), ("int8",)),
+        ("fp32-only", ("onnx", "openvino"), ("fp32",)),
+        ("all", ("onnx", "openvino"), ("fp32", "fp16", "bf16", "int8")),
+    ],
+)
 def test_profiles_say_what_they_export(name, formats, precisions):
     options = resolve_options(name)
     assert (options.formats, options.precisions) == (formats, precisions)
@@ -44,7 +47,10 @@ def test_options_override_the_profile_and_a_named_format_is_required(monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     # default: everything available -> OpenVINO is left out with a warning; named: it is an error.
     assert resolve_options().formats == ("onnx",)
-    with pytest.raises(ConfigError, match=r"--format openvino needs openvino, which is not installed \(pip install 'edgetl\[openvino\]'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--format openvino needs openvino, which is not installed \(pip install 'edgetl\[openvino\]'\)",
+    ):
         resolve_options(formats=["onnx", "openvino"])
     with pytest.raises(ConfigError, match="--format openvino needs openvino"):
         resolve_options("openvino-int8")
@@ -71,7 +77,9 @@ def test_profile_files_by_path_with_unknown_keys_and_bad_values(tmp_path):
 def test_cli_profile_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("precision: [int8]\n")
-    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--profile", str(bad)])
+    result = CliRunner().invoke(
+        main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "b"), "--profile", str(bad)]
+    )
     assert result.exit_code == 1 and "unknown key 'precision'" in result.stderr and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["export", str(tmp_path / "run")])
     assert result.exit_code == 1 and "export needs --out BUNDLE" in result.stderr

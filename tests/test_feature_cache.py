@@ -6,14 +6,21 @@ import shutil
 import numpy as np
 import pytest
 
-from edgetl.featcache import FeatureCache, cached_features, file_digest
-from edgetl.train import TrainConfig, finetune
+from edgetl.workstation.featcache import FeatureCache, cached_features, file_digest
+from edgetl.workstation.train import TrainConfig, finetune
 
-TINY = dict(backbone="tiny_test", weights="none", batch_size=16, epochs=4, lr=3e-2, strategy="feature-extraction")
+TINY = {
+    "backbone": "tiny_test",
+    "weights": "none",
+    "batch_size": 16,
+    "epochs": 4,
+    "lr": 3e-2,
+    "strategy": "feature-extraction",
+}
 
 
 def _count_trunk(monkeypatch):
-    from edgetl.model import Trunk
+    from edgetl.workstation.model import Trunk
 
     seen = {"images": 0}
     original = Trunk.forward
@@ -31,7 +38,9 @@ def test_second_run_with_other_head_settings_hits_the_cache(image_folder, tmp_pa
     first = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY), progress=False)
     assert first.feature_cache == {"status": "miss", "hits": 0, "misses": 48}
     assert seen["images"] == 48
-    second = finetune(image_folder, tmp_path / "b", config=TrainConfig(**{**TINY, "lr": 1e-2, "dropout": 0.5}), progress=False)
+    second = finetune(
+        image_folder, tmp_path / "b", config=TrainConfig(**{**TINY, "lr": 1e-2, "dropout": 0.5}), progress=False
+    )
     assert second.feature_cache == {"status": "hit", "hits": 48, "misses": 0}
     assert seen["images"] == 48, "the trunk ran again on a cache hit"
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
@@ -63,8 +72,12 @@ def test_no_feature_cache_runs_trunk_every_epoch_with_same_result(image_folder, 
     seen = _count_trunk(monkeypatch)
     cached = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY), progress=False)
     before = seen["images"]
-    plain = finetune(image_folder, tmp_path / "b", config=TrainConfig(**{**TINY, "feature_cache": False, "augment": False}),
-                     progress=False)
+    plain = finetune(
+        image_folder,
+        tmp_path / "b",
+        config=TrainConfig(**{**TINY, "feature_cache": False, "augment": False}),
+        progress=False,
+    )
     assert plain.feature_cache is None
     # Every epoch: train (39) + validation (9); then validation once more for the best epoch's head.
     assert seen["images"] - before == 4 * 48 + 9
@@ -85,8 +98,9 @@ def test_cache_survives_a_damaged_index(tmp_path):
     feats, stats = cached_features(cache, files, lambda idx: np.array([[float(i)] * 2 for i in idx], np.float32), 2)
     assert stats.misses == 3 and feats[:, 0].tolist() == [0.0, 1.0, 2.0]
     (tmp_path / "c" / "k" / "index.json").write_text("{not json")
-    feats, stats = cached_features(FeatureCache(tmp_path / "c", "k"), files,
-                                   lambda idx: np.array([[float(i)] * 2 for i in idx], np.float32), 2)
+    feats, stats = cached_features(
+        FeatureCache(tmp_path / "c", "k"), files, lambda idx: np.array([[float(i)] * 2 for i in idx], np.float32), 2
+    )
     assert stats.misses == 3 and feats[:, 1].tolist() == [0.0, 1.0, 2.0]
     assert file_digest(files[0]) != file_digest(files[1])
 
@@ -102,5 +116,5 @@ def test_duplicate_files_computed_once(tmp_path, duplicates):
         calls.append(list(idx))
         return np.ones((len(idx), 4), np.float32)
 
-    feats, stats = cached_features(FeatureCache(tmp_path / "c", "k"), [str(a), str(b)], compute, 4)
+    feats, _stats = cached_features(FeatureCache(tmp_path / "c", "k"), [str(a), str(b)], compute, 4)
     assert calls == [[0]] and feats.shape == (2, 4)

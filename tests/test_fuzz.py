@@ -5,17 +5,16 @@ Bounded example counts keep this in the default run (CI included).
 
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edgetl.bundle import read_manifest, validate_manifest
-from edgetl.errors import EdgetlError
-from edgetl.preprocess import Preprocessing, load_image, preprocess
-from edgetl.recipes import make_config
+from edgetl.core.bundle import read_manifest, validate_manifest
+from edgetl.core.errors import EdgetlError
+from edgetl.core.preprocess import Preprocessing, load_image, preprocess
+from edgetl.workstation.recipes import make_config
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -31,8 +30,11 @@ MANIFEST_KEYS = ["schema", "schema_version", "backbone", "preprocessing", "heads
 def _manifest_like():
     """Mostly-valid skeletons with fuzzed parts: reaches deep validation, not only the first check."""
     return st.fixed_dictionaries(
-        {"schema": st.sampled_from(["edgetl.bundle", "other"]), "schema_version": st.sampled_from([1, 2, "1", None])},
-        optional={k: json_values for k in MANIFEST_KEYS[2:]},
+        {
+            "schema": st.sampled_from(["edgetl.core.bundle", "other"]),
+            "schema_version": st.sampled_from([1, 2, "1", None]),
+        },
+        optional=dict.fromkeys(MANIFEST_KEYS[2:], json_values),
     )
 
 
@@ -56,8 +58,29 @@ def test_manifest_file_bytes_never_crash(tmp_path, data):
 
 
 @FAST
-@given(st.dictionaries(st.sampled_from(["epochs", "lr", "backbone", "strategy", "img_size", "dropout", "device", "amp",
-                                        "seed", "mixup", "workers", "unknown_key", "batch_size"]), json_values, max_size=5))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "epochs",
+                "lr",
+                "backbone",
+                "strategy",
+                "img_size",
+                "dropout",
+                "device",
+                "amp",
+                "seed",
+                "mixup",
+                "workers",
+                "unknown_key",
+                "batch_size",
+            ]
+        ),
+        json_values,
+        max_size=5,
+    )
+)
 def test_recipe_values_never_crash(tmp_path, values):
     import yaml
 
@@ -113,8 +136,11 @@ def test_corrupted_real_png_never_crashes(tmp_path, offset, junk):
 
 @FAST
 @given(
-    st.integers(1, 60), st.integers(1, 60), st.sampled_from(["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1"]),
-    st.integers(8, 40), st.sampled_from(["bilinear", "bicubic", "nearest"]),
+    st.integers(1, 60),
+    st.integers(1, 60),
+    st.sampled_from(["L", "RGB", "RGBA", "P", "CMYK", "I;16", "LA", "1"]),
+    st.integers(8, 40),
+    st.sampled_from(["bilinear", "bicubic", "nearest"]),
 )
 def test_preprocess_any_mode_and_size(w, h, mode, size, interp):
     rng = np.random.default_rng(w * 100 + h)
@@ -129,10 +155,10 @@ def _paths(obj, prefix=()):
     yield prefix
     if isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _paths(v, prefix + (k,))
+            yield from _paths(v, (*prefix, k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            yield from _paths(v, prefix + (i,))
+            yield from _paths(v, (*prefix, i))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -142,7 +168,7 @@ def test_mutated_real_manifest_never_crashes_the_runtime(tmp_path_factory, data)
     import copy
     import shutil
 
-    from edgetl.runtime import open_bundle
+    from edgetl.device.runtime import open_bundle
     from tests.bundle_factory import build_bundle
 
     base = tmp_path_factory.getbasetemp() / "fuzz-base"

@@ -11,14 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from edgetl.bundle import read_manifest, sha256_file
 from edgetl.cli import main
-from edgetl.errors import BundleError, ConfigError, ExportError, OutputExistsError, RunError
-from edgetl.export import export_bundle
-from edgetl.heads import add_head, finetune_head
-from edgetl.run import load_run
-from edgetl.runtime import open_bundle
-from edgetl.train import TrainConfig
+from edgetl.core.bundle import read_manifest, sha256_file
+from edgetl.core.errors import BundleError, ConfigError, ExportError, OutputExistsError, RunError
+from edgetl.device.runtime import open_bundle
+from edgetl.workstation.add_head import add_head
+from edgetl.workstation.export import export_bundle
+from edgetl.workstation.heads import finetune_head
+from edgetl.workstation.run import load_run
+from edgetl.workstation.train import TrainConfig
 from tests.helpers import make_image_folder
 from tests.run_factory import all_profile_export, make_run, shared_run
 
@@ -48,8 +49,25 @@ def data2(root) -> Path:
 
 @pytest.fixture(scope="module")
 def head_run(bundle, data2, root) -> Path:
-    result = CliRunner().invoke(main, ["finetune", str(data2), "--out", str(root / "run2"), "--trunk-from", str(bundle),
-                                       "--epochs", "60", "--patience", "60", "--lr", "0.05", "--no-progress", "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            str(data2),
+            "--out",
+            str(root / "run2"),
+            "--trunk-from",
+            str(bundle),
+            "--epochs",
+            "60",
+            "--patience",
+            "60",
+            "--lr",
+            "0.05",
+            "--no-progress",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["trunk_from"]["trunk"] == "onnx/trunk.fp32.onnx" and doc["strategy"] == "feature-extraction"
@@ -61,8 +79,9 @@ def added(bundle, head_run, root) -> tuple[Path, dict, dict]:
     """A copy of the bundle with the second head added, and the file checksums from before."""
     two = shutil.copytree(bundle, root / "two-heads")
     before = {rel: rec["sha256"] for rel, rec in read_manifest(two)["files"].items()}
-    result = CliRunner().invoke(main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--no-progress",
-                                       "--json"])
+    result = CliRunner().invoke(
+        main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--no-progress", "--json"]
+    )
     assert result.exit_code == 0, result.output
     return two, before, json.loads(result.stdout)
 
@@ -70,7 +89,11 @@ def added(bundle, head_run, root) -> tuple[Path, dict, dict]:
 def test_head_run_records_the_trunk_and_holds_only_a_head(head_run, bundle):
     run = load_run(head_run)
     m = read_manifest(bundle)
-    assert run.trunk_from["sha256"] == m["files"]["onnx/trunk.fp32.onnx"]["sha256"] == sha256_file(bundle / "onnx/trunk.fp32.onnx")
+    assert (
+        run.trunk_from["sha256"]
+        == m["files"]["onnx/trunk.fp32.onnx"]["sha256"]
+        == sha256_file(bundle / "onnx/trunk.fp32.onnx")
+    )
     assert run.trunk_from["backbone"] == m["backbone"]["name"] and run.feature_dim == m["backbone"]["feature_dim"]
     assert run.config["preprocessing"] == m["preprocessing"] and run.labels == list(TASK2)
     assert set(torch.load(head_run / "model.pt", weights_only=True)) == {"head"}
@@ -85,11 +108,16 @@ def test_head_is_trained_on_the_shipped_trunk_features(head_run, bundle):
     """The run's PyTorch head on the bundle's ONNX Runtime features reproduces the run's val top-1."""
     run = load_run(head_run)
     predictor = open_bundle(bundle).load(runtime="onnxruntime", precision="fp32")
-    feats = predictor.features(predictor.preprocess([__import__("edgetl.preprocess").preprocess.load_image(s.path)
-                                                     for s in run.val_samples]))
+    feats = predictor.features(
+        predictor.preprocess(
+            [__import__("edgetl.core.preprocess").preprocess.load_image(s.path) for s in run.val_samples]
+        )
+    )
     with torch.inference_mode():
         pred = run.build_head()(torch.from_numpy(feats)).argmax(1).numpy()
-    assert float((pred == np.array([s.label for s in run.val_samples])).mean()) == pytest.approx(run.metrics["val_top1"])
+    assert float((pred == np.array([s.label for s in run.val_samples])).mean()) == pytest.approx(
+        run.metrics["val_top1"]
+    )
 
 
 def test_add_to_leaves_the_trunk_untouched_and_checks_every_variant(added):
@@ -117,7 +145,9 @@ def test_predict_head_all_returns_both_heads(added, data2):
     two, _, _ = added
     images = [str(sorted((data2 / c).iterdir())[0]) for c in TASK2]
     for runtime in ("onnxruntime", "openvino"):
-        result = CliRunner().invoke(main, ["predict", str(two), *images, "--head", "all", "--runtime", runtime, "--json"])
+        result = CliRunner().invoke(
+            main, ["predict", str(two), *images, "--head", "all", "--runtime", runtime, "--json"]
+        )
         assert result.exit_code == 0, result.output
         records = json.loads(result.stdout)
         assert [(r["image"], r["head"]) for r in records] == [(i, h) for i in images for h in ("default", "tint")]
@@ -142,7 +172,10 @@ def test_any_subset_of_heads_loads(added):
     two, _, _ = added
     bundle = open_bundle(two)
     assert bundle.load(heads="tint").head_names == ("tint",)
-    assert bundle.load(runtime="openvino", precision="int8", heads=["tint", "default"]).head_names == ("tint", "default")
+    assert bundle.load(runtime="openvino", precision="int8", heads=["tint", "default"]).head_names == (
+        "tint",
+        "default",
+    )
     assert bundle.load(merged=True, heads="tint").merged
 
 
@@ -156,7 +189,9 @@ def test_add_to_refuses_another_trunk_an_existing_head_and_a_normal_run(bundle, 
     with pytest.raises(ExportError, match="was not trained on a bundle's trunk"):
         add_head(run1, two, "again", progress=False)
     other = make_run(tmp_path / "other-run", make_image_folder(tmp_path / "other-images"), seed=3)
-    other_bundle = export_bundle(other, tmp_path / "other", formats=("onnx",), precisions=("fp32",), progress=False)["bundle"]
+    other_bundle = export_bundle(other, tmp_path / "other", formats=("onnx",), precisions=("fp32",), progress=False)[
+        "bundle"
+    ]
     before = (Path(other_bundle) / "manifest.json").read_bytes()
     with pytest.raises(ExportError, match=r"is not the trunk run .* was trained on \(sha256"):
         add_head(head_run, other_bundle, "tint", progress=False)
@@ -168,15 +203,19 @@ def test_add_to_refuses_another_trunk_an_existing_head_and_a_normal_run(bundle, 
 def test_a_failed_check_leaves_the_bundle_as_it_was(bundle, head_run, tmp_path):
     two = shutil.copytree(bundle, tmp_path / "b")
     before = {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()}
-    with pytest.raises(ExportError, match=r"variant onnx-fp16 \(head tint\) loses .* pp validation top-1 .*--max-drop -1 pp"):
+    with pytest.raises(
+        ExportError, match=r"variant onnx-fp16 \(head tint\) loses .* pp validation top-1 .*--max-drop -1 pp"
+    ):
         add_head(head_run, two, "tint", max_drop=-1.0, progress=False)
     assert {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_trunk_from_refuses_trunk_options_and_bundles_without_fp32(bundle, data2, tmp_path):
-    result = CliRunner().invoke(main, ["finetune", str(data2), "--out", str(tmp_path / "r"), "--trunk-from", str(bundle),
-                                       "--backbone", "resnet18"])
+    result = CliRunner().invoke(
+        main,
+        ["finetune", str(data2), "--out", str(tmp_path / "r"), "--trunk-from", str(bundle), "--backbone", "resnet18"],
+    )
     assert result.exit_code == 1 and "--backbone does not apply with --trunk-from" in result.stderr
     with pytest.raises(ConfigError, match="--img-size 64 differs"):
         finetune_head(data2, tmp_path / "r", trunk_from=bundle, config=TrainConfig(img_size=64), progress=False)
@@ -195,8 +234,9 @@ def test_trunk_from_refuses_trunk_options_and_bundles_without_fp32(bundle, data2
 def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_run, tmp_path):
     two = shutil.copytree(bundle, tmp_path / "b")
     trunks = {rel: rec["sha256"] for rel, rec in read_manifest(two)["files"].items() if rec["role"] == "trunk"}
-    result = CliRunner().invoke(main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--max-drop", "-1",
-                                       "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--max-drop", "-1", "--no-progress"]
+    )
     assert result.exit_code == 1 and "pass --partial to add the head to the other variants only" in result.stderr
     doc = add_head(head_run, two, "tint", max_drop=-1.0, partial=True, progress=False)
     m = read_manifest(two)

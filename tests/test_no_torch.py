@@ -40,12 +40,17 @@ def device_files(tmp_path_factory):
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def test_runtime_import_does_not_load_torch():
-    proc = _run_python("import edgetl.runtime, sys; assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = _run_python("import edgetl.device.runtime, sys; assert 'torch' not in sys.modules, 'torch was imported'")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -54,7 +59,8 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
     code = BLOCK_TORCH + textwrap.dedent(
         f"""
         import json
-        import edgetl.runtime, edgetl.bench, edgetl.envinfo, edgetl.cli, edgetl.pack, edgetl.remote, edgetl.deploy, edgetl.doctor
+        import edgetl.device.runtime, edgetl.device.bench, edgetl.core.envinfo, edgetl.cli
+        import edgetl.device.pack, edgetl.device.remote, edgetl.device.deploy, edgetl.device.doctor
         from click.testing import CliRunner
         from edgetl.cli import main
 
@@ -85,7 +91,11 @@ def test_installed_entry_point(device_files):
     script = Path(sys.executable).with_name("edgetl")
     if not script.exists():
         pytest.skip("edgetl console script not installed next to this interpreter")
-    proc = subprocess.run([str(script), "predict", str(bundle), str(images / "red.png"), "--json"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(script), "predict", str(bundle), str(images / "red.png"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)[0]["label"] == "red"

@@ -16,14 +16,14 @@ import openvino as ov
 import pytest
 from click.testing import CliRunner
 
-import edgetl.openvino_export as ovx
-from edgetl.bundle import read_manifest
+import edgetl.workstation.openvino_export as ovx
 from edgetl.cli import main
-from edgetl.errors import ExportError
-from edgetl.export import export_bundle, load_arrays
-from edgetl.openvino_export import OVQuantConfig, float_layers, search_int8_openvino
-from edgetl.run import load_run
-from edgetl.runtime import open_bundle
+from edgetl.core.bundle import read_manifest
+from edgetl.core.errors import ExportError
+from edgetl.device.runtime import open_bundle
+from edgetl.workstation.export import export_bundle, load_arrays
+from edgetl.workstation.openvino_export import OVQuantConfig, float_layers, search_int8_openvino
+from edgetl.workstation.run import load_run
 from tests.run_factory import all_profile_export, cpu_runs_bf16, shared_run
 
 ALL = {"onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8"}
@@ -61,13 +61,19 @@ def test_all_profile_exports_every_variant_with_its_bar(exported):
         assert m["variants"][name]["merged"]["default"] in m["files"]
     # What OpenVINO ran is recorded: f32 pinned everywhere but bf16.
     assert {n: v.get("inference_precision") for n, v in doc["variants"].items() if n.startswith("openvino")} == {
-        "openvino-fp32": "f32", "openvino-fp16": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
+        "openvino-fp32": "f32",
+        "openvino-fp16": "f32",
+        "openvino-bf16": "bf16",
+        "openvino-int8": "f32",
+    }
     # bf16 runs the fp32 IR (no file of its own); fp16 weights halve the trunk files.
     assert m["variants"]["openvino-bf16"]["trunk"] == "openvino/trunk.fp32.xml"
     f = m["files"]
     assert f["onnx/trunk.fp16.onnx"]["bytes"] < 0.7 * f["onnx/trunk.fp32.onnx"]["bytes"]
-    assert f["openvino/trunk.fp16.xml"]["extra_files"]["openvino/trunk.fp16.bin"]["bytes"] < \
-        0.7 * f["openvino/trunk.fp32.xml"]["extra_files"]["openvino/trunk.fp32.bin"]["bytes"]
+    assert (
+        f["openvino/trunk.fp16.xml"]["extra_files"]["openvino/trunk.fp16.bin"]["bytes"]
+        < 0.7 * f["openvino/trunk.fp32.xml"]["extra_files"]["openvino/trunk.fp32.bin"]["bytes"]
+    )
     assert f["openvino/merged.default.fp32.xml"]["role"] == "merged"
 
 
@@ -116,8 +122,9 @@ def test_both_runtimes_predict_the_same_labels_from_the_cli(exported, run_dir):
     labels = {}
     for runtime in ("onnxruntime", "openvino"):
         for precision in ("fp32", "int8"):
-            result = CliRunner().invoke(main, ["predict", str(out), *images, "--runtime", runtime, "--precision",
-                                               precision, "--json"])
+            result = CliRunner().invoke(
+                main, ["predict", str(out), *images, "--runtime", runtime, "--precision", precision, "--json"]
+            )
             assert result.exit_code == 0, result.output
             labels[runtime, precision] = [r["label"] for r in json.loads(result.stdout)]
     assert labels["onnxruntime", "fp32"] == labels["openvino", "fp32"]
@@ -145,12 +152,18 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
     run = load_run(run_dir)
     x, y = load_arrays(run.val_samples, run.preprocessing)
     head = ovx.compile_f32(out / "openvino/head.default.xml")
-    result = search_int8_openvino(fp32_xml, tmp_path / "q.xml", x, (x, y, lambda f: head(f)[0]),
-                                  baseline_top1=1.0, max_drop=-1.0)
+    result = search_int8_openvino(
+        fp32_xml, tmp_path / "q.xml", x, (x, y, lambda f: head(f)[0]), baseline_top1=1.0, max_drop=-1.0
+    )
     configs = [c for c, _ in seen]
-    assert configs == [OVQuantConfig("mean-minmax", "fast"), OVQuantConfig("mean-minmax", "full"),
-                       OVQuantConfig("minmax", "fast"), OVQuantConfig("percentile", "fast"),
-                       OVQuantConfig("histogram", "fast"), OVQuantConfig("mean-minmax", "fast", accuracy_control=True)]
+    assert configs == [
+        OVQuantConfig("mean-minmax", "fast"),
+        OVQuantConfig("mean-minmax", "full"),
+        OVQuantConfig("minmax", "fast"),
+        OVQuantConfig("percentile", "fast"),
+        OVQuantConfig("histogram", "fast"),
+        OVQuantConfig("mean-minmax", "fast", accuracy_control=True),
+    ]
     assert seen[-1][1] == 3  # accuracy control may keep at most a quarter of the layers (min 3) in float
     assert not result.passed and len(result.attempts) == 6 and (tmp_path / "q.xml").is_file()
     record = result.manifest_record(["a.png"])
@@ -166,7 +179,7 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
 
 def test_bf16_is_refused_when_the_cpu_does_not_run_it(run_dir, tmp_path, monkeypatch):
     """A bf16 variant must be measured in bf16: if OpenVINO reports another precision, the export fails."""
-    import edgetl.runtime as rt
+    import edgetl.device.runtime as rt
 
     real = rt._load_openvino
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetl.bundle import read_manifest, sha256_file, verify_files
 from edgetl.cli import main
-from edgetl.errors import BundleError, OutputExistsError
-from edgetl.pack import pack_bundle, unpack_bundle
-from edgetl.runtime import open_bundle
+from edgetl.core.bundle import read_manifest, sha256_file, verify_files
+from edgetl.core.errors import BundleError, OutputExistsError
+from edgetl.device.pack import pack_bundle, unpack_bundle
+from edgetl.device.runtime import open_bundle
 from tests.bundle_factory import build_bundle, write_colour_images
 
 
@@ -44,8 +44,11 @@ def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
 
 
 def _bundle_members(bundle: Path, top: str = "b") -> list[tuple[tarfile.TarInfo, bytes]]:
-    return [_file(f"{top}/{p.relative_to(bundle).as_posix()}", p.read_bytes())
-            for p in sorted(bundle.rglob("*")) if p.is_file()]
+    return [
+        _file(f"{top}/{p.relative_to(bundle).as_posix()}", p.read_bytes())
+        for p in sorted(bundle.rglob("*"))
+        if p.is_file()
+    ]
 
 
 def test_pack_then_unpack_gives_the_same_verified_bundle(bundle, archive, tmp_path):
@@ -101,8 +104,12 @@ def test_unpack_refuses_paths_leaving_the_target(bundle, tmp_path, name, match):
 @pytest.mark.parametrize("kind", ["symlink", "hardlink", "chardev", "fifo"])
 def test_unpack_refuses_links_and_special_files(bundle, tmp_path, kind):
     info = tarfile.TarInfo("b/onnx/link")
-    info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE,
-                 "fifo": tarfile.FIFOTYPE}[kind]
+    info.type = {
+        "symlink": tarfile.SYMTYPE,
+        "hardlink": tarfile.LNKTYPE,
+        "chardev": tarfile.CHRTYPE,
+        "fifo": tarfile.FIFOTYPE,
+    }[kind]
     if kind in ("symlink", "hardlink"):
         info.linkname = "/etc/passwd"
     path = _tar(tmp_path / "evil.tar.gz", [*_bundle_members(bundle), (info, None)])
@@ -125,8 +132,10 @@ def test_unpack_refuses_oversized_duplicated_and_unlisted_content(bundle, tmp_pa
 
 
 def test_unpack_verifies_checksums_and_names_the_file(bundle, tmp_path):
-    members = [(info, b"tampered" if info.name.endswith("head.colour.onnx") else data)
-               for info, data in _bundle_members(bundle)]
+    members = [
+        (info, b"tampered" if info.name.endswith("head.colour.onnx") else data)
+        for info, data in _bundle_members(bundle)
+    ]
     with pytest.raises(BundleError, match=r"archive .*file onnx/head.colour.onnx does not match its sha256"):
         unpack_bundle(_tar(tmp_path / "t.tar.gz", members), tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -136,8 +145,10 @@ def test_unpack_verifies_checksums_and_names_the_file(bundle, tmp_path):
 
 
 def test_unpack_accepts_files_at_the_root_and_replaces_only_with_force(bundle, archive, tmp_path):
-    flat = _tar(tmp_path / "flat.tar.gz", [_file(p.relative_to(bundle).as_posix(), p.read_bytes())
-                                           for p in sorted(bundle.rglob("*")) if p.is_file()])
+    flat = _tar(
+        tmp_path / "flat.tar.gz",
+        [_file(p.relative_to(bundle).as_posix(), p.read_bytes()) for p in sorted(bundle.rglob("*")) if p.is_file()],
+    )
     out = tmp_path / "out"
     unpack_bundle(flat, out)
     with pytest.raises(OutputExistsError, match="--force"):
@@ -174,8 +185,13 @@ def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
         "assert r.exit_code == 0, r.output\n"
         "assert not [m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')]\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "dev" / "manifest.json").is_file()
 

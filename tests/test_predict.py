@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetl import runtime as runtime_mod
-from edgetl.cli import main
-from edgetl.cli import runtime_cmds
-from edgetl.errors import DataError
-from edgetl.runtime import PredictionStream, find_images, iter_images, open_bundle
+from edgetl.cli import main, runtime_cmds
+from edgetl.core.errors import DataError
+from edgetl.device import runtime as runtime_mod
+from edgetl.device.runtime import PredictionStream, find_images, iter_images, open_bundle
 from tests.bundle_factory import build_bundle, write_colour_images
 
 
@@ -70,8 +69,9 @@ def test_stream_summary_counts_labels_and_skips(bundle_dir, tmp_path):
     write_colour_images(tmp_path / "imgs", corrupt=True)
     skipped = []
     predictor = open_bundle(bundle_dir).load(heads="all")
-    stream = PredictionStream(predictor, [tmp_path / "imgs"], batch_size=2,
-                              on_skip=lambda path, reason: skipped.append(path))
+    stream = PredictionStream(
+        predictor, [tmp_path / "imgs"], batch_size=2, on_skip=lambda path, reason: skipped.append(path)
+    )
     records = list(stream)
     s = stream.summary
     assert len(records) == 6 and s.images == 3 and s.skipped == 1
@@ -101,8 +101,9 @@ def test_cli_predict_csv(bundle_dir, tree):
 
 
 def test_cli_predict_json_streams_one_document(bundle_dir, tree):
-    result = CliRunner().invoke(main, ["predict", str(bundle_dir), str(tree), "--json", "--batch-size", "4",
-                                       "--head", "all"])
+    result = CliRunner().invoke(
+        main, ["predict", str(bundle_dir), str(tree), "--json", "--batch-size", "4", "--head", "all"]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 18 and rows[0]["head"] == "colour" and rows[1]["head"] == "brightness"
@@ -125,8 +126,19 @@ def test_cli_predict_long_output_switches_to_lines(bundle_dir, tree, monkeypatch
 def test_cli_predict_device_profile_and_provider(bundle_dir, tree, tmp_path):
     profile = tmp_path / "p.yaml"
     profile.write_text("description: test\nprecision: int8\nthreads: 1\n")
-    result = CliRunner().invoke(main, ["predict", str(bundle_dir), str(tree / "a" / "z"), "--json",
-                                       "--device-profile", str(profile), "--provider", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            str(bundle_dir),
+            str(tree / "a" / "z"),
+            "--json",
+            "--device-profile",
+            str(profile),
+            "--provider",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     bad = CliRunner().invoke(main, ["predict", str(bundle_dir), str(tree), "--provider", "cuda"])
     assert bad.exit_code == 1 and "'cuda' is not in this build" in bad.stderr and "has: cpu" in bad.stderr

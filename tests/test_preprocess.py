@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetl.backbones import get_backbone
-from edgetl.data import write_digits
-from edgetl.preprocess import Preprocessing, preprocess, to_rgb
-from edgetl.train import eval_transform
+from edgetl.core.preprocess import Preprocessing, preprocess, to_rgb
+from edgetl.workstation.backbones import get_backbone
+from edgetl.workstation.data import write_digits
+from edgetl.workstation.train import eval_transform
 
 
 def _photo(w, h, seed):
@@ -49,7 +49,7 @@ def test_backbone_default_keeps_crop_ratio():
 def test_modes_become_rgb(mode):
     img = _photo(20, 10, 0)
     if mode == "I;16":
-        conv = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+        conv = Image.fromarray(np.asarray(img.convert("L"), dtype=np.uint16) * 257)
     else:
         conv = img.convert(mode)
     out = to_rgb(conv)

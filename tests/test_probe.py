@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from click.testing import CliRunner
 
-from edgetl.backbones import BackboneSpec, register_backbone, unregister_backbone
 from edgetl.cli import main
-from edgetl.errors import ConfigError, DataError, WeightsError
-from edgetl.probe import Candidate, linear_probe_score, logme_score, parse_candidates, probe_backbones
+from edgetl.core.errors import ConfigError, DataError, WeightsError
+from edgetl.workstation.backbones import BackboneSpec, register_backbone, unregister_backbone
+from edgetl.workstation.probe import Candidate, linear_probe_score, logme_score, parse_candidates, probe_backbones
 
 CONST = "constant_test"
 
@@ -30,9 +30,21 @@ def _build_constant(state_dict=None):
 
 @pytest.fixture
 def constant_backbone():
-    register_backbone(BackboneSpec(name=CONST, feature_dim=8, params=0, input_size=32, resize_size=36,
-                                   interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                   weights_file=None, weights_url=None, builder=_build_constant))
+    register_backbone(
+        BackboneSpec(
+            name=CONST,
+            feature_dim=8,
+            params=0,
+            input_size=32,
+            resize_size=36,
+            interpolation="bilinear",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            weights_file=None,
+            weights_url=None,
+            builder=_build_constant,
+        )
+    )
     yield CONST
     unregister_backbone(CONST)
 
@@ -48,14 +60,20 @@ def test_informative_trunk_ranks_above_a_useless_one(image_folder, constant_back
     assert best.feature_cache == {"status": "miss", "hits": 0, "misses": 48}
     assert best.seconds >= best.feature_seconds > 0
     doc = result.to_dict()
-    assert json.loads(json.dumps(doc)) == doc and doc["images"] == 48 and doc["chance_top1"] == pytest.approx(1 / 3, abs=1e-3)
-    by_logme = probe_backbones(image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, metric="logme", progress=False)
+    assert (
+        json.loads(json.dumps(doc)) == doc
+        and doc["images"] == 48
+        and doc["chance_top1"] == pytest.approx(1 / 3, abs=1e-3)
+    )
+    by_logme = probe_backbones(
+        image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, metric="logme", progress=False
+    )
     assert [r.candidate for r in by_logme.rows] == ["tiny_test:none", f"{CONST}:none"]
     assert by_logme.rows[0].score == by_logme.rows[0].logme
 
 
 def test_second_probe_reads_the_feature_cache(image_folder, monkeypatch):
-    from edgetl.model import Trunk
+    from edgetl.workstation.model import Trunk
 
     first = probe_backbones(image_folder, "tiny_test:none", folds=3, progress=False)
     monkeypatch.setattr(Trunk, "forward", lambda self, x: pytest.fail("the trunk ran on a warm cache"))
@@ -79,7 +97,10 @@ def test_weights_per_candidate(image_folder, tmp_path):
 
 def test_parse_candidates():
     assert parse_candidates("mobilenet_v2, resnet18:none,tiny_test:/w/x:y.pth") == [
-        Candidate("mobilenet_v2", "imagenet"), Candidate("resnet18", "none"), Candidate("tiny_test", "/w/x:y.pth")]
+        Candidate("mobilenet_v2", "imagenet"),
+        Candidate("resnet18", "none"),
+        Candidate("tiny_test", "/w/x:y.pth"),
+    ]
     assert Candidate("resnet18", "none").label == "resnet18:none" and Candidate("resnet18").label == "resnet18"
     with pytest.raises(ConfigError, match="unknown backbone"):
         parse_candidates("mobilenet_v2,nonet")
@@ -91,13 +112,15 @@ def test_parse_candidates():
 
 
 def test_unavailable_weights_fail_before_any_trunk_pass(image_folder, tmp_path, monkeypatch):
-    from edgetl.model import Trunk
+    from edgetl.workstation.model import Trunk
 
     monkeypatch.setattr(Trunk, "forward", lambda self, x: pytest.fail("the trunk ran"))
     with pytest.raises(WeightsError, match="tiny_test:none for random init"):
         probe_backbones(image_folder, "tiny_test:none,tiny_test", progress=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # no hub cache; only mobilenet_v2 has a package
-    with pytest.raises(WeightsError, match="candidate mobilenet_v3_small: ImageNet weights for mobilenet_v3_small are not"):
+    with pytest.raises(
+        WeightsError, match="candidate mobilenet_v3_small: ImageNet weights for mobilenet_v3_small are not"
+    ):
         probe_backbones(image_folder, "tiny_test:none,mobilenet_v3_small", progress=False)
     with pytest.raises(WeightsError, match="does not exist"):
         probe_backbones(image_folder, f"tiny_test:{tmp_path / 'missing.pth'}", progress=False)
@@ -130,7 +153,9 @@ def test_cli_probe_json_and_table(image_folder, constant_backbone):
     table = CliRunner().invoke(main, args)
     assert table.exit_code == 0 and "tiny_test:none" in table.stdout and "hit" in table.stdout
     bad = CliRunner().invoke(main, ["probe", str(image_folder), "--backbones", "nonet"])
-    assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown backbone 'nonet'") and bad.stderr.count("\n") == 1
+    assert (
+        bad.exit_code == 1 and bad.stderr.startswith("Error: unknown backbone 'nonet'") and bad.stderr.count("\n") == 1
+    )
     assert "Example:" in CliRunner().invoke(main, ["probe", "--help"]).output
 
 
@@ -154,8 +179,17 @@ def _logme_reference(f, y):
             if abs(alpha / beta - lam) / lam < 0.01:
                 break
             lam = alpha / beta
-        evidences.append((d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.log(alpha + beta * s).sum()
-                          - beta / 2 * (beta_de + eps) - alpha / 2 * (alpha_de + eps) - n / 2 * np.log(2 * np.pi)) / n)
+        evidences.append(
+            (
+                d / 2 * np.log(alpha)
+                + n / 2 * np.log(beta)
+                - 0.5 * np.log(alpha + beta * s).sum()
+                - beta / 2 * (beta_de + eps)
+                - alpha / 2 * (alpha_de + eps)
+                - n / 2 * np.log(2 * np.pi)
+            )
+            / n
+        )
     return float(np.mean(evidences))
 
 
@@ -185,11 +219,23 @@ def _build_tiny_scaled(state_dict=None):
 
 
 def test_degenerate_features_rank_last_and_really_do_not_train(image_folder):
-    from edgetl.train import TrainConfig, prepare_data, train_model
+    from edgetl.workstation.train import TrainConfig, prepare_data, train_model
 
-    register_backbone(BackboneSpec(name="tiny_scaled_test", feature_dim=16, params=0, input_size=32, resize_size=36,
-                                   interpolation="bilinear", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                   weights_file=None, weights_url=None, builder=_build_tiny_scaled))
+    register_backbone(
+        BackboneSpec(
+            name="tiny_scaled_test",
+            feature_dim=16,
+            params=0,
+            input_size=32,
+            resize_size=36,
+            interpolation="bilinear",
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
+            weights_file=None,
+            weights_url=None,
+            builder=_build_tiny_scaled,
+        )
+    )
     try:
         result = probe_backbones(image_folder, "tiny_scaled_test:none,tiny_test:none", folds=3, progress=False)
         scaled = result.rows[-1]

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgetl.backbones import get_backbone
-from edgetl.data import Sample
-from edgetl.export import export_onnx
-from edgetl.model import build_trunk
-from edgetl.quantize import (
+from edgetl.core.imagefolder import Sample
+from edgetl.workstation.backbones import get_backbone
+from edgetl.workstation.export import export_onnx
+from edgetl.workstation.model import build_trunk
+from edgetl.workstation.quantize import (
     ArrayReader,
     NoiseSource,
     QuantConfig,
@@ -46,7 +46,9 @@ def calib() -> np.ndarray:
 
 
 def run_onnx(path, x, **extra) -> np.ndarray:
-    session = ort.InferenceSession(str(path) if not isinstance(path, bytes) else path, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(path) if not isinstance(path, bytes) else path, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, {"image": x, **extra})[0]
 
 
@@ -74,8 +76,9 @@ def test_array_reader_yields_fixed_batches_and_supports_ranges():
 def test_quantize_trunk_writes_qdq_and_keeps_stdout_clean(trunk_onnx, calib, tmp_path, capfd):
     with quiet_onnxruntime():
         # Entropy calibration prints progress on stdout inside ORT: it must not reach ours (--json).
-        out = quantize_trunk(trunk_onnx, tmp_path / "q.onnx", calib, QuantConfig("entropy", True),
-                             input_name="image", cache_dir=tmp_path)
+        out = quantize_trunk(
+            trunk_onnx, tmp_path / "q.onnx", calib, QuantConfig("entropy", True), input_name="image", cache_dir=tmp_path
+        )
     assert capfd.readouterr().out == ""
     ops = Counter(n.op_type for n in onnx.load(str(out)).graph.node)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
@@ -87,8 +90,9 @@ def test_quantize_trunk_writes_qdq_and_keeps_stdout_clean(trunk_onnx, calib, tmp
 def test_gated_model_is_float_when_off_and_quantized_when_on(trunk_onnx, calib, tmp_path):
     with quiet_onnxruntime():
         prepared = prepare_for_quantization(trunk_onnx, tmp_path / "prepared.onnx")
-        qdq = quantize_trunk(prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", True),
-                             input_name="image", cache_dir=tmp_path)
+        qdq = quantize_trunk(
+            prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", True), input_name="image", cache_dir=tmp_path
+        )
     model, sources = build_gated_model(onnx.load(str(prepared)), onnx.load(str(qdq)))
     onnx.checker.check_model(model)
     kinds = Counter(kind for kind, _, _ in sources)
@@ -105,8 +109,9 @@ def test_gated_model_is_float_when_off_and_quantized_when_on(trunk_onnx, calib, 
 def test_rank_noise_sources_returns_nodes_of_the_graph(trunk_onnx, calib, tmp_path):
     with quiet_onnxruntime():
         prepared = prepare_for_quantization(trunk_onnx, tmp_path / "prepared.onnx")
-        qdq = quantize_trunk(prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", False),
-                             input_name="image", cache_dir=tmp_path)
+        qdq = quantize_trunk(
+            prepared, tmp_path / "q.onnx", calib, QuantConfig("minmax", False), input_name="image", cache_dir=tmp_path
+        )
         ranked = rank_noise_sources(prepared, qdq, calib[:8], input_name="image")
     graph = onnx.load(str(prepared)).graph
     names = {n.name for n in graph.node}
@@ -120,8 +125,10 @@ def test_rank_noise_sources_returns_nodes_of_the_graph(trunk_onnx, calib, tmp_pa
 
 
 def test_exclusion_schedule_doubles_dedupes_and_caps():
-    s = [NoiseSource("activation", f"t{i}", float(i), nodes) for i, nodes in
-         enumerate([("a", "b"), ("b",), ("c",), ("d",), ("e", "f", "g", "h")])]
+    s = [
+        NoiseSource("activation", f"t{i}", float(i), nodes)
+        for i, nodes in enumerate([("a", "b"), ("b",), ("c",), ("d",), ("e", "f", "g", "h")])
+    ]
     assert exclusion_schedule(s, cap=10) == [("a", "b"), ("a", "b", "c", "d"), ("a", "b", "c", "d", "e", "f", "g", "h")]
     assert exclusion_schedule(s, cap=4) == [("a", "b"), ("a", "b", "c", "d")]
     assert exclusion_schedule(s, cap=1) == []

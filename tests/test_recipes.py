@@ -4,10 +4,10 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import main
-from edgetl.errors import ConfigError
-from edgetl.profiles import list_shipped
-from edgetl.recipes import load_recipe, make_config
-from edgetl.train import TrainConfig
+from edgetl.core.errors import ConfigError
+from edgetl.core.shipped import list_shipped
+from edgetl.workstation.recipes import load_recipe, make_config
+from edgetl.workstation.train import TrainConfig
 
 
 def test_shipped_recipes_are_valid_configs():
@@ -48,8 +48,20 @@ def test_command_line_overrides_recipe(image_folder, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("backbone: tiny_test\nweights: none\nepochs: 3\nbatch_size: 16\nlr: 0.05\n")
     result = CliRunner().invoke(
-        main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), "--recipe", str(recipe), "--epochs", "2",
-               "--no-progress", "--json"])
+        main,
+        [
+            "finetune",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--recipe",
+            str(recipe),
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert train["epochs"] == 2 and train["lr"] == 0.05 and train["batch_size"] == 16
@@ -58,10 +70,32 @@ def test_command_line_overrides_recipe(image_folder, tmp_path):
 
 def test_recipe_from_a_run_reproduces_it(image_folder, tmp_path):
     runner = CliRunner()
-    args = ["--backbone", "tiny_test", "--weights", "none", "--epochs", "2", "--batch-size", "16", "--no-progress", "--json"]
+    args = [
+        "--backbone",
+        "tiny_test",
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--json",
+    ]
     a = runner.invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "a"), *args])
-    b = runner.invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "b"), "--recipe", str(tmp_path / "a"),
-                             "--no-progress", "--json"])
+    b = runner.invoke(
+        main,
+        [
+            "finetune",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "b"),
+            "--recipe",
+            str(tmp_path / "a"),
+            "--no-progress",
+            "--json",
+        ],
+    )
     assert a.exit_code == 0 and b.exit_code == 0, b.output
     assert json.loads(a.stdout)["val_top1"] == json.loads(b.stdout)["val_top1"]
     ha = json.loads((tmp_path / "a" / "history.json").read_text())
@@ -72,5 +106,7 @@ def test_recipe_from_a_run_reproduces_it(image_folder, tmp_path):
 def test_cli_unknown_recipe_key_one_line(image_folder, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("epoch: 3\n")
-    result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), "--recipe", str(recipe)])
+    result = CliRunner().invoke(
+        main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), "--recipe", str(recipe)]
+    )
     assert result.exit_code == 1 and "unknown key 'epoch'" in result.stderr and "Traceback" not in result.output

@@ -1,7 +1,6 @@
 """Interrupted and failing exports: nothing half-written, an existing bundle is never lost."""
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import main
-from edgetl.runtime import open_bundle
+from edgetl.device.runtime import open_bundle
 from tests.run_factory import make_run
 
 ENTRY = str(Path(__file__).with_name("cli_entry.py"))
@@ -25,8 +24,9 @@ def run_dir(image_folder, tmp_path):
 
 
 def _export(run_dir, out, *extra):
-    return CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out), "--format", "onnx", "--no-progress",
-                                     "--json", *extra])
+    return CliRunner().invoke(
+        main, ["export", str(run_dir), "--out", str(out), "--format", "onnx", "--no-progress", "--json", *extra]
+    )
 
 
 def _leftovers(parent: Path, name: str):
@@ -53,7 +53,7 @@ def test_full_disk_during_export_is_one_line_and_leaves_old_bundle(run_dir, tmp_
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("edgetl.export.write_json_atomic", full)
+    monkeypatch.setattr("edgetl.workstation.export.write_json_atomic", full)
     result = _export(run_dir, tmp_path / "b", "--force")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()[-1]) < 400
@@ -71,8 +71,11 @@ def test_kill_9_during_export_leaves_no_half_bundle(run_dir, tmp_path, existing)
     if existing:
         assert _export(run_dir, out).exit_code == 0
         before = (out / "manifest.json").read_bytes()
-    proc = subprocess.Popen([sys.executable, ENTRY, "export", str(run_dir), "--out", str(out), "--force", "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, ENTRY, "export", str(run_dir), "--out", str(out), "--force", "--no-progress"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     # Kill once the new bundle is being written (its temporary folder has model files in it).
     while proc.poll() is None and time.monotonic() < deadline:
@@ -100,8 +103,8 @@ def test_checkpoints_and_runs_load_weights_only(image_folder, tmp_path):
     """A model.pt that carries code (a pickled object) is refused, not executed."""
     import pickle
 
-    from edgetl.errors import RunError
-    from edgetl.run import load_run
+    from edgetl.core.errors import RunError
+    from edgetl.workstation.run import load_run
 
     run = make_run(tmp_path / "evil", image_folder)
 

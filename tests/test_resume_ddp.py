@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 
 from edgetl.cli import main
-from edgetl.errors import OutputExistsError, RunError
-from edgetl.train import TrainConfig, finetune, partial_dir, resume
+from edgetl.core.errors import OutputExistsError, RunError
+from edgetl.workstation.train import TrainConfig, finetune, partial_dir, resume
 from tests.helpers import make_image_folder
 
 ENTRY = str(Path(__file__).with_name("cli_entry.py"))
@@ -37,8 +37,11 @@ def test_kill_9_then_resume_matches_uninterrupted_run(data, tmp_path):
     assert reference.exit_code == 0, reference.output
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, ENTRY, "finetune", str(data), "--out", str(out), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, ENTRY, "finetune", str(data), "--out", str(out), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = partial_dir(out) / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -56,7 +59,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(data, tmp_path):
     assert doc["val_top1"] == json.loads(reference.stdout)["val_top1"]
     ref_h, res_h = _history(tmp_path / "ref"), _history(out)
     assert [h["epoch"] for h in res_h] == list(range(1, 13))
-    for a, b in zip(ref_h, res_h):
+    for a, b in zip(ref_h, res_h, strict=False):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_top1"] == b["val_top1"]
     assert not partial_dir(out).exists()
@@ -64,9 +67,11 @@ def test_kill_9_then_resume_matches_uninterrupted_run(data, tmp_path):
 
 def test_resume_in_process_after_exception(image_folder, tmp_path, monkeypatch):
     """An exception mid-training (here after epoch 2) leaves a resumable RUN.partial."""
-    import edgetl.train as train_mod
+    import edgetl.workstation.train as train_mod
 
-    cfg = TrainConfig(backbone="tiny_test", weights="none", batch_size=16, epochs=4, patience=4, strategy="fine-tune", unfreeze=1)
+    cfg = TrainConfig(
+        backbone="tiny_test", weights="none", batch_size=16, epochs=4, patience=4, strategy="fine-tune", unfreeze=1
+    )
     reference = finetune(image_folder, tmp_path / "ref", config=cfg, progress=False)
     original = train_mod._save_checkpoint
 
@@ -85,7 +90,8 @@ def test_resume_in_process_after_exception(image_folder, tmp_path, monkeypatch):
     resumed = resume(tmp_path / "run", progress=False)
     assert resumed.resumed_from_epoch == 2 and resumed.val_top1 == reference.val_top1
     assert [h["train_loss"] for h in _history(tmp_path / "run")] == pytest.approx(
-        [h["train_loss"] for h in _history(tmp_path / "ref")], rel=1e-6)
+        [h["train_loss"] for h in _history(tmp_path / "ref")], rel=1e-6
+    )
 
 
 def test_resume_refuses_to_change_what_is_learned(image_folder, tmp_path):
@@ -105,9 +111,26 @@ def test_torchrun_two_gloo_processes_match_one(data, tmp_path, strategy):
     single = CliRunner().invoke(main, ["finetune", str(data), "--out", str(tmp_path / "one"), *args, "--json"])
     assert single.exit_code == 0, single.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", ENTRY, "finetune", str(data),
-                           "--out", str(tmp_path / "two"), *args, "--device", "cpu"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            ENTRY,
+            "finetune",
+            str(data),
+            "--out",
+            str(tmp_path / "two"),
+            *args,
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "metrics.json").read_text())
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""edgetl.runtime and `edgetl predict` on tiny torch-free bundles (tests/bundle_factory.py)."""
+"""edgetl.device.runtime and `edgetl predict` on tiny torch-free bundles (tests/bundle_factory.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from edgetl.bundle import sha256_file
 from edgetl.cli import main
-from edgetl.errors import BackendError, BundleError, ConfigError, DataError
-from edgetl import runtime as runtime_mod
-from edgetl.runtime import RUNTIMES, open_bundle, predict_files, softmax
+from edgetl.core.bundle import sha256_file
+from edgetl.core.errors import BackendError, BundleError, ConfigError, DataError
+from edgetl.device import runtime as runtime_mod
+from edgetl.device.runtime import RUNTIMES, open_bundle, predict_files, softmax
 from tests.bundle_factory import COLOURS, MEAN, STD, build_bundle, write_colour_images
 
 
@@ -217,7 +217,11 @@ def test_predict_pil_images_and_all_heads(two_head_bundle):
     p = open_bundle(two_head_bundle).load(heads="all")
     records = p.predict([_solid(COLOURS["green"]), _solid((250, 250, 250))])
     assert [(r["image"], r["head"]) for r in records] == [
-        ("<image 0>", "colour"), ("<image 0>", "brightness"), ("<image 1>", "colour"), ("<image 1>", "brightness")]
+        ("<image 0>", "colour"),
+        ("<image 0>", "brightness"),
+        ("<image 1>", "colour"),
+        ("<image 1>", "brightness"),
+    ]
     assert records[0]["label"] == "green"
     assert records[3]["label"] == "bright"
     total = sum(t["score"] for t in records[1]["top_k"])
@@ -279,8 +283,9 @@ def test_cli_predict_table(bundle_dir, images):
 
 def test_cli_predict_json_folder_with_corrupt_image(bundle_dir, tmp_path):
     write_colour_images(tmp_path / "imgs", corrupt=True)
-    result = CliRunner().invoke(main, ["predict", str(bundle_dir), str(tmp_path / "imgs"), "--json", "--top-k", "2",
-                                       "--precision", "int8"])
+    result = CliRunner().invoke(
+        main, ["predict", str(bundle_dir), str(tmp_path / "imgs"), "--json", "--top-k", "2", "--precision", "int8"]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert len(rows) == 3
@@ -331,7 +336,7 @@ def test_cli_help_has_examples():
 
 def _add_openvino_variant(bundle):
     """Placeholder OpenVINO files: enough for the manifest and checksums, not for a real load."""
-    from edgetl.bundle import file_record
+    from edgetl.core.bundle import file_record
 
     (bundle / "openvino").mkdir()
     (bundle / "openvino" / "trunk.fp32.xml").write_text("<net/>")
@@ -339,10 +344,23 @@ def _add_openvino_variant(bundle):
 
     def edit(m):
         m["files"]["openvino/trunk.fp32.xml"] = file_record(
-            bundle, "openvino/trunk.fp32.xml", fmt="openvino", precision="fp32", role="trunk", head=None,
-            inputs=[], outputs=[], derived_from="onnx/trunk.fp32.onnx", extra_files=("openvino/trunk.fp32.bin",))
-        m["variants"]["openvino-fp32"] = {"format": "openvino", "precision": "fp32", "trunk": "openvino/trunk.fp32.xml",
-                                         "heads": {"colour": "onnx/head.colour.onnx"}}
+            bundle,
+            "openvino/trunk.fp32.xml",
+            fmt="openvino",
+            precision="fp32",
+            role="trunk",
+            head=None,
+            inputs=[],
+            outputs=[],
+            derived_from="onnx/trunk.fp32.onnx",
+            extra_files=("openvino/trunk.fp32.bin",),
+        )
+        m["variants"]["openvino-fp32"] = {
+            "format": "openvino",
+            "precision": "fp32",
+            "trunk": "openvino/trunk.fp32.xml",
+            "heads": {"colour": "onnx/head.colour.onnx"},
+        }
 
     _edit_manifest(bundle, edit)
 
@@ -362,8 +380,9 @@ def test_openvino_not_installed_and_broken_ir(fresh_bundle, monkeypatch):
         with pytest.raises(BundleError, match=r"OpenVINO cannot load .*trunk\.fp32\.xml"):
             b.load(runtime="openvino")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "openvino" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real_find_spec(name, *a)
+    )
     with pytest.raises(BackendError, match=r"'openvino' is not installed: pip install 'edgetl\[openvino\]'"):
         b.load(runtime="openvino")
 
@@ -382,8 +401,9 @@ def test_cpu_provider_by_short_and_full_name(bundle_dir):
 def test_unavailable_provider_lists_what_is_installed(bundle_dir):
     import onnxruntime as ort
 
-    missing = next(p for p in ("tensorrt", "cuda", "coreml") if runtime_mod.PROVIDERS[p][0]
-                   not in ort.get_available_providers())
+    missing = next(
+        p for p in ("tensorrt", "cuda", "coreml") if runtime_mod.PROVIDERS[p][0] not in ort.get_available_providers()
+    )
     with pytest.raises(BackendError, match=rf"provider '{missing}' is not in this build .*has: cpu") as info:
         open_bundle(bundle_dir).load(provider=missing)
     assert runtime_mod.PROVIDERS[missing][1] in str(info.value)  # how to get it
@@ -429,8 +449,9 @@ def test_onnxruntime_providers_lists_local_ones():
 @pytest.fixture(scope="module")
 def ov_bundle(tmp_path_factory):
     pytest.importorskip("openvino")
-    return build_bundle(tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"),
-                        formats=("onnx", "openvino"))
+    return build_bundle(
+        tmp_path_factory.mktemp("ov") / "b", heads=("colour", "brightness"), formats=("onnx", "openvino")
+    )
 
 
 def test_openvino_devices_threads_and_streams(ov_bundle):

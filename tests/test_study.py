@@ -7,10 +7,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import edgetl.study as study_mod
+import edgetl.workstation.study as study_mod
 from edgetl.cli import main
-from edgetl.errors import ConfigError, OutputExistsError, WeightsError
-from edgetl.study import (
+from edgetl.core.errors import ConfigError, OutputExistsError, WeightsError
+from edgetl.workstation.study import (
     DEFAULT_EPOCHS,
     StudyResult,
     StudyRow,
@@ -21,7 +21,7 @@ from edgetl.study import (
     run_study,
     study_batch_size,
 )
-from edgetl.train import TrainConfig
+from edgetl.workstation.train import TrainConfig
 from tests.helpers import _build_tiny
 
 STRATEGIES = ("feature-extraction", "fine-tune", "full", "scratch")
@@ -50,9 +50,15 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
         return real_train(prepared, cfg, **kw)
 
     monkeypatch.setattr(study_mod, "train_model", spy)
-    result = run_study(image_folder, config=_config(tiny_weights), strategies=STRATEGIES, samples_per_class="3,all",
-                       epochs={"feature-extraction": 15, "fine-tune": 1, "full": 1, "scratch": 1}, out=tmp_path / "study",
-                       progress=False)
+    result = run_study(
+        image_folder,
+        config=_config(tiny_weights),
+        strategies=STRATEGIES,
+        samples_per_class="3,all",
+        epochs={"feature-extraction": 15, "fine-tune": 1, "full": 1, "scratch": 1},
+        out=tmp_path / "study",
+        progress=False,
+    )
 
     assert [(r.strategy, r.samples_per_class) for r in result.rows] == [(s, b) for s in STRATEGIES for b in (3, None)]
     assert [r.pretrained for r in result.rows] == [s != "scratch" for s in STRATEGIES for _ in range(2)]
@@ -65,7 +71,7 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
         assert not val & set(prepared.train)
     # Budgets: exactly n per class (16 - 3 = 13 training images per class at 'all'), nested.
     by_budget = {}
-    for (prepared, _), row in zip(calls, result.rows):
+    for (prepared, _), row in zip(calls, result.rows, strict=False):
         per_class = [sum(s.label == k for s in prepared.train) for k in range(3)]
         assert per_class == ([row.samples_per_class] * 3 if row.samples_per_class else [13] * 3)
         assert row.train_images == len(prepared.train)
@@ -73,7 +79,7 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
         assert set(prepared.train) == by_budget[row.samples_per_class]  # same subset for every strategy
     assert by_budget[3] < by_budget[None]
     # Each row's config: scratch is `full` from random init; epochs per strategy; batch capped for small budgets.
-    for (_, cfg), row in zip(calls, result.rows):
+    for (_, cfg), row in zip(calls, result.rows, strict=False):
         assert cfg.strategy == ("full" if row.strategy == "scratch" else row.strategy)
         assert cfg.weights == ("none" if row.strategy == "scratch" else tiny_weights)
         # random weights have nothing to protect: the scratch trunk learns at the head's rate
@@ -96,15 +102,21 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
     assert doc["config"]["backbone"] == "tiny_test" and "strategy" not in doc["config"]
     assert set(doc["transfer_gain_pp"]) == {"3", "all"}
     assert doc["transfer_gain_pp"]["all"]["feature-extraction"] == pytest.approx(
-        100 * (result.row("feature-extraction", None).val_top1 - result.row("scratch", None).val_top1), abs=0.01)
+        100 * (result.row("feature-extraction", None).val_top1 - result.row("scratch", None).val_top1), abs=0.01
+    )
     assert (tmp_path / "study" / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_study_trains_nothing_twice_on_a_warm_cache(image_folder, tiny_weights, monkeypatch):
-    from edgetl.model import Trunk
+    from edgetl.workstation.model import Trunk
 
-    kw = dict(config=_config(tiny_weights), strategies="feature-extraction", samples_per_class="3,all", epochs=2,
-              progress=False)
+    kw = {
+        "config": _config(tiny_weights),
+        "strategies": "feature-extraction",
+        "samples_per_class": "3,all",
+        "epochs": 2,
+        "progress": False,
+    }
     first = run_study(image_folder, **kw)
     seen = {"n": 0}
     real_forward = Trunk.forward
@@ -120,7 +132,7 @@ def test_study_trains_nothing_twice_on_a_warm_cache(image_folder, tiny_weights, 
 
 
 def test_nested_subsets_are_per_class_prefixes():
-    from edgetl.data import Sample
+    from edgetl.core.imagefolder import Sample
 
     samples = [Sample(f"{c}/{i}.png", c) for c in range(3) for i in range(10)]
     subsets = nested_subsets(samples, [1, 4, None], seed=7)
@@ -159,14 +171,42 @@ def test_study_refuses_bad_options_before_training(image_folder, tiny_weights, t
 
 
 def _fake_result(**kw):
-    rows = [StudyRow(strategy=s, pretrained=s != "scratch", samples_per_class=b, train_images=3 * (b or 13), batch_size=8,
-                     trunk_lr_scale=0.1, epochs=2, epochs_run=2, best_epoch=1, best_at_last_epoch=False, val_top1=acc,
-                     train_seconds=1.5, feature_cache=None)
-            for s, accs in (("feature-extraction", (0.6, 0.9)), ("scratch", (0.3, 0.5))) for b, acc in zip((2, None), accs)]
-    return StudyResult(rows=rows, data="d", backbone="tiny_test", weights=None, img_size=32, seed=0, val_split=0.2,
-                       labels=["a", "b", "c"], train_images=39, val_images=9, val_digest="x", trunk_pass=None,
-                       epochs={"feature-extraction": 2, "scratch": 2}, config={},
-                       **kw)
+    rows = [
+        StudyRow(
+            strategy=s,
+            pretrained=s != "scratch",
+            samples_per_class=b,
+            train_images=3 * (b or 13),
+            batch_size=8,
+            trunk_lr_scale=0.1,
+            epochs=2,
+            epochs_run=2,
+            best_epoch=1,
+            best_at_last_epoch=False,
+            val_top1=acc,
+            train_seconds=1.5,
+            feature_cache=None,
+        )
+        for s, accs in (("feature-extraction", (0.6, 0.9)), ("scratch", (0.3, 0.5)))
+        for b, acc in zip((2, None), accs, strict=False)
+    ]
+    return StudyResult(
+        rows=rows,
+        data="d",
+        backbone="tiny_test",
+        weights=None,
+        img_size=32,
+        seed=0,
+        val_split=0.2,
+        labels=["a", "b", "c"],
+        train_images=39,
+        val_images=9,
+        val_digest="x",
+        trunk_pass=None,
+        epochs={"feature-extraction": 2, "scratch": 2},
+        config={},
+        **kw,
+    )
 
 
 def test_plot_has_one_line_per_strategy(tmp_path, monkeypatch):
@@ -175,8 +215,11 @@ def test_plot_has_one_line_per_strategy(tmp_path, monkeypatch):
     result = _fake_result()
     lines = []
     real_plot = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: lines.append((list(x), list(y))) or
-                        real_plot(self, x, y, **kw))
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, x, y, **kw: lines.append((list(x), list(y))) or real_plot(self, x, y, **kw),
+    )
     path = plot_study(result, tmp_path / "p" / "study.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert lines == [([2.0, 13.0], [0.6, 0.9]), ([2.0, 13.0], [0.3, 0.5])]  # 'all' at 39 / 3 images per class
@@ -184,13 +227,30 @@ def test_plot_has_one_line_per_strategy(tmp_path, monkeypatch):
 
 
 def test_cli_study_json_table_and_errors(image_folder, tiny_weights, tmp_path):
-    args = ["study", str(image_folder), "--backbone", "tiny_test", "--weights", tiny_weights, "--strategies",
-            "feature-extraction,scratch", "--samples-per-class", "4,all", "--epochs", "1", "--no-progress"]
+    args = [
+        "study",
+        str(image_folder),
+        "--backbone",
+        "tiny_test",
+        "--weights",
+        tiny_weights,
+        "--strategies",
+        "feature-extraction,scratch",
+        "--samples-per-class",
+        "4,all",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     result = CliRunner().invoke(main, [*args, "--json", "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert [(r["strategy"], r["pretrained"], r["samples_per_class"]) for r in doc["rows"]] == [
-        ("feature-extraction", True, 4), ("feature-extraction", True, "all"), ("scratch", False, 4), ("scratch", False, "all")]
+        ("feature-extraction", True, 4),
+        ("feature-extraction", True, "all"),
+        ("scratch", False, 4),
+        ("scratch", False, "all"),
+    ]
     assert {"val_top1", "train_seconds"} <= set(doc["rows"][0])
     assert (tmp_path / "s" / "study.png").is_file() and json.loads((tmp_path / "s" / "study.json").read_text())["rows"]
 
@@ -208,11 +268,16 @@ def test_cli_study_help_has_an_example():
 @pytest.mark.slow
 def test_pretrained_feature_extraction_beats_scratch_at_10_per_class(tmp_path):
     """DESIGN's promise on the digits: with 10 images per class, ImageNet features win by >= 10 pp."""
-    from edgetl.data import write_digits
+    from edgetl.workstation.data import write_digits
 
     write_digits(tmp_path / "digits")
-    result = run_study(tmp_path / "digits", config=TrainConfig(img_size=96, seed=0, val_split=0.2),
-                       strategies="feature-extraction,scratch", samples_per_class="10", progress=False)
+    result = run_study(
+        tmp_path / "digits",
+        config=TrainConfig(img_size=96, seed=0, val_split=0.2),
+        strategies="feature-extraction,scratch",
+        samples_per_class="10",
+        progress=False,
+    )
     fe, scratch = result.row("feature-extraction", 10), result.row("scratch", 10)
     assert fe.pretrained and not scratch.pretrained and fe.train_images == scratch.train_images == 100
     assert fe.val_top1 - scratch.val_top1 >= 0.10, result.to_dict()
@@ -228,8 +293,21 @@ def test_cli_study_table(monkeypatch, tmp_path):
         return result
 
     monkeypatch.setattr(study_mod, "run_study", fake_run_study)
-    result = CliRunner().invoke(main, ["study", "d", "--samples-per-class", "2,all", "--epochs", "scratch=9",
-                                       "--plot", str(tmp_path / "p.png"), "--img-size", "64"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "study",
+            "d",
+            "--samples-per-class",
+            "2,all",
+            "--epochs",
+            "scratch=9",
+            "--plot",
+            str(tmp_path / "p.png"),
+            "--img-size",
+            "64",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert seen["samples_per_class"] == "2,all" and seen["epochs"] == "scratch=9" and seen["config"].img_size == 64
     out = result.stdout

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from edgetl.errors import ConfigError, DataError, OutputExistsError
-from edgetl.run import load_run
-from edgetl.train import TrainConfig, finetune
+from edgetl.core.errors import ConfigError, DataError, OutputExistsError
+from edgetl.workstation.run import load_run
+from edgetl.workstation.train import TrainConfig, finetune
 
-TINY = dict(backbone="tiny_test", weights="none", batch_size=16, epochs=3, lr=1e-2)
+TINY = {"backbone": "tiny_test", "weights": "none", "batch_size": 16, "epochs": 3, "lr": 1e-2}
 
 
 def _train(image_folder, out, **kw):
@@ -36,7 +36,7 @@ def test_each_strategy_writes_a_complete_run(image_folder, tmp_path, strategy):
 
 
 def test_feature_extraction_runs_trunk_once_per_image(image_folder, tmp_path, monkeypatch):
-    from edgetl.model import Trunk
+    from edgetl.workstation.model import Trunk
 
     seen = {"images": 0}
     original = Trunk.forward
@@ -56,8 +56,8 @@ def test_feature_extraction_learns_easy_data(image_folder, tmp_path):
 
 
 def test_fine_tune_keeps_frozen_blocks_and_their_batchnorm_stats(image_folder, tmp_path):
-    from edgetl.backbones import get_backbone
-    from edgetl.model import build_trunk
+    from edgetl.workstation.backbones import get_backbone
+    from edgetl.workstation.model import build_trunk
 
     torch.manual_seed(0)
     _train(image_folder, tmp_path / "run", strategy="fine-tune", unfreeze=1, seed=0)
@@ -104,7 +104,7 @@ def test_val_dir_used_instead_of_split(image_folder, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(strategy="linear"), dict(epochs=0), dict(lr=-1.0), dict(dropout=1.0), dict(device="tpu")]
+    "bad", [{"strategy": "linear"}, {"epochs": 0}, {"lr": -1.0}, {"dropout": 1.0}, {"device": "tpu"}]
 )
 def test_bad_config_is_a_clear_error(bad):
     with pytest.raises(ConfigError):
@@ -117,7 +117,7 @@ def test_bad_data_errors(tmp_path):
 
 
 def test_balance_weights_inverse_frequency_and_imbalance_warning(tmp_path, caplog):
-    from edgetl.train import class_weights
+    from edgetl.workstation.train import class_weights
     from tests.helpers import make_image_folder
 
     w = class_weights([30, 10, 10])
@@ -131,14 +131,14 @@ def test_balance_weights_inverse_frequency_and_imbalance_warning(tmp_path, caplo
     assert 0 <= result.val_top1 <= 1
 
 
-@pytest.mark.parametrize("mix", [dict(mixup=0.4), dict(cutmix=1.0), dict(mixup=0.2, cutmix=1.0)])
+@pytest.mark.parametrize("mix", [{"mixup": 0.4}, {"cutmix": 1.0}, {"mixup": 0.2, "cutmix": 1.0}])
 def test_mixup_and_cutmix_train(image_folder, tmp_path, mix):
     result = _train(image_folder, tmp_path / "run", strategy="full", **mix)
     assert result.epochs_run == 3
 
 
 def test_mix_batch_keeps_mass():
-    from edgetl.loops import mix_batch
+    from edgetl.workstation.loops import mix_batch
 
     torch.manual_seed(0)
     x = torch.rand(8, 3, 16, 16)
@@ -155,7 +155,7 @@ def test_mixup_refused_for_feature_extraction():
 
 
 def test_amp_settings_on_cpu():
-    from edgetl.loops import amp_settings
+    from edgetl.workstation.loops import amp_settings
 
     assert amp_settings("auto", torch.device("cpu")) == (False, None, False)
     assert amp_settings("bf16", torch.device("cpu")) == (True, torch.bfloat16, False)

@@ -29,8 +29,16 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     # Each module adds its commands; modules import heavy libraries only inside command bodies.
-    from edgetl.cli import (data_cmds, deploy_cmds, device_cmds, export_cmd, pack_cmds, runtime_cmds, study_cmds,
-                            train_cmds)
+    from edgetl.cli import (
+        data_cmds,
+        deploy_cmds,
+        device_cmds,
+        export_cmd,
+        pack_cmds,
+        runtime_cmds,
+        study_cmds,
+        train_cmds,
+    )
 
     for module in (data_cmds, train_cmds, study_cmds, export_cmd, pack_cmds, deploy_cmds, runtime_cmds, device_cmds):
         for command in module.COMMANDS:

@@ -6,13 +6,16 @@ import functools
 import json
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from edgetl.errors import EdgetlError
+from edgetl.core.errors import EdgetlError
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (logs go to stderr).")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout (logs go to stderr)."
+)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -64,14 +67,33 @@ def parse_list(value: str | None) -> list[str] | None:
 def ssh_options(func: Callable) -> Callable:
     """--identity, --ssh-config and --remote-edgetl: how to reach a device and run edgetl there."""
     options = [
-        click.option("--identity", "-i", "identity", type=click.Path(dir_okay=False), default=None, metavar="KEY",
-                     help="SSH private key for the device (ssh -i). Default: your ssh config, agent and keys."),
-        click.option("--ssh-config", "ssh_config", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-                     help="SSH config file to use instead of ~/.ssh/config (ssh -F)."),
-        click.option("--remote-edgetl", "remote_edgetl", default="edgetl", show_default=True, metavar="CMD",
-                     envvar="EDGETL_REMOTE_EDGETL",
-                     help="How to run edgetl on the device when it is not on its PATH, e.g. "
-                          "'~/edgetl/bin/edgetl' or 'python3 -m edgetl' (or set EDGETL_REMOTE_EDGETL)."),
+        click.option(
+            "--identity",
+            "-i",
+            "identity",
+            type=click.Path(dir_okay=False),
+            default=None,
+            metavar="KEY",
+            help="SSH private key for the device (ssh -i). Default: your ssh config, agent and keys.",
+        ),
+        click.option(
+            "--ssh-config",
+            "ssh_config",
+            type=click.Path(dir_okay=False),
+            default=None,
+            metavar="FILE",
+            help="SSH config file to use instead of ~/.ssh/config (ssh -F).",
+        ),
+        click.option(
+            "--remote-edgetl",
+            "remote_edgetl",
+            default="edgetl",
+            show_default=True,
+            metavar="CMD",
+            envvar="EDGETL_REMOTE_EDGETL",
+            help="How to run edgetl on the device when it is not on its PATH, e.g. "
+            "'~/edgetl/bin/edgetl' or 'python3 -m edgetl' (or set EDGETL_REMOTE_EDGETL).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -79,6 +101,6 @@ def ssh_options(func: Callable) -> Callable:
 
 
 def make_remote(target: str, identity: str | None, ssh_config: str | None, remote_edgetl: str):
-    from edgetl.remote import Remote, parse_target
+    from edgetl.device.remote import Remote, parse_target
 
     return Remote(parse_target(target), identity=identity, ssh_config=ssh_config, edgetl=remote_edgetl)

@@ -23,7 +23,7 @@ def data_digits(out: str, as_json: bool) -> None:
     Example:
       edgetl data digits data/digits
     """
-    from edgetl.data import write_digits
+    from edgetl.workstation.data import write_digits
 
     result = write_digits(out)
     if as_json:
@@ -42,7 +42,7 @@ def backbones(as_json: bool) -> None:
     Example:
       edgetl backbones --json
     """
-    from edgetl.backbones import list_backbones
+    from edgetl.workstation.backbones import list_backbones
 
     rows = [spec.describe() for spec in list_backbones()]
     if as_json:

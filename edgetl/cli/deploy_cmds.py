@@ -1,4 +1,4 @@
-"""`edgetl deploy`: copy a bundle to a device over SSH and verify it there (see edgetl.deploy)."""
+"""`edgetl deploy`: copy a bundle to a device over SSH and verify it there (see edgetl.device.deploy)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,24 @@ from edgetl.cli._common import emit_json, handle_errors, json_option, make_remot
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("target", metavar="TARGET")
-@click.option("--check", is_flag=True,
-              help="Afterwards run `edgetl doctor` on the device: do its runtimes, int8 speed and device profile "
-                   "fit the bundle? Exits 1 if no runtime there can run it.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Afterwards run `edgetl doctor` on the device: do its runtimes, int8 speed and device profile "
+    "fit the bundle? Exits 1 if no runtime there can run it.",
+)
 @ssh_options
 @json_option
 @handle_errors
-def deploy(bundle: str, target: str, check: bool, identity: str | None, ssh_config: str | None,
-           remote_edgetl: str, as_json: bool) -> None:
+def deploy(
+    bundle: str,
+    target: str,
+    check: bool,
+    identity: str | None,
+    ssh_config: str | None,
+    remote_edgetl: str,
+    as_json: bool,
+) -> None:
     """Copy BUNDLE to a device and verify it there; TARGET is user@host:PATH or ssh://user@host:port/PATH.
 
     Uses the system ssh client (your ~/.ssh/config, keys, agent and known_hosts); edgetl never
@@ -38,15 +48,17 @@ def deploy(bundle: str, target: str, check: bool, identity: str | None, ssh_conf
     if as_json:
         emit_json(doc)
     else:
-        click.echo(f"Deployed {doc['files']} files ({doc['bytes'] / 1e6:.1f} MB) to {doc['where']}:{doc['path']} "
-                   f"(edgetl {doc['remote_edgetl']} there): copy {doc['copy_seconds']:.1f} s "
-                   f"({doc['copy_mb_per_s'] or 0:.1f} MB/s), verify + unpack {doc['unpack_seconds']:.1f} s; "
-                   f"variants: {', '.join(doc['variants'])}")
+        click.echo(
+            f"Deployed {doc['files']} files ({doc['bytes'] / 1e6:.1f} MB) to {doc['where']}:{doc['path']} "
+            f"(edgetl {doc['remote_edgetl']} there): copy {doc['copy_seconds']:.1f} s "
+            f"({doc['copy_mb_per_s'] or 0:.1f} MB/s), verify + unpack {doc['unpack_seconds']:.1f} s; "
+            f"variants: {', '.join(doc['variants'])}"
+        )
         if "check" in doc:
             _print_check(doc["check"])
     if "check" in doc and not doc["check"]["ok"]:
         failed = "; ".join(c["detail"] for c in doc["check"]["checks"] if c["status"] == "fail")
-        from edgetl.errors import RemoteError
+        from edgetl.core.errors import RemoteError
 
         raise RemoteError(f"deployed, but the device cannot use the bundle: {failed}")
 
@@ -55,11 +67,18 @@ def _deploy_with_progress(bundle: str, remote, *, check: bool, show: bool) -> di
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from edgetl.deploy import deploy as deploy_bundle
+    from edgetl.device.deploy import deploy as deploy_bundle
 
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as progress:
         task = progress.add_task(f"copy to {remote.target.where}", total=None)
 
         def on_progress(stage: str, done: int, total: int) -> None:
@@ -74,8 +93,11 @@ def _print_check(check: dict) -> None:
 
     console = Console()
     m = check["machine"]
-    console.print(f"Device: {m.get('cpu')} ({m.get('arch')}, {m.get('logical_cores')} cores), "
-                  f"{m.get('os')} {m.get('kernel')}, python {m.get('python')}", highlight=False)
+    console.print(
+        f"Device: {m.get('cpu')} ({m.get('arch')}, {m.get('logical_cores')} cores), "
+        f"{m.get('os')} {m.get('kernel')}, python {m.get('python')}",
+        highlight=False,
+    )
     for c in check["checks"]:
         console.print(f"  {marks[c['status']]} {c['check']:<9} {c['detail']}", highlight=False)
 

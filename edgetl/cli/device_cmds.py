@@ -1,4 +1,6 @@
-"""`edgetl devices` and `edgetl doctor`: device profiles, and what this machine is (see edgetl.devices, edgetl.doctor)."""
+"""`edgetl devices` and `edgetl doctor`: device profiles, and what this machine is.
+
+See edgetl.device.profiles and edgetl.device.doctor."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ def devices(name: str | None, as_json: bool) -> None:
       edgetl devices rpi5
       edgetl bench bundles/digits --device-profile rpi5
     """
-    from edgetl.devices import list_profiles, load_profile, profile_label
+    from edgetl.device.profiles import list_profiles, load_profile, profile_label
 
     if name is not None:
         p = load_profile(name)
@@ -74,7 +76,7 @@ def doctor(bundle: str | None, as_json: bool) -> None:
       edgetl doctor
       edgetl doctor bundles/digits --json
     """
-    from edgetl.doctor import diagnose
+    from edgetl.device.doctor import diagnose
 
     report = diagnose(bundle)
     if as_json:
@@ -91,9 +93,12 @@ def _print_doctor(r) -> None:
     if m["usable_cores"] != m["logical_cores"]:
         cores += f", {m['usable_cores']} usable"
     click.echo(f"machine   {m['cpu']}" + (f" ({m['board']})" if m["board"] and m["board"] != m["cpu"] else ""))
-    click.echo(f"          {m['arch']}, {cores} cores" + (f" ({', '.join(m['cpu_cores'])})" if m["cpu_cores"] else "")
-               + (f", {m['memory_mb'] / 1024:.1f} GB" if m["memory_mb"] else "")
-               + (", virtual machine" if m["virtualized"] else ""))
+    click.echo(
+        f"          {m['arch']}, {cores} cores"
+        + (f" ({', '.join(m['cpu_cores'])})" if m["cpu_cores"] else "")
+        + (f", {m['memory_mb'] / 1024:.1f} GB" if m["memory_mb"] else "")
+        + (", virtual machine" if m["virtualized"] else "")
+    )
     click.echo(f"          {m['os']} {m['kernel']}, python {m['python']}, governor {m['governor'] or 'n/a'}")
     if m["isa"] is None:
         click.echo("CPU       features unknown on this platform")
@@ -102,8 +107,14 @@ def _print_doctor(r) -> None:
         if m["isa_missing"]:
             click.echo(f"          absent: {', '.join(m['isa_missing'])}")
     ort, ov = rt["onnxruntime"], rt["openvino"]
-    click.echo("runtimes  onnxruntime " + (f"{ort['version']}: providers {', '.join(ort['providers']) or 'none'}"
-                                          if ort["installed"] else "not installed (pip install onnxruntime)"))
+    click.echo(
+        "runtimes  onnxruntime "
+        + (
+            f"{ort['version']}: providers {', '.join(ort['providers']) or 'none'}"
+            if ort["installed"]
+            else "not installed (pip install onnxruntime)"
+        )
+    )
     if ov["installed"]:
         devs = ", ".join(f"{d['name']} ({', '.join(d['capabilities'])})" for d in ov["devices"]) or "none"
         click.echo(f"          openvino {ov['version']}: devices {devs}")
@@ -119,8 +130,10 @@ def _print_doctor(r) -> None:
     click.echo(f"int8      {i['hardware']}: {i['expect']}. {i['reason']}")
     for row in i.get("measured", []):
         if "speedup" in row:
-            click.echo(f"          measured {row['runtime']}: int8 {row['speedup']:.2f}x fp32 "
-                       f"(p50 {row['int8_p50_ms']:.2f} vs {row['fp32_p50_ms']:.2f} ms, batch {row['batch_size']})")
+            click.echo(
+                f"          measured {row['runtime']}: int8 {row['speedup']:.2f}x fp32 "
+                f"(p50 {row['int8_p50_ms']:.2f} vs {row['fp32_p50_ms']:.2f} ms, batch {row['batch_size']})"
+            )
         else:
             click.echo(f"          measured {row['runtime']}: {row['error']}")
     for w in r.warnings:

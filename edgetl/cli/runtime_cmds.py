@@ -1,35 +1,45 @@
-"""`edgetl predict` and `edgetl bench`: the device side, no torch (see edgetl.runtime, edgetl.bench)."""
+"""`edgetl predict` and `edgetl bench`: the device side, no torch (see edgetl.device.runtime, edgetl.device.bench)."""
 
 from __future__ import annotations
 
 import click
 
-from edgetl.bundle import PRECISIONS
 from edgetl.cli._common import emit_json, handle_errors, json_option, make_remote, parse_list, ssh_options
+from edgetl.core.formats import PRECISIONS
 
-# Mirrors edgetl.runtime.RUNTIMES (a test checks); spelled out so `--help` does not import numpy.
+# Mirrors edgetl.device.runtime.RUNTIMES (a test checks); spelled out so `--help` does not import numpy.
 RUNTIMES = ("onnxruntime", "openvino")
 TABLE_ROWS = 200  # predict prints a table up to this many results, then plain lines (bounded memory)
 
 runtime_option = click.option(
-    "--runtime", type=click.Choice(RUNTIMES), default=None,
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default=None,
     help="Inference library; the bundle must hold files for it. Default: the profile's, else onnxruntime.",
 )
 head_option = click.option(
-    "--head", default=None, metavar="NAME|all",
+    "--head",
+    default=None,
+    metavar="NAME|all",
     help="Head (task) to run; `all` runs every head on one trunk pass. Default: the bundle's default head.",
 )
 provider_option = click.option(
-    "--provider", default=None, metavar="NAME",
+    "--provider",
+    default=None,
+    metavar="NAME",
     help="ONNX Runtime execution provider: cpu (default), cuda, tensorrt, openvino, coreml, xnnpack ... "
-         "(`edgetl doctor` lists the installed ones).",
+    "(`edgetl doctor` lists the installed ones).",
 )
 ov_device_option = click.option(
-    "--ov-device", default=None, metavar="DEVICE",
+    "--ov-device",
+    default=None,
+    metavar="DEVICE",
     help="OpenVINO device: CPU (default), GPU, NPU, AUTO (with --runtime openvino, or --provider openvino).",
 )
 profile_option = click.option(
-    "--device-profile", default=None, metavar="NAME|PATH",
+    "--device-profile",
+    default=None,
+    metavar="NAME|PATH",
     help="Apply a device profile (`edgetl devices`); options given here win over its values.",
 )
 
@@ -58,13 +68,27 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 @click.argument("bundle", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @runtime_option
-@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
-              help="Variant precision. Default: the profile's, else fp32 if the bundle has it.")
-@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Best classes to report per image (at most the number of labels).")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Variant precision. Default: the profile's, else fp32 if the bundle has it.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Best classes to report per image (at most the number of labels).",
+)
 @head_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Images per inference call (memory holds one batch).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Images per inference call (memory holds one batch).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the runtime's).")
 @provider_option
 @ov_device_option
@@ -74,10 +98,25 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout: image, head, label, score, top_k.")
 @ssh_options
 @handle_errors
-def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision: str | None, top_k: int,
-            head: str | None, batch_size: int, threads: int | None, provider: str | None, ov_device: str | None,
-            streams: int | None, device_profile: str | None, as_json: bool, as_csv: bool, identity: str | None,
-            ssh_config: str | None, remote_edgetl: str) -> None:
+def predict(
+    bundle: str,
+    images: tuple[str, ...],
+    runtime: str | None,
+    precision: str | None,
+    top_k: int,
+    head: str | None,
+    batch_size: int,
+    threads: int | None,
+    provider: str | None,
+    ov_device: str | None,
+    streams: int | None,
+    device_profile: str | None,
+    as_json: bool,
+    as_csv: bool,
+    identity: str | None,
+    ssh_config: str | None,
+    remote_edgetl: str,
+) -> None:
     """Classify image files, or every image in folders (recursively), with a bundle.
 
     Folders of any size stream through in batches: results are printed as they come and memory
@@ -94,28 +133,60 @@ def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision
       edgetl predict bundles/parts /mnt/camera/ --precision int8 --head all --csv > results.csv
       edgetl predict pi@raspberrypi.local:bundles/parts /home/pi/camera/ --json > results.json
     """
-    from edgetl.devices import load_profile, merge_settings
-    from edgetl.errors import ConfigError
-    from edgetl.remote import is_remote
+    from edgetl.core.errors import ConfigError
+    from edgetl.device.profiles import load_profile, merge_settings
+    from edgetl.device.remote import is_remote
 
     if as_json and as_csv:
         raise ConfigError("choose one of --json and --csv")
     if is_remote(bundle):
-        _predict_remote(make_remote(bundle, identity, ssh_config, remote_edgetl), images, dict(
-            runtime=runtime, precision=precision, top_k=top_k, head=head, batch_size=batch_size, threads=threads,
-            provider=provider, ov_device=ov_device, streams=streams, device_profile=device_profile,
-            as_json=as_json, as_csv=as_csv))
+        _predict_remote(
+            make_remote(bundle, identity, ssh_config, remote_edgetl),
+            images,
+            {
+                "runtime": runtime,
+                "precision": precision,
+                "top_k": top_k,
+                "head": head,
+                "batch_size": batch_size,
+                "threads": threads,
+                "provider": provider,
+                "ov_device": ov_device,
+                "streams": streams,
+                "device_profile": device_profile,
+                "as_json": as_json,
+                "as_csv": as_csv,
+            },
+        )
         return
-    from edgetl.runtime import PredictionStream, open_bundle
+    from edgetl.device.runtime import PredictionStream, open_bundle
 
     profile = load_profile(device_profile) if device_profile else None
-    s, _ = merge_settings(profile, {"runtime": runtime, "precision": precision, "threads": threads,
-                                    "provider": provider, "ov_device": ov_device, "streams": streams})
-    load_options = {k: v for k, v in (("provider", s["provider"]), ("provider_options", s["provider_options"]),
-                                      ("device", s["ov_device"]), ("streams", s["streams"])) if v is not None}
+    s, _ = merge_settings(
+        profile,
+        {
+            "runtime": runtime,
+            "precision": precision,
+            "threads": threads,
+            "provider": provider,
+            "ov_device": ov_device,
+            "streams": streams,
+        },
+    )
+    load_options = {
+        k: v
+        for k, v in (
+            ("provider", s["provider"]),
+            ("provider_options", s["provider_options"]),
+            ("device", s["ov_device"]),
+            ("streams", s["streams"]),
+        )
+        if v is not None
+    }
     runtime = s["runtime"] or "onnxruntime"
-    predictor = open_bundle(bundle).load(runtime=runtime, precision=s["precision"], heads=head,
-                                         threads=s["threads"], **load_options)
+    predictor = open_bundle(bundle).load(
+        runtime=runtime, precision=s["precision"], heads=head, threads=s["threads"], **load_options
+    )
 
     skipped: list[str] = []
 
@@ -141,23 +212,37 @@ def predict(bundle: str, images: tuple[str, ...], runtime: str | None, precision
     _print_summary(summary, predictor)
 
 
-PREDICT_FLAGS = {"runtime": "--runtime", "precision": "--precision", "top_k": "--top-k", "head": "--head",
-                 "batch_size": "--batch-size", "threads": "--threads", "provider": "--provider",
-                 "ov_device": "--ov-device", "streams": "--streams", "device_profile": "--device-profile",
-                 "as_json": "--json", "as_csv": "--csv"}
+PREDICT_FLAGS = {
+    "runtime": "--runtime",
+    "precision": "--precision",
+    "top_k": "--top-k",
+    "head": "--head",
+    "batch_size": "--batch-size",
+    "threads": "--threads",
+    "provider": "--provider",
+    "ov_device": "--ov-device",
+    "streams": "--streams",
+    "device_profile": "--device-profile",
+    "as_json": "--json",
+    "as_csv": "--csv",
+}
 
 
 def _predict_remote(remote, images: tuple[str, ...], options: dict) -> None:
     """`edgetl predict` on the device; its stdout and stderr stream here as they come."""
     import codecs
 
-    from edgetl.deploy import predict_remote
-    from edgetl.remote import remote_args
+    from edgetl.device.deploy import predict_remote
+    from edgetl.device.remote import remote_args
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        predict_remote(remote, images, remote_args(options, PREDICT_FLAGS),
-                       on_stdout=lambda chunk: click.echo(decoder.decode(chunk), nl=False))
+        predict_remote(
+            remote,
+            images,
+            remote_args(options, PREDICT_FLAGS),
+            on_stdout=lambda chunk: click.echo(decoder.decode(chunk), nl=False),
+        )
     finally:
         click.echo(decoder.decode(b"", final=True), nl=False)
 
@@ -219,8 +304,10 @@ def _stream_table(stream, predictor, runtime: str, top_k: int) -> None:
             table.add_row(*cells(r))
         console.print(table)
         return
-    click.echo(f"# {predictor.variant} ({runtime}): " + "\t".join(
-        ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}")))
+    click.echo(
+        f"# {predictor.variant} ({runtime}): "
+        + "\t".join(("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}"))
+    )
     for r in buffered:
         click.echo("\t".join(cells(r)))
     for r in iterator:
@@ -229,10 +316,19 @@ def _stream_table(stream, predictor, runtime: str, top_k: int) -> None:
 
 def _print_summary(s, predictor) -> None:
     busy = s.decode_s + s.preprocess_s + s.inference_s
-    split = (f"decode {100 * s.decode_s / busy:.0f}%, preprocess {100 * s.preprocess_s / busy:.0f}%, "
-             f"inference {100 * s.inference_s / busy:.0f}%") if busy > 0 else ""
-    click.echo(f"Classified {s.images} image(s) in {s.seconds:.2f} s ({s.images_per_s:.1f} images/s; {split})"
-               + (f", skipped {s.skipped}" if s.skipped else ""), err=True)
+    split = (
+        (
+            f"decode {100 * s.decode_s / busy:.0f}%, preprocess {100 * s.preprocess_s / busy:.0f}%, "
+            f"inference {100 * s.inference_s / busy:.0f}%"
+        )
+        if busy > 0
+        else ""
+    )
+    click.echo(
+        f"Classified {s.images} image(s) in {s.seconds:.2f} s ({s.images_per_s:.1f} images/s; {split})"
+        + (f", skipped {s.skipped}" if s.skipped else ""),
+        err=True,
+    )
     for head, counts in s.per_class.items():
         shown = ", ".join(f"{label}: {n}" for label, n in counts.items() if n)
         prefix = f"  {head}: " if len(s.per_class) > 1 else "  per label: "
@@ -242,50 +338,121 @@ def _print_summary(s, predictor) -> None:
 @click.command()
 @click.argument("bundle", required=False, type=click.Path())
 @runtime_option
-@click.option("--precision", callback=_precisions, default=None, metavar="P[,P...]",
-              help="Precisions to bench, e.g. int8 or fp32,int8. "
-                   "Default: the profile's, else every precision the bundle has for the runtime.")
-@click.option("--all", "all_variants", is_flag=True,
-              help="Every variant this machine can run (ONNX Runtime and OpenVINO), interleaved, with ratios.")
+@click.option(
+    "--precision",
+    callback=_precisions,
+    default=None,
+    metavar="P[,P...]",
+    help="Precisions to bench, e.g. int8 or fp32,int8. "
+    "Default: the profile's, else every precision the bundle has for the runtime.",
+)
+@click.option(
+    "--all",
+    "all_variants",
+    is_flag=True,
+    help="Every variant this machine can run (ONNX Runtime and OpenVINO), interleaved, with ratios.",
+)
 @head_option
-@click.option("--batch-size", callback=_positive_ints, default=None, metavar="N[,N...]",
-              help="Images per inference call; a comma list sweeps (1,8). Default: the profile's, else 1.")
-@click.option("--threads", callback=_positive_ints, default=None, metavar="N[,N...]",
-              help="Intra-op threads; a comma list sweeps (1,2,4). Default: the profile's, else the runtime's "
-                   "(ONNX Runtime: one per physical core).")
+@click.option(
+    "--batch-size",
+    callback=_positive_ints,
+    default=None,
+    metavar="N[,N...]",
+    help="Images per inference call; a comma list sweeps (1,8). Default: the profile's, else 1.",
+)
+@click.option(
+    "--threads",
+    callback=_positive_ints,
+    default=None,
+    metavar="N[,N...]",
+    help="Intra-op threads; a comma list sweeps (1,2,4). Default: the profile's, else the runtime's "
+    "(ONNX Runtime: one per physical core).",
+)
 @provider_option
 @ov_device_option
 @click.option("--streams", type=click.IntRange(min=1), default=None, help="OpenVINO streams (default: the runtime's).")
 @click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
-@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Timed runs per configuration.")
-@click.option("--block", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Timed runs per configuration per interleaving round.")
-@click.option("--merged", is_flag=True,
-              help="Time each head's single trunk+head graph (bundles exported with --merged) instead of the "
-                   "shared trunk and separate heads.")
-@click.option("--cold-start/--no-cold-start", default=True, show_default=True,
-              help="Measure import, load and first inference in a fresh process (about a second each).")
+@click.option(
+    "--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per configuration."
+)
+@click.option(
+    "--block",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Timed runs per configuration per interleaving round.",
+)
+@click.option(
+    "--merged",
+    is_flag=True,
+    help="Time each head's single trunk+head graph (bundles exported with --merged) instead of the "
+    "shared trunk and separate heads.",
+)
+@click.option(
+    "--cold-start/--no-cold-start",
+    default=True,
+    show_default=True,
+    help="Measure import, load and first inference in a fresh process (about a second each).",
+)
 @profile_option
-@click.option("--save", is_flag=True,
-              help="Write the result (every sample included) under devices/<profile>/results/ (see --save-dir).")
-@click.option("--save-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder for --save. Default: the checkout's devices/<profile>/results/, else the same under "
-                   "the current directory.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="PNG",
-              help="Write the latency distribution of each configuration to this PNG (needs matplotlib).")
-@click.option("--target", "targets", multiple=True, metavar="TARGET",
-              help="A bundle on a device (user@host:PATH or ssh://user@host:port/PATH); repeat to compare devices "
-                   "in one table. Same as giving one as BUNDLE.")
+@click.option(
+    "--save",
+    is_flag=True,
+    help="Write the result (every sample included) under devices/<profile>/results/ (see --save-dir).",
+)
+@click.option(
+    "--save-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for --save. Default: the checkout's devices/<profile>/results/, else the same under "
+    "the current directory.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    metavar="PNG",
+    help="Write the latency distribution of each configuration to this PNG (needs matplotlib).",
+)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    metavar="TARGET",
+    help="A bundle on a device (user@host:PATH or ssh://user@host:port/PATH); repeat to compare devices "
+    "in one table. Same as giving one as BUNDLE.",
+)
 @ssh_options
 @click.option("--samples", is_flag=True, help="With --json: include every timed sample (samples_ms).")
 @json_option
 @handle_errors
-def bench(bundle: str | None, runtime: str | None, precision: list[str] | None, all_variants: bool, head: str | None,
-          batch_size: list[int] | None, threads: list[int] | None, provider: str | None, ov_device: str | None,
-          streams: int | None, warmup: int, iterations: int, block: int, merged: bool, cold_start: bool,
-          device_profile: str | None, save: bool, save_dir: str | None, plot: str | None, targets: tuple[str, ...],
-          identity: str | None, ssh_config: str | None, remote_edgetl: str, samples: bool, as_json: bool) -> None:
+def bench(
+    bundle: str | None,
+    runtime: str | None,
+    precision: list[str] | None,
+    all_variants: bool,
+    head: str | None,
+    batch_size: list[int] | None,
+    threads: list[int] | None,
+    provider: str | None,
+    ov_device: str | None,
+    streams: int | None,
+    warmup: int,
+    iterations: int,
+    block: int,
+    merged: bool,
+    cold_start: bool,
+    device_profile: str | None,
+    save: bool,
+    save_dir: str | None,
+    plot: str | None,
+    targets: tuple[str, ...],
+    identity: str | None,
+    ssh_config: str | None,
+    remote_edgetl: str,
+    samples: bool,
+    as_json: bool,
+) -> None:
     """Measure latency, throughput, cold start, memory and size of a bundle's variants.
 
     Timed: preprocessed input -> logits (trunk + head), after warm-up; several configurations
@@ -305,8 +472,8 @@ def bench(bundle: str | None, runtime: str | None, precision: list[str] | None, 
       edgetl bench bundles/digits --device-profile rpi5 --save --plot rpi5.png
       edgetl bench --target pi@rpi4.local:bundles/digits --target me@nuc:bundles/digits --precision int8
     """
-    from edgetl.errors import ConfigError
-    from edgetl.remote import is_remote
+    from edgetl.core.errors import ConfigError
+    from edgetl.device.remote import is_remote
 
     if save_dir is not None:
         save = True
@@ -314,21 +481,55 @@ def bench(bundle: str | None, runtime: str | None, precision: list[str] | None, 
     if remote_targets:
         if bundle is not None and not is_remote(bundle):
             raise ConfigError(f"give a local BUNDLE or device targets, not both ({bundle} is local)")
-        _bench_remote(remote_targets, dict(
-            runtime=runtime, precision=precision, all_variants=all_variants, head=head, batch_size=batch_size,
-            threads=threads, provider=provider, ov_device=ov_device, streams=streams, warmup=warmup,
-            iterations=iterations, block=block, merged=merged, cold_start=cold_start, device_profile=device_profile),
-            ssh=(identity, ssh_config, remote_edgetl), save=save, save_dir=save_dir, plot=plot, as_json=as_json,
-            samples=samples)
+        _bench_remote(
+            remote_targets,
+            {
+                "runtime": runtime,
+                "precision": precision,
+                "all_variants": all_variants,
+                "head": head,
+                "batch_size": batch_size,
+                "threads": threads,
+                "provider": provider,
+                "ov_device": ov_device,
+                "streams": streams,
+                "warmup": warmup,
+                "iterations": iterations,
+                "block": block,
+                "merged": merged,
+                "cold_start": cold_start,
+                "device_profile": device_profile,
+            },
+            ssh=(identity, ssh_config, remote_edgetl),
+            save=save,
+            save_dir=save_dir,
+            plot=plot,
+            as_json=as_json,
+            samples=samples,
+        )
         return
     if bundle is None:
         raise ConfigError("give a BUNDLE (a folder here, or user@host:PATH on a device) or --target")
-    from edgetl.bench import plot_latencies, run_bench, save_report
+    from edgetl.device.bench import plot_latencies, run_bench, save_report
 
-    rep = run_bench(bundle, device_profile=device_profile, runtime=runtime, precisions=precision,
-                    all_variants=all_variants, head=head, threads=threads, batch_size=batch_size, provider=provider,
-                    device=ov_device, streams=streams, warmup=warmup, iterations=iterations, block=block,
-                    cold_start_runs=cold_start, merged=merged)
+    rep = run_bench(
+        bundle,
+        device_profile=device_profile,
+        runtime=runtime,
+        precisions=precision,
+        all_variants=all_variants,
+        head=head,
+        threads=threads,
+        batch_size=batch_size,
+        provider=provider,
+        device=ov_device,
+        streams=streams,
+        warmup=warmup,
+        iterations=iterations,
+        block=block,
+        cold_start_runs=cold_start,
+        merged=merged,
+    )
     if save:
         path = save_report(rep, profile_name=_profile_name(rep), save_dir=save_dir)
         click.echo(f"Saved {path}", err=True)
@@ -340,20 +541,41 @@ def bench(bundle: str | None, runtime: str | None, precision: list[str] | None, 
     _print_bench(rep)
 
 
-BENCH_FLAGS = {"runtime": "--runtime", "precision": "--precision", "all_variants": "--all", "head": "--head",
-               "batch_size": "--batch-size", "threads": "--threads", "provider": "--provider",
-               "ov_device": "--ov-device", "streams": "--streams", "warmup": "--warmup", "iterations": "--iterations",
-               "block": "--block", "merged": "--merged", "cold_start": "--cold-start/--no-cold-start",
-               "device_profile": "--device-profile"}
+BENCH_FLAGS = {
+    "runtime": "--runtime",
+    "precision": "--precision",
+    "all_variants": "--all",
+    "head": "--head",
+    "batch_size": "--batch-size",
+    "threads": "--threads",
+    "provider": "--provider",
+    "ov_device": "--ov-device",
+    "streams": "--streams",
+    "warmup": "--warmup",
+    "iterations": "--iterations",
+    "block": "--block",
+    "merged": "--merged",
+    "cold_start": "--cold-start/--no-cold-start",
+    "device_profile": "--device-profile",
+}
 
 
-def _bench_remote(targets: list[str], options: dict, *, ssh: tuple, save: bool, save_dir: str | None,
-                  plot: str | None, as_json: bool, samples: bool) -> None:
+def _bench_remote(
+    targets: list[str],
+    options: dict,
+    *,
+    ssh: tuple,
+    save: bool,
+    save_dir: str | None,
+    plot: str | None,
+    as_json: bool,
+    samples: bool,
+) -> None:
     """Bench on each device in turn (one at a time, so that they do not share the workstation's
     network or ssh), then one table: the device's own when there is one, else a comparison."""
-    from edgetl.bench import BenchReport, plot_latencies
-    from edgetl.deploy import bench_remote, comparison_rows, save_remote
-    from edgetl.remote import remote_args
+    from edgetl.device.bench import BenchReport, plot_latencies
+    from edgetl.device.deploy import bench_remote, comparison_rows, save_remote
+    from edgetl.device.remote import remote_args
 
     remotes = [make_remote(t, *ssh) for t in targets]  # every target parsed before the first connection
     args = remote_args(options, BENCH_FLAGS)
@@ -370,15 +592,18 @@ def _bench_remote(targets: list[str], options: dict, *, ssh: tuple, save: bool, 
         if len(benches) == 1:
             emit_json(benches[0].to_dict(samples=samples))
         else:
-            emit_json({"targets": [rb.to_dict(samples=samples) for rb in benches],
-                       "comparison": comparison_rows(benches)})
+            emit_json(
+                {"targets": [rb.to_dict(samples=samples) for rb in benches], "comparison": comparison_rows(benches)}
+            )
         return
     if len(benches) == 1:
         rb = benches[0]
         _print_bench(BenchReport.from_dict(rb.report))
         d = rb.device
-        click.echo(f"Device {d['where']}: edgetl {d['edgetl']}, fingerprint {d['fingerprint']}"
-                   + (f", fits profile {d['profile_fit']}" if d["profile_fit"] else ""))
+        click.echo(
+            f"Device {d['where']}: edgetl {d['edgetl']}, fingerprint {d['fingerprint']}"
+            + (f", fits profile {d['profile_fit']}" if d["profile_fit"] else "")
+        )
         return
     _print_comparison(comparison_rows(benches))
 
@@ -392,9 +617,16 @@ def _print_comparison(rows: list[dict]) -> None:
         table.add_column(col, justify="left" if col in ("device", "configuration") else "right", overflow="fold")
     for r in rows:
         config = f"{r['variant']} t{r['threads'] or '-default'} b{r['batch_size']}"
-        table.add_row(r["target"], config, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput_ips']:.1f}",
-                      _ms(r["cold_start_ms"], 0), "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
-                      f"{r['speedup_vs_first']:.2f}x" if r["speedup_vs_first"] else "-")
+        table.add_row(
+            r["target"],
+            config,
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{r['throughput_ips']:.1f}",
+            _ms(r["cold_start_ms"], 0),
+            "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}",
+            f"{r['speedup_vs_first']:.2f}x" if r["speedup_vs_first"] else "-",
+        )
     console = Console()
     console.print(table)
     seen = set()
@@ -408,12 +640,17 @@ def _profile_name(rep) -> str:
     """The profile applied, else the one doctor says fits this machine, else the architecture."""
     if rep.profile:
         return rep.profile["name"]
-    from edgetl.doctor import machine_facts, runtime_facts
-    from edgetl.devices import best_fit
+    from edgetl.device.doctor import machine_facts, runtime_facts
+    from edgetl.device.profiles import best_fit
 
     machine, runtimes = machine_facts(), runtime_facts()
-    fits = best_fit({**machine, "providers": runtimes["onnxruntime"].get("providers", []),
-                     "ov_devices": [d["name"] for d in runtimes["openvino"].get("devices", [])]})
+    fits = best_fit(
+        {
+            **machine,
+            "providers": runtimes["onnxruntime"].get("providers", []),
+            "ov_devices": [d["name"] for d in runtimes["openvino"].get("devices", [])],
+        }
+    )
     return fits[0].profile if fits else f"unknown-{machine['arch']}"
 
 
@@ -426,7 +663,10 @@ def _print_bench(rep) -> None:
     results = rep.results
     first = results[0]
     cs_total = "cold start: total ms" if first.cold_start_scope == "fresh-process" else None
-    rows = [(f"latency {k} ms", lambda r, k=k: f"{r.latency_ms[k]:.3f}") for k in ("p50", "p90", "p99", "mean", "min", "max")]
+    rows = [
+        (f"latency {k} ms", lambda r, k=k: f"{r.latency_ms[k]:.3f}")
+        for k in ("p50", "p90", "p99", "mean", "min", "max")
+    ]
     rows += [
         ("throughput img/s", lambda r: f"{r.throughput_ips:.1f}"),
         *([("cold start: import ms", lambda r: _ms(r.cold_start_ms.get("import")))] if cs_total else []),
@@ -442,7 +682,9 @@ def _print_bench(rep) -> None:
     console = Console()
     if len(results) <= 4:
         same = len({(r.threads, r.batch_size) for r in results}) == 1
-        title = f"{first.bundle}: " + (f"batch {first.batch_size}, threads {first.threads or 'default'}, " if same else "")
+        title = f"{first.bundle}: " + (
+            f"batch {first.batch_size}, threads {first.threads or 'default'}, " if same else ""
+        )
         table = Table(title=title + settings)
         table.add_column("")
         for r in results:
@@ -455,9 +697,15 @@ def _print_bench(rep) -> None:
         for col in ("p50 ms", "p99 ms", "img/s", "cold start ms", "RSS MB", "size"):
             table.add_column(col, justify="right")
         for r in results:
-            table.add_row(r.label, f"{r.latency_ms['p50']:.2f}", f"{r.latency_ms['p99']:.2f}", f"{r.throughput_ips:.1f}",
-                          _ms(r.cold_start_ms.get("total") or r.cold_start_ms["load"], 0),
-                          "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}", _human_bytes(r.model_bytes))
+            table.add_row(
+                r.label,
+                f"{r.latency_ms['p50']:.2f}",
+                f"{r.latency_ms['p99']:.2f}",
+                f"{r.throughput_ips:.1f}",
+                _ms(r.cold_start_ms.get("total") or r.cold_start_ms["load"], 0),
+                "-" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f}",
+                _human_bytes(r.model_bytes),
+            )
     console.print(table)
     for c in rep.comparison:
         parts = [f"speed-up {c['speedup_p50']:.2f}x (p50 latency)"]
@@ -465,14 +713,20 @@ def _print_bench(rep) -> None:
             parts.append(f"compression {c['compression']:.2f}x")
         if c["kind"] == "precision" and c["top1_drop_pp"] is not None:
             parts.append(f"top-1 drop {c['top1_drop_pp']:.2f} pp (at export)")
-        where = "" if len({(r.threads, r.batch_size) for r in results}) == 1 else \
-            f" (threads {c['threads'] or 'default'}, batch {c['batch_size']})"
+        where = (
+            ""
+            if len({(r.threads, r.batch_size) for r in results}) == 1
+            else f" (threads {c['threads'] or 'default'}, batch {c['batch_size']})"
+        )
         console.print(f"{c['variant']} vs {c['baseline']}{where}: " + ", ".join(parts))
     for r in results:
         if r.heads_cost:
             hc = r.heads_cost
-            heads = "; ".join(f"{h['head']} {h['head_ms']:.3f} ms alone ({h['head_pct_of_trunk']:.1f}% of the trunk), "
-                              f"trunk + {h['head']} {h['trunk_plus_head_ms']:.3f} ms" for h in hc["heads"])
+            heads = "; ".join(
+                f"{h['head']} {h['head_ms']:.3f} ms alone ({h['head_pct_of_trunk']:.1f}% of the trunk), "
+                f"trunk + {h['head']} {h['trunk_plus_head_ms']:.3f} ms"
+                for h in hc["heads"]
+            )
             console.print(f"heads on {r.label}: trunk alone {hc['trunk_ms']:.3f} ms; {heads}")
     for s in rep.skipped:
         console.print(f"[yellow]skipped {s['variant']}: {s['reason']}[/yellow]")

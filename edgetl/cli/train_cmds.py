@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import emit_json, handle_errors, json_option
-from edgetl.train import STRATEGIES, TrainConfig
+from edgetl.workstation.train import STRATEGIES, TrainConfig
 
 # Defaults come from TrainConfig (torch-free at import) so the CLI and the library cannot drift.
 _D = TrainConfig()
@@ -14,39 +14,113 @@ _D = TrainConfig()
 @click.command()
 @click.argument("data", type=click.Path(), required=False)
 @click.option("--out", "out", type=click.Path(), help="Run directory to write.")
-@click.option("--recipe", default=None, help="A recipe name (see models/), a recipe .yaml, or a run directory to repeat.")
-@click.option("--resume", "resume_run", type=click.Path(), default=None,
-              help="Continue the interrupted run RUN from its last epoch checkpoint.")
-@click.option("--trunk-from", "trunk_from", type=click.Path(), default=None, metavar="BUNDLE",
-              help="Train only a new head, on the features of this bundle's fp32 trunk (run through ONNX Runtime "
-                   "with its preprocessing); then `edgetl export RUN --add-to BUNDLE --head NAME`.")
+@click.option(
+    "--recipe", default=None, help="A recipe name (see models/), a recipe .yaml, or a run directory to repeat."
+)
+@click.option(
+    "--resume",
+    "resume_run",
+    type=click.Path(),
+    default=None,
+    help="Continue the interrupted run RUN from its last epoch checkpoint.",
+)
+@click.option(
+    "--trunk-from",
+    "trunk_from",
+    type=click.Path(),
+    default=None,
+    metavar="BUNDLE",
+    help="Train only a new head, on the features of this bundle's fp32 trunk (run through ONNX Runtime "
+    "with its preprocessing); then `edgetl export RUN --add-to BUNDLE --head NAME`.",
+)
 @click.option("--backbone", default=_D.backbone, show_default=True, help="See `edgetl backbones`.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=_D.strategy, show_default=True,
-              help="Frozen trunk + new head; last N blocks unfrozen; or everything trained.")
-@click.option("--unfreeze", type=int, default=_D.unfreeze, show_default=True, help="Trunk blocks to unfreeze (fine-tune).")
+@click.option(
+    "--strategy",
+    type=click.Choice(STRATEGIES),
+    default=_D.strategy,
+    show_default=True,
+    help="Frozen trunk + new head; last N blocks unfrozen; or everything trained.",
+)
+@click.option(
+    "--unfreeze", type=int, default=_D.unfreeze, show_default=True, help="Trunk blocks to unfreeze (fine-tune)."
+)
 @click.option("--epochs", type=int, default=_D.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=_D.batch_size, show_default=True, help="Global batch (split over processes).")
+@click.option(
+    "--batch-size", type=int, default=_D.batch_size, show_default=True, help="Global batch (split over processes)."
+)
 @click.option("--lr", type=float, default=_D.lr, show_default=True, help="Head learning rate (AdamW, cosine schedule).")
-@click.option("--trunk-lr-scale", type=float, default=_D.trunk_lr_scale, show_default=True, help="Trunk learning rate = lr x this.")
+@click.option(
+    "--trunk-lr-scale",
+    type=float,
+    default=_D.trunk_lr_scale,
+    show_default=True,
+    help="Trunk learning rate = lr x this.",
+)
 @click.option("--weight-decay", type=float, default=_D.weight_decay, show_default=True)
-@click.option("--dropout", type=float, default=_D.dropout, show_default=True, help="Dropout before the head's linear layer.")
+@click.option(
+    "--dropout", type=float, default=_D.dropout, show_default=True, help="Dropout before the head's linear layer."
+)
 @click.option("--label-smoothing", type=float, default=_D.label_smoothing, show_default=True)
-@click.option("--patience", type=int, default=_D.patience, show_default=True, help="Early stopping: epochs without a better val top-1.")
-@click.option("--augment/--no-augment", default=_D.augment, show_default=True, help="Light augmentation (fine-tune, full, or with --no-feature-cache).")
-@click.option("--hflip/--no-hflip", default=_D.hflip, show_default=True, help="Random horizontal flips when augmenting.")
-@click.option("--mixup", type=float, default=_D.mixup, show_default=True, help="Mixup Beta alpha, e.g. 0.2 (fine-tune, full; 0 = off).")
-@click.option("--cutmix", type=float, default=_D.cutmix, show_default=True, help="CutMix Beta alpha, e.g. 1.0 (fine-tune, full; 0 = off).")
-@click.option("--balance", is_flag=True, default=_D.balance, help="Weight the loss by inverse class frequency (imbalanced data).")
-@click.option("--feature-cache/--no-feature-cache", default=_D.feature_cache, show_default=True,
-              help="Feature extraction: reuse trunk features from the on-disk cache, or run the trunk every epoch.")
+@click.option(
+    "--patience",
+    type=int,
+    default=_D.patience,
+    show_default=True,
+    help="Early stopping: epochs without a better val top-1.",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=_D.augment,
+    show_default=True,
+    help="Light augmentation (fine-tune, full, or with --no-feature-cache).",
+)
+@click.option(
+    "--hflip/--no-hflip", default=_D.hflip, show_default=True, help="Random horizontal flips when augmenting."
+)
+@click.option(
+    "--mixup",
+    type=float,
+    default=_D.mixup,
+    show_default=True,
+    help="Mixup Beta alpha, e.g. 0.2 (fine-tune, full; 0 = off).",
+)
+@click.option(
+    "--cutmix",
+    type=float,
+    default=_D.cutmix,
+    show_default=True,
+    help="CutMix Beta alpha, e.g. 1.0 (fine-tune, full; 0 = off).",
+)
+@click.option(
+    "--balance", is_flag=True, default=_D.balance, help="Weight the loss by inverse class frequency (imbalanced data)."
+)
+@click.option(
+    "--feature-cache/--no-feature-cache",
+    default=_D.feature_cache,
+    show_default=True,
+    help="Feature extraction: reuse trunk features from the on-disk cache, or run the trunk every epoch.",
+)
 @click.option("--img-size", type=int, default=None, help="Input size (default: the backbone's, e.g. 224).")
-@click.option("--val-split", type=float, default=_D.val_split, show_default=True, help="Stratified validation fraction (by --seed).")
+@click.option(
+    "--val-split",
+    type=float,
+    default=_D.val_split,
+    show_default=True,
+    help="Stratified validation fraction (by --seed).",
+)
 @click.option("--val-dir", type=click.Path(), default=None, help="Use this image folder for validation instead.")
 @click.option("--seed", type=int, default=_D.seed, show_default=True)
 @click.option("--device", default=_D.device, show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=_D.amp, show_default=True,
-              help="Mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; off on the CPU.")
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes (default: 4 on CUDA, 0 on the CPU).")
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "off", "bf16", "fp16"]),
+    default=_D.amp,
+    show_default=True,
+    help="Mixed precision: auto = bf16 on CUDA when supported, else fp16 with loss scaling; off on the CPU.",
+)
+@click.option(
+    "--workers", type=int, default=None, help="DataLoader worker processes (default: 4 on CUDA, 0 on the CPU)."
+)
 @click.option("--weights", default=_D.weights, show_default=True, help="imagenet, none (random init) or a .pth file.")
 @click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default=_D.on_bad_image, show_default=True)
 @click.option("--force", is_flag=True, help="Replace RUN (and any interrupted RUN.partial) if it exists.")
@@ -70,23 +144,38 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
     """
     from click.core import ParameterSource
 
-    from edgetl.errors import ConfigError
-    from edgetl.recipes import make_config
-    from edgetl.train import finetune as run_finetune, resume
+    from edgetl.core.errors import ConfigError
+    from edgetl.workstation.recipes import make_config
+    from edgetl.workstation.train import finetune as run_finetune
+    from edgetl.workstation.train import resume
 
-    explicit = {k: v for k, v in options.items()
-                if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    explicit = {
+        k: v
+        for k, v in options.items()
+        if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
     if trunk_from:
-        from edgetl.heads import TRUNK_OPTIONS, finetune_head
+        from edgetl.workstation.heads import TRUNK_OPTIONS, finetune_head
 
-        fixed = sorted(k for k in explicit if k in TRUNK_OPTIONS and not (k == "strategy" and explicit[k] == "feature-extraction"))
+        fixed = sorted(
+            k for k in explicit if k in TRUNK_OPTIONS and not (k == "strategy" and explicit[k] == "feature-extraction")
+        )
         if resume_run or recipe or fixed:
             what = "--resume" if resume_run else "--recipe" if recipe else "--" + fixed[0].replace("_", "-")
-            raise ConfigError(f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle")
+            raise ConfigError(
+                f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle"
+            )
         if not data or not out:
             raise ConfigError("finetune --trunk-from BUNDLE needs DATA and --out RUN")
-        result = finetune_head(data, out, trunk_from=trunk_from, config=TrainConfig(**explicit), val_dir=val_dir,
-                               force=force, progress=not no_progress)
+        result = finetune_head(
+            data,
+            out,
+            trunk_from=trunk_from,
+            config=TrainConfig(**explicit),
+            val_dir=val_dir,
+            force=force,
+            progress=not no_progress,
+        )
     elif resume_run:
         if data or recipe:
             raise ConfigError("--resume RUN takes the data and options from the run; drop DATA and --recipe")
@@ -106,11 +195,12 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
     resumed = f", resumed after epoch {result.resumed_from_epoch}" if result.resumed_from_epoch else ""
     click.echo(
         f"{result.strategy} on {result.backbone} ({origin}): val top-1 {result.val_top1:.4f} "
-        f"(best epoch {result.best_epoch}/{result.epochs_run}) in {result.train_seconds:.1f}s{cache}{resumed} -> {result.run_dir}"
+        f"(best epoch {result.best_epoch}/{result.epochs_run}) in {result.train_seconds:.1f}s{cache}{resumed} "
+        f"-> {result.run_dir}"
     )
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s):")
-        for path, reason in result.skipped:
+        for _path, reason in result.skipped:
             click.echo(f"  {reason}")
 
 
@@ -119,7 +209,7 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
 @click.argument("data", type=click.Path())
 @click.option("--runtime", default="onnxruntime", show_default=True, help="For bundles: onnxruntime.")
 @click.option("--precision", default=None, help="For bundles: fp32, int8 (default fp32).")
-@click.option("--head", default=None, help="For bundles with several heads.")
+@click.option("--head", default=None, help="For bundles with several heads: a head name, or all (each scored).")
 @click.option("--batch-size", default=64, show_default=True)
 @json_option
 @handle_errors
@@ -131,16 +221,29 @@ def evaluate(model, data, runtime, precision, head, batch_size, as_json) -> None
       edgetl evaluate runs/digits data/digits-test
       edgetl evaluate bundles/digits data/digits-test --precision int8 --json
     """
-    from edgetl.evaluate import evaluate as run_evaluate
+    from edgetl.core.bundle import is_bundle
 
-    report = run_evaluate(model, data, runtime=runtime, precision=precision, head=head, batch_size=batch_size)
+    if is_bundle(model):
+        from edgetl.device.evaluate import evaluate_bundle
+
+        report = evaluate_bundle(model, data, runtime=runtime, precision=precision, head=head, batch_size=batch_size)
+    else:
+        from edgetl.workstation.evaluate import evaluate_run
+
+        report = evaluate_run(model, data, batch_size=batch_size)
     if as_json:
         emit_json(report)
         return
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
+    for rep in (report.get("heads") or {"": report}).values():
+        _print_report(console, rep)
+
+
+def _print_report(console, report) -> None:
+    from rich.table import Table
+
     console.print(f"{report['kind']}: top-1 [bold]{report['top1']:.4f}[/bold] on {report['n']} images")
     table = Table(title="per class")
     table.add_column("class")
@@ -154,7 +257,7 @@ def evaluate(model, data, runtime, precision, head, batch_size, as_json) -> None
     confusion.add_column("")
     for name in report["labels"]:
         confusion.add_column(name)
-    for name, row in zip(report["labels"], report["confusion"]):
+    for name, row in zip(report["labels"], report["confusion"], strict=False):
         confusion.add_row(name, *[str(v) for v in row])
     console.print(confusion)
     if report["skipped"]:

@@ -1,0 +1,3 @@
+"""Device profiles shipped with edgetl (YAML; read through edgetl.core.shipped).
+
+This file makes the folder package data."""

@@ -1,0 +1,200 @@
+"""The bundle format: a folder with ``manifest.json`` and model files, the only hand-off to the device.
+
+This module is torch-free. It knows the manifest schema, writes bundles atomically and verifies
+them (schema, types, every referenced file present with the right sha256) before anything is loaded.
+See docs/bundle.md for the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from edgetl.core.atomic import write_json_atomic
+from edgetl.core.errors import BundleError
+from edgetl.core.formats import FORMATS, INFERENCE_PRECISIONS, PRECISIONS, ROLES
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA = "edgetl.core.bundle"
+SCHEMA_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_record(
+    bundle_dir: Path,
+    rel_path: str,
+    *,
+    fmt: str,
+    precision: str,
+    role: str,
+    head: str | None,
+    inputs: list[dict[str, Any]],
+    outputs: list[dict[str, Any]],
+    derived_from: str,
+    extra_files: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Manifest record of one model file (OpenVINO's .bin goes in ``extra_files``, hashed too)."""
+    rec = {
+        "sha256": sha256_file(bundle_dir / rel_path),
+        "bytes": (bundle_dir / rel_path).stat().st_size,
+        "format": fmt,
+        "precision": precision,
+        "role": role,
+        "head": head,
+        "inputs": inputs,
+        "outputs": outputs,
+        "derived_from": derived_from,
+    }
+    if extra_files:
+        rec["extra_files"] = {
+            p: {"sha256": sha256_file(bundle_dir / p), "bytes": (bundle_dir / p).stat().st_size} for p in extra_files
+        }
+    return rec
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder with a manifest (it is verified when opened, not here)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def _require(cond: bool, bundle_dir: Path, what: str) -> None:
+    if not cond:
+        raise BundleError(f"bundle {bundle_dir}: invalid manifest: {what}; re-export the bundle with `edgetl export`")
+
+
+def _safe_rel_path(bundle_dir: Path, rel: Any) -> Path:
+    _require(isinstance(rel, str) and rel != "", bundle_dir, f"file path {rel!r} is not a string")
+    p = PurePosixPath(rel)
+    _require(not p.is_absolute() and ".." not in p.parts, bundle_dir, f"file path {rel!r} escapes the bundle")
+    return bundle_dir.joinpath(*p.parts)
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` (schema and types only; see :func:`verify_files`)."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir} is not a bundle folder (made by `edgetl export RUN --out {bundle_dir}`)")
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} has no {MANIFEST_NAME}; is it a bundle made by `edgetl export`?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {bundle_dir}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    validate_manifest(manifest, bundle_dir)
+    return manifest
+
+
+def validate_manifest(m: Any, bundle_dir: Path) -> None:
+    _require(isinstance(m, dict), bundle_dir, "top level is not an object")
+    _require(m.get("schema") == SCHEMA, bundle_dir, f"schema is {m.get('schema')!r}, expected {SCHEMA!r}")
+    version = m.get("schema_version")
+    _require(isinstance(version, int), bundle_dir, "schema_version is not an integer")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"bundle {bundle_dir} has schema version {version}; "
+            f"this edgetl reads up to {SCHEMA_VERSION}: upgrade edgetl"
+        )
+    for key, typ in (("backbone", dict), ("preprocessing", dict), ("heads", dict), ("files", dict), ("variants", dict)):
+        _require(isinstance(m.get(key), typ), bundle_dir, f"{key!r} missing or not an object")
+    _require(len(m["heads"]) > 0, bundle_dir, "no heads")
+    _require(
+        m.get("default_head") is None or isinstance(m["default_head"], str),
+        bundle_dir,
+        "default_head is not a head name",
+    )
+    for name, head in m["heads"].items():
+        _require(isinstance(head, dict), bundle_dir, f"head {name!r} is not an object")
+        labels = head.get("labels")
+        _require(
+            isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) for x in labels),
+            bundle_dir,
+            f"head {name!r} labels must be a list of >= 2 strings",
+        )
+    for rel, rec in m["files"].items():
+        _safe_rel_path(bundle_dir, rel)
+        _require(isinstance(rec, dict), bundle_dir, f"file record {rel!r} is not an object")
+        _require(isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64, bundle_dir, f"{rel}: bad sha256")
+        _require(rec.get("format") in FORMATS, bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
+        _require(rec.get("precision") in PRECISIONS, bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}")
+        _require(rec.get("role") in ROLES, bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
+        extra_files = rec.get("extra_files", {})
+        _require(isinstance(extra_files, dict), bundle_dir, f"{rel}: extra_files is not an object")
+        for extra, extra_rec in extra_files.items():
+            _safe_rel_path(bundle_dir, extra)
+            _require(
+                isinstance(extra_rec, dict)
+                and isinstance(extra_rec.get("sha256"), str)
+                and len(extra_rec["sha256"]) == 64,
+                bundle_dir,
+                f"{extra}: bad sha256",
+            )
+    for vname, var in m["variants"].items():
+        _require(isinstance(var, dict), bundle_dir, f"variant {vname!r} is not an object")
+        _require(
+            var.get("format") in FORMATS and var.get("precision") in PRECISIONS,
+            bundle_dir,
+            f"variant {vname!r}: bad format/precision",
+        )
+        _require(
+            isinstance(var.get("trunk"), str) and var["trunk"] in m["files"],
+            bundle_dir,
+            f"variant {vname!r}: trunk file not listed in files",
+        )
+        heads = var.get("heads")
+        _require(isinstance(heads, dict) and heads, bundle_dir, f"variant {vname!r}: no heads")
+        for hname, rel in heads.items():
+            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: unknown head {hname!r}")
+            _require(
+                isinstance(rel, str) and rel in m["files"],
+                bundle_dir,
+                f"variant {vname!r}: head file {rel!r} not listed in files",
+            )
+        merged = var.get("merged", {})
+        _require(isinstance(merged, dict), bundle_dir, f"variant {vname!r}: 'merged' is not an object")
+        for hname, rel in merged.items():
+            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: merged graph of unknown head {hname!r}")
+            _require(
+                isinstance(rel, str) and rel in m["files"],
+                bundle_dir,
+                f"variant {vname!r}: merged file {rel!r} not listed in files",
+            )
+        _require(
+            var.get("inference_precision") in (None, *INFERENCE_PRECISIONS),
+            bundle_dir,
+            f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}",
+        )
+
+
+def write_manifest(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """The one writer of ``manifest.json``: validated first, then written atomically."""
+    bundle_dir = Path(bundle_dir)
+    validate_manifest(manifest, bundle_dir)
+    write_json_atomic(bundle_dir / MANIFEST_NAME, manifest)
+
+
+def verify_files(bundle_dir: str | os.PathLike, manifest: dict[str, Any], rel_paths: list[str] | None = None) -> None:
+    """Check that each listed file (default: all) exists and has the recorded sha256."""
+    bundle_dir = Path(bundle_dir)
+    for rel in rel_paths if rel_paths is not None else list(manifest["files"]):
+        rec = manifest["files"][rel]
+        items = [(rel, rec["sha256"])] + [(p, r["sha256"]) for p, r in (rec.get("extra_files") or {}).items()]
+        for path_rel, expected in items:
+            path = _safe_rel_path(bundle_dir, path_rel)
+            if not path.is_file():
+                raise BundleError(f"bundle {bundle_dir}: file {path_rel} is missing; copy the whole bundle again")
+            if sha256_file(path) != expected:
+                raise BundleError(
+                    f"bundle {bundle_dir}: file {path_rel} does not match its sha256 in the manifest "
+                    "(modified or corrupted); copy or export the bundle again"
+                )

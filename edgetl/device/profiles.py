@@ -1,0 +1,258 @@
+"""Device profiles (``devices/*.yaml``): how to run a bundle on one kind of board, and how to recognise it.
+
+A profile is data: the runtime, ONNX Runtime provider or OpenVINO device, threads, streams,
+precision and batch size that suit a device, the notes a user needs to read the numbers, and a
+``match`` block that lets ``edgetl doctor`` say which profile fits the machine it runs on.
+``--device-profile NAME|PATH`` applies one to ``bench`` and ``predict``; options given on the
+command line win over the profile's values (and the JSON says which came from where).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+from edgetl.core.errors import ConfigError
+from edgetl.core.shipped import check_keys, list_shipped, load
+
+KIND = "device-profile"
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# The options a profile sets, in the order they are shown; each is also a bench/predict option.
+SETTINGS = ("runtime", "provider", "provider_options", "ov_device", "threads", "streams", "precision", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMatch:
+    """How doctor recognises the device. Patterns are case-insensitive regular expressions.
+
+    ``arch`` and ``isa`` are requirements (a machine without them does not fit); ``board`` and
+    ``cpu`` identify the device (one of them must match when given); ``ov_devices`` and
+    ``providers`` are what the profile's settings need: missing ones are reported, not fatal.
+    ``fallback``: fits any machine of the right ``arch`` when no profile identifies it.
+    """
+
+    arch: tuple[str, ...] = ()
+    isa: tuple[str, ...] = ()
+    board: tuple[str, ...] = ()
+    cpu: tuple[str, ...] = ()
+    ov_devices: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    fallback: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    path: str
+    description: str
+    hardware: str = ""
+    runtime: str = "onnxruntime"
+    provider: str | None = None  # ONNX Runtime execution provider (short name or full name)
+    provider_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ov_device: str | None = None  # OpenVINO device: CPU, GPU, NPU, AUTO ...
+    threads: int | None = None  # None: the runtime's default
+    streams: int | None = None  # OpenVINO only
+    precision: str | None = None  # None: every precision the bundle has (bench) / fp32 (predict)
+    batch_size: int = 1
+    match: DeviceMatch = DeviceMatch()
+    notes: str = ""
+
+    def settings(self) -> dict[str, Any]:
+        """What this profile sets, only the values it gives (``None`` means "runtime default")."""
+        values = {k: getattr(self, k) for k in SETTINGS}
+        return {k: v for k, v in values.items() if v not in (None, {})}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["match"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["match"].items()}
+        return d
+
+
+def load_profile(name_or_path: str | os.PathLike) -> DeviceProfile:
+    """A shipped profile by name (``rpi5``) or a YAML file by path; unknown keys are errors."""
+    data, path = load(KIND, name_or_path, DeviceProfile)
+    return profile_from_dict(data, name=path.stem, path=str(path))
+
+
+def list_profiles() -> list[DeviceProfile]:
+    return [load_profile(name) for name in list_shipped(KIND)]
+
+
+def profile_from_dict(data: dict[str, Any], *, name: str, path: str = "<dict>") -> DeviceProfile:
+    where = f"{KIND} {path}"
+    data = dict(data)
+    for key in ("name", "path"):  # a profile is named by its file
+        if key in data:
+            raise ConfigError(f"{where}: {key!r} is not a profile key (the file name is the profile's name)")
+    if "description" not in data:
+        raise ConfigError(f"{where}: 'description' is required (one line: which device this is)")
+    match = data.pop("match", None) or {}
+    if not isinstance(match, dict):
+        raise ConfigError(f"{where}: 'match' must be a mapping")
+    check_keys(match, DeviceMatch, f"{where}: match")
+    match_obj = DeviceMatch(
+        **{k: (bool(v) if k == "fallback" else _str_tuple(v, f"match.{k}", where)) for k, v in match.items()}
+    )
+    for k in ("board", "cpu"):
+        for pattern in getattr(match_obj, k):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(
+                    f"{where}: match.{k} pattern {pattern!r} is not a regular expression: {exc}"
+                ) from None
+    profile = DeviceProfile(name=name, path=path, match=match_obj, **data)
+    _validate(profile, where)
+    return profile
+
+
+def _str_tuple(value: Any, key: str, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a string or a list of strings")
+    return tuple(value)
+
+
+def _validate(p: DeviceProfile, where: str) -> None:
+    if not isinstance(p.description, str) or not p.description.strip():
+        raise ConfigError(f"{where}: 'description' must be a non-empty string")
+    if p.runtime not in RUNTIMES:
+        raise ConfigError(f"{where}: runtime {p.runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if p.precision is not None and p.precision not in PRECISIONS:
+        raise ConfigError(f"{where}: precision {p.precision!r} is not one of {', '.join(PRECISIONS)}")
+    for key in ("threads", "streams"):
+        value = getattr(p, key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"{where}: {key} must be an integer >= 1 or null, not {value!r}")
+    if not isinstance(p.batch_size, int) or isinstance(p.batch_size, bool) or p.batch_size < 1:
+        raise ConfigError(f"{where}: batch_size must be an integer >= 1, not {p.batch_size!r}")
+    if not isinstance(p.provider_options, dict):
+        raise ConfigError(f"{where}: provider_options must be a mapping")
+    if p.runtime == "onnxruntime" and (p.ov_device is not None or p.streams is not None):
+        raise ConfigError(f"{where}: ov_device and streams apply to runtime openvino, not onnxruntime")
+    if p.runtime == "openvino" and (p.provider is not None or p.provider_options):
+        raise ConfigError(f"{where}: provider and provider_options apply to runtime onnxruntime, not openvino")
+    if not isinstance(p.notes, str) or not isinstance(p.hardware, str):
+        raise ConfigError(f"{where}: notes and hardware must be strings")
+
+
+def merge_settings(profile: DeviceProfile | None, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Command-line values (``None``: not given) over the profile's; returns the merged values and,
+    per setting, where it came from (``option``, ``profile``)."""
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    from_profile = profile.settings() if profile is not None else {}
+    for key in SETTINGS:
+        if given.get(key) is not None:
+            merged[key], source[key] = given[key], "option"
+        elif key in from_profile:
+            merged[key], source[key] = from_profile[key], "profile"
+        else:
+            merged[key] = None
+    # An explicit runtime on the command line drops the profile's settings for the other runtime.
+    runtime = merged["runtime"] or "onnxruntime"
+    other = ("ov_device", "streams") if runtime == "onnxruntime" else ("provider", "provider_options")
+    for key in other:
+        if source.get(key) == "profile":
+            merged[key] = None
+            del source[key]
+    return merged, source
+
+
+# --- which profile fits this machine ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    profile: str
+    score: int
+    reasons: tuple[str, ...]
+    missing: tuple[str, ...]  # what the profile's settings need and this machine lacks
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "score": self.score,
+            "reasons": list(self.reasons),
+            "missing": list(self.missing),
+        }
+
+
+def _search(patterns: tuple[str, ...], texts: list[str]) -> str | None:
+    for pattern in patterns:
+        for text in texts:
+            if text and re.search(pattern, text, flags=re.IGNORECASE):
+                return f"{pattern!r} in {text!r}"
+    return None
+
+
+def fit(profile: DeviceProfile, facts: dict[str, Any]) -> Fit | None:
+    """How well ``profile`` fits a machine described by ``facts`` (doctor's ``machine`` and
+    ``runtimes`` facts: arch, cpu, board, cpu_cores, isa, providers, ov_devices); None: it does not."""
+    m = profile.match
+    reasons: list[str] = []
+    arch = facts.get("arch") or ""
+    if m.arch:
+        if arch not in m.arch:
+            return None
+        reasons.append(f"architecture {arch}")
+    isa = facts.get("isa")
+    if m.isa:
+        if isa is None or not set(m.isa) <= set(isa):
+            return None
+        reasons.append("CPU features " + ", ".join(m.isa))
+    score = 1
+    identified = False
+    board_hit = _search(m.board, [facts.get("board") or ""])
+    if board_hit:
+        score += 4
+        identified = True
+        reasons.append(f"board {board_hit}")
+    cpu_hit = _search(m.cpu, [facts.get("cpu") or "", *(facts.get("cpu_cores") or [])])
+    if cpu_hit:
+        score += 2
+        identified = True
+        reasons.append(f"CPU {cpu_hit}")
+    if (m.board or m.cpu) and not identified:
+        if not m.fallback:
+            return None
+        reasons.append("fallback for this architecture")
+        score = 0
+    missing = []
+    have_ov = {d.split(".")[0] for d in facts.get("ov_devices") or []}
+    for dev in m.ov_devices:
+        if dev in have_ov:
+            score += 1
+            reasons.append(f"OpenVINO device {dev}")
+        else:
+            missing.append(f"OpenVINO device {dev}")
+    for prov in m.providers:
+        if prov in (facts.get("providers") or []):
+            score += 1
+            reasons.append(f"ONNX Runtime provider {prov}")
+        else:
+            missing.append(f"ONNX Runtime provider {prov}")
+    return Fit(profile.name, score, tuple(reasons), tuple(missing))
+
+
+def best_fit(facts: dict[str, Any], profiles: list[DeviceProfile] | None = None) -> list[Fit]:
+    """Profiles that fit, best first (ties: fewer missing requirements, then name)."""
+    profiles = list_profiles() if profiles is None else profiles
+    fits = [f for f in (fit(p, facts) for p in profiles) if f is not None]
+    return sorted(fits, key=lambda f: (-f.score, len(f.missing), f.profile))
+
+
+def profile_label(profile: DeviceProfile) -> str:
+    """``onnxruntime/cpu, 4 threads, int8, batch 1``: a profile's settings in one line."""
+    target = (profile.provider or "cpu") if profile.runtime == "onnxruntime" else (profile.ov_device or "CPU")
+    parts = [f"{profile.runtime}/{target}"]
+    parts.append(f"{profile.threads} threads" if profile.threads else "default threads")
+    if profile.streams:
+        parts.append(f"{profile.streams} streams")
+    parts.append(profile.precision or "every precision")
+    parts.append(f"batch {profile.batch_size}")
+    return ", ".join(parts)

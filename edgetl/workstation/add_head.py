@@ -1,0 +1,309 @@
+"""Add a head (trained with ``finetune --trunk-from``) to the bundle whose trunk it was trained on.
+
+``edgetl export RUN --add-to BUNDLE --head NAME``: copy -> add -> verify every variant through the
+device runtime -> replace. The trunk files are never rewritten. Training the head:
+:mod:`edgetl.workstation.heads`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.core.atomic import atomic_directory, write_json_atomic
+from edgetl.core.bundle import MANIFEST_NAME, file_record, read_manifest, sha256_file
+from edgetl.core.errors import ConfigError, ExportError, OutputExistsError
+from edgetl.core.formats import variant_name
+from edgetl.workstation.heads import HEAD_NAME
+
+log = logging.getLogger(__name__)
+
+
+def add_head(
+    run_dir: str | Path,
+    bundle_dir: str | Path,
+    head: str,
+    *,
+    max_drop: float = 1.0,
+    partial: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Add the head of run ``run_dir`` (trained with ``--trunk-from``) to the bundle as ``head``.
+
+    Copy -> add -> verify every variant through the device runtime -> replace. The trunk files are
+    never rewritten. Refused: a run trained on another trunk (sha256), a head name already in the
+    bundle (unless ``force``), a variant where the new head misses its bar (fp32 parity with
+    PyTorch; fp16/bf16/int8 top-1 drop <= ``max_drop`` pp against fp32). An int8 trunk was
+    quantized and checked with the bundle's first head; another task can suffer more from the same
+    trunk. With ``partial`` such a reduced-precision variant is left without the new head (and
+    says why in ``heads.<name>.left_out``) instead of failing the whole addition.
+    """
+    from edgetl.device.runtime import open_bundle
+    from edgetl.workstation.export import progress_bar
+    from edgetl.workstation.run import load_run
+
+    if not isinstance(head, str) or not HEAD_NAME.match(head):
+        raise ConfigError(f"--head {head!r}: use letters, digits, '-' and '_' (it becomes part of file names)")
+    bundle_dir = Path(bundle_dir)
+    run = load_run(run_dir)
+    tf = run.trunk_from
+    if not tf:
+        raise ExportError(
+            f"run {run.path} was not trained on a bundle's trunk; train the head with "
+            f"`edgetl finetune DATA --trunk-from {bundle_dir} --out RUN`, or export this run to its own bundle"
+        )
+    bundle = open_bundle(bundle_dir)  # schema and every checksum
+    manifest = bundle.manifest
+    have = manifest["files"].get(tf["trunk"], {}).get("sha256")
+    if have != tf["sha256"]:
+        raise ExportError(
+            f"bundle {bundle_dir}'s trunk {tf['trunk']} (sha256 {str(have)[:12]}...) is not the trunk run {run.path} "
+            f"was trained on (sha256 {tf['sha256'][:12]}..., from {tf['bundle']}); train the head on this bundle: "
+            f"`edgetl finetune DATA --trunk-from {bundle_dir}`"
+        )
+    if run.config["preprocessing"] != manifest["preprocessing"]:
+        raise ExportError(f"run {run.path} was trained with other preprocessing than bundle {bundle_dir}'s")
+    if head in manifest["heads"] and not force:
+        raise OutputExistsError(
+            f"bundle {bundle_dir} already has a head {head!r}; choose another --head or pass --force"
+        )
+    if not run.val_samples:
+        raise ExportError(f"run {run.path} has no validation images: the new head cannot be checked")
+
+    t0 = time.perf_counter()
+    from edgetl.workstation.export import load_arrays
+
+    x_val, y_val = load_arrays(run.val_samples, bundle.preprocessing)
+    reference = _reference_logits(bundle, run, x_val)
+    original = {
+        rel: rec["sha256"]
+        for rel, rec in manifest["files"].items()
+        if not (rec["role"] != "trunk" and rec.get("head") == head)
+    }
+    with progress_bar(progress) as bar, atomic_directory(bundle_dir, force=True) as tmp:
+        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
+        m = read_manifest(tmp)
+        _write_head_files(tmp, m, run, head)
+        write_json_atomic(tmp / MANIFEST_NAME, m)
+        results, left_out = _check_new_head(tmp, m, head, x_val, y_val, reference, max_drop, bar, partial=partial)
+        m["heads"][head]["metrics"] = results
+        if left_out:
+            _leave_out(tmp, m, head, left_out)
+        write_json_atomic(tmp / MANIFEST_NAME, m)
+        open_bundle(tmp)  # what is renamed into place verifies
+        for rel, sha in original.items():  # the files that were there are the files that are there
+            for path, expected in [
+                (rel, sha),
+                *((p, r["sha256"]) for p, r in (m["files"][rel].get("extra_files") or {}).items()),
+            ]:
+                if sha256_file(tmp / path) != expected:
+                    raise ExportError(f"bundle file {path} changed while adding head {head!r}; this is a bug")
+    log.info(
+        "added head %r to %s in %.1fs%s",
+        head,
+        bundle_dir,
+        time.perf_counter() - t0,
+        f" (left out of {', '.join(left_out)})" if left_out else "",
+    )
+    return {"bundle": str(bundle_dir), "head": head, "variants": results, "left_out": left_out}
+
+
+def _leave_out(tmp: Path, m: dict[str, Any], head: str, left_out: dict[str, str]) -> None:
+    """Take ``head`` out of the variants in ``left_out`` and delete files no variant uses any more."""
+    for name in left_out:
+        var = m["variants"][name]
+        del var["heads"][head]
+        (var.get("merged") or {}).pop(head, None)
+    m["heads"][head]["left_out"] = left_out
+    used = {
+        rel
+        for var in m["variants"].values()
+        for rel in (var["trunk"], *var["heads"].values(), *(var.get("merged") or {}).values())
+    }
+    for rel in [r for r, rec in m["files"].items() if rec.get("head") == head and r not in used]:
+        for path in (rel, *(m["files"][rel].get("extra_files") or {})):
+            (tmp / path).unlink()
+        del m["files"][rel]
+
+
+def _reference_logits(bundle, run, x_val: np.ndarray) -> np.ndarray:
+    """PyTorch's head on the bundle's own fp32 trunk features (through ONNX Runtime, as in training)."""
+    import torch
+
+    from edgetl.workstation.export import batches
+
+    predictor = bundle.load(runtime="onnxruntime", precision="fp32", heads=[next(iter(bundle.heads))])
+    features = np.concatenate([predictor.features(b) for b in batches(x_val)])
+    with torch.inference_mode():
+        return run.build_head()(torch.from_numpy(features)).numpy().astype(np.float64)
+
+
+def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
+    """Export the head in each format of the bundle (and merged graphs where the bundle has them)."""
+    import torch
+
+    from edgetl.workstation.export import FORMAT_EXTENSIONS, tensor_spec
+    from edgetl.workstation.onnx_graphs import export_onnx, merge_trunk_head
+
+    d, c = run.feature_dim, len(run.labels)
+    head_in, head_out = tensor_spec("features", ["batch", d]), tensor_spec("logits", ["batch", c])
+    formats = {v["format"] for v in m["variants"].values()}
+    origin = f"run:{run.path.resolve()}/model.pt"
+    onnx_rel = f"onnx/head.{head}.onnx"
+    work = Path(tempfile.mkdtemp(prefix="edgetl-head-"))
+    try:
+        # Every format starts from the ONNX head (as in export); it is shipped only with ONNX variants.
+        onnx_path = tmp / onnx_rel if "onnx" in formats else work / "head.onnx"
+        onnx_path.parent.mkdir(exist_ok=True)
+        export_onnx(run.build_head(), torch.zeros(2, d), onnx_path, input_name="features", output_name="logits")
+        rels = {}
+        if "onnx" in formats:
+            rels["onnx"] = onnx_rel
+            m["files"][onnx_rel] = file_record(
+                tmp,
+                onnx_rel,
+                fmt="onnx",
+                precision="fp32",
+                role="head",
+                head=head,
+                inputs=[head_in],
+                outputs=[head_out],
+                derived_from=origin,
+            )
+        if "openvino" in formats:
+            from edgetl.workstation.openvino_export import bin_path, convert_onnx, merge_ir
+
+            xml = f"openvino/head.{head}.xml"
+            convert_onnx(onnx_path, tmp / xml)
+            rels["openvino"] = xml
+            m["files"][xml] = file_record(
+                tmp,
+                xml,
+                fmt="openvino",
+                precision="fp32",
+                role="head",
+                head=head,
+                inputs=[head_in],
+                outputs=[head_out],
+                derived_from=onnx_rel if "onnx" in formats else origin,
+                extra_files=(bin_path(xml),),
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    m["heads"][head] = {
+        "labels": list(run.labels),
+        "input": head_in,
+        "output": head_out,
+        "run": {
+            "path": str(run.path.resolve()),
+            "strategy": "feature-extraction (trunk from bundle)",
+            "val_top1": run.metrics.get("val_top1"),
+        },
+    }
+    for var in m["variants"].values():
+        fmt = var["format"]
+        var["heads"][head] = rels[fmt]
+        if var.get("merged"):
+            trunk = m["files"][var["trunk"]]
+            rel = f"{fmt}/merged.{head}.{trunk['precision']}{FORMAT_EXTENSIONS[fmt]}"
+            if rel not in m["files"]:
+                if fmt == "onnx":
+                    merge_trunk_head(tmp / var["trunk"], tmp / rels[fmt], tmp / rel)
+                    extra: tuple[str, ...] = ()
+                else:
+                    merge_ir(tmp / var["trunk"], tmp / rels[fmt], tmp / rel)
+                    extra = (bin_path(rel),)
+                m["files"][rel] = file_record(
+                    tmp,
+                    rel,
+                    fmt=fmt,
+                    precision=trunk["precision"],
+                    role="merged",
+                    head=head,
+                    inputs=[m["trunk"]["input"]],
+                    outputs=[head_out],
+                    derived_from=f"{var['trunk']} + {rels[fmt]}",
+                    extra_files=extra,
+                )
+            var["merged"][head] = rel
+
+
+def _check_new_head(
+    tmp: Path,
+    m: dict[str, Any],
+    head: str,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    reference: np.ndarray,
+    max_drop: float,
+    bar,
+    *,
+    partial: bool = False,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every variant with the new head, through the device runtime, against its bar; returns the
+    metrics and (with ``partial``) the reduced-precision variants that missed it, with the reason."""
+    from edgetl.device.runtime import open_bundle
+    from edgetl.workstation.export import FORMAT_RUNTIMES, MERGED_MAX_ABS_DIFF, batches, check_bar, variant_metrics
+
+    bundle = open_bundle(tmp)
+    results: dict[str, dict[str, Any]] = {}
+    left_out: dict[str, str] = {}
+    order = sorted(m["variants"], key=lambda v: (m["variants"][v]["precision"] != "fp32", v))
+    for name in order:
+        var = m["variants"][name]
+        predictor = bundle.load(runtime=FORMAT_RUNTIMES[var["format"]], precision=var["precision"], heads=[head])
+        task = bar.add_task(f"check {name} with head {head}", total=len(x_val), status="")
+        chunks = []
+        for b in batches(x_val):
+            chunks.append(predictor.logits(b)[head])
+            bar.advance(task, len(b))
+        metrics = variant_metrics(np.concatenate(chunks), reference, y_val)
+        metrics["bytes"] = bundle.model_bytes(var, [head])
+        if predictor.runtime_info.get("inference_precision"):
+            metrics["inference_precision"] = predictor.runtime_info["inference_precision"]
+        fp32 = results.get(variant_name(var["format"], "fp32")) or results.get("onnx-fp32")
+        remedy = (
+            f"the {var['precision']} trunk was tuned with the bundle's first head: raise --max-drop to accept "
+            "it, or pass --partial to add the head to the other variants only"
+        )
+        try:
+            results[name] = check_bar(
+                f"{name} (head {head})", var, metrics, fp32["val_top1"] if fp32 else None, max_drop, remedy=remedy
+            )
+        except ExportError as exc:
+            if not partial or var["precision"] == "fp32":
+                raise
+            log.warning("%s; head %r left out of %s", str(exc).split("; ")[0], head, name)
+            left_out[name] = str(exc)
+            continue
+        if head in (var.get("merged") or {}):
+            split = np.concatenate(chunks)
+            merged = bundle.load(
+                runtime=FORMAT_RUNTIMES[var["format"]], precision=var["precision"], heads=[head], merged=True
+            )
+            logits = np.concatenate([merged.logits(b)[head] for b in batches(x_val)])
+            diff = float(np.abs(logits.astype(np.float64) - split).max())
+            results[name]["merged_max_abs_diff"] = diff
+            if var.get("inference_precision") in (None, "f32") and (
+                diff > MERGED_MAX_ABS_DIFF or (logits.argmax(1) != split.argmax(1)).any()
+            ):
+                raise ExportError(
+                    f"variant {name}: the merged graph of head {head!r} differs from trunk + head by "
+                    f"{diff:.2e} (bar {MERGED_MAX_ABS_DIFF:g}); this is a bug, please report it"
+                )
+        log.info(
+            "%s, head %s: val top-1 %.4f, max abs diff %.2e, agreement %.4f",
+            name,
+            head,
+            metrics["val_top1"],
+            metrics["max_abs_diff"],
+            metrics["top1_agreement"],
+        )
+    return results, left_out

@@ -1,0 +1,178 @@
+"""Registry of classification backbones with a trunk/head seam.
+
+A :class:`BackboneSpec` is plain data (no torch) so that listing backbones, writing manifests and
+reading bundles never needs torch. :func:`edgetl.workstation.model.build_trunk` (torch) turns a spec
+into a :class:`~edgetl.workstation.model.Trunk` module mapping an image batch to pooled features,
+with its blocks in order for partial unfreezing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from edgetl.core.errors import ConfigError
+from edgetl.core.preprocess import Preprocessing
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    """What training, export and the runtime need to know about a backbone."""
+
+    name: str
+    feature_dim: int
+    params: int  # parameters of the ImageNet model (trunk + 1000-class classifier), as torchvision reports
+    input_size: int
+    resize_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Official ImageNet weights: torchvision's file name; its "-xxxxxxxx" suffix is the sha256 prefix.
+    weights_file: str | None
+    weights_url: str | None
+    builder: Callable[..., Any]  # builder(state_dict | None) -> (body, blocks); see "builders" below
+    torchvision_name: str | None = None
+
+    @property
+    def weights_sha256_prefix(self) -> str | None:
+        if self.weights_file is None:
+            return None
+        stem = self.weights_file.rsplit(".", 1)[0]
+        return stem.rsplit("-", 1)[-1]
+
+    def preprocessing(self, img_size: int | None = None) -> Preprocessing:
+        """Eval preprocessing at ``img_size`` (default: the backbone's), keeping its resize/crop ratio."""
+        size = img_size or self.input_size
+        resize = round(size * self.resize_size / self.input_size)
+        return Preprocessing(
+            input_size=size,
+            resize_size=resize,
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "feature_dim": self.feature_dim,
+            "params": self.params,
+            "input_size": self.input_size,
+            "weights": self.weights_file or "none (random init only)",
+        }
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add ``spec`` to the registry; a second registration of the same name is an error."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister_backbone(name: str) -> None:
+    """Remove a backbone (tests register temporary ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown backbone {name!r}; choose one of: {known} (see `edgetl backbones`)") from None
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+# --- builders (torch imported lazily) -----------------------------------------------------------
+# A builder takes an ImageNet state dict (or None for random init), loads it into the full
+# torchvision model with strict key checking, and returns (body, blocks): ``body`` maps images to
+# the last feature map, ``blocks`` are its stages in order (the unit of ``--unfreeze``).
+
+
+def _features_trunk(name: str) -> Callable[..., Any]:
+    """Builder for torchvision models whose trunk is ``model.features`` (MobileNet, EfficientNet)."""
+
+    def build(state_dict=None):
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+        return model.features, list(model.features.children())
+
+    return build
+
+
+def _resnet_trunk(name: str) -> Callable[..., Any]:
+    def build(state_dict=None):
+        import torch.nn as nn
+        import torchvision
+
+        m = torchvision.models.get_model(name, weights=None)
+        if state_dict is not None:
+            m.load_state_dict(state_dict)
+        body = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+        return body, [nn.Sequential(m.conv1, m.bn1), m.layer1, m.layer2, m.layer3, m.layer4]
+
+    return build
+
+
+def _tv_spec(
+    name: str,
+    feature_dim: int,
+    params: int,
+    weights_file: str,
+    builder: Callable[..., Any],
+    interpolation: str = "bilinear",
+) -> BackboneSpec:
+    return BackboneSpec(
+        name=name,
+        feature_dim=feature_dim,
+        params=params,
+        input_size=224,
+        resize_size=256,
+        interpolation=interpolation,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        weights_file=weights_file,
+        weights_url=f"https://download.pytorch.org/models/{weights_file}",
+        builder=builder,
+        torchvision_name=name,
+    )
+
+
+# IMAGENET1K_V1 weights throughout: their eval transform (resize 256, crop 224) is the one recorded here.
+register_backbone(_tv_spec("mobilenet_v2", 1280, 3504872, "mobilenet_v2-b0353104.pth", _features_trunk("mobilenet_v2")))
+register_backbone(
+    _tv_spec(
+        "mobilenet_v3_small", 576, 2542856, "mobilenet_v3_small-047dcff4.pth", _features_trunk("mobilenet_v3_small")
+    )
+)
+register_backbone(
+    _tv_spec(
+        "mobilenet_v3_large", 960, 5483032, "mobilenet_v3_large-8738ca79.pth", _features_trunk("mobilenet_v3_large")
+    )
+)
+register_backbone(_tv_spec("resnet18", 512, 11689512, "resnet18-f37072fd.pth", _resnet_trunk("resnet18")))
+register_backbone(_tv_spec("resnet50", 2048, 25557032, "resnet50-0676ba61.pth", _resnet_trunk("resnet50")))
+register_backbone(
+    _tv_spec(
+        "efficientnet_b0",
+        1280,
+        5288548,
+        "efficientnet_b0_rwightman-7f5810bc.pth",
+        _features_trunk("efficientnet_b0"),
+        interpolation="bicubic",
+    )
+)

@@ -1,0 +1,58 @@
+"""Training data: deterministic validation splits and the offline digits demo (image folders: core.imagefolder)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.core.errors import DataError
+from edgetl.core.imagefolder import ImageFolder, Sample
+
+
+def stratified_split(folder: ImageFolder, val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Deterministic per-class split: the same seed and files always give the same split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-split must be between 0 and 1, not {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label, name in enumerate(folder.classes):
+        items = sorted((s for s in folder.samples if s.label == label), key=lambda s: s.path)
+        if len(items) < 2:
+            raise DataError(f"class {name!r} has {len(items)} image(s); a validation split needs at least 2 per class")
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+        order = rng.permutation(len(items))
+        val.extend(items[i] for i in sorted(order[:n_val]))
+        train.extend(items[i] for i in sorted(order[n_val:]))
+    return train, val
+
+
+def write_digits(out: str | os.PathLike) -> dict:
+    """Write scikit-learn's bundled 8x8 digits (1,797 images) as a PNG image folder."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("`edgetl data digits` needs scikit-learn: pip install 'edgetl[train]'") from None
+    from PIL import Image
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not empty; choose a new folder")
+    digits = load_digits()
+    tmp = out.with_name(out.name + ".tmp-digits")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    classes = [str(int(c)) for c in digits.target_names]
+    for c in classes:
+        (tmp / c).mkdir(parents=True)
+    for i, (img, target) in enumerate(zip(digits.images, digits.target, strict=False)):
+        # Values are 0..16 ink levels; scale to 0..255 grey.
+        pixels = np.clip(np.round(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(tmp / str(int(target)) / f"{i:04d}.png")
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return {"path": str(out), "classes": classes, "images": len(digits.images)}

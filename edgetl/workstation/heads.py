@@ -1,0 +1,233 @@
+"""Many heads, one trunk: train a new head on a bundle's trunk (adding it: edgetl.workstation.add_head).
+
+``finetune DATA2 --trunk-from BUNDLE`` (:func:`finetune_head`) computes features with the
+bundle's own fp32 ONNX trunk through ONNX Runtime and its manifest's preprocessing, exactly what
+the device runs, and trains only a head on them. The run directory records which trunk (sha256)
+the head belongs to. ``export RUN2 --add-to BUNDLE --head NAME`` (:mod:`edgetl.workstation.add_head`) then writes
+the head in every format the bundle has into a copy of the bundle, checks every variant with the
+new head through the device runtime, and replaces the bundle; the trunk files are copied byte for
+byte, so their sha256 do not change and a device that already has them needs only the new head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.core.atomic import atomic_directory, write_json_atomic
+from edgetl.core.errors import BundleError, ConfigError, OutputExistsError
+from edgetl.core.imagefolder import class_counts, drop_unreadable, scan_image_folder
+from edgetl.core.preprocess import Preprocessing
+from edgetl.workstation.data import stratified_split
+from edgetl.workstation.train import FinetuneResult
+
+log = logging.getLogger(__name__)
+
+TRUNK_VARIANT = "onnx-fp32"
+# A head name becomes part of file names (head.<name>.onnx): no dots, no separators.
+HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Training options that mean nothing when the trunk is fixed by the bundle.
+TRUNK_OPTIONS = (
+    "backbone",
+    "strategy",
+    "unfreeze",
+    "trunk_lr_scale",
+    "img_size",
+    "weights",
+    "augment",
+    "hflip",
+    "mixup",
+    "cutmix",
+    "feature_cache",
+    "amp",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadResult(FinetuneResult):
+    """What ``finetune --trunk-from`` did: what ``finetune`` reports, plus the trunk it used."""
+
+    trunk_from: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def trunk_reference(bundle) -> dict[str, Any]:
+    """Which trunk a head is trained on: the bundle's fp32 ONNX trunk, by sha256."""
+    variant = bundle.manifest["variants"].get(TRUNK_VARIANT)
+    if variant is None:
+        raise BundleError(
+            f"bundle {bundle.path} has no {TRUNK_VARIANT} variant (it has: {', '.join(bundle.variants)}); "
+            "--trunk-from needs the fp32 ONNX trunk: export the bundle with --format onnx and --precision fp32"
+        )
+    rel = variant["trunk"]
+    backbone = bundle.manifest["backbone"]
+    return {
+        "bundle": str(bundle.path.resolve()),
+        "trunk": rel,
+        "sha256": bundle.manifest["files"][rel]["sha256"],
+        "backbone": backbone["name"],
+        "feature_dim": int(backbone["feature_dim"]),
+    }
+
+
+def _features(predictor, samples, progress, description: str) -> np.ndarray:
+    from edgetl.core.preprocess import load_image
+    from edgetl.workstation.export import BATCH
+
+    task = progress.add_task(description, total=len(samples), status="")
+    out = []
+    for i in range(0, len(samples), BATCH):
+        chunk = samples[i : i + BATCH]
+        out.append(predictor.features(predictor.preprocess([load_image(s.path) for s in chunk])))
+        progress.advance(task, len(chunk))
+    return np.concatenate(out).astype(np.float32)
+
+
+def finetune_head(
+    data: str | Path,
+    out: str | Path,
+    *,
+    trunk_from: str | Path,
+    config=None,
+    val_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> HeadResult:
+    """Train a head for the image folder ``data`` on the trunk of bundle ``trunk_from``; write run ``out``.
+
+    ``config`` (a :class:`edgetl.workstation.train.TrainConfig`) supplies the head's training options (epochs,
+    lr, weight decay, dropout, label smoothing, batch size, patience, seed, validation split); its
+    strategy must be feature-extraction, and an ``img_size`` must match the bundle's input size.
+    """
+    import torch
+
+    from edgetl.core.metrics import classification_report
+    from edgetl.device.runtime import open_bundle
+    from edgetl.workstation.export import progress_bar
+    from edgetl.workstation.model import Head
+    from edgetl.workstation.train import TrainConfig, plot_history, train_head
+
+    cfg = config or TrainConfig()
+    if cfg.strategy != "feature-extraction":
+        raise ConfigError(f"--trunk-from trains a head on a fixed trunk: --strategy {cfg.strategy} does not apply")
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    bundle = open_bundle(trunk_from)  # checksums verified: the features come from exactly this trunk
+    ref = trunk_reference(bundle)
+    pp: Preprocessing = bundle.preprocessing
+    if cfg.img_size is not None and cfg.img_size != pp.input_size:
+        raise ConfigError(
+            f"--img-size {cfg.img_size} differs from the bundle's input size {pp.input_size}; leave it out"
+        )
+    cfg = dataclasses.replace(cfg, backbone=ref["backbone"], img_size=pp.input_size)
+
+    folder = drop_unreadable(scan_image_folder(data), on_bad_image=cfg.on_bad_image, min_per_class=1 if val_dir else 2)
+    if val_dir is not None:
+        val_folder = drop_unreadable(scan_image_folder(val_dir, classes=folder.classes), on_bad_image=cfg.on_bad_image)
+        train, val = list(folder.samples), list(val_folder.samples)
+        skipped = list(folder.skipped) + list(val_folder.skipped)
+    else:
+        train, val = stratified_split(folder, cfg.val_split, cfg.seed)
+        skipped = list(folder.skipped)
+    labels = list(folder.classes)
+    log.info(
+        "head on the trunk of %s (%s, sha256 %s...): %d train / %d validation images, %d classes",
+        bundle.path,
+        ref["backbone"],
+        ref["sha256"][:12],
+        len(train),
+        len(val),
+        len(labels),
+    )
+
+    predictor = bundle.load(runtime="onnxruntime", precision="fp32", heads=[next(iter(bundle.heads))])
+    t_start = time.perf_counter()
+    with progress_bar(progress) as bar:
+        ftr = torch.from_numpy(_features(predictor, train, bar, "trunk features (train)"))
+        fval = torch.from_numpy(_features(predictor, val, bar, "trunk features (val)"))
+        feature_seconds = time.perf_counter() - t_start
+        ytr = torch.tensor([s.label for s in train], dtype=torch.long)
+        yval = torch.tensor([s.label for s in val], dtype=torch.long)
+        torch.manual_seed(cfg.seed)
+        head = Head(ref["feature_dim"], len(labels), dropout=cfg.dropout)
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        history: list[dict] = []
+        best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history)
+    train_seconds = time.perf_counter() - t_start
+    head.eval()
+    with torch.inference_mode():
+        val_logits = head(fval)
+    report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
+    last = history[-1]
+    metrics = {
+        "val_top1": report["top1"],
+        "val_loss": float(criterion(val_logits, yval)),
+        "n_val": report["n"],
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": len(history) < cfg.epochs,
+        "train_top1_last": last["train_top1"],
+        "gap_top1_last": last["gap_top1"],
+        "train_seconds": round(train_seconds, 3),
+        "feature_seconds": round(feature_seconds, 3),
+        "per_class": report["per_class"],
+        "confusion": report["confusion"],
+    }
+    weights = bundle.manifest["backbone"].get("weights") or {}
+    run_config = {
+        "edgetl_version": __version__,
+        "torch_version": torch.__version__,
+        "backbone": ref["backbone"],
+        "train": cfg.to_dict(),
+        "preprocessing": pp.to_dict(),
+        "weights": weights,
+        "pretrained": weights.get("kind") not in (None, "none"),
+        "device": "cpu (trunk: onnxruntime)",
+        "trunk_from": ref,
+        "data": {
+            "root": str(Path(data).resolve()),
+            "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
+            "classes": labels,
+            "train_counts": class_counts(train, len(labels)),
+            "val_counts": class_counts(val, len(labels)),
+            "skipped": [{"path": p, "reason": r} for p, r in skipped],
+        },
+    }
+    with atomic_directory(out, force=force) as tmp:
+        write_json_atomic(tmp / "config.json", run_config)
+        write_json_atomic(tmp / "labels.json", labels)
+        write_json_atomic(
+            tmp / "split.json", {"train": [[s.path, s.label] for s in train], "val": [[s.path, s.label] for s in val]}
+        )
+        torch.save({"head": head.state_dict()}, tmp / "model.pt")
+        write_json_atomic(tmp / "history.json", history)
+        write_json_atomic(tmp / "metrics.json", metrics)
+        plot_history(history, tmp / "history.png")
+    log.info(
+        "head run written to %s: val top-1 %.4f (best epoch %d) in %.1fs",
+        out,
+        metrics["val_top1"],
+        best_epoch,
+        train_seconds,
+    )
+    return HeadResult(
+        run_dir=str(out),
+        backbone=ref["backbone"],
+        strategy=cfg.strategy,
+        pretrained=run_config["pretrained"],
+        epochs=cfg.epochs,
+        epochs_run=len(history),
+        best_epoch=best_epoch,
+        val_top1=metrics["val_top1"],
+        train_seconds=round(train_seconds, 3),
+        feature_seconds=round(feature_seconds, 3),
+        trunk_from=ref,
+        skipped=skipped,
+    )

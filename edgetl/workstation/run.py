@@ -1,0 +1,128 @@
+"""The run directory: everything ``finetune`` produced, enough to evaluate, export or train again.
+
+::
+
+    RUN/config.json    resolved training config, data description, backbone, weights source, preprocessing
+    RUN/labels.json    class names, in label order
+    RUN/split.json     the exact train / validation files (path, label)
+    RUN/model.pt       weights-only checkpoint {"trunk": state_dict, "head": state_dict}
+                       ({"head": state_dict} only for a head trained with ``finetune --trunk-from BUNDLE``)
+    RUN/history.json   one record per epoch (losses, accuracies, train/val gap, learning rate, seconds)
+    RUN/metrics.json   best-epoch validation metrics (top-1, per class, confusion matrix)
+    RUN/history.png    loss and accuracy curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from edgetl.core.errors import RunError
+from edgetl.core.imagefolder import Sample
+from edgetl.core.preprocess import Preprocessing
+from edgetl.workstation.backbones import BackboneSpec, get_backbone
+
+RUN_FILES = ("config.json", "labels.json", "split.json", "model.pt", "metrics.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    path: Path
+    config: dict[str, Any]
+    labels: list[str]
+    train_samples: list[Sample]
+    val_samples: list[Sample]
+    metrics: dict[str, Any]
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone(self.config["backbone"])
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.config["preprocessing"])
+
+    @property
+    def dropout(self) -> float:
+        return float(self.config["train"]["dropout"])
+
+    @property
+    def trunk_from(self) -> dict[str, Any] | None:
+        """For a head trained on a bundle's trunk (``finetune --trunk-from``): ``{bundle, trunk,
+        sha256, backbone, feature_dim}``; such a run's model.pt holds the head only."""
+        return self.config.get("trunk_from")
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.trunk_from["feature_dim"]) if self.trunk_from else self.spec.feature_dim
+
+    def build_head(self):
+        """The trained Head (torch), in eval mode; works for every run, head-only or not."""
+        import torch
+
+        from edgetl.workstation.model import Head
+
+        head = Head(self.feature_dim, len(self.labels), dropout=self.dropout)
+        try:
+            state = torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
+            head.load_state_dict(state["head"])
+        except Exception as exc:
+            raise RunError(
+                f"run {self.path}: cannot load the head from model.pt ({str(exc).splitlines()[0]})"
+            ) from None
+        return head.eval()
+
+    def build_model(self):
+        """The trained TransferModel (torch), in eval mode."""
+        import torch
+
+        from edgetl.workstation.model import Head, TransferModel, build_trunk
+
+        if self.trunk_from:
+            raise RunError(
+                f"run {self.path} holds only a head, trained on the trunk of bundle {self.trunk_from['bundle']}; "
+                f"use that bundle (`edgetl export {self.path} --add-to BUNDLE --head NAME` adds the head to it)"
+            )
+        trunk = build_trunk(self.spec)
+        head = Head(self.spec.feature_dim, len(self.labels), dropout=self.dropout)
+        try:
+            state = torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
+            trunk.load_state_dict(state["trunk"])
+            head.load_state_dict(state["head"])
+        except Exception as exc:
+            raise RunError(f"run {self.path}: cannot load model.pt ({str(exc).splitlines()[0]})") from None
+        return TransferModel(trunk, head).eval()
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"cannot read {path}: {exc}") from None
+
+
+def is_run(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.pt").is_file()
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"run folder {path} does not exist (make one with `edgetl finetune DATA --out {path}`)")
+    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    if missing:
+        raise RunError(f"{path} is not a complete run: missing {', '.join(missing)}")
+    config = _read_json(path / "config.json")
+    labels = _read_json(path / "labels.json")
+    split = _read_json(path / "split.json")
+    try:
+        train = [Sample(str(p), int(label)) for p, label in split["train"]]
+        val = [Sample(str(p), int(label)) for p, label in split["val"]]
+        if not config.get("trunk_from"):  # a head-only run needs no registered backbone
+            get_backbone(config["backbone"])
+        Preprocessing.from_dict(config["preprocessing"])
+    except Exception as exc:
+        raise RunError(f"run {path} is inconsistent: {exc}") from None
+    return Run(path, config, list(labels), train, val, _read_json(path / "metrics.json"))

