@@ -81,7 +81,7 @@ def measure(
     import onnxruntime as ort
 
     from edgetl.device.bench import bench_input
-    from edgetl.device.runtime import open_bundle
+    from edgetl.device.bundle_loading import open_bundle
 
     predictor = open_bundle(bundle).load(precision="fp32", threads=threads)
     x = bench_input(predictor, batch_size)

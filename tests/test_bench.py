@@ -13,10 +13,8 @@ from click.testing import CliRunner
 from edgetl.cli import main
 from edgetl.core.envinfo import environment
 from edgetl.core.errors import BackendError, ConfigError
-from edgetl.device import bench as bench_mod
 from edgetl.device.bench import (
     BenchResult,
-    _Timed,
     bench,
     bench_precisions,
     compare,
@@ -29,6 +27,10 @@ from edgetl.device.bench import (
     save_report,
     synthetic_image,
 )
+from edgetl.device.bench import coldstart as coldstart_mod
+from edgetl.device.bench import results as results_mod
+from edgetl.device.bench import run as run_mod
+from edgetl.device.bench.timing import _Timed
 from tests.bundle_factory import build_bundle
 
 # The docs/design.md contract for `edgetl bench --json`.
@@ -97,7 +99,7 @@ def test_cold_start_runs_in_a_fresh_interpreter_without_a_shell(bundle_dir, monk
         calls.append((args, kwargs))
         return real_run(args, **kwargs)
 
-    monkeypatch.setattr(bench_mod.subprocess, "run", spy)
+    monkeypatch.setattr(coldstart_mod.subprocess, "run", spy)
     r = bench(bundle_dir, precision="int8", warmup=0, iterations=2)
     assert len(calls) == 1
     args, kwargs = calls[0]
@@ -183,7 +185,7 @@ def test_all_variants_and_skipped(bundle_dir, monkeypatch):
     # A variant whose runtime is missing here is skipped with the reason, not fatal.
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     fake = dict(manifest["variants"]["onnx-fp32"], format="openvino")
-    from edgetl.device.runtime import Bundle
+    from edgetl.device.bundle_loading import Bundle
 
     real_init = Bundle.__init__
 
@@ -192,14 +194,14 @@ def test_all_variants_and_skipped(bundle_dir, monkeypatch):
         real_init(self, path, m)
 
     monkeypatch.setattr(Bundle, "__init__", with_ov)
-    real_import = bench_mod.import_backend
+    real_import = run_mod.import_backend
 
     def no_openvino(runtime):
         if runtime == "openvino":
             raise BackendError("runtime 'openvino' is not installed: pip install 'edgetl[openvino]'")
         return real_import(runtime)
 
-    monkeypatch.setattr(bench_mod, "import_backend", no_openvino)
+    monkeypatch.setattr(run_mod, "import_backend", no_openvino)
     rep = run_bench(bundle_dir, all_variants=True, **QUICK)
     assert [r.variant for r in rep.results] == ["onnx-fp32", "onnx-int8"]
     assert rep.skipped == [
@@ -285,9 +287,11 @@ def test_save_report_and_results_dir(bundle_dir, tmp_path, monkeypatch):
     assert len(doc["results"]) == 2 and len(doc["results"][0]["samples_ms"]) == 5
     assert doc["profile_folder"] == "x86-server"
     # From this checkout: the project's devices/<profile>/results; an installed copy: under the cwd.
-    project = bench_mod.Path(bench_mod.__file__).resolve().parents[2]
+    project = results_mod.Path(results_mod.__file__).resolve().parents[3]
     assert results_dir("rpi5") == project / "devices" / "rpi5" / "results"
-    monkeypatch.setattr(bench_mod, "__file__", str(tmp_path / "site-packages" / "edgetl" / "bench.py"))
+    monkeypatch.setattr(
+        results_mod, "__file__", str(tmp_path / "site-packages" / "edgetl" / "device" / "bench" / "results.py")
+    )
     monkeypatch.chdir(tmp_path)
     assert results_dir("rpi5") == tmp_path / "devices" / "rpi5" / "results"
 
@@ -491,15 +495,20 @@ def test_merged_graphs(ov_bundle, bundle_dir):
 
 
 def test_configurations_with_provider_options_are_hashable():
-    from edgetl.device.bench import _Config, _load_options
+    from edgetl.device.bench.run import Config, _hashable
+    from edgetl.device.profiles import Settings
 
-    settings = {
-        "provider": "tensorrt",
-        "provider_options": {"trt_fp16_enable": True, "a": 1},
-        "ov_device": None,
-        "streams": None,
-    }
-    options = _load_options("onnxruntime", settings, strict=True)
-    c = _Config("onnxruntime", "fp32", None, 1, options)
+    settings = Settings(
+        {
+            "runtime": None,
+            "provider": "tensorrt",
+            "provider_options": {"trt_fp16_enable": True, "a": 1},
+            "ov_device": None,
+            "streams": None,
+        },
+        {},
+    )
+    options = _hashable(settings.load_options("onnxruntime", strict=True))
+    c = Config("onnxruntime", "fp32", None, 1, options)
     assert {c: 1}[c] == 1
     assert c.load_options == {"provider": "tensorrt", "provider_options": {"a": 1, "trt_fp16_enable": True}}

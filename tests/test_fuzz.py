@@ -168,7 +168,7 @@ def test_mutated_real_manifest_never_crashes_the_runtime(tmp_path_factory, data)
     import copy
     import shutil
 
-    from edgetl.device.runtime import open_bundle
+    from edgetl.device.bundle_loading import open_bundle
     from tests.bundle_factory import build_bundle
 
     base = tmp_path_factory.getbasetemp() / "fuzz-base"

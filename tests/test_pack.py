@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, sha256_file, verify_files
 from edgetl.core.errors import BundleError, OutputExistsError
+from edgetl.device.bundle_loading import open_bundle
 from edgetl.device.pack import pack_bundle, unpack_bundle
-from edgetl.device.runtime import open_bundle
 from tests.bundle_factory import build_bundle, write_colour_images
 
 

@@ -12,8 +12,9 @@ from click.testing import CliRunner
 
 from edgetl.cli import main, runtime_cmds
 from edgetl.core.errors import DataError
-from edgetl.device import runtime as runtime_mod
-from edgetl.device.runtime import PredictionStream, find_images, iter_images, open_bundle
+from edgetl.device import images as images_mod
+from edgetl.device.bundle_loading import open_bundle
+from edgetl.device.images import PredictionStream, find_images, iter_images
 from tests.bundle_factory import build_bundle, write_colour_images
 
 
@@ -55,8 +56,8 @@ def test_iter_images_checks_inputs_before_yielding(tmp_path, tree):
 
 def test_stream_is_lazy_one_batch_at_a_time(bundle_dir, tree, monkeypatch):
     opened = []
-    real_load = runtime_mod.load_image
-    monkeypatch.setattr(runtime_mod, "load_image", lambda p: opened.append(p) or real_load(p))
+    real_load = images_mod.load_image
+    monkeypatch.setattr(images_mod, "load_image", lambda p: opened.append(p) or real_load(p))
     predictor = open_bundle(bundle_dir).load()
     it = iter(PredictionStream(predictor, [tree], batch_size=2))
     next(it)

@@ -11,10 +11,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from edgetl.cli import main
+from edgetl.core import formats
 from edgetl.core.bundle import sha256_file
 from edgetl.core.errors import BackendError, BundleError, ConfigError, DataError
-from edgetl.device import runtime as runtime_mod
-from edgetl.device.runtime import RUNTIMES, open_bundle, predict_files, softmax
+from edgetl.device.backends import RUNTIMES
+from edgetl.device.backends import onnxruntime as ort_backend
+from edgetl.device.backends import openvino as ov_backend
+from edgetl.device.bundle_loading import open_bundle
+from edgetl.device.images import predict_files
+from edgetl.device.predictor import softmax
 from tests.bundle_factory import COLOURS, MEAN, STD, build_bundle, write_colour_images
 
 
@@ -270,7 +275,7 @@ def test_predict_files_errors(bundle_dir, tmp_path):
 def test_cli_runtimes_mirror_the_library():
     from edgetl.cli import runtime_cmds
 
-    assert runtime_cmds.RUNTIMES == RUNTIMES
+    assert runtime_cmds.RUNTIMES == RUNTIMES == tuple(formats.RUNTIMES)
 
 
 def test_cli_predict_table(bundle_dir, images):
@@ -402,11 +407,11 @@ def test_unavailable_provider_lists_what_is_installed(bundle_dir):
     import onnxruntime as ort
 
     missing = next(
-        p for p in ("tensorrt", "cuda", "coreml") if runtime_mod.PROVIDERS[p][0] not in ort.get_available_providers()
+        p for p in ("tensorrt", "cuda", "coreml") if ort_backend.PROVIDERS[p][0] not in ort.get_available_providers()
     )
     with pytest.raises(BackendError, match=rf"provider '{missing}' is not in this build .*has: cpu") as info:
         open_bundle(bundle_dir).load(provider=missing)
-    assert runtime_mod.PROVIDERS[missing][1] in str(info.value)  # how to get it
+    assert ort_backend.PROVIDERS[missing][1] in str(info.value)  # how to get it
     with pytest.raises(ConfigError, match="unknown ONNX Runtime provider 'warp-drive'; choose one of cpu, cuda"):
         open_bundle(bundle_dir).load(provider="warp-drive")
 
@@ -441,7 +446,7 @@ def test_options_of_the_other_runtime_are_refused(bundle_dir, kwargs, message):
 def test_onnxruntime_providers_lists_local_ones():
     import onnxruntime as ort
 
-    names = runtime_mod.onnxruntime_providers()
+    names = ort_backend.onnxruntime_providers()
     assert "cpu" in names and "AzureExecutionProvider" not in names
     assert len(names) == len([p for p in ort.get_available_providers() if p != "AzureExecutionProvider"])
 
@@ -458,7 +463,7 @@ def test_openvino_devices_threads_and_streams(ov_bundle):
     import openvino as ov
 
     available = ov.Core().available_devices
-    assert runtime_mod.openvino_devices() == list(available)
+    assert ov_backend.openvino_devices() == list(available)
     b = open_bundle(ov_bundle)
     x = b.load().preprocess([_solid(COLOURS["red"])])
     expected = b.load(heads="all").logits(x)
@@ -471,3 +476,15 @@ def test_openvino_devices_threads_and_streams(ov_bundle):
         b.load(runtime="openvino", device=absent)
     with pytest.raises(BackendError, match=rf"device '{absent}' is not available"):
         b.load(runtime="openvino", device=f"AUTO:{absent},CPU")
+
+
+def test_backends_are_registered_from_the_format_table():
+    from edgetl.device import backends
+
+    assert tuple(backends.BACKENDS) == tuple(formats.RUNTIMES)
+    for runtime, b in backends.BACKENDS.items():
+        row = formats.RUNTIMES[runtime]
+        assert (b.format, b.module, b.install_hint) == (row.name, row.runtime_module, row.install_hint)
+        assert b.loader is not None and b.options
+    with pytest.raises(ValueError, match="already registered"):
+        backends.register(backends.BACKENDS["onnxruntime"])

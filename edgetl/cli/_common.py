@@ -104,3 +104,28 @@ def make_remote(target: str, identity: str | None, ssh_config: str | None, remot
     from edgetl.device.remote import Remote, parse_target
 
     return Remote(parse_target(target), identity=identity, ssh_config=ssh_config, edgetl=remote_edgetl)
+
+
+def forwarded_args(ctx: click.Context, *, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The options given on this command line, as words for the same command on a device.
+
+    Derived from the command's own parameters, so a new option travels without editing a list:
+    each option the user gave (not a default, not an environment variable) becomes its first long
+    flag with the parsed value (lists as ``1,2``); ``--x/--no-x`` switches say which; flags as flags.
+    """
+    from click.core import ParameterSource
+
+    from edgetl.device.remote import remote_args
+
+    flags: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None or param.name in exclude:
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        flag = next(o for o in param.opts if o.startswith("--"))
+        if param.is_bool_flag and param.secondary_opts:
+            flag += "/" + param.secondary_opts[0]
+        flags[param.name], values[param.name] = flag, ctx.params[param.name]
+    return remote_args(values, flags)

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import click
 
-from edgetl.cli._common import emit_json, handle_errors, json_option, make_remote, parse_list, ssh_options
-from edgetl.core.formats import PRECISIONS
+from edgetl.cli._common import (
+    emit_json,
+    forwarded_args,
+    handle_errors,
+    json_option,
+    make_remote,
+    parse_list,
+    ssh_options,
+)
+from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS
+from edgetl.core.formats import RUNTIMES as _RUNTIMES
 
-# Mirrors edgetl.device.runtime.RUNTIMES (a test checks); spelled out so `--help` does not import numpy.
-RUNTIMES = ("onnxruntime", "openvino")
+# From the format table (edgetl.core.formats imports nothing, so `--help` stays fast).
+RUNTIMES = tuple(_RUNTIMES)
+SSH_OPTIONS = ("identity", "ssh_config", "remote_edgetl")
 TABLE_ROWS = 200  # predict prints a table up to this many results, then plain lines (bounded memory)
 
 runtime_option = click.option(
     "--runtime",
     type=click.Choice(RUNTIMES),
     default=None,
-    help="Inference library; the bundle must hold files for it. Default: the profile's, else onnxruntime.",
+    help=f"Inference library; the bundle must hold files for it. Default: the profile's, else {DEFAULT_RUNTIME}.",
 )
 head_option = click.option(
     "--head",
@@ -97,8 +107,10 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 @json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout: image, head, label, score, top_k.")
 @ssh_options
+@click.pass_context
 @handle_errors
 def predict(
+    ctx: click.Context,
     bundle: str,
     images: tuple[str, ...],
     runtime: str | None,
@@ -134,36 +146,21 @@ def predict(
       edgetl predict pi@raspberrypi.local:bundles/parts /home/pi/camera/ --json > results.json
     """
     from edgetl.core.errors import ConfigError
-    from edgetl.device.profiles import load_profile, merge_settings
     from edgetl.device.remote import is_remote
 
     if as_json and as_csv:
         raise ConfigError("choose one of --json and --csv")
     if is_remote(bundle):
         _predict_remote(
-            make_remote(bundle, identity, ssh_config, remote_edgetl),
-            images,
-            {
-                "runtime": runtime,
-                "precision": precision,
-                "top_k": top_k,
-                "head": head,
-                "batch_size": batch_size,
-                "threads": threads,
-                "provider": provider,
-                "ov_device": ov_device,
-                "streams": streams,
-                "device_profile": device_profile,
-                "as_json": as_json,
-                "as_csv": as_csv,
-            },
+            make_remote(bundle, identity, ssh_config, remote_edgetl), images, forwarded_args(ctx, exclude=SSH_OPTIONS)
         )
         return
-    from edgetl.device.runtime import PredictionStream, open_bundle
+    from edgetl.device.bundle_loading import open_bundle
+    from edgetl.device.images import PredictionStream
+    from edgetl.device.profiles import resolve_settings
 
-    profile = load_profile(device_profile) if device_profile else None
-    s, _ = merge_settings(
-        profile,
+    s = resolve_settings(
+        device_profile,
         {
             "runtime": runtime,
             "precision": precision,
@@ -173,19 +170,9 @@ def predict(
             "streams": streams,
         },
     )
-    load_options = {
-        k: v
-        for k, v in (
-            ("provider", s["provider"]),
-            ("provider_options", s["provider_options"]),
-            ("device", s["ov_device"]),
-            ("streams", s["streams"]),
-        )
-        if v is not None
-    }
-    runtime = s["runtime"] or "onnxruntime"
+    runtime = s.runtime
     predictor = open_bundle(bundle).load(
-        runtime=runtime, precision=s["precision"], heads=head, threads=s["threads"], **load_options
+        runtime=runtime, precision=s.values["precision"], heads=head, threads=s.values["threads"], **s.load_options()
     )
 
     skipped: list[str] = []
@@ -212,35 +199,18 @@ def predict(
     _print_summary(summary, predictor)
 
 
-PREDICT_FLAGS = {
-    "runtime": "--runtime",
-    "precision": "--precision",
-    "top_k": "--top-k",
-    "head": "--head",
-    "batch_size": "--batch-size",
-    "threads": "--threads",
-    "provider": "--provider",
-    "ov_device": "--ov-device",
-    "streams": "--streams",
-    "device_profile": "--device-profile",
-    "as_json": "--json",
-    "as_csv": "--csv",
-}
-
-
-def _predict_remote(remote, images: tuple[str, ...], options: dict) -> None:
+def _predict_remote(remote, images: tuple[str, ...], args: list[str]) -> None:
     """`edgetl predict` on the device; its stdout and stderr stream here as they come."""
     import codecs
 
     from edgetl.device.deploy import predict_remote
-    from edgetl.device.remote import remote_args
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
         predict_remote(
             remote,
             images,
-            remote_args(options, PREDICT_FLAGS),
+            args,
             on_stdout=lambda chunk: click.echo(decoder.decode(chunk), nl=False),
         )
     finally:
@@ -425,8 +395,10 @@ def _print_summary(s, predictor) -> None:
 @ssh_options
 @click.option("--samples", is_flag=True, help="With --json: include every timed sample (samples_ms).")
 @json_option
+@click.pass_context
 @handle_errors
 def bench(
+    ctx: click.Context,
     bundle: str | None,
     runtime: str | None,
     precision: list[str] | None,
@@ -483,23 +455,7 @@ def bench(
             raise ConfigError(f"give a local BUNDLE or device targets, not both ({bundle} is local)")
         _bench_remote(
             remote_targets,
-            {
-                "runtime": runtime,
-                "precision": precision,
-                "all_variants": all_variants,
-                "head": head,
-                "batch_size": batch_size,
-                "threads": threads,
-                "provider": provider,
-                "ov_device": ov_device,
-                "streams": streams,
-                "warmup": warmup,
-                "iterations": iterations,
-                "block": block,
-                "merged": merged,
-                "cold_start": cold_start,
-                "device_profile": device_profile,
-            },
+            forwarded_args(ctx, exclude=(*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS)),
             ssh=(identity, ssh_config, remote_edgetl),
             save=save,
             save_dir=save_dir,
@@ -510,10 +466,9 @@ def bench(
         return
     if bundle is None:
         raise ConfigError("give a BUNDLE (a folder here, or user@host:PATH on a device) or --target")
-    from edgetl.device.bench import plot_latencies, run_bench, save_report
+    from edgetl.device.bench import BenchOptions, plot_latencies, run_bench, save_report
 
-    rep = run_bench(
-        bundle,
+    options = BenchOptions(
         device_profile=device_profile,
         runtime=runtime,
         precisions=precision,
@@ -530,8 +485,9 @@ def bench(
         cold_start_runs=cold_start,
         merged=merged,
     )
+    rep = run_bench(bundle, options)
     if save:
-        path = save_report(rep, profile_name=_profile_name(rep), save_dir=save_dir)
+        path = save_report(rep, save_dir=save_dir)
         click.echo(f"Saved {path}", err=True)
     if plot:
         click.echo(f"Plot {plot_latencies(rep.results, plot)}", err=True)
@@ -541,28 +497,13 @@ def bench(
     _print_bench(rep)
 
 
-BENCH_FLAGS = {
-    "runtime": "--runtime",
-    "precision": "--precision",
-    "all_variants": "--all",
-    "head": "--head",
-    "batch_size": "--batch-size",
-    "threads": "--threads",
-    "provider": "--provider",
-    "ov_device": "--ov-device",
-    "streams": "--streams",
-    "warmup": "--warmup",
-    "iterations": "--iterations",
-    "block": "--block",
-    "merged": "--merged",
-    "cold_start": "--cold-start/--no-cold-start",
-    "device_profile": "--device-profile",
-}
+# What bench does here with the device's result: not forwarded (--json and --samples are always asked for).
+LOCAL_BENCH_OPTIONS = ("targets", "save", "save_dir", "plot", "samples", "as_json")
 
 
 def _bench_remote(
     targets: list[str],
-    options: dict,
+    args: list[str],
     *,
     ssh: tuple,
     save: bool,
@@ -575,10 +516,8 @@ def _bench_remote(
     network or ssh), then one table: the device's own when there is one, else a comparison."""
     from edgetl.device.bench import BenchReport, plot_latencies
     from edgetl.device.deploy import bench_remote, comparison_rows, save_remote
-    from edgetl.device.remote import remote_args
 
     remotes = [make_remote(t, *ssh) for t in targets]  # every target parsed before the first connection
-    args = remote_args(options, BENCH_FLAGS)
     benches = []
     for remote in remotes:
         rb = bench_remote(remote, args)
@@ -634,24 +573,6 @@ def _print_comparison(rows: list[dict]) -> None:
         if r["target"] not in seen:
             seen.add(r["target"])
             console.print(f"{r['target']}: {r['cpu'] or '?'} (fingerprint {r['fingerprint']})", highlight=False)
-
-
-def _profile_name(rep) -> str:
-    """The profile applied, else the one doctor says fits this machine, else the architecture."""
-    if rep.profile:
-        return rep.profile["name"]
-    from edgetl.device.doctor import machine_facts, runtime_facts
-    from edgetl.device.profiles import best_fit
-
-    machine, runtimes = machine_facts(), runtime_facts()
-    fits = best_fit(
-        {
-            **machine,
-            "providers": runtimes["onnxruntime"].get("providers", []),
-            "ov_devices": [d["name"] for d in runtimes["openvino"].get("devices", [])],
-        }
-    )
-    return fits[0].profile if fits else f"unknown-{machine['arch']}"
 
 
 def _print_bench(rep) -> None:

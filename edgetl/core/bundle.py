@@ -7,6 +7,7 @@ See docs/bundle.md for the format.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -67,6 +68,11 @@ def is_bundle(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
+def _one_of(value: Any, names: Any) -> bool:
+    """``value`` is one of ``names`` (a JSON list or object is never a name, and must not raise)."""
+    return isinstance(value, str) and value in names
+
+
 def _require(cond: bool, bundle_dir: Path, what: str) -> None:
     if not cond:
         raise BundleError(f"bundle {bundle_dir}: invalid manifest: {what}; re-export the bundle with `edgetl export`")
@@ -125,9 +131,11 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         _safe_rel_path(bundle_dir, rel)
         _require(isinstance(rec, dict), bundle_dir, f"file record {rel!r} is not an object")
         _require(isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64, bundle_dir, f"{rel}: bad sha256")
-        _require(rec.get("format") in FORMATS, bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
-        _require(rec.get("precision") in PRECISIONS, bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}")
-        _require(rec.get("role") in ROLES, bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
+        _require(_one_of(rec.get("format"), FORMATS), bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
+        _require(
+            _one_of(rec.get("precision"), PRECISIONS), bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}"
+        )
+        _require(_one_of(rec.get("role"), ROLES), bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
         extra_files = rec.get("extra_files", {})
         _require(isinstance(extra_files, dict), bundle_dir, f"{rel}: extra_files is not an object")
         for extra, extra_rec in extra_files.items():
@@ -142,7 +150,7 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
     for vname, var in m["variants"].items():
         _require(isinstance(var, dict), bundle_dir, f"variant {vname!r} is not an object")
         _require(
-            var.get("format") in FORMATS and var.get("precision") in PRECISIONS,
+            _one_of(var.get("format"), FORMATS) and _one_of(var.get("precision"), PRECISIONS),
             bundle_dir,
             f"variant {vname!r}: bad format/precision",
         )
@@ -174,6 +182,43 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             bundle_dir,
             f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}",
         )
+
+
+def new_manifest(
+    *,
+    backbone: dict[str, Any],
+    preprocessing: dict[str, Any],
+    trunk: dict[str, Any],
+    heads: dict[str, Any],
+    files: dict[str, Any],
+    variants: dict[str, Any],
+    default_head: str | None = None,
+    versions: dict[str, Any] | None = None,
+    created_utc: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A manifest's skeleton in schema order: schema, version, creation time (now, UTC, unless given),
+    edgetl version, then the given sections; ``extra`` adds top-level keys (e.g. ``export`` options).
+    Pass it to :func:`write_manifest`, which validates it."""
+    from edgetl import __version__
+
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": created_utc or datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "edgetl_version": __version__,
+        "backbone": backbone,
+        "preprocessing": preprocessing,
+        "trunk": trunk,
+        "heads": heads,
+        "files": files,
+        "variants": variants,
+    }
+    if default_head is not None:
+        manifest["default_head"] = default_head
+    manifest.update(extra)
+    manifest["versions"] = versions if versions is not None else {"edgetl": __version__}
+    return manifest
 
 
 def write_manifest(bundle_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:

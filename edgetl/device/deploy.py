@@ -30,12 +30,11 @@ from typing import Any
 
 from edgetl.core.bundle import MANIFEST_NAME, read_manifest
 from edgetl.core.errors import RemoteError
-from edgetl.core.formats import variant_name
+from edgetl.core.formats import format_of, runtime_of, variant_name
 from edgetl.device.remote import Remote, Target
 
 log = logging.getLogger(__name__)
 
-FORMAT_RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 INT8_WORTH = 1.05  # below this measured speed-up, int8 buys no speed worth its accuracy risk (as doctor says)
 
 
@@ -139,10 +138,10 @@ def check_fit(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str, Any
         rt = runtimes.get(runtime, {})
         return bool(rt.get("installed")) and not rt.get("error")
 
-    runnable = [n for n, v in variants.items() if usable(FORMAT_RUNTIME.get(v["format"], ""))]
+    runnable = [n for n, v in variants.items() if usable(runtime_of(v["format"]) or "")]
     checks = []
     if runnable:
-        names = sorted({FORMAT_RUNTIME[variants[n]["format"]] for n in runnable})
+        names = sorted({runtime_of(variants[n]["format"]) for n in runnable})
         versions = ", ".join(f"{r} {runtimes[r].get('version', '?')}" for r in names)
         checks.append(
             _check(
@@ -152,7 +151,7 @@ def check_fit(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str, Any
             )
         )
     else:
-        needed = sorted({FORMAT_RUNTIME.get(v["format"], v["format"]) for v in variants.values()})
+        needed = sorted({runtime_of(v["format"]) or v["format"] for v in variants.values()})
         checks.append(
             _check(
                 "runtime",
@@ -231,7 +230,7 @@ def _profile_check(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str
         return _check(
             "profile", "warn", f"the device fits profile {best!r}, which this edgetl does not ship (versions differ?)"
         )
-    fmt = next((f for f, r in FORMAT_RUNTIME.items() if r == profile.runtime), None)
+    fmt = format_of(profile.runtime)
     wanted = (
         [variant_name(fmt, profile.precision)]
         if profile.precision

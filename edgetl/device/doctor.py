@@ -60,7 +60,8 @@ def machine_facts() -> dict[str, Any]:
 
 def runtime_facts() -> dict[str, Any]:
     """Installed runtimes with their providers/devices; each library is imported only here."""
-    from edgetl.device.runtime import onnxruntime_providers, openvino_core
+    from edgetl.device.backends.onnxruntime import onnxruntime_providers
+    from edgetl.device.backends.openvino import openvino_core
 
     out: dict[str, Any] = {}
     ort_version = envinfo.package_version("onnxruntime") or next(
@@ -187,8 +188,9 @@ def int8_outlook(arch: str, isa: list[str] | None) -> dict[str, Any]:
 
 def measure_int8(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int = 5) -> list[dict[str, Any]]:
     """int8 vs fp32 of a bundle, for each runtime holding both, interleaved (no cold start)."""
+    from edgetl.core.formats import RUNTIMES
     from edgetl.device.bench import run_bench
-    from edgetl.device.runtime import RUNTIMES, open_bundle
+    from edgetl.device.bundle_loading import open_bundle
 
     b = open_bundle(bundle)
     rows = []
@@ -226,15 +228,27 @@ def measure_int8(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int
     return rows
 
 
-def diagnose(bundle: str | os.PathLike | None = None) -> DoctorReport:
-    machine = machine_facts()
-    runtimes = runtime_facts()
-    facts = {
+def profile_facts(machine: dict[str, Any], runtimes: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`edgetl.device.profiles.fit` matches against: the machine plus its accelerators."""
+    return {
         **machine,
         "providers": runtimes["onnxruntime"].get("providers", []),
         "ov_devices": [d["name"] for d in runtimes["openvino"].get("devices", [])],
     }
-    fits = best_fit(facts)
+
+
+def machine_profile_name() -> str:
+    """The profile that fits this machine best (as ``edgetl doctor`` says), else ``unknown-<arch>``:
+    the folder ``bench --save`` writes under when no profile was applied."""
+    machine = machine_facts()
+    fits = best_fit(profile_facts(machine, runtime_facts()))
+    return fits[0].profile if fits else f"unknown-{machine['arch']}"
+
+
+def diagnose(bundle: str | os.PathLike | None = None) -> DoctorReport:
+    machine = machine_facts()
+    runtimes = runtime_facts()
+    fits = best_fit(profile_facts(machine, runtimes))
     profiles = {"best": fits[0].profile if fits else None, "fits": [f.to_dict() for f in fits]}
     int8 = int8_outlook(machine["arch"], machine["isa"])
     warnings = []

@@ -15,11 +15,10 @@ import re
 from typing import Any
 
 from edgetl.core.errors import ConfigError
+from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 from edgetl.core.shipped import check_keys, list_shipped, load
 
 KIND = "device-profile"
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # The options a profile sets, in the order they are shown; each is also a bench/predict option.
 SETTINGS = ("runtime", "provider", "provider_options", "ov_device", "threads", "streams", "precision", "batch_size")
 
@@ -49,7 +48,7 @@ class DeviceProfile:
     path: str
     description: str
     hardware: str = ""
-    runtime: str = "onnxruntime"
+    runtime: str = DEFAULT_RUNTIME
     provider: str | None = None  # ONNX Runtime execution provider (short name or full name)
     provider_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     ov_device: str | None = None  # OpenVINO device: CPU, GPU, NPU, AUTO ...
@@ -154,13 +153,75 @@ def merge_settings(profile: DeviceProfile | None, given: dict[str, Any]) -> tupl
         else:
             merged[key] = None
     # An explicit runtime on the command line drops the profile's settings for the other runtime.
-    runtime = merged["runtime"] or "onnxruntime"
+    runtime = merged["runtime"] or DEFAULT_RUNTIME
     other = ("ov_device", "streams") if runtime == "onnxruntime" else ("provider", "provider_options")
     for key in other:
         if source.get(key) == "profile":
             merged[key] = None
             del source[key]
     return merged, source
+
+
+# Setting name -> the load option of Bundle.load it becomes.
+_LOAD_OPTIONS = {
+    "provider": "provider",
+    "provider_options": "provider_options",
+    "ov_device": "device",
+    "streams": "streams",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What predict and bench run with: the options given over the device profile's values."""
+
+    values: dict[str, Any]  # every key of SETTINGS (None: not set)
+    source: dict[str, str]  # setting -> "option" or "profile"
+    profile: DeviceProfile | None = None
+
+    @property
+    def runtime(self) -> str:
+        return self.values["runtime"] or DEFAULT_RUNTIME
+
+    def load_options(self, runtime: str | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """Accelerator options for ``Bundle.load`` (provider, provider_options, device, streams).
+
+        ``strict`` (one runtime asked for): every option set goes to the load, which refuses, by
+        name, one that does not apply to the runtime. Otherwise (bench --all) each runtime takes
+        only its own: the ONNX Runtime OpenVINO provider takes the device too.
+        """
+        from edgetl.device.backends import backend
+
+        runtime = runtime or self.runtime
+        options = {_LOAD_OPTIONS[k]: self.values[k] for k in _LOAD_OPTIONS if self.values[k] is not None}
+        if strict:
+            return options
+        accepted = set(backend(runtime).options)
+        if runtime == "onnxruntime" and str(self.values["provider"] or "").lower() not in (
+            "openvino",
+            "openvinoexecutionprovider",
+        ):
+            accepted.discard("device")  # device_type of the OpenVINO provider only
+        return {k: v for k, v in options.items() if k in accepted}
+
+    def profile_doc(self) -> dict[str, Any] | None:
+        """``{name, path, applied, overridden}`` for the JSON: which settings came from the profile."""
+        if self.profile is None:
+            return None
+        return {
+            "name": self.profile.name,
+            "path": self.profile.path,
+            "applied": {k: self.values[k] for k, s in self.source.items() if s == "profile"},
+            "overridden": sorted(k for k, s in self.source.items() if s == "option" and k in self.profile.settings()),
+        }
+
+
+def resolve_settings(device_profile: str | os.PathLike | DeviceProfile | None, given: dict[str, Any]) -> Settings:
+    """The one place a device profile meets the command line (predict and bench): ``given`` maps
+    keys of :data:`SETTINGS` to values, ``None`` meaning not given."""
+    profile = load_profile(device_profile) if isinstance(device_profile, (str, os.PathLike)) else device_profile
+    values, source = merge_settings(profile, given)
+    return Settings(values, source, profile)
 
 
 # --- which profile fits this machine ------------------------------------------------------------------

@@ -369,11 +369,11 @@ def remote_args(options: dict[str, Any], flags: dict[str, str]) -> list[str]:
     words: list[str] = []
     for name, flag in flags.items():
         value = options.get(name)
-        if value is None or value is False or value == ():
-            continue
-        if "/" in flag:  # a --x/--no-x switch: always say which
+        if "/" in flag and isinstance(value, bool):  # a --x/--no-x switch: always say which
             on, off = flag.split("/")
             words.append(on if value else off)
+        elif value is None or value is False or value == ():
+            continue
         elif value is True:
             words.append(flag)
         elif isinstance(value, (list, tuple)):

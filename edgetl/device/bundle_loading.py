@@ -1,0 +1,209 @@
+"""Open a bundle on the device: verify it, then load one variant into a :class:`Predictor`. No torch.
+
+A bundle holds one trunk (image -> pooled features) and one or more heads (features -> logits) per
+variant (format + precision). :meth:`Bundle.load` picks the variant for a runtime and precision,
+the heads, and hands each file to the runtime's back-end (:mod:`edgetl.device.backends`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgetl.core.bundle import read_manifest, verify_files
+from edgetl.core.errors import BackendError, BundleError, ConfigError
+from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, variant_name
+from edgetl.core.preprocess import Preprocessing
+from edgetl.device.backends import backend, check_load_options, import_backend
+from edgetl.device.predictor import Predictor
+
+ALL_HEADS = "all"
+
+
+def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
+    """Read the manifest and (by default) check every file's sha256 before anything is loaded.
+
+    A bundle travels by USB stick and scp; a truncated or edited model file must fail here with the
+    file named, not later as a puzzling ONNX Runtime error or, worse, as wrong predictions.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        verify_files(path, manifest)
+    return Bundle(path, manifest)
+
+
+class Bundle:
+    """A verified bundle: its input contract, heads with their labels, and the variants it holds."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self.manifest = manifest
+        self.preprocessing: Preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+        self.heads: dict[str, tuple[str, ...]] = {name: tuple(h["labels"]) for name, h in manifest["heads"].items()}
+        default = manifest.get("default_head")
+        if default is None and len(self.heads) == 1:
+            default = next(iter(self.heads))
+        if default is not None and default not in self.heads:
+            raise BundleError(
+                f"bundle {self.path}: default_head {default!r} is not one of its heads ({', '.join(self.heads)})"
+            )
+        self.default_head: str | None = default
+        self.variants: tuple[str, ...] = tuple(manifest["variants"])
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, variants={list(self.variants)}, heads={list(self.heads)})"
+
+    def precisions(self, fmt: str) -> list[str]:
+        """Precisions available for one format, in the canonical order (fp32 first)."""
+        have = {v["precision"] for v in self.manifest["variants"].values() if v["format"] == fmt}
+        return [p for p in PRECISIONS if p in have]
+
+    def variant(self, fmt: str, precision: str) -> dict[str, Any]:
+        """The manifest record of one variant; a BundleError lists what the bundle has instead."""
+        name = variant_name(fmt, precision)
+        try:
+            return self.manifest["variants"][name]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.path} has no {name} variant (it has: {', '.join(self.variants)}); "
+                "choose another --precision/--runtime or re-export"
+            ) from None
+
+    def runtime_precisions(self, runtime: str) -> list[str]:
+        """Precisions this bundle holds for a runtime; BackendError when it holds none."""
+        fmt = backend(runtime).format
+        have = self.precisions(fmt)
+        if not have:
+            raise BackendError(
+                f"bundle {self.path} has no {fmt} files for runtime {runtime!r} (it has: {', '.join(self.variants)}); "
+                f"use another --runtime or re-export with --format {fmt}"
+            )
+        return have
+
+    def resolve_precision(self, runtime: str, precision: str | None) -> str:
+        """``None`` means fp32 when the bundle has it, else its only precision for this runtime."""
+        have = self.runtime_precisions(runtime)
+        if precision is None:
+            if "fp32" in have or len(have) == 1:
+                return "fp32" if "fp32" in have else have[0]
+            raise BundleError(f"bundle {self.path} has {', '.join(have)} for {runtime}; choose one with --precision")
+        if precision not in have:
+            raise BundleError(
+                f"bundle {self.path} has no {precision} variant for {runtime} (it has: {', '.join(have)})"
+            )
+        return precision
+
+    def resolve_heads(self, variant: dict[str, Any], heads: str | Sequence[str] | None) -> tuple[str, ...]:
+        """``None``: the default head; ``"all"``: every head of the variant; else the names given."""
+        available = [h for h in self.heads if h in variant["heads"]]
+        if heads is None:
+            if self.default_head is None:
+                raise BundleError(
+                    f"bundle {self.path} has several heads ({', '.join(self.heads)}) and no default; "
+                    "choose one with --head NAME or --head all"
+                )
+            heads = [self.default_head]
+        elif heads == ALL_HEADS:
+            heads = available
+        elif isinstance(heads, str):
+            heads = [heads]
+        for h in heads:
+            if h not in available:
+                raise BundleError(
+                    f"bundle {self.path} has no head {h!r} in this variant (it has: {', '.join(available)})"
+                )
+        if not heads:
+            raise ConfigError("no head selected")
+        return tuple(dict.fromkeys(heads))
+
+    def files_of(self, variant: dict[str, Any], heads: Sequence[str]) -> list[str]:
+        """Relative paths of the trunk and the given heads of a variant."""
+        return [variant["trunk"], *(variant["heads"][h] for h in heads)]
+
+    def model_bytes(self, variant: dict[str, Any], heads: Sequence[str]) -> int:
+        """What the device stores for this variant: trunk + heads, companion files (.bin) included."""
+        total = 0
+        for rel in dict.fromkeys(self.files_of(variant, heads)):
+            rec = self.manifest["files"][rel]
+            companions = (rec.get("extra_files") or {}).values()
+            total += int(rec.get("bytes", 0)) + sum(int(r.get("bytes", 0)) for r in companions)
+        return total
+
+    def load(
+        self,
+        *,
+        runtime: str = DEFAULT_RUNTIME,
+        precision: str | None = None,
+        heads: str | Sequence[str] | None = None,
+        threads: int | None = None,
+        provider: str | None = None,
+        provider_options: dict[str, Any] | None = None,
+        device: str | None = None,
+        streams: int | None = None,
+        merged: bool = False,
+    ) -> Predictor:
+        """Create the sessions of one variant: its trunk and the selected heads (default head if None).
+
+        ``provider``/``provider_options``: ONNX Runtime execution provider (default CPU);
+        ``device``: OpenVINO device (default CPU; with ONNX Runtime, the OpenVINO provider's device);
+        ``streams``: OpenVINO CPU/GPU streams. ``None`` leaves each to the runtime.
+        ``merged``: load each head's single-graph file (trunk + head in one graph, ``export --merged``)
+        instead of the shared trunk; each head then runs its own copy of the trunk.
+        """
+        if threads is not None and threads < 1:
+            raise ConfigError(f"threads must be >= 1, not {threads}")
+        if streams is not None and streams < 1:
+            raise ConfigError(f"streams must be >= 1, not {streams}")
+        spec = backend(runtime)
+        options = {
+            k: v
+            for k, v in (
+                ("provider", provider),
+                ("provider_options", provider_options),
+                ("device", device),
+                ("streams", streams),
+            )
+            if v is not None
+        }
+        check_load_options(runtime, options)
+        precision = self.resolve_precision(runtime, precision)
+        variant = self.variant(spec.format, precision)
+        head_names = self.resolve_heads(variant, heads)
+        import_backend(runtime)
+        assert spec.loader is not None  # import_backend refuses unimplemented back-ends
+        if spec.check_options is not None:
+            options = spec.check_options(options)
+        if variant.get("inference_precision") is not None:  # OpenVINO: what the export measured
+            options["inference_precision"] = variant["inference_precision"]
+        if merged:
+            missing = [h for h in head_names if h not in (variant.get("merged") or {})]
+            if missing:
+                raise BundleError(
+                    f"bundle {self.path}: variant {variant_name(spec.format, precision)} has no merged graph for "
+                    f"head {missing[0]!r}; export with --merged"
+                )
+            trunk = None
+            head_models = {
+                h: spec.loader(self.path / variant["merged"][h], threads=threads, **options) for h in head_names
+            }
+        else:
+            trunk = spec.loader(self.path / variant["trunk"], threads=threads, **options)
+            head_models = {
+                h: spec.loader(self.path / variant["heads"][h], threads=threads, **options) for h in head_names
+            }
+        first = trunk if trunk is not None else next(iter(head_models.values()))
+        return Predictor(
+            bundle=self,
+            runtime=runtime,
+            precision=precision,
+            variant=variant_name(spec.format, precision),
+            trunk=trunk,
+            heads=head_models,
+            runtime_info=getattr(first, "runtime_info", None),
+        )
+
+
+__all__ = ["ALL_HEADS", "Bundle", "open_bundle"]

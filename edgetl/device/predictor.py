@@ -1,0 +1,150 @@
+"""A loaded variant: the trunk once per batch, then every selected head on the same features.
+
+Running several heads on one trunk pass is what makes several tasks on one device cheap. Inputs
+are preprocessed (N, 3, S, S) float32 arrays; :meth:`Predictor.predict` takes files or PIL images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from edgetl.core.errors import BundleError, ConfigError, DataError
+from edgetl.core.preprocess import load_image, preprocess_batch
+
+if TYPE_CHECKING:
+    from edgetl.device.backends import Model
+    from edgetl.device.bundle_loading import Bundle
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (stable: shifted by the row max)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """One loaded variant: trunk + selected heads. Inputs are preprocessed (N, 3, S, S) float32."""
+
+    def __init__(
+        self,
+        *,
+        bundle: Bundle,
+        runtime: str,
+        precision: str,
+        variant: str,
+        trunk: Model | None,
+        heads: dict[str, Model],
+        runtime_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.runtime = runtime
+        self.precision = precision
+        self.variant = variant
+        # What the runtime reports it runs (OpenVINO: device, inference_precision); {} for ONNX Runtime.
+        self.runtime_info: dict[str, Any] = dict(runtime_info or {})
+        self.merged = trunk is None  # heads are whole graphs (image -> logits), see Bundle.load(merged=True)
+        self.preprocessing = bundle.preprocessing
+        self.head_names: tuple[str, ...] = tuple(heads)
+        self.labels: dict[str, tuple[str, ...]] = {h: bundle.heads[h] for h in heads}
+        self._trunk = trunk
+        self._heads = heads
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.variant!r}, runtime={self.runtime!r}, heads={list(self.head_names)})"
+
+    def preprocess(self, images: Iterable[Image.Image]) -> np.ndarray:
+        """PIL images -> (N, 3, S, S) float32, exactly as in training (see :mod:`edgetl.core.preprocess`)."""
+        images = list(images)
+        if not images:
+            raise DataError("no images to preprocess")
+        return preprocess_batch(images, self.preprocessing)
+
+    def _check_input(self, x: np.ndarray) -> np.ndarray:
+        s = self.preprocessing.input_size
+        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1:] != (3, s, s) or x.shape[0] < 1:
+            got = getattr(x, "shape", type(x).__name__)
+            raise DataError(f"model input must be an array of shape (N, 3, {s}, {s}), got {got}; use .preprocess()")
+        return np.ascontiguousarray(x, dtype=np.float32)  # a float64 array from numpy maths is fine too
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Trunk only: (N, 3, S, S) -> (N, D) pooled features."""
+        if self._trunk is None:
+            raise ConfigError("a merged predictor has no separate trunk; load without merged=True for features")
+        return self._trunk(self._check_input(x))
+
+    def logits(self, x: np.ndarray, heads: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Trunk once, then every selected head (or the loaded ones named) on the same features."""
+        if self._trunk is None:  # merged graphs: image -> logits each
+            x = self._check_input(x)
+            return {name: self._heads[name](x) for name in (heads or self._heads)}
+        feats = self.features(x)
+        return self.head_logits(feats, heads)
+
+    def head_logits(self, features: np.ndarray, heads: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Heads only, on trunk features: {head: (N, C) logits} (bench times each head this way)."""
+        if heads is None:
+            return {name: head(features) for name, head in self._heads.items()}
+        unknown = [h for h in heads if h not in self._heads]
+        if unknown:
+            raise ConfigError(f"head {unknown[0]!r} is not loaded (loaded: {', '.join(self._heads)})")
+        return {name: self._heads[name](features) for name in heads}
+
+    def predict(
+        self, images: Sequence[str | os.PathLike | Image.Image], *, top_k: int = 5, batch_size: int = 32
+    ) -> list[dict[str, Any]]:
+        """Classify image files or PIL images; an unreadable file raises :class:`DataError`.
+
+        Returns one record per image and selected head, image-major:
+        ``{image, head, label, score, top_k: [{label, score}]}`` with softmax scores.
+        """
+        _check_positive(top_k=top_k, batch_size=batch_size)
+        images = list(images)
+        names = [_image_name(im, i) for i, im in enumerate(images)]
+        records: list[dict[str, Any]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            loaded = [im if isinstance(im, Image.Image) else load_image(im) for im in chunk]
+            records.extend(self._predict_loaded(names[start : start + batch_size], loaded, top_k))
+        return records
+
+    def _predict_loaded(self, names: list[str], images: list[Image.Image], top_k: int) -> list[dict[str, Any]]:
+        return self._records(names, self.logits(self.preprocess(images)), top_k)
+
+    def _records(self, names: list[str], logits: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        probs = {h: softmax(v) for h, v in logits.items()}
+        records = []
+        for head, p in probs.items():
+            if p.ndim != 2 or p.shape[1] != len(self.labels[head]):
+                raise BundleError(
+                    f"bundle {self.bundle.path}: head {head!r} returns shape {p.shape} "
+                    f"but has {len(self.labels[head])} labels; re-export the bundle"
+                )
+        for i, name in enumerate(names):
+            for head in self.head_names:
+                p, labels = probs[head][i], self.labels[head]
+                order = np.argsort(-p, kind="stable")[: min(top_k, len(labels))]
+                top = [{"label": labels[j], "score": float(p[j])} for j in order]
+                records.append(
+                    {"image": name, "head": head, "label": top[0]["label"], "score": top[0]["score"], "top_k": top}
+                )
+        return records
+
+
+def _image_name(image: Any, index: int) -> str:
+    return f"<image {index}>" if isinstance(image, Image.Image) else str(image)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
+
+
+__all__ = ["Predictor", "softmax"]
