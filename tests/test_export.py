@@ -15,8 +15,8 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-import edgetl.workstation.export as export_mod
-import edgetl.workstation.quantize as quantize_mod
+import edgetl.workstation.export.int8 as int8_mod
+import edgetl.workstation.export.pipeline as pipeline_mod
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, validate_manifest, verify_files
 from edgetl.core.errors import ConfigError, ExportError, OutputExistsError, RunError
@@ -159,7 +159,7 @@ def test_failure_mid_export_leaves_no_bundle_and_no_temp_dir(run_dir, tmp_path, 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure in the int8 step")
 
-    monkeypatch.setattr(quantize_mod, "search_int8", broken)
+    monkeypatch.setattr(int8_mod, "search_int8", broken)
     with pytest.raises(RuntimeError, match="injected"):
         export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
@@ -187,8 +187,8 @@ def test_int8_over_max_drop_fails_naming_the_variant_and_figures(run_dir, tmp_pa
 
 
 def test_fp32_parity_failure_fails_naming_the_variant(run_dir, tmp_path, monkeypatch):
-    real = export_mod.torch_logits
-    monkeypatch.setattr(export_mod, "torch_logits", lambda model, x: real(model, x) + 0.01)
+    real = pipeline_mod.torch_logits
+    monkeypatch.setattr(pipeline_mod, "torch_logits", lambda model, x: real(model, x) + 0.01)
     with pytest.raises(ExportError, match=r"onnx-fp32 .*max abs logit diff 1\.00e-02"):
         export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
     assert not (tmp_path / "b").exists()
@@ -283,3 +283,85 @@ def test_cli_refuses_an_existing_bundle(exported, run_dir):
     result = cli(run_dir, "--out", out, "--no-progress")
     assert result.exit_code == 1 and "already exists" in result.stderr
     assert (out / "manifest.json").read_bytes() == before
+
+
+# --- the shared checks and the format plug-ins --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "metrics"),
+    [
+        ("fp32", {"val_top1": 1.0, "max_abs_diff": float("nan"), "top1_agreement": 1.0, "n": 4}),
+        ("fp32", {"val_top1": float("nan"), "max_abs_diff": 0.0, "top1_agreement": 1.0, "n": 4}),
+        ("int8", {"val_top1": float("nan"), "max_abs_diff": 0.1, "top1_agreement": 1.0, "n": 4}),
+        ("int8", {"val_top1": 0.9, "max_abs_diff": float("nan"), "top1_agreement": 1.0, "n": 4}),
+    ],
+)
+def test_nan_fails_every_gate(precision, metrics):
+    from edgetl.workstation.export.checks import check_bar
+
+    var = {"format": "onnx", "precision": precision}
+    with pytest.raises(ExportError, match="NaN"):
+        check_bar("onnx-x", var, metrics, 0.9, max_drop=100.0)
+    with pytest.raises(ExportError):  # a NaN reference top-1 cannot pass a drop bar either
+        check_bar(
+            "onnx-int8",
+            {"format": "onnx", "precision": "int8"},
+            {**metrics, "max_abs_diff": 0.0, "val_top1": 0.9},
+            float("nan"),
+            max_drop=100.0,
+        )
+
+
+def test_nan_merged_graph_fails_and_bf16_merged_gets_the_variants_bar():
+    from edgetl.workstation.export.checks import check_merged
+
+    y = np.array([0, 1, 0, 1])
+    split = np.eye(2)[y].astype(np.float32)
+    ref = split.astype(np.float64)
+    nan = np.full_like(split, np.nan)
+    with pytest.raises(ExportError, match="differs from trunk"):
+        check_merged("onnx-fp32", {"precision": "fp32"}, nan, split, what="m", reference=(ref, y, None), max_drop=1.0)
+    bf16 = {"format": "openvino", "precision": "bf16", "inference_precision": "bf16"}
+    # bf16: small differences are fine, a lost label is not (the variant's own accuracy bar).
+    near = check_merged("openvino-bf16", bf16, split + 0.01, split, what="m", reference=(ref, y, 1.0), max_drop=1.0)
+    assert near["merged_val_top1"] == 1.0
+    wrong = split[::-1].copy()
+    with pytest.raises(ExportError, match=r"openvino-bf16 \(merged graph\) loses"):
+        check_merged("openvino-bf16", bf16, wrong, split, what="m", reference=(ref, y, 1.0), max_drop=1.0)
+
+
+def test_precision_pin_is_checked():
+    from edgetl.workstation.export.checks import check_precision_pin
+
+    assert check_precision_pin("onnx-fp32", {"precision": "fp32"}, {}) is None
+    assert (
+        check_precision_pin(
+            "openvino-fp32", {"precision": "fp32", "inference_precision": "f32"}, {"inference_precision": "f32"}
+        )
+        == "f32"
+    )
+    with pytest.raises(ExportError, match="OpenVINO ran bf16 although f32 was pinned"):
+        check_precision_pin(
+            "openvino-fp32", {"precision": "fp32", "inference_precision": "f32"}, {"inference_precision": "bf16"}
+        )
+
+
+def test_format_registry_matches_the_format_table():
+    from edgetl.core.formats import FORMATS
+    from edgetl.workstation.export import formats
+
+    assert set(formats.registry()) == set(FORMATS)
+    with pytest.raises(ValueError, match="registered twice"):
+        formats.register(formats.get("onnx"))
+
+
+@pytest.mark.parametrize("name", sorted(__import__("edgetl.core.formats").core.formats.FORMATS))
+def test_each_format_plugin_implements_the_protocol(name):
+    from edgetl.core.formats import FORMATS
+    from edgetl.workstation.export import formats
+
+    plugin = formats.get(name)
+    assert plugin.name == name and name in FORMATS
+    for method in ("write", "quantize", "write_head", "merge"):
+        assert callable(getattr(plugin, method))

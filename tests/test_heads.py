@@ -110,7 +110,7 @@ def test_head_is_trained_on_the_shipped_trunk_features(head_run, bundle):
     predictor = open_bundle(bundle).load(runtime="onnxruntime", precision="fp32")
     feats = predictor.features(
         predictor.preprocess(
-            [__import__("edgetl.core.preprocess").preprocess.load_image(s.path) for s in run.val_samples]
+            [__import__("edgetl.core.preprocess").core.preprocess.load_image(s.path) for s in run.val_samples]
         )
     )
     with torch.inference_mode():
@@ -250,3 +250,44 @@ def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_
     assert bundle_.load(precision="int8", heads="all").head_names == ("default",)
     with pytest.raises(BundleError, match="no head 'tint' in this variant"):
         bundle_.load(precision="int8", heads="tint")
+
+
+def test_add_to_checks_the_pinned_inference_precision(bundle, head_run, tmp_path, monkeypatch):
+    """As in export: a variant measured in another precision than the one it pins is refused."""
+    import edgetl.device.runtime as rt
+
+    real = rt._load_openvino
+
+    def other_precision(path, **kw):
+        model = real(path, **kw)
+        model.runtime_info["inference_precision"] = "bf16" if kw.get("precision") != "bf16" else "f32"
+        return model
+
+    two = shutil.copytree(bundle, tmp_path / "b")
+    before = (two / "manifest.json").read_bytes()
+    monkeypatch.setitem(rt._BACKENDS, "openvino", rt._Backend("openvino", "openvino", "", other_precision))
+    with pytest.raises(ExportError, match=r"openvino-fp32 \(head tint\): OpenVINO ran .* although f32 was pinned"):
+        add_head(head_run, two, "tint", progress=False)
+    assert (two / "manifest.json").read_bytes() == before
+
+
+def test_add_to_gives_a_bf16_merged_graph_the_variants_bar(bundle, head_run, tmp_path, monkeypatch):
+    """A bf16 merged graph is not compared exactly (bf16 rounds where the graphs meet) but gets the
+    variant's own accuracy bar; simulated by pinning bf16 on a merged variant and breaking its merged logits."""
+
+    two = shutil.copytree(bundle, tmp_path / "b")
+    m = read_manifest(two)
+    m["variants"]["openvino-fp16"]["inference_precision"] = "bf16"
+    (two / "manifest.json").write_text(json.dumps(m))
+    import edgetl.workstation.add_head as ah
+
+    real_check = ah.check_merged
+
+    def flipped(name, var, merged_logits, split_logits, **kw):
+        return real_check(name, var, -merged_logits if name == "openvino-fp16" else merged_logits, split_logits, **kw)
+
+    monkeypatch.setattr(ah, "check_merged", flipped)
+    # This CPU may not run bf16: report the pinned precision as run.
+    monkeypatch.setattr(ah, "check_precision_pin", lambda name, var, info, **kw: var.get("inference_precision"))
+    with pytest.raises(ExportError, match=r"openvino-fp16 \(merged graph\) loses"):
+        add_head(head_run, two, "tint", progress=False)

@@ -16,13 +16,15 @@ import openvino as ov
 import pytest
 from click.testing import CliRunner
 
-import edgetl.workstation.openvino_export as ovx
+import edgetl.workstation.export.formats.openvino as ovx
+import edgetl.workstation.export.formats.openvino_quantize as ovq
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest
 from edgetl.core.errors import ExportError
 from edgetl.device.runtime import open_bundle
 from edgetl.workstation.export import export_bundle, load_arrays
-from edgetl.workstation.openvino_export import OVQuantConfig, float_layers, search_int8_openvino
+from edgetl.workstation.export.formats.openvino_quantize import OVQuantConfig, OVQuantizer, float_layers
+from edgetl.workstation.export.int8 import search_int8
 from edgetl.workstation.run import load_run
 from tests.run_factory import all_profile_export, cpu_runs_bf16, shared_run
 
@@ -148,13 +150,12 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
         seen.append((config, kwargs.get("max_float_layers")))
         return ov.Core().read_model(str(xml))
 
-    monkeypatch.setattr(ovx, "quantize_ir", fake_quantize)
+    monkeypatch.setattr(ovq, "quantize_ir", fake_quantize)
     run = load_run(run_dir)
     x, y = load_arrays(run.val_samples, run.preprocessing)
     head = ovx.compile_f32(out / "openvino/head.default.xml")
-    result = search_int8_openvino(
-        fp32_xml, tmp_path / "q.xml", x, (x, y, lambda f: head(f)[0]), baseline_top1=1.0, max_drop=-1.0
-    )
+    quantizer = OVQuantizer(fp32_xml, x, (x, y, lambda f: head(f)[0]))
+    result = search_int8(quantizer, tmp_path / "q.xml", baseline_top1=1.0, max_drop=-1.0)
     configs = [c for c, _ in seen]
     assert configs == [
         OVQuantConfig("mean-minmax", "fast"),

@@ -14,20 +14,22 @@ import torch
 from edgetl.core.imagefolder import Sample
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.export import export_onnx
-from edgetl.workstation.model import build_trunk
-from edgetl.workstation.quantize import (
+from edgetl.workstation.export.formats.onnx_quantize import (
     ArrayReader,
-    NoiseSource,
+    OrtQuantizer,
     QuantConfig,
-    build_gated_model,
-    exclusion_schedule,
     prepare_for_quantization,
     quantize_trunk,
     quiet_onnxruntime,
-    rank_noise_sources,
-    search_int8,
-    select_calibration,
 )
+from edgetl.workstation.export.formats.onnx_sensitivity import (
+    NoiseSource,
+    build_gated_model,
+    exclusion_schedule,
+    rank_noise_sources,
+)
+from edgetl.workstation.export.int8 import search_int8, select_calibration
+from edgetl.workstation.model import build_trunk
 from tests.helpers import TINY
 
 
@@ -138,7 +140,9 @@ def test_exclusion_schedule_doubles_dedupes_and_caps():
 
 def test_search_stops_at_the_first_attempt_within_the_bar(trunk_onnx, calib, tmp_path):
     out = tmp_path / "int8.onnx"
-    result = search_int8(trunk_onnx, out, calib, lambda p: 0.9, baseline_top1=0.9, max_drop=1.0, workdir=tmp_path / "w")
+    result = search_int8(
+        OrtQuantizer(trunk_onnx, calib, lambda p: 0.9, workdir=tmp_path / "w"), out, baseline_top1=0.9, max_drop=1.0
+    )
     assert result.passed and len(result.attempts) == 1
     assert result.chosen.config == QuantConfig("minmax", False) and out.is_file()
     record = result.manifest_record(["a.png"])
@@ -156,7 +160,9 @@ def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_pat
         return next(scores)
 
     out = tmp_path / "int8.onnx"
-    result = search_int8(trunk_onnx, out, calib, evaluate, baseline_top1=0.9, max_drop=1.0, workdir=tmp_path / "w")
+    result = search_int8(
+        OrtQuantizer(trunk_onnx, calib, evaluate, workdir=tmp_path / "w"), out, baseline_top1=0.9, max_drop=1.0
+    )
     configs = [a.config for a in result.attempts]
     assert not result.passed and len(configs) == len(seen)
     assert configs[:2] == [QuantConfig("minmax", False), QuantConfig("minmax", True)]
@@ -165,7 +171,7 @@ def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_pat
     assert any(c.excluded_nodes for c in configs) and {"percentile", "entropy"} <= {c.method for c in configs}
     assert result.chosen.val_top1 == 0.80 and result.chosen.config.excluded_nodes
     assert abs(result.chosen.top1_drop_pp - 10.0) < 1e-9
-    assert result.sensitivity and out.is_file()
     record = result.manifest_record([])
+    assert record["sensitivity"] and out.is_file()
     assert record["excluded_nodes"] == list(result.chosen.config.excluded_nodes)
     assert [a["val_top1"] for a in record["attempts"]] == [a.val_top1 for a in result.attempts]

@@ -53,7 +53,7 @@ def test_full_disk_during_export_is_one_line_and_leaves_old_bundle(run_dir, tmp_
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("edgetl.workstation.export.write_json_atomic", full)
+    monkeypatch.setattr("edgetl.core.bundle.write_json_atomic", full)
     result = _export(run_dir, tmp_path / "b", "--force")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "No space left on device" in result.stderr and len(result.stderr.strip().splitlines()[-1]) < 400

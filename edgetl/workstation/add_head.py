@@ -1,7 +1,10 @@
 """Add a head (trained with ``finetune --trunk-from``) to the bundle whose trunk it was trained on.
 
 ``edgetl export RUN --add-to BUNDLE --head NAME``: copy -> add -> verify every variant through the
-device runtime -> replace. The trunk files are never rewritten. Training the head:
+device runtime -> replace. The trunk files are never rewritten. Each format's plug-in
+(:mod:`edgetl.workstation.export.formats`) writes the head and merged graphs, and every variant
+passes the same checks as in ``export`` (:mod:`edgetl.workstation.export.checks`: parity or
+accuracy bar, the pinned inference precision, merged graphs). Training the head:
 :mod:`edgetl.workstation.heads`.
 """
 
@@ -16,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import atomic_directory, write_json_atomic
-from edgetl.core.bundle import MANIFEST_NAME, file_record, read_manifest, sha256_file
+from edgetl.core.atomic import atomic_directory
+from edgetl.core.bundle import file_record, read_manifest, sha256_file, write_manifest
 from edgetl.core.errors import ConfigError, ExportError, OutputExistsError
-from edgetl.core.formats import variant_name
+from edgetl.core.formats import FORMATS, variant_name
+from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
+from edgetl.workstation.export.common import batches, load_arrays, progress_bar, tensor_spec
+from edgetl.workstation.export.formats import registry
 from edgetl.workstation.heads import HEAD_NAME
 
 log = logging.getLogger(__name__)
@@ -46,7 +52,6 @@ def add_head(
     says why in ``heads.<name>.left_out``) instead of failing the whole addition.
     """
     from edgetl.device.runtime import open_bundle
-    from edgetl.workstation.export import progress_bar
     from edgetl.workstation.run import load_run
 
     if not isinstance(head, str) or not HEAD_NAME.match(head):
@@ -78,8 +83,6 @@ def add_head(
         raise ExportError(f"run {run.path} has no validation images: the new head cannot be checked")
 
     t0 = time.perf_counter()
-    from edgetl.workstation.export import load_arrays
-
     x_val, y_val = load_arrays(run.val_samples, bundle.preprocessing)
     reference = _reference_logits(bundle, run, x_val)
     original = {
@@ -91,12 +94,12 @@ def add_head(
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
         _write_head_files(tmp, m, run, head)
-        write_json_atomic(tmp / MANIFEST_NAME, m)
+        write_manifest(tmp, m)
         results, left_out = _check_new_head(tmp, m, head, x_val, y_val, reference, max_drop, bar, partial=partial)
         m["heads"][head]["metrics"] = results
         if left_out:
             _leave_out(tmp, m, head, left_out)
-        write_json_atomic(tmp / MANIFEST_NAME, m)
+        write_manifest(tmp, m)
         open_bundle(tmp)  # what is renamed into place verifies
         for rel, sha in original.items():  # the files that were there are the files that are there
             for path, expected in [
@@ -137,8 +140,6 @@ def _reference_logits(bundle, run, x_val: np.ndarray) -> np.ndarray:
     """PyTorch's head on the bundle's own fp32 trunk features (through ONNX Runtime, as in training)."""
     import torch
 
-    from edgetl.workstation.export import batches
-
     predictor = bundle.load(runtime="onnxruntime", precision="fp32", heads=[next(iter(bundle.heads))])
     features = np.concatenate([predictor.features(b) for b in batches(x_val)])
     with torch.inference_mode():
@@ -146,54 +147,41 @@ def _reference_logits(bundle, run, x_val: np.ndarray) -> np.ndarray:
 
 
 def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
-    """Export the head in each format of the bundle (and merged graphs where the bundle has them)."""
+    """Export the head in each format of the bundle (and merged graphs where the bundle has them),
+    each written by its format's plug-in."""
     import torch
 
-    from edgetl.workstation.export import FORMAT_EXTENSIONS, tensor_spec
-    from edgetl.workstation.onnx_graphs import export_onnx, merge_trunk_head
+    from edgetl.workstation.export.formats.onnx import export_onnx
 
+    plugins = registry()
     d, c = run.feature_dim, len(run.labels)
     head_in, head_out = tensor_spec("features", ["batch", d]), tensor_spec("logits", ["batch", c])
-    formats = {v["format"] for v in m["variants"].values()}
+    formats = [f for f in FORMATS if any(v["format"] == f for v in m["variants"].values())]
     origin = f"run:{run.path.resolve()}/model.pt"
-    onnx_rel = f"onnx/head.{head}.onnx"
+    onnx_rel = f"onnx/head.{head}{FORMATS['onnx'].extension}"
+    rels = {}
     work = Path(tempfile.mkdtemp(prefix="edgetl-head-"))
     try:
-        # Every format starts from the ONNX head (as in export); it is shipped only with ONNX variants.
-        onnx_path = tmp / onnx_rel if "onnx" in formats else work / "head.onnx"
-        onnx_path.parent.mkdir(exist_ok=True)
-        export_onnx(run.build_head(), torch.zeros(2, d), onnx_path, input_name="features", output_name="logits")
-        rels = {}
-        if "onnx" in formats:
-            rels["onnx"] = onnx_rel
-            m["files"][onnx_rel] = file_record(
+        # Every format starts from the ONNX head (as in export); the shipped ONNX head, when the
+        # bundle has one, is what the other formats' heads are derived from.
+        source = work / "head.onnx"
+        export_onnx(run.build_head(), torch.zeros(2, d), source, input_name="features", output_name="logits")
+        for fmt in formats:
+            rel = f"{fmt}/head.{head}{FORMATS[fmt].extension}"
+            (tmp / fmt).mkdir(exist_ok=True)
+            plugins[fmt].write_head(source, tmp / rel)
+            rels[fmt] = rel
+            m["files"][rel] = file_record(
                 tmp,
-                onnx_rel,
-                fmt="onnx",
+                rel,
+                fmt=fmt,
                 precision="fp32",
                 role="head",
                 head=head,
                 inputs=[head_in],
                 outputs=[head_out],
-                derived_from=origin,
-            )
-        if "openvino" in formats:
-            from edgetl.workstation.openvino_export import bin_path, convert_onnx, merge_ir
-
-            xml = f"openvino/head.{head}.xml"
-            convert_onnx(onnx_path, tmp / xml)
-            rels["openvino"] = xml
-            m["files"][xml] = file_record(
-                tmp,
-                xml,
-                fmt="openvino",
-                precision="fp32",
-                role="head",
-                head=head,
-                inputs=[head_in],
-                outputs=[head_out],
-                derived_from=onnx_rel if "onnx" in formats else origin,
-                extra_files=(bin_path(xml),),
+                derived_from=onnx_rel if fmt != "onnx" and "onnx" in formats else origin,
+                extra_files=FORMATS[fmt].sidecar_paths(rel),
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -212,14 +200,9 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
         var["heads"][head] = rels[fmt]
         if var.get("merged"):
             trunk = m["files"][var["trunk"]]
-            rel = f"{fmt}/merged.{head}.{trunk['precision']}{FORMAT_EXTENSIONS[fmt]}"
+            rel = f"{fmt}/merged.{head}.{trunk['precision']}{FORMATS[fmt].extension}"
             if rel not in m["files"]:
-                if fmt == "onnx":
-                    merge_trunk_head(tmp / var["trunk"], tmp / rels[fmt], tmp / rel)
-                    extra: tuple[str, ...] = ()
-                else:
-                    merge_ir(tmp / var["trunk"], tmp / rels[fmt], tmp / rel)
-                    extra = (bin_path(rel),)
+                plugins[fmt].merge(tmp / var["trunk"], tmp / rels[fmt], tmp / rel)
                 m["files"][rel] = file_record(
                     tmp,
                     rel,
@@ -230,7 +213,7 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
                     inputs=[m["trunk"]["input"]],
                     outputs=[head_out],
                     derived_from=f"{var['trunk']} + {rels[fmt]}",
-                    extra_files=extra,
+                    extra_files=FORMATS[fmt].sidecar_paths(rel),
                 )
             var["merged"][head] = rel
 
@@ -250,7 +233,6 @@ def _check_new_head(
     """Every variant with the new head, through the device runtime, against its bar; returns the
     metrics and (with ``partial``) the reduced-precision variants that missed it, with the reason."""
     from edgetl.device.runtime import open_bundle
-    from edgetl.workstation.export import FORMAT_RUNTIMES, MERGED_MAX_ABS_DIFF, batches, check_bar, variant_metrics
 
     bundle = open_bundle(tmp)
     results: dict[str, dict[str, Any]] = {}
@@ -258,46 +240,49 @@ def _check_new_head(
     order = sorted(m["variants"], key=lambda v: (m["variants"][v]["precision"] != "fp32", v))
     for name in order:
         var = m["variants"][name]
-        predictor = bundle.load(runtime=FORMAT_RUNTIMES[var["format"]], precision=var["precision"], heads=[head])
+        runtime = FORMATS[var["format"]].runtime
+        predictor = bundle.load(runtime=runtime, precision=var["precision"], heads=[head])
         task = bar.add_task(f"check {name} with head {head}", total=len(x_val), status="")
         chunks = []
         for b in batches(x_val):
             chunks.append(predictor.logits(b)[head])
             bar.advance(task, len(b))
-        metrics = variant_metrics(np.concatenate(chunks), reference, y_val)
+        split = np.concatenate(chunks)
+        metrics = variant_metrics(split, reference, y_val)
         metrics["bytes"] = bundle.model_bytes(var, [head])
-        if predictor.runtime_info.get("inference_precision"):
-            metrics["inference_precision"] = predictor.runtime_info["inference_precision"]
         fp32 = results.get(variant_name(var["format"], "fp32")) or results.get("onnx-fp32")
+        fp32_top1 = fp32["val_top1"] if fp32 else None
         remedy = (
             f"the {var['precision']} trunk was tuned with the bundle's first head: raise --max-drop to accept "
             "it, or pass --partial to add the head to the other variants only"
         )
         try:
-            results[name] = check_bar(
-                f"{name} (head {head})", var, metrics, fp32["val_top1"] if fp32 else None, max_drop, remedy=remedy
+            ran = check_precision_pin(
+                f"{name} (head {head})", var, predictor.runtime_info, remedy="pass --partial to leave it out"
             )
+            if ran:
+                metrics["inference_precision"] = ran
+            results[name] = check_bar(f"{name} (head {head})", var, metrics, fp32_top1, max_drop, remedy=remedy)
+            if head in (var.get("merged") or {}):
+                merged = bundle.load(runtime=runtime, precision=var["precision"], heads=[head], merged=True)
+                logits = np.concatenate([merged.logits(b)[head] for b in batches(x_val)])
+                results[name].update(
+                    check_merged(
+                        name,
+                        var,
+                        logits,
+                        split,
+                        what=f"the merged graph of head {head!r}",
+                        reference=(reference, y_val, fp32_top1),
+                        max_drop=max_drop,
+                    )
+                )
         except ExportError as exc:
             if not partial or var["precision"] == "fp32":
                 raise
             log.warning("%s; head %r left out of %s", str(exc).split("; ")[0], head, name)
             left_out[name] = str(exc)
             continue
-        if head in (var.get("merged") or {}):
-            split = np.concatenate(chunks)
-            merged = bundle.load(
-                runtime=FORMAT_RUNTIMES[var["format"]], precision=var["precision"], heads=[head], merged=True
-            )
-            logits = np.concatenate([merged.logits(b)[head] for b in batches(x_val)])
-            diff = float(np.abs(logits.astype(np.float64) - split).max())
-            results[name]["merged_max_abs_diff"] = diff
-            if var.get("inference_precision") in (None, "f32") and (
-                diff > MERGED_MAX_ABS_DIFF or (logits.argmax(1) != split.argmax(1)).any()
-            ):
-                raise ExportError(
-                    f"variant {name}: the merged graph of head {head!r} differs from trunk + head by "
-                    f"{diff:.2e} (bar {MERGED_MAX_ABS_DIFF:g}); this is a bug, please report it"
-                )
         log.info(
             "%s, head %s: val top-1 %.4f, max abs diff %.2e, agreement %.4f",
             name,

@@ -1,18 +1,26 @@
-"""ONNX graphs of a bundle: export from PyTorch, fp16 weights, and trunk + head merged into one graph.
+"""The ONNX format (ONNX Runtime): graphs exported from PyTorch, fp16 weights, merged graphs, int8.
 
-Every function writes one file and checks it with ``onnx.checker``; none of them changes what a
-graph computes beyond what its name says (fp16 rounds the weights, nothing else).
+Every graph function writes one file and checks it with ``onnx.checker``; none of them changes what a
+graph computes beyond what its name says (fp16 rounds the weights, nothing else). int8:
+``onnx_quantize.py`` (ONNX Runtime static QDQ, searched). The plug-in protocol: ``formats/__init__.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgetl.core.errors import ExportError
+from edgetl.workstation.export.common import HEAD, batches, first_line, ort_model
+
+if TYPE_CHECKING:
+    from edgetl.workstation.export.session import ExportSession
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +30,13 @@ FP16_MAX = 65504.0
 FP16_MIN_ELEMENTS = 64
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def check_onnx(path: Path) -> None:
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"exported {path.name} is not a valid ONNX model: {_first_line(exc)}") from None
+        raise ExportError(f"exported {path.name} is not a valid ONNX model: {first_line(exc)}") from None
 
 
 def export_onnx(module, example, path: Path, *, input_name: str, output_name: str) -> None:
@@ -135,3 +139,76 @@ def merge_trunk_head(trunk_path: Path, head_path: Path, out_path: Path) -> None:
     merged.graph.output[0].name = output_name
     onnx.save(merged, str(out_path))
     check_onnx(out_path)
+
+
+class OnnxFormat:
+    """ONNX: fp32 trunk + fp32 head, checked; then fp16 weights and the int8 trunk, each checked."""
+
+    name = "onnx"
+
+    def write(self, session: ExportSession) -> None:
+        trunk_src, head_src = session.sources()
+        (session.tmp / "onnx").mkdir()
+        trunk_rel, head_rel = "onnx/trunk.fp32.onnx", f"onnx/head.{HEAD}.onnx"
+        shutil.copyfile(trunk_src, session.tmp / trunk_rel)
+        shutil.copyfile(head_src, session.tmp / head_rel)
+        session.add_file(trunk_rel, fmt="onnx", precision="fp32", role="trunk", derived_from=session.origin)
+        session.add_file(head_rel, fmt="onnx", precision="fp32", role="head", derived_from=session.origin)
+        derived = trunk_rel if session.shipped("onnx", "fp32") else session.origin
+        for precision in session.precisions("onnx"):
+            if precision == "fp32":
+                name = session.add_variant("onnx", "fp32", trunk_rel, head_rel)
+            elif precision == "fp16":
+                rel = "onnx/trunk.fp16.onnx"
+                n = fp16_weights(session.tmp / trunk_rel, session.tmp / rel)
+                log.info("onnx-fp16: %d weight tensors stored as fp16", n)
+                session.add_file(rel, fmt="onnx", precision="fp16", role="trunk", derived_from=derived)
+                name = session.add_variant("onnx", "fp16", rel, head_rel)
+            else:  # int8
+                rel = "onnx/trunk.int8.onnx"
+                record = self.quantize(session, trunk_src, head_src, session.tmp / rel)
+                session.add_file(rel, fmt="onnx", precision="int8", role="trunk", derived_from=derived)
+                name = session.add_variant("onnx", "int8", rel, head_rel, quantization=record)
+            if session.options.merged:
+                session.add_merged(name, self.merge)
+            session.check(name)
+
+    def quantize(self, session: ExportSession, fp32_trunk: Path, head: Path, out: Path) -> dict[str, Any]:
+        """Search int8 settings for the trunk (scored with the fp32 head), write the chosen one to ``out``."""
+        from edgetl.workstation.export.formats.onnx_quantize import OrtQuantizer
+        from edgetl.workstation.export.int8 import search_int8
+
+        calib_samples, x_calib = session.calibration()
+        head_model = ort_model(head)
+
+        def evaluate(trunk_path: Path) -> float:
+            trunk = ort_model(trunk_path)
+            pred = np.concatenate([head_model(trunk(b)).argmax(1) for b in batches(session.x_val)])
+            return float((pred == session.y_val).mean())
+
+        baseline = evaluate(fp32_trunk)
+        task = session.progress.add_task("onnx int8 search", total=None, status="")
+
+        def on_attempt(a) -> None:
+            session.progress.update(task, status=f"attempt {a.config.describe()}: drop {a.top1_drop_pp:.2f} pp")
+
+        t0 = time.perf_counter()
+        quantizer = OrtQuantizer(fp32_trunk, x_calib, evaluate, workdir=session.work / "onnx-int8")
+        result = search_int8(quantizer, out, baseline_top1=baseline, max_drop=session.max_drop, on_attempt=on_attempt)
+        session.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
+        log.info(
+            "onnx int8: chose %s after %d attempt(s) in %.1fs",
+            result.chosen.config.describe(),
+            len(result.attempts),
+            time.perf_counter() - t0,
+        )
+        return result.manifest_record([s.path for s in calib_samples])
+
+    def write_head(self, source: Path, out: Path) -> None:
+        shutil.copyfile(source, out)
+
+    def merge(self, trunk: Path, head: Path, out: Path) -> None:
+        merge_trunk_head(trunk, head, out)
+
+
+FORMAT = OnnxFormat()

@@ -1,0 +1,141 @@
+"""What ``edgetl export`` produces: export profiles (``export/*.yaml``) with command-line options on top.
+
+Formats, precisions and the libraries each format needs come from :mod:`edgetl.core.formats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgetl.core.errors import ConfigError
+from edgetl.core.formats import FORMATS, PRECISIONS, missing_export_modules
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROFILE = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportProfile:
+    """What ``edgetl export`` produces; ``export/<name>.yaml`` files hold these keys (plus ``description``).
+
+    ``skip_unavailable``: formats whose library is not installed are left out with a warning
+    instead of failing (the ``default`` profile: "everything available"). Naming a format on the
+    command line always requires it.
+    """
+
+    formats: tuple[str, ...] = ("onnx", "openvino")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    calib_size: int = 200
+    max_drop: float = 1.0
+    merged: bool = False
+    skip_unavailable: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["formats"], d["precisions"] = list(self.formats), list(self.precisions)
+        return d
+
+
+def load_profile(name_or_path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """Read an export profile (a shipped name or a path); unknown keys are errors."""
+    from edgetl.core import shipped as profiles
+
+    data, path = profiles.load("export-profile", name_or_path, ExportProfile, allowed_extra=("description",))
+    data.pop("description", None)
+    for key in ("formats", "precisions"):
+        if key in data:
+            value = data[key]
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"export profile {path}: {key} must be a list of names, not {data[key]!r}")
+            data[key] = tuple(value)
+    for key in ("merged", "skip_unavailable"):
+        if key in data and not isinstance(data[key], bool):
+            raise ConfigError(f"export profile {path}: {key} must be true or false, not {data[key]!r}")
+    return data, path
+
+
+def resolve_options(
+    profile: str | os.PathLike | None = None,
+    *,
+    formats: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
+    calib_size: int | None = None,
+    max_drop: float | None = None,
+    merged: bool | None = None,
+) -> ExportProfile:
+    """The profile (default: ``default``) with every option given (not None) on top, checked."""
+    values, _ = load_profile(profile or DEFAULT_PROFILE)
+    given = {
+        "formats": formats,
+        "precisions": precisions,
+        "calib_size": calib_size,
+        "max_drop": max_drop,
+        "merged": merged,
+    }
+    values.update({k: (tuple(v) if k in ("formats", "precisions") else v) for k, v in given.items() if v is not None})
+    if formats is not None:
+        values["skip_unavailable"] = False  # asked for by name: required
+    return check_options(**values)
+
+
+def missing_library(fmt: str, precisions: Sequence[str] = ()) -> str | None:
+    """Why ``fmt`` cannot be exported here, or None when it can."""
+    missing = missing_export_modules(fmt, tuple(precisions))
+    if not missing:
+        return None
+    hint = f"pip install 'edgetl[{FORMATS[fmt].export_extra}]'"
+    return f"--format {fmt} needs {', '.join(missing)}, which is not installed ({hint})"
+
+
+def check_options(
+    formats: Sequence[str] = ExportProfile.formats,
+    precisions: Sequence[str] = ExportProfile.precisions,
+    calib_size: int = ExportProfile.calib_size,
+    max_drop: float = ExportProfile.max_drop,
+    merged: bool = False,
+    skip_unavailable: bool = False,
+) -> ExportProfile:
+    """Validate formats, precisions, calibration size and accuracy gate before any work is done."""
+    formats = tuple(dict.fromkeys(formats))
+    precisions = tuple(dict.fromkeys(precisions))
+    if not formats:
+        raise ConfigError(f"no --format given; choose from {', '.join(FORMATS)}")
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ConfigError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not precisions:
+        raise ConfigError(f"no --precision given; choose from {', '.join(PRECISIONS)}")
+    for p in precisions:
+        if p not in PRECISIONS:
+            raise ConfigError(f"unsupported --precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+        raise ConfigError(f"--calib-size must be an integer >= 1, not {calib_size!r}")
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)):
+        raise ConfigError(f"--max-drop must be a number of percentage points, not {max_drop!r}")
+    available = []
+    for fmt in formats:
+        reason = missing_library(fmt, precisions)
+        if reason is None:
+            available.append(fmt)
+        elif skip_unavailable:
+            log.warning("%s: leaving %s out of the bundle", reason, fmt)
+        else:
+            raise ConfigError(reason)
+    if not available:
+        raise ConfigError(f"none of the formats {', '.join(formats)} can be exported here")
+    for p in precisions:
+        if not any(p in FORMATS[f].precisions for f in available):
+            holders = [f.name for f in FORMATS.values() if p in f.precisions]
+            raise ConfigError(
+                f"--precision {p} is not available for --format {','.join(available)}; "
+                f"it needs --format {' or '.join(holders)}"
+            )
+    return ExportProfile(tuple(available), precisions, calib_size, float(max_drop), bool(merged), skip_unavailable)

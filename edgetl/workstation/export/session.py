@@ -1,0 +1,300 @@
+"""One export in progress: :class:`ExportSession`, what format plug-ins write into and check through.
+
+The session holds the run, its validation images and PyTorch's logits on them, and the bundle
+being built in a temporary folder (files, variants, the manifest). A format plug-in
+(``formats/``) writes its graphs with :meth:`ExportSession.add_file`, declares variants with
+:meth:`ExportSession.add_variant` (and :meth:`ExportSession.add_merged`), and calls
+:meth:`ExportSession.check` on each: the variant is loaded **through the device runtime** from the
+temporary bundle and must pass :mod:`edgetl.workstation.export.checks` before anything else happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import __version__
+from edgetl.core.bundle import SCHEMA, SCHEMA_VERSION, file_record, write_manifest
+from edgetl.core.formats import FORMATS, PRECISIONS, variant_name
+from edgetl.core.imagefolder import Sample
+from edgetl.core.preprocess import Preprocessing
+from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
+from edgetl.workstation.export.common import HEAD, batches, load_arrays, sqnr_db, tensor_spec, versions
+from edgetl.workstation.export.options import ExportProfile
+from edgetl.workstation.run import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ExportSession:
+    """State of one export: the run, its data and reference logits, and the bundle being built."""
+
+    run: Run
+    model: Any
+    tmp: Path  # the temporary bundle folder (renamed into place when every variant passed)
+    work: Path  # scratch space that is never shipped
+    options: ExportProfile
+    x_val: np.ndarray
+    y_val: np.ndarray
+    ref_logits: np.ndarray
+    ref_features: np.ndarray
+    progress: Any
+    files: dict[str, Any] = dataclasses.field(default_factory=dict)
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    _sources: tuple[Path, Path] | None = None
+    _calibration: tuple[list[Sample], np.ndarray] | None = None
+
+    @property
+    def pp(self) -> Preprocessing:
+        return self.run.preprocessing
+
+    @property
+    def max_drop(self) -> float:
+        return self.options.max_drop
+
+    @property
+    def origin(self) -> str:
+        return f"run:{self.run.path.resolve()}/model.pt"
+
+    def precisions(self, fmt: str) -> list[str]:
+        """Precisions to build for ``fmt``, fp32 first (always: the others are measured against it)."""
+        return ["fp32", *(p for p in PRECISIONS[1:] if p in self.options.precisions and p in FORMATS[fmt].precisions)]
+
+    def shipped(self, fmt: str, precision: str) -> bool:
+        return fmt in self.options.formats and precision in self.options.precisions
+
+    @property
+    def trunk_io(self) -> tuple[dict, dict]:
+        s, d = self.pp.input_size, self.run.spec.feature_dim
+        return tensor_spec("image", ["batch", 3, s, s]), tensor_spec("features", ["batch", d])
+
+    @property
+    def head_io(self) -> tuple[dict, dict]:
+        d, c = self.run.spec.feature_dim, len(self.run.labels)
+        return tensor_spec("features", ["batch", d]), tensor_spec("logits", ["batch", c])
+
+    def sources(self) -> tuple[Path, Path]:
+        """The fp32 ONNX trunk and head exported from PyTorch (once), which every format starts from."""
+        if self._sources is None:
+            import torch
+
+            from edgetl.workstation.export.formats.onnx import ONNX_OPSET, export_onnx
+
+            t0 = time.perf_counter()
+            trunk, head = self.work / "trunk.fp32.onnx", self.work / f"head.{HEAD}.onnx"
+            s = self.pp.input_size
+            export_onnx(self.model.trunk, torch.zeros(2, 3, s, s), trunk, input_name="image", output_name="features")
+            export_onnx(
+                self.model.head,
+                torch.zeros(2, self.run.spec.feature_dim),
+                head,
+                input_name="features",
+                output_name="logits",
+            )
+            log.info("exported ONNX trunk and head (opset %d) in %.1fs", ONNX_OPSET, time.perf_counter() - t0)
+            self._sources = (trunk, head)
+        return self._sources
+
+    def calibration(self) -> tuple[list[Sample], np.ndarray]:
+        """The calibration images (training split, ``calib_size`` of them, stratified), preprocessed."""
+        if self._calibration is None:
+            from edgetl.workstation.export.int8 import select_calibration
+
+            samples = select_calibration(self.run.train_samples, self.options.calib_size)
+            if len(samples) < self.options.calib_size:
+                log.warning(
+                    "only %d training images for calibration (asked for %d)", len(samples), self.options.calib_size
+                )
+            self._calibration = (samples, load_arrays(samples, self.pp)[0])
+        return self._calibration
+
+    def add_file(self, rel: str, *, fmt: str, precision: str, role: str, derived_from: str) -> None:
+        """Record graph file ``rel`` (already written) and its sidecars (``core.formats``: OpenVINO's ``.bin``)."""
+        if role == "trunk":
+            inputs, outputs = self.trunk_io
+        elif role == "head":
+            inputs, outputs = self.head_io
+        else:  # merged
+            inputs, outputs = self.trunk_io[0], self.head_io[1]
+        self.files[rel] = file_record(
+            self.tmp,
+            rel,
+            fmt=fmt,
+            precision=precision,
+            role=role,
+            head=None if role == "trunk" else HEAD,
+            inputs=[inputs],
+            outputs=[outputs],
+            derived_from=derived_from,
+            extra_files=FORMATS[fmt].sidecar_paths(rel),
+        )
+
+    def add_variant(self, fmt: str, precision: str, trunk: str, head: str, **extra: Any) -> str:
+        name = variant_name(fmt, precision)
+        self.variants[name] = {"format": fmt, "precision": precision, "trunk": trunk, "heads": {HEAD: head}, **extra}
+        return name
+
+    def add_merged(self, name: str, merge: Callable[[Path, Path, Path], None], *, source: str | None = None) -> None:
+        """Write (or reuse ``source``, a merged file of another variant) the single-graph trunk + head
+        file of variant ``name``; it is checked with the variant."""
+        var = self.variants[name]
+        fmt = var["format"]
+        if source is None:
+            trunk_precision = self.files[var["trunk"]]["precision"]
+            rel = f"{fmt}/merged.{HEAD}.{trunk_precision}{FORMATS[fmt].extension}"
+            merge(self.tmp / var["trunk"], self.tmp / var["heads"][HEAD], self.tmp / rel)
+            self.add_file(
+                rel,
+                fmt=fmt,
+                precision=trunk_precision,
+                role="merged",
+                derived_from=f"{var['trunk']} + {var['heads'][HEAD]}",
+            )
+            source = rel
+        var["merged"] = {HEAD: source}
+
+    def fp32_top1(self, fmt: str) -> float:
+        return self.variants[variant_name(fmt, "fp32")]["metrics"]["val_top1"]
+
+    def manifest(self) -> dict[str, Any]:
+        run = self.run
+        trunk_in, trunk_out = self.trunk_io
+        head_in, head_out = self.head_io
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "edgetl_version": __version__,
+            "backbone": {
+                "name": run.spec.name,
+                "feature_dim": run.spec.feature_dim,
+                "weights": run.config.get("weights"),
+            },
+            "preprocessing": self.pp.to_dict(),
+            "trunk": {"input": trunk_in, "output": trunk_out},
+            "heads": {
+                HEAD: {
+                    "labels": list(run.labels),
+                    "input": head_in,
+                    "output": head_out,
+                    "run": {
+                        "path": str(run.path.resolve()),
+                        "strategy": run.config.get("train", {}).get("strategy"),
+                        "val_top1": run.metrics.get("val_top1"),
+                    },
+                    "metrics": {v: dict(rec["metrics"]) for v, rec in self.variants.items() if "metrics" in rec},
+                }
+            },
+            "default_head": HEAD,
+            "files": self.files,
+            "variants": self.variants,
+            "export": self.options.to_dict(),
+            "versions": versions(self.options.formats),
+        }
+
+    def write_manifest(self) -> None:
+        write_manifest(self.tmp, self.manifest())
+
+    def _runtime_logits(self, predictor, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits of the default head and (unless merged) the trunk's features on the validation images."""
+        task = self.progress.add_task(f"check {name}", total=len(self.x_val), status="")
+        logits, features = [], []
+        for b in batches(self.x_val):
+            if predictor.merged:
+                logits.append(predictor.logits(b)[HEAD])
+            else:
+                features.append(predictor.features(b))
+                logits.append(predictor.head_logits(features[-1], [HEAD])[HEAD])
+            self.progress.advance(task, len(b))
+        return np.concatenate(logits), (np.concatenate(features) if features else None)
+
+    def check(self, name: str) -> dict[str, Any]:
+        """Load variant ``name`` from the temporary bundle through the device runtime and measure it
+        against PyTorch on the validation images; raise :class:`ExportError` when it misses its bar."""
+        from edgetl.device.runtime import open_bundle
+
+        self.write_manifest()
+        var = self.variants[name]
+        t0 = time.perf_counter()
+        bundle = open_bundle(self.tmp)
+        runtime = FORMATS[var["format"]].runtime
+        predictor = bundle.load(runtime=runtime, precision=var["precision"], heads=[HEAD])
+        logits, features = self._runtime_logits(predictor, name)
+        metrics = variant_metrics(logits, self.ref_logits, self.y_val)
+        metrics["bytes"] = bundle.model_bytes(var, [HEAD])
+        # Head-independent: how faithful the trunk's features are (what heads added later will see).
+        metrics["features_sqnr_db"] = sqnr_db(features, self.ref_features)
+        ran = check_precision_pin(name, var, predictor.runtime_info)
+        if var.get("inference_precision") is not None:
+            metrics["inference_precision"] = ran
+        reference = None if var["precision"] == "fp32" else self.fp32_top1(var["format"])
+        metrics = check_bar(name, var, metrics, reference, self.max_drop)
+        var["metrics"] = metrics
+        log.info(
+            "%s: val top-1 %.4f%s, max abs diff %.2e, agreement %.4f, %.2f MB%s (%.1fs)",
+            name,
+            metrics["val_top1"],
+            f" (drop {metrics['top1_drop_pp']:.2f} pp)" if "top1_drop_pp" in metrics else "",
+            metrics["max_abs_diff"],
+            metrics["top1_agreement"],
+            metrics["bytes"] / 1e6,
+            f", ran {ran}" if ran else "",
+            time.perf_counter() - t0,
+        )
+        if var.get("merged"):
+            self._check_merged(name, logits)
+        return metrics
+
+    def _check_merged(self, name: str, split_logits: np.ndarray) -> None:
+        """The merged graph must compute what the trunk and head files compute (same runtime)."""
+        from edgetl.device.runtime import open_bundle
+
+        self.write_manifest()
+        var = self.variants[name]
+        bundle = open_bundle(self.tmp)
+        predictor = bundle.load(
+            runtime=FORMATS[var["format"]].runtime, precision=var["precision"], heads=[HEAD], merged=True
+        )
+        logits, _ = self._runtime_logits(predictor, f"{name} merged")
+        rec = self.files[var["merged"][HEAD]]
+        metrics = var["metrics"]
+        reference = None if var["precision"] == "fp32" else self.fp32_top1(var["format"])
+        merged = check_merged(
+            name,
+            var,
+            logits,
+            split_logits,
+            what=f"the merged graph {var['merged'][HEAD]}",
+            reference=(self.ref_logits, self.y_val, reference),
+            max_drop=self.max_drop,
+        )
+        metrics.update(merged)
+        metrics["merged_bytes"] = int(rec["bytes"]) + sum(
+            int(r["bytes"]) for r in (rec.get("extra_files") or {}).values()
+        )
+        log.info("%s merged: max abs diff vs trunk + head %.2e", name, merged["merged_max_abs_diff"])
+
+    def drop_unrequested(self) -> None:
+        """Remove the variants that were built only as references, and files no variant uses."""
+        for name in list(self.variants):
+            var = self.variants[name]
+            if not self.shipped(var["format"], var["precision"]):
+                del self.variants[name]
+        used = set()
+        for var in self.variants.values():
+            used.update([var["trunk"], *var["heads"].values(), *(var.get("merged") or {}).values()])
+        for rel in [r for r in self.files if r not in used]:
+            for path in [rel, *(self.files[rel].get("extra_files") or {})]:
+                (self.tmp / path).unlink()
+            del self.files[rel]
+        for folder in FORMATS:
+            if (self.tmp / folder).is_dir() and not any((self.tmp / folder).iterdir()):
+                (self.tmp / folder).rmdir()
