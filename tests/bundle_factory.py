@@ -4,6 +4,7 @@ The trunk averages each colour channel (GlobalAveragePool) and maps the 3 means 
 features with a fixed matrix whose first 3 columns are the identity; the ``colour`` head scores
 class c by feature c, so a red image is "red", a green one "green": predictions are checkable.
 The int8 trunk is the same graph under another name (real quantization is the exporter's test).
+The manifest goes through :func:`edgetl.core.bundle.write_manifest`, the exporter's writer.
 ``formats=("onnx", "openvino")`` adds OpenVINO IR variants converted from the same ONNX graphs.
 """
 
@@ -15,8 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgetl.core.atomic import write_json_atomic
-from edgetl.core.bundle import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, file_record
+from edgetl.core.bundle import file_record, new_manifest, write_manifest
 from edgetl.core.formats import variant_name
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -261,13 +261,10 @@ def build_bundle(
     if "onnx" not in formats:
         for prec in precisions:
             del variants[variant_name("onnx", prec)]
-    manifest = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "created_utc": "2024-01-01T00:00:00Z",
-        "edgetl_version": "0.1.0",
-        "backbone": {"name": "tiny_onnx", "feature_dim": feature_dim, "weights": {"kind": "none"}},
-        "preprocessing": {
+    manifest = new_manifest(
+        created_utc="2024-01-01T00:00:00Z",
+        backbone={"name": "tiny_onnx", "feature_dim": feature_dim, "weights": {"kind": "none"}},
+        preprocessing={
             "input_size": input_size,
             "resize_size": input_size + 4,
             "interpolation": "bilinear",
@@ -277,15 +274,13 @@ def build_bundle(
             "layout": "NCHW",
             "dtype": "float32",
         },
-        "trunk": {"input": _io("image", image_shape)[0], "output": _io("features", ["batch", feature_dim])[0]},
-        "heads": head_records,
-        "files": files,
-        "variants": variants,
-        "versions": {"edgetl": "0.1.0"},
-    }
-    if default_head is not None:
-        manifest["default_head"] = default_head
-    write_json_atomic(root / MANIFEST_NAME, manifest)
+        trunk={"input": _io("image", image_shape)[0], "output": _io("features", ["batch", feature_dim])[0]},
+        heads=head_records,
+        files=files,
+        variants=variants,
+        default_head=default_head,
+    )
+    write_manifest(root, manifest)
     return root
 
 

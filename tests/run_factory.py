@@ -1,15 +1,15 @@
 """Write a run directory without the training code, for export tests (and measurements).
 
-``make_run`` produces exactly what :func:`edgetl.workstation.run.load_run` reads: config.json, labels.json,
-split.json, model.pt and metrics.json. The head is fitted on trunk features (a few hundred steps of
-full-batch logistic regression), so validation accuracy is meaningful and int8 drops are real
-numbers. When ``edgetl.workstation.train.finetune`` is available it can replace this helper one for one.
+``make_run`` writes its run through :func:`edgetl.workstation.run.write_run`, the writer training
+uses, so the fixture cannot drift from what :func:`edgetl.workstation.run.load_run` reads. The head
+is fitted on trunk features (a few hundred steps of full-batch logistic regression), so validation
+accuracy is meaningful and int8 drops are real numbers. When ``edgetl.workstation.train.finetune``
+is available it can replace this helper one for one.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from edgetl.core.imagefolder import scan_image_folder
 from edgetl.core.preprocess import load_image, preprocess_batch
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.data import stratified_split
+from edgetl.workstation.run import write_run
 
 
 def _features(trunk, samples, pp, batch_size: int = 128) -> np.ndarray:
@@ -50,7 +51,6 @@ def make_run(
     from edgetl.workstation.model import Head, build_trunk
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     spec = get_backbone(backbone)
     pp = spec.preprocessing(img_size)
     folder = scan_image_folder(data_dir)
@@ -87,13 +87,17 @@ def make_run(
         "weights": weights or {"kind": "none", "path": None, "sha256": None, "origin": None},
         "data": {"root": str(data_dir), "classes": list(folder.classes)},
     }
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (run_dir / "labels.json").write_text(json.dumps(list(folder.classes)))
-    split = {"train": [[s.path, s.label] for s in train], "val": [[s.path, s.label] for s in val]}
-    (run_dir / "split.json").write_text(json.dumps(split))
-    torch.save({"trunk": trunk.state_dict(), "head": head.state_dict()}, run_dir / "model.pt")
-    (run_dir / "metrics.json").write_text(json.dumps({"val_top1": val_top1, "n": len(val)}))
-    return run_dir
+    return write_run(
+        run_dir,
+        config=config,
+        labels=list(folder.classes),
+        train=train,
+        val=val,
+        model_state={"trunk": trunk.state_dict(), "head": head.state_dict()},
+        history=[],  # no epochs: the head is fitted in closed-ish form above
+        metrics={"val_top1": val_top1, "n": len(val)},
+        plot=False,
+    )
 
 
 # --- shared across test modules -----------------------------------------------------------------

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import emit_json, handle_errors, json_option
-from edgetl.workstation.study import DEFAULT_BUDGETS, DEFAULT_EPOCHS, STUDY_STRATEGIES, budget_label
-from edgetl.workstation.train import TrainConfig
+from edgetl.workstation.options import DEFAULT_BUDGETS, DEFAULT_EPOCHS, STUDY_STRATEGIES, TrainConfig, budget_label
 
 _D = TrainConfig()
 _EPOCHS_HELP = ", ".join(f"{k} {v}" for k, v in DEFAULT_EPOCHS.items())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import emit_json, handle_errors, json_option
-from edgetl.workstation.train import STRATEGIES, TrainConfig
+from edgetl.workstation.options import STRATEGIES, TrainConfig
 
-# Defaults come from TrainConfig (torch-free at import) so the CLI and the library cannot drift.
+# Defaults come from TrainConfig (numpy- and torch-free at import) so the CLI and the library cannot drift.
 _D = TrainConfig()
 
 

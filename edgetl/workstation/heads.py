@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from edgetl import __version__
-from edgetl.core.atomic import atomic_directory, write_json_atomic
+from edgetl.core.atomic import atomic_directory
 from edgetl.core.errors import BundleError, ConfigError, OutputExistsError
-from edgetl.core.imagefolder import class_counts, drop_unreadable, scan_image_folder
+from edgetl.core.imagefolder import class_counts
 from edgetl.core.preprocess import Preprocessing
-from edgetl.workstation.data import stratified_split
+from edgetl.workstation.run import write_run
 from edgetl.workstation.train import FinetuneResult
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,19 @@ def finetune_head(
     """
     import torch
 
-    from edgetl.core.metrics import classification_report
     from edgetl.device.runtime import open_bundle
     from edgetl.workstation.export import progress_bar
     from edgetl.workstation.model import Head
-    from edgetl.workstation.train import TrainConfig, plot_history, train_head
+    from edgetl.workstation.train import (
+        TrainConfig,
+        class_weights,
+        prepare_data,
+        run_config,
+        run_metrics,
+        train_head,
+        warn_imbalance,
+        warn_overfitting,
+    )
 
     cfg = config or TrainConfig()
     if cfg.strategy != "feature-extraction":
@@ -128,15 +135,12 @@ def finetune_head(
         )
     cfg = dataclasses.replace(cfg, backbone=ref["backbone"], img_size=pp.input_size)
 
-    folder = drop_unreadable(scan_image_folder(data), on_bad_image=cfg.on_bad_image, min_per_class=1 if val_dir else 2)
-    if val_dir is not None:
-        val_folder = drop_unreadable(scan_image_folder(val_dir, classes=folder.classes), on_bad_image=cfg.on_bad_image)
-        train, val = list(folder.samples), list(val_folder.samples)
-        skipped = list(folder.skipped) + list(val_folder.skipped)
-    else:
-        train, val = stratified_split(folder, cfg.val_split, cfg.seed)
-        skipped = list(folder.skipped)
-    labels = list(folder.classes)
+    # The same scan, unreadable-image policy and split as `finetune`: a head run and a full run of the
+    # same data and seed train and validate on the same files.
+    prepared = prepare_data(data, cfg, val_dir=val_dir)
+    train, val, labels = prepared.train, prepared.val, prepared.labels
+    train_counts = class_counts(train, len(labels))
+    warn_imbalance(train_counts, labels, cfg.balance)
     log.info(
         "head on the trunk of %s (%s, sha256 %s...): %d train / %d validation images, %d classes",
         bundle.path,
@@ -157,59 +161,39 @@ def finetune_head(
         yval = torch.tensor([s.label for s in val], dtype=torch.long)
         torch.manual_seed(cfg.seed)
         head = Head(ref["feature_dim"], len(labels), dropout=cfg.dropout)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        weight = class_weights(train_counts) if cfg.balance else None  # --balance, as in `finetune`
+        criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
         history: list[dict] = []
         best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history)
     train_seconds = time.perf_counter() - t_start
     head.eval()
     with torch.inference_mode():
         val_logits = head(fval)
-    report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
-    last = history[-1]
-    metrics = {
-        "val_top1": report["top1"],
-        "val_loss": float(criterion(val_logits, yval)),
-        "n_val": report["n"],
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "train_top1_last": last["train_top1"],
-        "gap_top1_last": last["gap_top1"],
-        "train_seconds": round(train_seconds, 3),
-        "feature_seconds": round(feature_seconds, 3),
-        "per_class": report["per_class"],
-        "confusion": report["confusion"],
-    }
+    metrics = run_metrics(
+        val_logits,
+        yval,
+        labels,
+        cfg,
+        history=history,
+        best_epoch=best_epoch,
+        train_seconds=train_seconds,
+        feature_seconds=feature_seconds,
+    )
+    warn_overfitting(metrics)
     weights = bundle.manifest["backbone"].get("weights") or {}
-    run_config = {
-        "edgetl_version": __version__,
-        "torch_version": torch.__version__,
-        "backbone": ref["backbone"],
-        "train": cfg.to_dict(),
-        "preprocessing": pp.to_dict(),
-        "weights": weights,
-        "pretrained": weights.get("kind") not in (None, "none"),
-        "device": "cpu (trunk: onnxruntime)",
-        "trunk_from": ref,
-        "data": {
-            "root": str(Path(data).resolve()),
-            "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
-            "classes": labels,
-            "train_counts": class_counts(train, len(labels)),
-            "val_counts": class_counts(val, len(labels)),
-            "skipped": [{"path": p, "reason": r} for p, r in skipped],
-        },
-    }
+    config = run_config(cfg, prepared, pp, "cpu (trunk: onnxruntime)")
+    config.update({"weights": weights, "pretrained": weights.get("kind") not in (None, "none"), "trunk_from": ref})
     with atomic_directory(out, force=force) as tmp:
-        write_json_atomic(tmp / "config.json", run_config)
-        write_json_atomic(tmp / "labels.json", labels)
-        write_json_atomic(
-            tmp / "split.json", {"train": [[s.path, s.label] for s in train], "val": [[s.path, s.label] for s in val]}
+        write_run(
+            tmp,
+            config=config,
+            labels=labels,
+            train=train,
+            val=val,
+            model_state={"head": head.state_dict()},
+            history=history,
+            metrics=metrics,
         )
-        torch.save({"head": head.state_dict()}, tmp / "model.pt")
-        write_json_atomic(tmp / "history.json", history)
-        write_json_atomic(tmp / "metrics.json", metrics)
-        plot_history(history, tmp / "history.png")
     log.info(
         "head run written to %s: val top-1 %.4f (best epoch %d) in %.1fs",
         out,
@@ -221,7 +205,7 @@ def finetune_head(
         run_dir=str(out),
         backbone=ref["backbone"],
         strategy=cfg.strategy,
-        pretrained=run_config["pretrained"],
+        pretrained=config["pretrained"],
         epochs=cfg.epochs,
         epochs_run=len(history),
         best_epoch=best_epoch,
@@ -229,5 +213,5 @@ def finetune_head(
         train_seconds=round(train_seconds, 3),
         feature_seconds=round(feature_seconds, 3),
         trunk_from=ref,
-        skipped=skipped,
+        skipped=list(prepared.skipped),
     )

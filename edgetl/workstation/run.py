@@ -10,19 +10,27 @@
     RUN/history.json   one record per epoch (losses, accuracies, train/val gap, learning rate, seconds)
     RUN/metrics.json   best-epoch validation metrics (top-1, per class, confusion matrix)
     RUN/history.png    loss and accuracy curves
+
+:func:`write_run` is the one writer of this layout (training, ``finetune --trunk-from`` and the test
+fixtures all go through it); training writes it in two steps, :func:`start_run` before the first
+epoch (so ``--resume`` can read the config and split back) and :func:`finish_run` after the last.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import RunError
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.backbones import BackboneSpec, get_backbone
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ("config.json", "labels.json", "split.json", "model.pt", "metrics.json")
 
@@ -126,3 +134,87 @@ def load_run(path: str | Path) -> Run:
     except Exception as exc:
         raise RunError(f"run {path} is inconsistent: {exc}") from None
     return Run(path, config, list(labels), train, val, _read_json(path / "metrics.json"))
+
+
+# --- the one writer ---------------------------------------------------------------------------------
+
+
+def start_run(
+    folder: str | Path, *, config: dict[str, Any], labels: list[str], train: list[Sample], val: list[Sample]
+) -> Path:
+    """Write what is known before training: config.json, labels.json, split.json (``folder`` is created)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "config.json", config)
+    write_json_atomic(folder / "labels.json", list(labels))
+    write_json_atomic(
+        folder / "split.json", {"train": [[s.path, s.label] for s in train], "val": [[s.path, s.label] for s in val]}
+    )
+    return folder
+
+
+def finish_run(
+    folder: str | Path,
+    *,
+    model_state: dict[str, Any],
+    history: list[dict],
+    metrics: dict[str, Any],
+    config_update: dict[str, Any] | None = None,
+    plot: bool = True,
+) -> Path:
+    """Write what training produced into a folder :func:`start_run` began: model.pt (weights only:
+    ``{"trunk": ..., "head": ...}`` or ``{"head": ...}``), history.json, metrics.json, history.png;
+    ``config_update`` is merged into config.json (facts known only after training, e.g. the weights)."""
+    import torch
+
+    folder = Path(folder)
+    if config_update:
+        config = _read_json(folder / "config.json")
+        config.update(config_update)
+        write_json_atomic(folder / "config.json", config)
+    torch.save(model_state, folder / "model.pt")
+    write_json_atomic(folder / "history.json", history)
+    write_json_atomic(folder / "metrics.json", metrics)
+    if plot:
+        plot_history(history, folder / "history.png")
+    return folder
+
+
+def write_run(
+    folder: str | Path,
+    *,
+    config: dict[str, Any],
+    labels: list[str],
+    train: list[Sample],
+    val: list[Sample],
+    model_state: dict[str, Any],
+    history: list[dict],
+    metrics: dict[str, Any],
+    plot: bool = True,
+) -> Path:
+    """Write a whole run folder in one go (:func:`start_run` then :func:`finish_run`)."""
+    start_run(folder, config=config, labels=labels, train=train, val=val)
+    return finish_run(folder, model_state=model_state, history=history, metrics=metrics, plot=plot)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    """Loss and top-1 per epoch (train and validation) as a PNG: a run's history.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib not installed: no history plot")
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, title in ((a, "loss", "loss"), (b, "top1", "top-1")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -38,15 +38,16 @@ import numpy as np
 from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import ConfigError, OutputExistsError
 from edgetl.core.imagefolder import Sample
+from edgetl.workstation.options import (
+    DEFAULT_BUDGETS,
+    DEFAULT_EPOCHS,
+    STUDY_STRATEGIES,
+    budget_label,
+)
 from edgetl.workstation.train import PreparedData, TrainConfig, prepare_data, train_model
 
 log = logging.getLogger(__name__)
 
-STUDY_STRATEGIES = ("feature-extraction", "fine-tune", "full", "scratch")
-# Head training on cached features is cheap, end-to-end epochs are not. Scratch gets three times the
-# epochs of full: random weights learn slowly, and a baseline stopped before it learns proves nothing.
-DEFAULT_EPOCHS: dict[str, int] = {"feature-extraction": 30, "fine-tune": 5, "full": 5, "scratch": 15}
-DEFAULT_BUDGETS: tuple[int | None, ...] = (5, 10, 25, 50, None)  # None: all training images
 MIN_BATCH = 8
 STEPS_PER_EPOCH = 8
 
@@ -126,10 +127,6 @@ class StudyResult:
         d["chance_top1"] = round(1 / len(self.labels), 4)
         d["transfer_gain_pp"] = self.transfer_gain_pp()
         return {"rows": d.pop("rows"), **d}
-
-
-def budget_label(n: int | None) -> str | int:
-    return "all" if n is None else n
 
 
 def _budget_text(n: int | None) -> str:

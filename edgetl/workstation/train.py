@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__
-from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import Sample, class_counts, drop_unreadable, scan_image_folder
 from edgetl.core.metrics import classification_report
@@ -38,85 +37,13 @@ from edgetl.core.preprocess import Preprocessing, load_image
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.data import stratified_split
 from edgetl.workstation.loops import EarlyStopping, LoopIO, cosine, predict_logits, train_end_to_end, train_head  # noqa: F401
+from edgetl.workstation.options import AMP_MODES, STRATEGIES, TrainConfig  # noqa: F401 (re-exported)
+from edgetl.workstation.run import finish_run, plot_history, start_run  # noqa: F401 (plot_history: re-exported)
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("feature-extraction", "fine-tune", "full")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 # Fields that do not change what is learned: they may differ when a run is resumed.
 _RESUMABLE_OVERRIDES = ("device", "workers", "amp")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    backbone: str = "mobilenet_v2"
-    strategy: str = "feature-extraction"
-    unfreeze: int = 3
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-2  # head; the trunk gets lr * trunk_lr_scale
-    trunk_lr_scale: float = 0.1
-    weight_decay: float = 1e-4
-    dropout: float = 0.2
-    label_smoothing: float = 0.1
-    img_size: int | None = None
-    val_split: float = 0.2
-    seed: int = 0
-    device: str = "auto"
-    weights: str = "imagenet"
-    patience: int = 5
-    augment: bool = True
-    hflip: bool = False
-    mixup: float = 0.0  # Beta(alpha, alpha); 0 = off (fine-tune, full)
-    cutmix: float = 0.0
-    balance: bool = False
-    feature_cache: bool = True
-    amp: str = "auto"
-    workers: int | None = None  # None: 4 on CUDA, 0 on the CPU
-    on_bad_image: str = "skip"
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
-        for name in ("epochs", "batch_size", "unfreeze", "patience"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
-        for name in (
-            "lr",
-            "trunk_lr_scale",
-            "weight_decay",
-            "dropout",
-            "label_smoothing",
-            "val_split",
-            "mixup",
-            "cutmix",
-        ):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise ConfigError(f"{name.replace('_', '-')} must be a number, not {getattr(self, name)!r}")
-        if self.lr <= 0 or self.trunk_lr_scale <= 0:
-            raise ConfigError("--lr and the trunk learning-rate scale must be > 0")
-        if self.weight_decay < 0 or not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("weight decay must be >= 0, dropout and label smoothing in [0, 1)")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError("--mixup and --cutmix are Beta alphas: >= 0 (0 = off)")
-        if (self.mixup or self.cutmix) and self.strategy == "feature-extraction":
-            raise ConfigError("--mixup/--cutmix mix images: use them with --strategy fine-tune or full")
-        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 16):
-            raise ConfigError(f"--img-size must be an integer >= 16, not {self.img_size!r}")
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
-        ):
-            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
-        if self.amp not in AMP_MODES:
-            raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}")
-        if self.on_bad_image not in ("skip", "fail"):
-            raise ConfigError(f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise ConfigError("--workers must be an integer >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +221,7 @@ def class_weights(counts: list[int]):
     return w / w.mean()
 
 
-def _warn_imbalance(counts: list[int], labels: list[str], balance: bool) -> None:
+def warn_imbalance(counts: list[int], labels: list[str], balance: bool) -> None:
     if max(counts) > 3 * min(counts):
         small = labels[counts.index(min(counts))]
         log.warning(
@@ -337,7 +264,7 @@ def train_model(
     workers = cfg.workers if cfg.workers is not None else (4 if device.type == "cuda" else 0)
     train_counts = class_counts(prepared.train, len(labels))
     if dist.is_main:
-        _warn_imbalance(train_counts, labels, cfg.balance)
+        warn_imbalance(train_counts, labels, cfg.balance)
 
     seed_everything(cfg.seed)
     state_dict, weights_source = resolve_weights(spec, cfg.weights)
@@ -460,9 +387,41 @@ def train_model(
             )
     train_seconds = time.perf_counter() - t_start
     model = TransferModel(trunk.cpu(), head.cpu()).eval()
+    metrics = run_metrics(
+        val_logits,
+        yval,
+        labels,
+        cfg,
+        history=history,
+        best_epoch=best_epoch,
+        train_seconds=train_seconds,
+        feature_seconds=feature_seconds,
+        feature_cache=cache_info,
+    )
+    if dist.is_main:
+        warn_overfitting(metrics)
+    return TrainOutcome(model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info)
+
+
+def run_metrics(
+    val_logits,
+    yval,
+    labels: list[str],
+    cfg: TrainConfig,
+    *,
+    history: list[dict],
+    best_epoch: int,
+    train_seconds: float,
+    feature_seconds: float,
+    feature_cache: dict | None = None,
+) -> dict[str, Any]:
+    """A run's metrics.json from the best epoch's validation logits (torch tensors) and the history:
+    top-1, loss (unweighted, with the run's label smoothing), per class, confusion, train/val gap."""
+    import torch
+
     report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
     last = history[-1]
-    metrics = {
+    return {
         "val_top1": report["top1"],
         "val_loss": float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing)),
         "n_val": report["n"],
@@ -474,16 +433,18 @@ def train_model(
         "gap_top1_max": max(h["gap_top1"] for h in history),
         "train_seconds": round(train_seconds, 3),
         "feature_seconds": round(feature_seconds, 3),
-        "feature_cache": cache_info,
+        "feature_cache": feature_cache,
         "per_class": report["per_class"],
         "confusion": report["confusion"],
     }
-    if metrics["gap_top1_last"] > 0.1 and dist.is_main:
+
+
+def warn_overfitting(metrics: dict[str, Any]) -> None:
+    if metrics["gap_top1_last"] > 0.1:
         log.warning(
             "train top-1 exceeds validation top-1 by %.1f pp at the last epoch: the head may be overfitting",
             100 * metrics["gap_top1_last"],
         )
-    return TrainOutcome(model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info)
 
 
 def _amp(cfg: TrainConfig, device):
@@ -515,30 +476,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def plot_history(history: list[dict], path: Path) -> None:
-    """Loss and top-1 per epoch (train and validation) as a PNG: a run's history.png."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.info("matplotlib not installed: no history plot")
-        return
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, title in ((a, "loss", "loss"), (b, "top1", "top-1")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _run_config(cfg: TrainConfig, prepared: PreparedData, pp: Preprocessing, device: str) -> dict[str, Any]:
+def run_config(cfg: TrainConfig, prepared: PreparedData, pp: Preprocessing, device: str) -> dict[str, Any]:
+    """A run's config.json as training starts (the weights are added when known, see :func:`finish_run`)."""
     import torch
 
     return {
@@ -640,7 +579,6 @@ def _train_into(
     resume_state: dict | None = None,
     cache_dir=None,
 ) -> FinetuneResult:
-    import torch
 
     from edgetl.workstation import distributed
 
@@ -648,12 +586,12 @@ def _train_into(
     pp = spec.preprocessing(cfg.img_size)
     is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main and resume_state is None:
-        partial.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial / "config.json", _run_config(cfg, prepared, pp, cfg.device))
-        write_json_atomic(partial / "labels.json", prepared.labels)
-        write_json_atomic(
-            partial / "split.json",
-            {"train": [[s.path, s.label] for s in prepared.train], "val": [[s.path, s.label] for s in prepared.val]},
+        start_run(
+            partial,
+            config=run_config(cfg, prepared, pp, cfg.device),
+            labels=prepared.labels,
+            train=prepared.train,
+            val=prepared.val,
         )
 
     def on_epoch_end(epoch: int, state: dict) -> None:
@@ -665,17 +603,16 @@ def _train_into(
     )
     dist = distributed.init_from_env("cpu") if os.environ.get("WORLD_SIZE", "1") != "1" else distributed.SINGLE
     if is_main:
-        config = json.loads((partial / "config.json").read_text())
-        config.update(
-            {"weights": outcome.weights_source.to_dict(), "pretrained": outcome.weights_source.kind != "none"}
+        finish_run(
+            partial,
+            model_state={"trunk": outcome.model.trunk.state_dict(), "head": outcome.model.head.state_dict()},
+            history=outcome.history,
+            metrics=outcome.metrics,
+            config_update={
+                "weights": outcome.weights_source.to_dict(),
+                "pretrained": outcome.weights_source.kind != "none",
+            },
         )
-        write_json_atomic(partial / "config.json", config)
-        torch.save(
-            {"trunk": outcome.model.trunk.state_dict(), "head": outcome.model.head.state_dict()}, partial / "model.pt"
-        )
-        write_json_atomic(partial / "history.json", outcome.history)
-        write_json_atomic(partial / "metrics.json", outcome.metrics)
-        plot_history(outcome.history, partial / "history.png")
         (partial / "checkpoint.pt").unlink(missing_ok=True)
         if out.exists():
             if not force:

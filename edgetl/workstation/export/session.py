@@ -11,7 +11,6 @@ temporary bundle and must pass :mod:`edgetl.workstation.export.checks` before an
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import time
 from collections.abc import Callable
@@ -20,8 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl import __version__
-from edgetl.core.bundle import SCHEMA, SCHEMA_VERSION, file_record, write_manifest
+from edgetl.core.bundle import file_record, new_manifest, write_manifest
 from edgetl.core.formats import FORMATS, PRECISIONS, variant_name
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
@@ -168,19 +166,15 @@ class ExportSession:
         run = self.run
         trunk_in, trunk_out = self.trunk_io
         head_in, head_out = self.head_io
-        return {
-            "schema": SCHEMA,
-            "schema_version": SCHEMA_VERSION,
-            "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "edgetl_version": __version__,
-            "backbone": {
+        return new_manifest(
+            backbone={
                 "name": run.spec.name,
                 "feature_dim": run.spec.feature_dim,
                 "weights": run.config.get("weights"),
             },
-            "preprocessing": self.pp.to_dict(),
-            "trunk": {"input": trunk_in, "output": trunk_out},
-            "heads": {
+            preprocessing=self.pp.to_dict(),
+            trunk={"input": trunk_in, "output": trunk_out},
+            heads={
                 HEAD: {
                     "labels": list(run.labels),
                     "input": head_in,
@@ -193,12 +187,12 @@ class ExportSession:
                     "metrics": {v: dict(rec["metrics"]) for v, rec in self.variants.items() if "metrics" in rec},
                 }
             },
-            "default_head": HEAD,
-            "files": self.files,
-            "variants": self.variants,
-            "export": self.options.to_dict(),
-            "versions": versions(self.options.formats),
-        }
+            default_head=HEAD,
+            files=self.files,
+            variants=self.variants,
+            export=self.options.to_dict(),
+            versions=versions(self.options.formats),
+        )
 
     def write_manifest(self) -> None:
         write_manifest(self.tmp, self.manifest())
