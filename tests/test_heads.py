@@ -254,9 +254,11 @@ def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_
 
 def test_add_to_checks_the_pinned_inference_precision(bundle, head_run, tmp_path, monkeypatch):
     """As in export: a variant measured in another precision than the one it pins is refused."""
-    import edgetl.device.runtime as rt
+    import dataclasses
 
-    real = rt._load_openvino
+    from edgetl.device.backends import BACKENDS
+
+    real = BACKENDS["openvino"].loader
 
     def other_precision(path, **kw):
         model = real(path, **kw)
@@ -265,7 +267,7 @@ def test_add_to_checks_the_pinned_inference_precision(bundle, head_run, tmp_path
 
     two = shutil.copytree(bundle, tmp_path / "b")
     before = (two / "manifest.json").read_bytes()
-    monkeypatch.setitem(rt._BACKENDS, "openvino", rt._Backend("openvino", "openvino", "", other_precision))
+    monkeypatch.setitem(BACKENDS, "openvino", dataclasses.replace(BACKENDS["openvino"], loader=other_precision))
     with pytest.raises(ExportError, match=r"openvino-fp32 \(head tint\): OpenVINO ran .* although f32 was pinned"):
         add_head(head_run, two, "tint", progress=False)
     assert (two / "manifest.json").read_bytes() == before

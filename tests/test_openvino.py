@@ -180,15 +180,17 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
 
 def test_bf16_is_refused_when_the_cpu_does_not_run_it(run_dir, tmp_path, monkeypatch):
     """A bf16 variant must be measured in bf16: if OpenVINO reports another precision, the export fails."""
-    import edgetl.device.runtime as rt
+    import dataclasses
 
-    real = rt._load_openvino
+    from edgetl.device.backends import BACKENDS
+
+    real = BACKENDS["openvino"].loader
 
     def f32_only(path, **kw):
         model = real(path, **kw)
         model.runtime_info["inference_precision"] = "f32"
         return model
 
-    monkeypatch.setitem(rt._BACKENDS, "openvino", rt._Backend("openvino", "openvino", "", f32_only))
+    monkeypatch.setitem(BACKENDS, "openvino", dataclasses.replace(BACKENDS["openvino"], loader=f32_only))
     with pytest.raises(ExportError, match="openvino-bf16: OpenVINO ran f32 although bf16 was pinned"):
         export_bundle(run_dir, tmp_path / "b", formats=("openvino",), precisions=("bf16",), progress=False)

@@ -155,26 +155,13 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
         if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
     if trunk_from:
-        from edgetl.workstation.heads import TRUNK_OPTIONS, finetune_head
+        from edgetl.workstation.heads import finetune_head, head_config
 
-        fixed = sorted(
-            k for k in explicit if k in TRUNK_OPTIONS and not (k == "strategy" and explicit[k] == "feature-extraction")
-        )
-        if resume_run or recipe or fixed:
-            what = "--resume" if resume_run else "--recipe" if recipe else "--" + fixed[0].replace("_", "-")
-            raise ConfigError(
-                f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle"
-            )
+        config = head_config(explicit, recipe=recipe, resume=resume_run)
         if not data or not out:
             raise ConfigError("finetune --trunk-from BUNDLE needs DATA and --out RUN")
         result = finetune_head(
-            data,
-            out,
-            trunk_from=trunk_from,
-            config=TrainConfig(**explicit),
-            val_dir=val_dir,
-            force=force,
-            progress=not no_progress,
+            data, out, trunk_from=trunk_from, config=config, val_dir=val_dir, force=force, progress=not no_progress
         )
     elif resume_run:
         if data or recipe:

@@ -8,10 +8,8 @@ folders, PredictionStream, predict_files). No torch anywhere.
 
 from __future__ import annotations
 
-import dataclasses
-
-from edgetl.core.formats import DEFAULT_RUNTIME, runtime_of
-from edgetl.device.backends import BACKENDS, RUNTIMES, Backend, Model, import_backend
+from edgetl.core.formats import DEFAULT_RUNTIME
+from edgetl.device.backends import RUNTIMES, Model, import_backend
 from edgetl.device.backends.onnxruntime import PROVIDERS, onnxruntime_providers, resolve_provider
 from edgetl.device.backends.openvino import check_openvino_device, openvino_core, openvino_devices
 from edgetl.device.bundle_loading import ALL_HEADS, Bundle, open_bundle
@@ -24,16 +22,6 @@ from edgetl.device.images import (
     predict_files,
 )
 from edgetl.device.predictor import Predictor, softmax
-
-# The registry itself (the same dict) and the OpenVINO loader, for tests that patch a back-end.
-_BACKENDS = BACKENDS
-_load_openvino = BACKENDS["openvino"].loader
-
-
-def _Backend(fmt: str, module: str, install_hint: str, loader) -> Backend:
-    """The registered back-end of format ``fmt`` with another loader (the old constructor's arguments)."""
-    return dataclasses.replace(BACKENDS[runtime_of(fmt)], loader=loader)
-
 
 __all__ = [
     "ALL_HEADS",

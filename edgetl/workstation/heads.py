@@ -88,6 +88,23 @@ def _features(predictor, samples, progress, description: str) -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
+def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str | None = None):
+    """The head's :class:`~edgetl.workstation.options.TrainConfig` from the options given with
+    ``--trunk-from``; options that shape the trunk (:data:`TRUNK_OPTIONS`), a recipe and ``--resume``
+    do not apply (the trunk and its preprocessing come from the bundle) and are refused by name."""
+    from edgetl.workstation.options import TrainConfig
+
+    fixed = sorted(
+        k for k in given if k in TRUNK_OPTIONS and not (k == "strategy" and given[k] == "feature-extraction")
+    )
+    if resume or recipe or fixed:
+        what = "--resume" if resume else "--recipe" if recipe else "--" + fixed[0].replace("_", "-")
+        raise ConfigError(
+            f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle"
+        )
+    return TrainConfig(**given)
+
+
 def finetune_head(
     data: str | Path,
     out: str | Path,
