@@ -31,7 +31,7 @@ def _manifest_like():
     """Mostly-valid skeletons with fuzzed parts: reaches deep validation, not only the first check."""
     return st.fixed_dictionaries(
         {
-            "schema": st.sampled_from(["edgetl.core.bundle", "other"]),
+            "schema": st.sampled_from(["edgetl.bundle", "other"]),
             "schema_version": st.sampled_from([1, 2, "1", None]),
         },
         optional=dict.fromkeys(MANIFEST_KEYS[2:], json_values),

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import json
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgetl.core.errors import OutputExistsError
+from edgetl.core.errors import OutputBusyError, OutputExistsError
+from edgetl.core.jsonio import dumps
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -20,7 +21,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; runs and bundles are read by others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+            f.write(dumps(obj, indent=2))  # strict JSON: a NaN is written as null
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -30,32 +31,101 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+# What a folder must hold to be "what this command wrote before": --force replaces only such a folder.
+OUTPUT_KINDS = {"bundle": "manifest.json", "run": "config.json"}
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
+def output_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on writing ``target`` (``fcntl`` on ``.<name>.lock`` beside it).
+
+    A second writer to the same output fails at once with one line instead of silently replacing
+    the first one's work. The lock file is left in place (removing it would race with a writer
+    that opened it); the lock itself ends with the process, however that ends.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(
+                f"another edgetl command is writing {target} right now (lock {lock_path}); "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_output(
+    target: str | os.PathLike,
+    *,
+    force: bool,
+    kind: str | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Refuse, in one line, an output the command may not write: an existing ``target`` without
+    ``force``; with ``force``, a target that is not a ``kind`` folder (a bundle, a run) written by
+    edgetl before, or that is or contains one of the command's ``inputs``."""
+    target = Path(target)
+    resolved = target.resolve()
+    for item in inputs:
+        src = Path(item).resolve()
+        if src == resolved or resolved in src.parents:
+            raise OutputExistsError(
+                f"--out {target} {'is' if src == resolved else 'contains'} this command's input {item}; "
+                "choose another --out"
+            )
+    if not (target.exists() or target.is_symlink()):
+        return
+    if not force:
+        raise OutputExistsError(f"{target} already exists; pass --force to replace it, or choose another --out")
+    if kind is not None:
+        marker = OUTPUT_KINDS[kind]
+        if target.is_symlink() or not target.is_dir() or not (target / marker).is_file():
+            raise OutputExistsError(
+                f"--force replaces only a {kind} folder (one with {marker}), and {target} is not one; "
+                "choose another --out or remove it yourself"
+            )
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    target: str | os.PathLike,
+    *,
+    force: bool = False,
+    kind: str | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; it becomes ``target`` only if the block succeeds.
 
     An existing ``target`` is refused unless ``force``; with ``force`` it is replaced only after the
-    new folder is complete, so an interruption at any point leaves either the old or the new one.
+    new folder is complete, so an interruption at any point leaves either the old or the new one,
+    and only when it is a ``kind`` folder that is not one of ``inputs`` (:func:`check_output`).
+    The whole write holds :func:`output_lock`.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists; pass --force to replace it, or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; bundles are copied and read by others
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+    check_output(target, force=force, kind=kind, inputs=inputs)
+    with output_lock(target):
+        check_output(target, force=force, kind=kind, inputs=inputs)  # again, now that it is ours
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; bundles are copied and read by others
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            old.rmdir()
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
 
 
 def _umask() -> int:

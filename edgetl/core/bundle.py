@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -17,9 +16,10 @@ from typing import Any
 from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import BundleError
 from edgetl.core.formats import FORMATS, INFERENCE_PRECISIONS, PRECISIONS, ROLES
+from edgetl.core.jsonio import read_json
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA = "edgetl.core.bundle"
+SCHEMA = "edgetl.bundle"
 SCHEMA_VERSION = 1
 
 
@@ -93,10 +93,7 @@ def read_manifest(bundle_dir: str | os.PathLike) -> dict[str, Any]:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{bundle_dir} has no {MANIFEST_NAME}; is it a bundle made by `edgetl export`?")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"bundle {bundle_dir}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    manifest = read_json(path, what=f"bundle {bundle_dir}: {MANIFEST_NAME}", error=BundleError)
     validate_manifest(manifest, bundle_dir)
     return manifest
 

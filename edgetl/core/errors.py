@@ -37,5 +37,9 @@ class OutputExistsError(EdgetlError):
     """The output path exists and replacing it was not asked for."""
 
 
+class OutputBusyError(OutputExistsError):
+    """Another edgetl command is writing the same output right now."""
+
+
 class RemoteError(EdgetlError):
     """A device reached over SSH could not be used: connection, host key, login, or the command there failed."""

@@ -9,6 +9,7 @@ agree on real images.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Any
 
@@ -28,6 +29,26 @@ _PIL_FILTERS = {
 # decoding, so a 50 kB PNG that claims 100k x 100k pixels never allocates its 30 GB.
 # (PIL itself refuses above twice its default limit, ~179M pixels; its warning below that is ours to give.)
 MAX_PIXELS = 178_000_000
+# What the decoded image may take in memory: width x height x bands x bytes per band. The pixel cap
+# alone let a 16-bit RGBA image take 8 bytes a pixel (1.4 GB at the cap); this admits 178M RGB pixels.
+MAX_DECODED_BYTES = 3 * MAX_PIXELS
+# Resizing the shorter side to the model's size multiplies the longer one by the same factor: a
+# 1 x 100,000 strip would become 256 x 25.6M pixels. No camera or scanner crop is this elongated.
+MAX_ASPECT_RATIO = 64
+# Bounds on the input contract read from a manifest or a training config (a graph's input of
+# 100,000 px, or a resize to 50x the crop, is a typo or an attack, not a model).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 2048
+MAX_RESIZE_RATIO = 4.0
+
+
+def _bytes_per_band(mode: str) -> float:
+    if mode == "1":
+        return 1 / 8
+    if mode.startswith("I;16"):
+        return 2
+    if mode in ("I", "F", "RGBX", "RGBa") or mode.startswith(("I;32", "F;")):
+        return 4
+    return 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +65,33 @@ class Preprocessing:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ValueError(problem)
+
+    def problem(self) -> str | None:
+        """What is wrong with these values (None: nothing): sizes in range, the resize not far from
+        the crop, mean and std finite with std > 0, a known interpolation."""
+        for name in ("input_size", "resize_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"{name} must be an integer, not {value!r}"
+        if not MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE:
+            return f"input_size {self.input_size} is outside {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE} pixels"
+        if not self.input_size <= self.resize_size <= MAX_RESIZE_RATIO * self.input_size:
+            return (
+                f"resize_size {self.resize_size} must be between input_size ({self.input_size}) and "
+                f"{MAX_RESIZE_RATIO:g}x it"
+            )
         if self.interpolation not in _PIL_FILTERS:
-            raise ValueError(f"interpolation must be one of {sorted(_PIL_FILTERS)}, not {self.interpolation!r}")
-        if self.resize_size < self.input_size:
-            raise ValueError("resize_size must be >= input_size")
+            return f"interpolation must be one of {sorted(_PIL_FILTERS)}, not {self.interpolation!r}"
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                return f"{name} must be 3 finite numbers, not {list(values)!r}"
+        if not all(v > 0 for v in self.std):
+            return f"std must be > 0 for every channel, not {list(self.std)!r}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -59,8 +103,8 @@ class Preprocessing:
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         try:
             pp = cls(
-                input_size=int(d["input_size"]),
-                resize_size=int(d["resize_size"]),
+                input_size=_int(d["input_size"]),
+                resize_size=_int(d["resize_size"]),
                 interpolation=str(d["interpolation"]),
                 mean=tuple(float(v) for v in d["mean"]),
                 std=tuple(float(v) for v in d["std"]),
@@ -68,8 +112,8 @@ class Preprocessing:
                 layout=str(d.get("layout", "NCHW")),
                 dtype=str(d.get("dtype", "float32")),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"invalid preprocessing record {d!r}: {exc}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise BundleError(f"invalid preprocessing record: {_short(exc)}; re-export the bundle") from None
         if (
             pp.color_mode != "RGB"
             or pp.layout != "NCHW"
@@ -77,8 +121,19 @@ class Preprocessing:
             or len(pp.mean) != 3
             or len(pp.std) != 3
         ):
-            raise BundleError(f"unsupported preprocessing record {d!r}: edgetl runs RGB, NCHW, float32 inputs")
+            raise BundleError("unsupported preprocessing record: edgetl runs RGB, NCHW, float32 inputs")
         return pp
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, not {value!r}"[:120])
+    return value
+
+
+def _short(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -98,31 +153,54 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path) -> Image.Image:
+def load_image(path, pp: Preprocessing | None = None) -> Image.Image:
     """Open an image file fully (decode now, so corrupt files fail here) and convert it to RGB.
 
     EXIF orientation is applied (a phone's portrait photo is upright, as every viewer shows it) on
     the workstation and on the device alike. Any failure is a :class:`DataError`: the decoders run
     on untrusted bytes and may raise more than OSError, none of which may crash a long job.
+
+    Memory is bounded by the checks before decoding (pixels, decoded bytes from the mode's bands
+    and bit depth, aspect ratio). With ``pp``, the image is reduced to the model's resize size as
+    soon as it is decoded (the first step of :func:`preprocess`, so the result is the same to the
+    bit): a caller holding many images then holds small ones, whatever the files' sizes.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
         with img:
-            if img.width * img.height > MAX_PIXELS:
-                raise DataError(
-                    f"cannot read image {path}: {img.width}x{img.height} pixels is more than {MAX_PIXELS:,} "
-                    "(a decompression bomb, or an image to downscale first)"
-                )
+            _check_decoded_size(path, img)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
-            return to_rgb(img)
+            rgb = to_rgb(img)
+        return resize_shorter(rgb, pp.resize_size, pp.interpolation) if pp is not None else rgb
     except DataError:
         raise
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read image {path}: {reason}") from None
+    except Exception as exc:  # the decoders' own errors, MemoryError included: one image, not the run
+        raise DataError(f"cannot read image {path}: {_short(exc)}") from None
+
+
+def _check_decoded_size(path, img: Image.Image) -> None:
+    w, h = img.width, img.height
+    if w < 1 or h < 1:
+        raise DataError(f"cannot read image {path}: it is {w}x{h} pixels")
+    if w * h > MAX_PIXELS:
+        raise DataError(
+            f"cannot read image {path}: {w}x{h} pixels is more than {MAX_PIXELS:,} "
+            "(a decompression bomb, or an image to downscale first)"
+        )
+    decoded = w * h * len(img.getbands()) * _bytes_per_band(img.mode)
+    if decoded > MAX_DECODED_BYTES:
+        raise DataError(
+            f"cannot read image {path}: {w}x{h} {img.mode} would take {decoded / 1e9:.1f} GB decoded "
+            f"(limit {MAX_DECODED_BYTES / 1e9:.2f} GB); downscale it first"
+        )
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise DataError(
+            f"cannot read image {path}: {w}x{h} is more elongated than 1:{MAX_ASPECT_RATIO} "
+            "(crop it to the object first)"
+        )
 
 
 def resize_shorter(img: Image.Image, size: int, interpolation: str) -> Image.Image:
