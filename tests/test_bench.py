@@ -100,7 +100,7 @@ def test_cold_start_runs_in_a_fresh_interpreter_without_a_shell(bundle_dir, monk
         return real_run(args, **kwargs)
 
     monkeypatch.setattr(coldstart_mod.subprocess, "run", spy)
-    r = bench(bundle_dir, precision="int8", warmup=0, iterations=2)
+    r = bench(bundle_dir, precisions="int8", warmup=0, iterations=2)
     assert len(calls) == 1
     args, kwargs = calls[0]
     assert args[0] == sys.executable and args[1] == "-c" and not kwargs.get("shell")

@@ -18,8 +18,9 @@ from PIL import Image
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, sha256_file, verify_files
 from edgetl.core.errors import ConfigError
-from edgetl.device.deploy import check_fit, fingerprint
+from edgetl.device.deploy import check_fit
 from edgetl.device.remote import Remote, is_remote, parse_target
+from edgetl.device.remote_bench import fingerprint
 from tests.bundle_factory import COLOURS, build_bundle
 from tests.sshd import ALIAS, LoopbackSSHD, keygen, require_sshd
 
@@ -40,6 +41,11 @@ def cli(*args: str):
 
 def ssh_args(server: LoopbackSSHD, config: Path | None = None) -> list[str]:
     return ["--ssh-config", str(config or server.config), "--remote-edgetl", REMOTE_EDGETL]
+
+
+def _left_beside(dest: Path) -> list[str]:
+    """What is in ``dest``'s folder (no temporary folder or output lock may be left)."""
+    return sorted(p.name for p in dest.parent.iterdir())
 
 
 def deploy(server, bundle: Path, dest: Path, *extra: str, config: Path | None = None):
@@ -116,7 +122,7 @@ def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
     doc = json.loads(result.stdout)
     assert doc["where"] == ALIAS and doc["path"] == str(dest) and doc["files"] == 4
     verify_files(dest, read_manifest(dest))  # complete and every checksum right on the "device"
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["colours"]  # no upload or temp left behind
+    assert _left_beside(dest) == ["colours"]  # no upload or temp left behind
 
     red = tmp_path / "device" / "red.png"
     Image.new("RGB", (40, 30), COLOURS["red"]).save(red)
@@ -200,7 +206,7 @@ def test_redeploy_replaces_and_an_interrupted_copy_keeps_the_old_bundle(sshd, tm
     assert sha256_file(dest / "manifest.json") == before
     verify_files(dest, read_manifest(dest))
     assert list(read_manifest(dest)["heads"]) == ["colour"]
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["model"]  # the partial upload was removed
+    assert _left_beside(dest) == ["model"]  # the partial upload was removed
 
     result = deploy(sshd, new, dest)
     assert result.exit_code == 0, result.output

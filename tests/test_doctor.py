@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from edgetl.core.envinfo import ARM_FEATURES, X86_FEATURES
 from edgetl.device import doctor as doctor_mod
 from edgetl.device.doctor import diagnose, int8_outlook
 from tests.bundle_factory import build_bundle
-from tests.test_no_torch import BLOCK_TORCH
+from tests.test_no_torch import BLOCK_TORCH, run_python
 
 
 @pytest.fixture(scope="module")
@@ -158,12 +156,6 @@ def test_doctor_and_devices_run_with_torch_blocked():
         print(json.dumps(json.loads(doctor.stdout)["machine"]["arch"]))
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)

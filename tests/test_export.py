@@ -21,7 +21,7 @@ from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, validate_manifest, verify_files
 from edgetl.core.errors import ConfigError, ExportError, OutputExistsError, RunError
 from edgetl.device.runtime import open_bundle
-from edgetl.workstation.export import ONNX_OPSET, check_options, export_bundle
+from edgetl.workstation.export import ONNX_OPSET, check_options, export_bundle, resolve_options
 from edgetl.workstation.run import load_run
 from tests.run_factory import shared_export, shared_run
 
@@ -47,6 +47,7 @@ def files_under(path: Path) -> set[str]:
 
 
 def leftovers(parent: Path) -> list[str]:
+    # Neither temporary folders nor output locks (.NAME.lock) may be left behind.
     return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
 
 
@@ -161,7 +162,7 @@ def test_failure_mid_export_leaves_no_bundle_and_no_temp_dir(run_dir, tmp_path, 
 
     monkeypatch.setattr(int8_mod, "search_int8", broken)
     with pytest.raises(RuntimeError, match="injected"):
-        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
+        export_bundle(run_dir, tmp_path / "b", resolve_options(formats=("onnx",)), progress=False)
     assert not (tmp_path / "b").exists() and leftovers(tmp_path) == []
 
 
@@ -170,16 +171,16 @@ def test_existing_bundle_is_refused_untouched_and_replaced_only_with_force(run_d
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(OutputExistsError, match="--force"):
-        export_bundle(run_dir, out, formats=("onnx",), precisions=("fp32",), progress=False)
+        export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), progress=False)
     assert (out / "keep.txt").read_text() == "old"
-    export_bundle(run_dir, out, formats=("onnx",), precisions=("fp32",), force=True, progress=False)
+    export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), force=True, progress=False)
     assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx"}
     assert leftovers(tmp_path) == []
 
 
 def test_int8_over_max_drop_fails_naming_the_variant_and_figures(run_dir, tmp_path):
     with pytest.raises(ExportError) as err:
-        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), max_drop=-1.0, progress=False)
+        export_bundle(run_dir, tmp_path / "b", resolve_options(formats=("onnx",), max_drop=-1.0), progress=False)
     message = str(err.value)
     assert "onnx-int8" in message and "--max-drop -1 pp" in message and " pp validation top-1" in message
     assert "->" in message and "12 images" in message
@@ -190,12 +191,14 @@ def test_fp32_parity_failure_fails_naming_the_variant(run_dir, tmp_path, monkeyp
     real = pipeline_mod.torch_logits
     monkeypatch.setattr(pipeline_mod, "torch_logits", lambda model, x: real(model, x) + 0.01)
     with pytest.raises(ExportError, match=r"onnx-fp32 .*max abs logit diff 1\.00e-02"):
-        export_bundle(run_dir, tmp_path / "b", formats=("onnx",), progress=False)
+        export_bundle(run_dir, tmp_path / "b", resolve_options(formats=("onnx",)), progress=False)
     assert not (tmp_path / "b").exists()
 
 
 def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
-    doc = export_bundle(run_dir, tmp_path / "b", formats=("onnx",), precisions=("int8",), progress=False)
+    doc = export_bundle(
+        run_dir, tmp_path / "b", resolve_options(formats=("onnx",), precisions=("int8",)), progress=False
+    )
     assert set(doc["variants"]) == {"onnx-int8"} and "top1_drop_pp" in doc["variants"]["onnx-int8"]
     m = read_manifest(tmp_path / "b")
     assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
@@ -220,7 +223,7 @@ def test_bad_options_are_config_errors(formats, precisions, calib, match):
 
 def test_bad_options_fail_before_any_work(tmp_path):
     with pytest.raises(ConfigError):
-        export_bundle(tmp_path / "no-run", tmp_path / "b", formats=("onnx",), precisions=("bf16",))
+        export_bundle(tmp_path / "no-run", tmp_path / "b", resolve_options(formats=("onnx",), precisions=("bf16",)))
     with pytest.raises(RunError, match="does not exist"):
         export_bundle(tmp_path / "no-run", tmp_path / "b")
 

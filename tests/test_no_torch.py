@@ -39,7 +39,8 @@ def device_files(tmp_path_factory):
     return bundle, root / "images"
 
 
-def _run_python(code: str) -> subprocess.CompletedProcess:
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter from the checkout (tests prepend BLOCK_TORCH to it)."""
     return subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -50,7 +51,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_runtime_import_does_not_load_torch():
-    proc = _run_python("import edgetl.device.runtime, sys; assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = run_python("import edgetl.device.runtime, sys; assert 'torch' not in sys.modules, 'torch was imported'")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -60,7 +61,8 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
         f"""
         import json
         import edgetl.device.runtime, edgetl.device.bench, edgetl.core.envinfo, edgetl.cli
-        import edgetl.device.pack, edgetl.device.remote, edgetl.device.deploy, edgetl.device.doctor
+        import edgetl.device.pack, edgetl.device.remote, edgetl.device.deploy, edgetl.device.remote_bench
+        import edgetl.device.doctor
         from click.testing import CliRunner
         from edgetl.cli import main
 
@@ -73,7 +75,7 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
         print(json.dumps({{"predict": json.loads(predict.stdout), "bench": json.loads(bench.stdout)}}))
         """
     )
-    proc = _run_python(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert len(out["predict"]) == 6  # 3 readable images x 2 heads; the corrupt one is skipped
@@ -81,7 +83,7 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
 
 
 def test_blocker_really_blocks():
-    proc = _run_python(BLOCK_TORCH + "import torch")
+    proc = run_python(BLOCK_TORCH + "import torch")
     assert proc.returncode != 0 and "is blocked" in proc.stderr
 
 

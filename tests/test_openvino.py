@@ -22,7 +22,7 @@ from edgetl.cli import main
 from edgetl.core.bundle import read_manifest
 from edgetl.core.errors import ExportError
 from edgetl.device.runtime import open_bundle
-from edgetl.workstation.export import export_bundle, load_arrays
+from edgetl.workstation.export import export_bundle, load_arrays, resolve_options
 from edgetl.workstation.export.formats.openvino_quantize import OVQuantConfig, OVQuantizer, float_layers
 from edgetl.workstation.export.int8 import search_int8
 from edgetl.workstation.run import load_run
@@ -135,7 +135,7 @@ def test_both_runtimes_predict_the_same_labels_from_the_cli(exported, run_dir):
 
 
 def test_nncf_output_stays_off_stdout(run_dir, tmp_path, capfd):
-    export_bundle(run_dir, tmp_path / "b", profile="openvino-int8", progress=False)
+    export_bundle(run_dir, tmp_path / "b", resolve_options("openvino-int8"), progress=False)
     assert capfd.readouterr().out == ""
     assert set(read_manifest(tmp_path / "b")["variants"]) == {"openvino-int8"}
 
@@ -171,7 +171,7 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
     assert [a["accuracy_control"] for a in record["attempts"]] == [False] * 5 + [True]
 
     with pytest.raises(ExportError) as err:
-        export_bundle(run_dir, tmp_path / "b", formats=("openvino",), max_drop=-1.0, progress=False)
+        export_bundle(run_dir, tmp_path / "b", resolve_options(formats=("openvino",), max_drop=-1.0), progress=False)
     message = str(err.value)
     assert "openvino-int8 loses" in message and "--max-drop -1 pp" in message and "on 12 images" in message
     assert "best of 6 quantization attempts" in message
@@ -193,4 +193,6 @@ def test_bf16_is_refused_when_the_cpu_does_not_run_it(run_dir, tmp_path, monkeyp
 
     monkeypatch.setitem(BACKENDS, "openvino", dataclasses.replace(BACKENDS["openvino"], loader=f32_only))
     with pytest.raises(ExportError, match="openvino-bf16: OpenVINO ran f32 although bf16 was pinned"):
-        export_bundle(run_dir, tmp_path / "b", formats=("openvino",), precisions=("bf16",), progress=False)
+        export_bundle(
+            run_dir, tmp_path / "b", resolve_options(formats=("openvino",), precisions=("bf16",)), progress=False
+        )

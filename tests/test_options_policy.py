@@ -7,7 +7,8 @@ import click
 from click.testing import CliRunner
 
 from edgetl.cli._common import forwarded_args
-from edgetl.cli.runtime_cmds import bench, predict
+from edgetl.cli.bench_cmd import bench
+from edgetl.cli.predict_cmd import predict
 from edgetl.device.profiles import SETTINGS, load_profile, resolve_settings
 
 
@@ -77,3 +78,15 @@ def test_device_profile_meets_the_command_line_in_one_place():
     ov = resolve_settings("rpi5", dict.fromkeys(SETTINGS) | {"runtime": "openvino"})
     assert ov.runtime == "openvino" and ov.values["provider"] is None
     assert resolve_settings(None, dict.fromkeys(SETTINGS)).runtime == "onnxruntime"
+
+
+def test_predict_load_options_go_over_the_device_profile():
+    """`predict --device-profile` in the library: options given win, the profile fills the rest."""
+    from edgetl.device.bundle_loading import LoadOptions
+    from edgetl.device.profiles import apply_profile
+
+    o = apply_profile("rpi5", LoadOptions(threads=2, heads="all"))
+    assert (o.runtime, o.precision, o.threads, o.provider, o.heads) == ("onnxruntime", "int8", 2, "cpu", "all")
+    assert apply_profile(None, LoadOptions()) == LoadOptions(runtime="onnxruntime")
+    # The profile's ONNX Runtime provider is dropped when --runtime openvino is given.
+    assert apply_profile("rpi5", LoadOptions(runtime="openvino")).provider is None

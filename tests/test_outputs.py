@@ -48,5 +48,6 @@ def test_a_second_writer_fails_at_once_and_the_first_finishes(tmp_path):
         ):
             pytest.fail("the second writer must not start")
     assert (out / "manifest.json").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # the lock went with its holder
     with output_lock(out):  # released when the first writer finished
         pass

@@ -174,10 +174,8 @@ def test_cli_pack_unpack_and_one_line_errors(bundle, tmp_path):
 
 
 def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
-    import subprocess
-    import sys
 
-    from tests.test_no_torch import BLOCK_TORCH
+    from tests.test_no_torch import BLOCK_TORCH, run_python
 
     code = BLOCK_TORCH + (
         "from click.testing import CliRunner\nfrom edgetl.cli import main\n"
@@ -185,13 +183,7 @@ def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
         "assert r.exit_code == 0, r.output\n"
         "assert not [m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')]\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
-    )
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "dev" / "manifest.json").is_file()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetl.cli import main, runtime_cmds
+from edgetl.cli import _tables, main
 from edgetl.core.errors import DataError
 from edgetl.device import images as images_mod
 from edgetl.device.bundle_loading import open_bundle
@@ -117,7 +117,7 @@ def test_cli_predict_json_and_csv_conflict(bundle_dir, tree):
 
 
 def test_cli_predict_long_output_switches_to_lines(bundle_dir, tree, monkeypatch):
-    monkeypatch.setattr(runtime_cmds, "TABLE_ROWS", 4)
+    monkeypatch.setattr(_tables, "TABLE_ROWS", 4)
     result = CliRunner().invoke(main, ["predict", str(bundle_dir), str(tree)])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.endswith(")") is False and ".png\t" in line]

@@ -30,6 +30,7 @@ def _export(run_dir, out, *extra):
 
 
 def _leftovers(parent: Path, name: str):
+    # Neither temporary folders nor the output lock (.NAME.lock) may be left behind.
     return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 

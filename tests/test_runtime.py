@@ -273,9 +273,9 @@ def test_predict_files_errors(bundle_dir, tmp_path):
 
 
 def test_cli_runtimes_mirror_the_library():
-    from edgetl.cli import runtime_cmds
+    from edgetl.cli import _runtime_options
 
-    assert runtime_cmds.RUNTIMES == RUNTIMES == tuple(formats.RUNTIMES)
+    assert _runtime_options.RUNTIMES == RUNTIMES == tuple(formats.RUNTIMES)
 
 
 def test_cli_predict_table(bundle_dir, images):

@@ -30,17 +30,19 @@ def main(verbose: bool) -> None:
 def _register() -> None:
     # Each module adds its commands; modules import heavy libraries only inside command bodies.
     from edgetl.cli import (
+        bench_cmd,
         data_cmds,
         deploy_cmds,
         device_cmds,
         export_cmd,
         pack_cmds,
-        runtime_cmds,
+        predict_cmd,
         study_cmds,
         train_cmds,
     )
 
-    for module in (data_cmds, train_cmds, study_cmds, export_cmd, pack_cmds, deploy_cmds, runtime_cmds, device_cmds):
+    modules = (data_cmds, train_cmds, study_cmds, export_cmd, pack_cmds, deploy_cmds, predict_cmd, bench_cmd)
+    for module in (*modules, device_cmds):
         for command in module.COMMANDS:
             main.add_command(command)
 

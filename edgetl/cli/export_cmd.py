@@ -119,20 +119,17 @@ def export(
             raise ConfigError(
                 f"{'--head' if head is not None else '--partial'} applies to a head added with --add-to BUNDLE"
             )
-        from edgetl.workstation.export import export_bundle
+        from edgetl.workstation.export import export_bundle, resolve_options
 
-        doc = export_bundle(
-            run,
-            out,
-            profile=profile,
+        options = resolve_options(
+            profile,
             formats=parse_list(formats),
             precisions=parse_list(precisions),
             calib_size=calib_size,
             max_drop=max_drop,
             merged=merged,
-            force=force,
-            progress=not no_progress,
         )
+        doc = export_bundle(run, out, options, force=force, progress=not no_progress)
         title = f"Bundle {doc['bundle']}"
     if as_json:
         emit_json(doc)

@@ -92,7 +92,7 @@ def study(
     from click.core import ParameterSource
 
     from edgetl.workstation.recipes import make_config
-    from edgetl.workstation.study import run_study
+    from edgetl.workstation.study import StudyOptions, run_study
 
     explicit = {
         k: v
@@ -103,14 +103,11 @@ def study(
     result = run_study(
         data,
         config=config,
-        strategies=strategies,
-        samples_per_class=budgets,
-        epochs=epochs,
+        options=StudyOptions(strategies=strategies, samples_per_class=budgets, epochs=epochs, progress=not no_progress),
         val_dir=val_dir,
         out=out,
         plot=plot,
         force=force,
-        progress=not no_progress,
     )
     if as_json:
         emit_json(result.to_dict())
@@ -207,13 +204,10 @@ def probe(
       edgetl probe data/digits --backbones mobilenet_v2,mobilenet_v3_small:none,resnet18:none --img-size 96
       edgetl probe data/digits --backbones mobilenet_v2,mobilenet_v2:none --metric logme --json
     """
-    from edgetl.workstation.probe import probe_backbones
+    from edgetl.workstation.probe import ProbeOptions, probe_backbones
 
-    result = probe_backbones(
-        data,
-        candidates,
+    options = ProbeOptions(
         img_size=img_size,
-        samples_per_class=samples_per_class,
         folds=folds,
         seed=seed,
         metric=metric,
@@ -221,6 +215,7 @@ def probe(
         batch_size=batch_size,
         progress=not no_progress,
     )
+    result = probe_backbones(data, candidates, options=options, samples_per_class=samples_per_class)
     if as_json:
         emit_json(result.to_dict())
         return

@@ -40,8 +40,10 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on writing ``target`` (``fcntl`` on ``.<name>.lock`` beside it).
 
     A second writer to the same output fails at once with one line instead of silently replacing
-    the first one's work. The lock file is left in place (removing it would race with a writer
-    that opened it); the lock itself ends with the process, however that ends.
+    the first one's work. The lock file is removed by its holder before the lock is released; a
+    writer that locked a file which was removed meanwhile sees that (another inode at the path) and
+    counts the output as busy, so two writers never both hold it. A killed holder's lock ends with
+    its process; its file, left behind, is simply locked again by the next writer.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,12 +52,17 @@ def output_lock(target: str | os.PathLike) -> Iterator[None]:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
+                raise BlockingIOError  # the holder finished and removed it between our open and lock
+        except (BlockingIOError, FileNotFoundError):
             raise OutputBusyError(
                 f"another edgetl command is writing {target} right now (lock {lock_path}); "
                 "wait for it to finish, or choose another --out"
             ) from None
-        yield
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock
 

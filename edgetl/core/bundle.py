@@ -158,26 +158,25 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         )
         heads = var.get("heads")
         _require(isinstance(heads, dict) and heads, bundle_dir, f"variant {vname!r}: no heads")
-        for hname, rel in heads.items():
-            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: unknown head {hname!r}")
-            _require(
-                isinstance(rel, str) and rel in m["files"],
-                bundle_dir,
-                f"variant {vname!r}: head file {rel!r} not listed in files",
-            )
+        _check_graphs(m, bundle_dir, vname, heads, unknown="unknown head", kind="head")
         merged = var.get("merged", {})
         _require(isinstance(merged, dict), bundle_dir, f"variant {vname!r}: 'merged' is not an object")
-        for hname, rel in merged.items():
-            _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: merged graph of unknown head {hname!r}")
-            _require(
-                isinstance(rel, str) and rel in m["files"],
-                bundle_dir,
-                f"variant {vname!r}: merged file {rel!r} not listed in files",
-            )
+        _check_graphs(m, bundle_dir, vname, merged, unknown="merged graph of unknown head", kind="merged")
         _require(
             var.get("inference_precision") in (None, *INFERENCE_PRECISIONS),
             bundle_dir,
             f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}",
+        )
+
+
+def _check_graphs(m: dict[str, Any], bundle_dir: Path, vname: str, graphs: dict, *, unknown: str, kind: str) -> None:
+    """A variant's head files or merged (trunk + head) graphs: each names a known head and a listed file."""
+    for hname, rel in graphs.items():
+        _require(hname in m["heads"], bundle_dir, f"variant {vname!r}: {unknown} {hname!r}")
+        _require(
+            isinstance(rel, str) and rel in m["files"],
+            bundle_dir,
+            f"variant {vname!r}: {kind} file {rel!r} not listed in files",
         )
 
 

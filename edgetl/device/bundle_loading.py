@@ -7,6 +7,7 @@ the heads, and hands each file to the runtime's back-end (:mod:`edgetl.device.ba
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,38 @@ from edgetl.core.bundle import read_manifest, verify_files
 from edgetl.core.errors import BackendError, BundleError, ConfigError
 from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, variant_name
 from edgetl.core.preprocess import Preprocessing
-from edgetl.device.backends import backend, check_load_options, import_backend
+from edgetl.device.backends import LOAD_OPTIONS, backend, check_load_options, import_backend
 from edgetl.device.predictor import Predictor
 
 ALL_HEADS = "all"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoadOptions:
+    """How :meth:`Bundle.load` loads a bundle: which variant and heads, on what, with how many threads.
+
+    ``runtime`` None: :data:`~edgetl.core.formats.DEFAULT_RUNTIME`; ``precision`` None: fp32 when the
+    bundle has it, else its only precision for the runtime; ``heads`` None: the default head,
+    ``"all"``: every head. ``provider``/``provider_options``: ONNX Runtime execution provider
+    (default CPU); ``device``: OpenVINO device (default CPU; with ONNX Runtime, the OpenVINO
+    provider's device); ``streams``: OpenVINO CPU/GPU streams. ``None`` leaves each to the runtime.
+    ``merged``: load each head's single-graph file (trunk + head in one graph, ``export --merged``)
+    instead of the shared trunk; each head then runs its own copy of the trunk.
+    """
+
+    runtime: str | None = None
+    precision: str | None = None
+    heads: str | Sequence[str] | None = None
+    threads: int | None = None
+    provider: str | None = None
+    provider_options: dict[str, Any] | None = None
+    device: str | None = None
+    streams: int | None = None
+    merged: bool = False
+
+    def accelerator_options(self) -> dict[str, Any]:
+        """The options set besides threads (provider, provider_options, device, streams), for the back-end."""
+        return {k: getattr(self, k) for k in LOAD_OPTIONS if getattr(self, k) is not None}
 
 
 def open_bundle(path: str | os.PathLike, *, verify: bool = True) -> Bundle:
@@ -132,52 +161,34 @@ class Bundle:
             total += int(rec.get("bytes", 0)) + sum(int(r.get("bytes", 0)) for r in companions)
         return total
 
-    def load(
-        self,
-        *,
-        runtime: str = DEFAULT_RUNTIME,
-        precision: str | None = None,
-        heads: str | Sequence[str] | None = None,
-        threads: int | None = None,
-        provider: str | None = None,
-        provider_options: dict[str, Any] | None = None,
-        device: str | None = None,
-        streams: int | None = None,
-        merged: bool = False,
-    ) -> Predictor:
-        """Create the sessions of one variant: its trunk and the selected heads (default head if None).
+    def load(self, options: LoadOptions | None = None, /, **given: Any) -> Predictor:
+        """Create the sessions of one variant: its trunk and the selected heads (see :class:`LoadOptions`).
 
-        ``provider``/``provider_options``: ONNX Runtime execution provider (default CPU);
-        ``device``: OpenVINO device (default CPU; with ONNX Runtime, the OpenVINO provider's device);
-        ``streams``: OpenVINO CPU/GPU streams. ``None`` leaves each to the runtime.
-        ``merged``: load each head's single-graph file (trunk + head in one graph, ``export --merged``)
-        instead of the shared trunk; each head then runs its own copy of the trunk.
+        ``options``, or the same fields as keywords (``bundle.load(precision="int8", threads=1)``);
+        keywords given with ``options`` replace its fields.
         """
+        if options is None:
+            options = LoadOptions(**given)
+        elif given:
+            options = dataclasses.replace(options, **given)
+        o = options
+        runtime, precision, threads, merged = o.runtime or DEFAULT_RUNTIME, o.precision, o.threads, o.merged
         if threads is not None and threads < 1:
             raise ConfigError(f"threads must be >= 1, not {threads}")
-        if streams is not None and streams < 1:
-            raise ConfigError(f"streams must be >= 1, not {streams}")
+        if o.streams is not None and o.streams < 1:
+            raise ConfigError(f"streams must be >= 1, not {o.streams}")
         spec = backend(runtime)
-        options = {
-            k: v
-            for k, v in (
-                ("provider", provider),
-                ("provider_options", provider_options),
-                ("device", device),
-                ("streams", streams),
-            )
-            if v is not None
-        }
-        check_load_options(runtime, options)
+        accel = o.accelerator_options()
+        check_load_options(runtime, accel)
         precision = self.resolve_precision(runtime, precision)
         variant = self.variant(spec.format, precision)
-        head_names = self.resolve_heads(variant, heads)
+        head_names = self.resolve_heads(variant, o.heads)
         import_backend(runtime)
         assert spec.loader is not None  # import_backend refuses unimplemented back-ends
         if spec.check_options is not None:
-            options = spec.check_options(options)
+            accel = spec.check_options(accel)
         if variant.get("inference_precision") is not None:  # OpenVINO: what the export measured
-            options["inference_precision"] = variant["inference_precision"]
+            accel["inference_precision"] = variant["inference_precision"]
         if merged:
             missing = [h for h in head_names if h not in (variant.get("merged") or {})]
             if missing:
@@ -187,12 +198,12 @@ class Bundle:
                 )
             trunk = None
             head_models = {
-                h: spec.loader(self.path / variant["merged"][h], threads=threads, **options) for h in head_names
+                h: spec.loader(self.path / variant["merged"][h], threads=threads, **accel) for h in head_names
             }
         else:
-            trunk = spec.loader(self.path / variant["trunk"], threads=threads, **options)
+            trunk = spec.loader(self.path / variant["trunk"], threads=threads, **accel)
             head_models = {
-                h: spec.loader(self.path / variant["heads"][h], threads=threads, **options) for h in head_names
+                h: spec.loader(self.path / variant["heads"][h], threads=threads, **accel) for h in head_names
             }
         first = trunk if trunk is not None else next(iter(head_models.values()))
         return Predictor(
@@ -206,4 +217,4 @@ class Bundle:
         )
 
 
-__all__ = ["ALL_HEADS", "Bundle", "open_bundle"]
+__all__ = ["ALL_HEADS", "Bundle", "LoadOptions", "open_bundle"]

@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetl.core.errors import ConfigError
 from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 from edgetl.core.shipped import check_keys, list_shipped, load
+
+if TYPE_CHECKING:
+    from edgetl.device.bundle_loading import LoadOptions
 
 KIND = "device-profile"
 # The options a profile sets, in the order they are shown; each is also a bench/predict option.
@@ -162,15 +165,6 @@ def merge_settings(profile: DeviceProfile | None, given: dict[str, Any]) -> tupl
     return merged, source
 
 
-# Setting name -> the load option of Bundle.load it becomes.
-_LOAD_OPTIONS = {
-    "provider": "provider",
-    "provider_options": "provider_options",
-    "ov_device": "device",
-    "streams": "streams",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What predict and bench run with: the options given over the device profile's values."""
@@ -190,10 +184,10 @@ class Settings:
         name, one that does not apply to the runtime. Otherwise (bench --all) each runtime takes
         only its own: the ONNX Runtime OpenVINO provider takes the device too.
         """
-        from edgetl.device.backends import backend
+        from edgetl.device.backends import LOAD_OPTIONS, backend
 
         runtime = runtime or self.runtime
-        options = {_LOAD_OPTIONS[k]: self.values[k] for k in _LOAD_OPTIONS if self.values[k] is not None}
+        options = {k: self.values[s] for k, (s, _) in LOAD_OPTIONS.items() if self.values[s] is not None}
         if strict:
             return options
         accepted = set(backend(runtime).options)
@@ -222,6 +216,23 @@ def resolve_settings(device_profile: str | os.PathLike | DeviceProfile | None, g
     profile = load_profile(device_profile) if isinstance(device_profile, (str, os.PathLike)) else device_profile
     values, source = merge_settings(profile, given)
     return Settings(values, source, profile)
+
+
+def apply_profile(device_profile: str | os.PathLike | DeviceProfile | None, options: LoadOptions) -> LoadOptions:
+    """``options`` (predict's: ``None`` fields are not given) over the device profile's settings:
+    what :meth:`~edgetl.device.bundle_loading.Bundle.load` runs with."""
+    from edgetl.device.backends import LOAD_OPTIONS
+
+    given = {setting: getattr(options, option) for option, (setting, _) in LOAD_OPTIONS.items()}
+    given.update(runtime=options.runtime, precision=options.precision, threads=options.threads)
+    s = resolve_settings(device_profile, given)
+    return dataclasses.replace(
+        options,
+        runtime=s.runtime,
+        precision=s.values["precision"],
+        threads=s.values["threads"],
+        **{option: s.values[setting] for option, (setting, _) in LOAD_OPTIONS.items()},
+    )
 
 
 # --- which profile fits this machine ------------------------------------------------------------------

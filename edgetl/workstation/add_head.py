@@ -10,6 +10,7 @@ accuracy bar, the pinned inference precision, merged graphs). Training the head:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import tempfile
@@ -95,7 +96,8 @@ def add_head(
         m = read_manifest(tmp)
         _write_head_files(tmp, m, run, head)
         write_manifest(tmp, m)
-        results, left_out = _check_new_head(tmp, m, head, x_val, y_val, reference, max_drop, bar, partial=partial)
+        check = _HeadCheck(x_val=x_val, y_val=y_val, reference=reference, max_drop=max_drop, partial=partial)
+        results, left_out = _check_new_head(tmp, m, head, check, bar)
         m["heads"][head]["metrics"] = results
         if left_out:
             _leave_out(tmp, m, head, left_out)
@@ -218,21 +220,26 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
             var["merged"][head] = rel
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _HeadCheck:
+    """What the new head is checked against: the run's validation images, PyTorch's logits on them,
+    the accuracy gate, and whether a reduced-precision variant that misses it is left out (``partial``)."""
+
+    x_val: np.ndarray
+    y_val: np.ndarray
+    reference: np.ndarray
+    max_drop: float
+    partial: bool = False
+
+
 def _check_new_head(
-    tmp: Path,
-    m: dict[str, Any],
-    head: str,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    reference: np.ndarray,
-    max_drop: float,
-    bar,
-    *,
-    partial: bool = False,
+    tmp: Path, m: dict[str, Any], head: str, check: _HeadCheck, bar
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Every variant with the new head, through the device runtime, against its bar; returns the
-    metrics and (with ``partial``) the reduced-precision variants that missed it, with the reason."""
+    metrics and (with ``check.partial``) the reduced-precision variants that missed it, with the reason."""
     from edgetl.device.runtime import open_bundle
+
+    x_val, y_val, reference, max_drop = check.x_val, check.y_val, check.reference, check.max_drop
 
     bundle = open_bundle(tmp)
     results: dict[str, dict[str, Any]] = {}
@@ -278,7 +285,7 @@ def _check_new_head(
                     )
                 )
         except ExportError as exc:
-            if not partial or var["precision"] == "fp32":
+            if not check.partial or var["precision"] == "fp32":
                 raise
             log.warning("%s; head %r left out of %s", str(exc).split("; ")[0], head, name)
             left_out[name] = str(exc)

@@ -35,12 +35,13 @@ from edgetl.core.formats import FORMATS
 # A loaded model file: float32 array in, float32 array out (one input, one output).
 Model = Callable[[np.ndarray], np.ndarray]
 
-# The flag that sets each load option, for the message when a runtime does not take it.
-OPTION_FLAGS = {
-    "provider": "--provider",
-    "provider_options": "provider_options",
-    "device": "--ov-device",
-    "streams": "--streams",
+# Each load option besides threads: the device-profile setting that gives it, and the flag that sets
+# it (for the message when a runtime does not take it). The one list; profiles and loading read it.
+LOAD_OPTIONS: dict[str, tuple[str, str]] = {
+    "provider": ("provider", "--provider"),
+    "provider_options": ("provider_options", "provider_options"),
+    "device": ("ov_device", "--ov-device"),
+    "streams": ("streams", "--streams"),
 }
 
 
@@ -112,7 +113,17 @@ def check_load_options(runtime: str, options: dict[str, Any]) -> None:
     for key in options:
         if key not in backend(runtime).options:
             users = [r for r, b in BACKENDS.items() if key in b.options]
-            raise ConfigError(f"{OPTION_FLAGS[key]} applies to --runtime {' or '.join(users)}, not {runtime}")
+            raise ConfigError(f"{LOAD_OPTIONS[key][1]} applies to --runtime {' or '.join(users)}, not {runtime}")
 
 
-__all__ = ["BACKENDS", "RUNTIMES", "Backend", "Model", "backend", "check_load_options", "import_backend", "register"]
+__all__ = [
+    "BACKENDS",
+    "LOAD_OPTIONS",
+    "RUNTIMES",
+    "Backend",
+    "Model",
+    "backend",
+    "check_load_options",
+    "import_backend",
+    "register",
+]

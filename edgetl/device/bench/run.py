@@ -351,38 +351,16 @@ def _heads_cost(parts: dict[str, _Timed] | None, main: _Timed, selected: Sequenc
     }
 
 
-def bench(
-    bundle_path: str | os.PathLike,
-    *,
-    runtime: str = DEFAULT_RUNTIME,
-    precision: str | None = None,
-    batch_size: int = 1,
-    threads: int | None = None,
-    warmup: int = 10,
-    iterations: int = 100,
-    head: str | None = None,
-    cold_start_runs: bool = True,
-    **options: Any,
-) -> BenchResult:
-    """Benchmark one variant (``precision`` None: fp32 if the bundle has it); ``head`` None: the
-    default head, ``"all"``: every head (the trunk still runs once)."""
-    if precision is None:
+def bench(bundle_path: str | os.PathLike, options: BenchOptions | None = None, /, **given: Any) -> BenchResult:
+    """Benchmark one configuration: ``options`` (or the same fields as keywords) with one precision
+    (``precisions`` None: fp32 if the bundle has it), one thread count and one batch size; ``head``
+    None: the default head, ``"all"``: every head (the trunk still runs once)."""
+    options = BenchOptions(**given) if options is None else dataclasses.replace(options, **given)
+    if options.precisions is None:
+        runtime = options.runtime or DEFAULT_RUNTIME
         precision = open_bundle(bundle_path, verify=False).resolve_precision(runtime, None)
-    report = run_bench(
-        bundle_path,
-        BenchOptions(
-            runtime=runtime,
-            precisions=[precision],
-            batch_size=batch_size,
-            threads=threads,
-            warmup=warmup,
-            iterations=iterations,
-            head=head,
-            cold_start_runs=cold_start_runs,
-            **options,
-        ),
-    )
-    return report.results[0]
+        options = dataclasses.replace(options, precisions=[precision])
+    return run_bench(bundle_path, options).results[0]
 
 
 def bench_precisions(

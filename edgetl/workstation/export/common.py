@@ -81,6 +81,10 @@ def versions(formats: Sequence[str] = ("onnx",)) -> dict[str, str | None]:
 
 
 def progress_bar(enabled: bool):
+    """The one progress bar of the workstation side (training, feature passes, probes, exports), on stderr.
+
+    It lives here, in the lowest workstation layer, so that export and training both import it.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

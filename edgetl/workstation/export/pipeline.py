@@ -17,10 +17,8 @@ command-line options on top.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from edgetl.core.atomic import atomic_directory
 from edgetl.core.errors import ExportError
 from edgetl.workstation.export.common import load_arrays, progress_bar, torch_logits
 from edgetl.workstation.export.formats import registry
-from edgetl.workstation.export.options import resolve_options
+from edgetl.workstation.export.options import ExportProfile, resolve_options
 from edgetl.workstation.export.session import ExportSession
 from edgetl.workstation.run import load_run
 
@@ -40,25 +38,20 @@ log = logging.getLogger(__name__)
 def export_bundle(
     run_dir: str | Path,
     out: str | Path,
+    options: ExportProfile | None = None,
     *,
-    profile: str | os.PathLike | None = None,
-    formats: Sequence[str] | None = None,
-    precisions: Sequence[str] | None = None,
-    calib_size: int | None = None,
-    max_drop: float | None = None,
-    merged: bool | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export run ``run_dir`` to bundle ``out``; every variant is checked before the bundle exists.
 
-    ``profile`` (name or path, default ``default``) says what to export; the other options, when
-    given, override it. Returns the ``--json`` document: ``{"bundle": path, "profile": {...},
+    ``options`` says what to export: an :class:`ExportProfile` from :func:`resolve_options` (a
+    profile with command-line options on top, checked before any work); None: the ``default``
+    profile. Returns the ``--json`` document: ``{"bundle": path, "profile": {...},
     "variants": {name: {val_top1, max_abs_diff, top1_agreement, bytes, ...}}}``.
     """
-    options = resolve_options(
-        profile, formats=formats, precisions=precisions, calib_size=calib_size, max_drop=max_drop, merged=merged
-    )
+    if options is None:
+        options = resolve_options()
     out = Path(out)
     run = load_run(run_dir)
     if run.trunk_from is not None:

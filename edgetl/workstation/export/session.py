@@ -114,6 +114,33 @@ class ExportSession:
             self._calibration = (samples, load_arrays(samples, self.pp)[0])
         return self._calibration
 
+    def search_int8(
+        self, fmt: str, make_quantizer: Callable[[], Any], out: Path, baseline_top1: float
+    ) -> dict[str, Any]:
+        """Run a format's int8 search (:func:`~edgetl.workstation.export.int8.search_int8`) with a
+        progress line and a log line; returns the chosen variant's manifest record for ``out``."""
+        from edgetl.workstation.export.int8 import search_int8  # at call time: tests replace it
+
+        calib_samples, _ = self.calibration()
+        task = self.progress.add_task(f"{fmt} int8 search", total=None, status="")
+
+        def on_attempt(a) -> None:
+            self.progress.update(task, status=f"attempt {a.config.describe()}: drop {a.top1_drop_pp:.2f} pp")
+
+        t0 = time.perf_counter()
+        result = search_int8(
+            make_quantizer(), out, baseline_top1=baseline_top1, max_drop=self.max_drop, on_attempt=on_attempt
+        )
+        self.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
+        log.info(
+            "%s int8: chose %s after %d attempt(s) in %.1fs",
+            fmt,
+            result.chosen.config.describe(),
+            len(result.attempts),
+            time.perf_counter() - t0,
+        )
+        return result.manifest_record([s.path for s in calib_samples])
+
     def add_file(self, rel: str, *, fmt: str, precision: str, role: str, derived_from: str) -> None:
         """Record graph file ``rel`` (already written) and its sidecars (``core.formats``: OpenVINO's ``.bin``)."""
         if role == "trunk":

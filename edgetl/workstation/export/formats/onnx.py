@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,9 +175,8 @@ class OnnxFormat:
     def quantize(self, session: ExportSession, fp32_trunk: Path, head: Path, out: Path) -> dict[str, Any]:
         """Search int8 settings for the trunk (scored with the fp32 head), write the chosen one to ``out``."""
         from edgetl.workstation.export.formats.onnx_quantize import OrtQuantizer
-        from edgetl.workstation.export.int8 import search_int8
 
-        calib_samples, x_calib = session.calibration()
+        _, x_calib = session.calibration()
         head_model = ort_model(head)
 
         def evaluate(trunk_path: Path) -> float:
@@ -187,22 +185,12 @@ class OnnxFormat:
             return float((pred == session.y_val).mean())
 
         baseline = evaluate(fp32_trunk)
-        task = session.progress.add_task("onnx int8 search", total=None, status="")
-
-        def on_attempt(a) -> None:
-            session.progress.update(task, status=f"attempt {a.config.describe()}: drop {a.top1_drop_pp:.2f} pp")
-
-        t0 = time.perf_counter()
-        quantizer = OrtQuantizer(fp32_trunk, x_calib, evaluate, workdir=session.work / "onnx-int8")
-        result = search_int8(quantizer, out, baseline_top1=baseline, max_drop=session.max_drop, on_attempt=on_attempt)
-        session.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
-        log.info(
-            "onnx int8: chose %s after %d attempt(s) in %.1fs",
-            result.chosen.config.describe(),
-            len(result.attempts),
-            time.perf_counter() - t0,
+        return session.search_int8(
+            "onnx",
+            lambda: OrtQuantizer(fp32_trunk, x_calib, evaluate, workdir=session.work / "onnx-int8"),
+            out,
+            baseline,
         )
-        return result.manifest_record([s.path for s in calib_samples])
 
     def write_head(self, source: Path, out: Path) -> None:
         shutil.copyfile(source, out)

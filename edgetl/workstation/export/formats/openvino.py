@@ -117,31 +117,20 @@ class OpenVinoFormat:
     def quantize(self, session: ExportSession, fp32_trunk: Path, head: Path, out: Path) -> dict[str, Any]:
         """Search NNCF settings for the IR trunk (scored with the fp32 IR head), write the chosen one to ``out``."""
         from edgetl.workstation.export.formats.openvino_quantize import OVQuantizer
-        from edgetl.workstation.export.int8 import search_int8
 
-        calib_samples, x_calib = session.calibration()
+        _, x_calib = session.calibration()
         head_model = compile_f32(head)
 
         def head_logits(features: np.ndarray) -> np.ndarray:
             return head_model(features)[0]
 
         baseline = session.fp32_top1("openvino")
-        task = session.progress.add_task("openvino int8 search", total=None, status="")
-
-        def on_attempt(a) -> None:
-            session.progress.update(task, status=f"attempt {a.config.describe()}: drop {a.top1_drop_pp:.2f} pp")
-
-        t0 = time.perf_counter()
-        quantizer = OVQuantizer(fp32_trunk, x_calib, (session.x_val, session.y_val, head_logits))
-        result = search_int8(quantizer, out, baseline_top1=baseline, max_drop=session.max_drop, on_attempt=on_attempt)
-        session.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
-        log.info(
-            "openvino int8: chose %s after %d attempt(s) in %.1fs",
-            result.chosen.config.describe(),
-            len(result.attempts),
-            time.perf_counter() - t0,
+        return session.search_int8(
+            "openvino",
+            lambda: OVQuantizer(fp32_trunk, x_calib, (session.x_val, session.y_val, head_logits)),
+            out,
+            baseline,
         )
-        return result.manifest_record([s.path for s in calib_samples])
 
     def write_head(self, source: Path, out: Path) -> None:
         convert_onnx(source, out)
