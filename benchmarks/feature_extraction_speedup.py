@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from edgetl.workstation.data import write_digits
-from edgetl.workstation.train import TrainConfig, finetune
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.train import finetune
 
 
 def timed(data: Path, out: Path, cfg: TrainConfig):

@@ -21,6 +21,7 @@ Writes benchmarks/results/probe_vs_finetune.json (``--out``) and prints a table 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -33,8 +34,10 @@ import torch
 from edgetl.core.errors import EdgetlError
 from edgetl.core.imagefolder import class_counts
 from edgetl.workstation.data import write_digits
-from edgetl.workstation.probe import parse_candidates, probe_samples
-from edgetl.workstation.train import TrainConfig, prepare_data, subsample_per_class, train_model
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.prepare import prepare_data, subsample_per_class
+from edgetl.workstation.probe import ProbeOptions, parse_candidates, probe_samples
+from edgetl.workstation.train import train_model
 
 DEFAULT_CANDIDATES = "mobilenet_v2,mobilenet_v2:none,mobilenet_v3_small:none,mobilenet_v3_large:none,resnet18:none"
 RESULTS = Path(__file__).resolve().parent / "results" / "probe_vs_finetune.json"
@@ -80,16 +83,9 @@ def main() -> None:
         write_digits(data)
         cache = Path(tmp) / "cache"  # cold: the probe's time includes its trunk pass
         prepared = prepare_data(data, base)
+        options = ProbeOptions(img_size=args.img_size, folds=args.folds, seed=args.seed, device="cpu", progress=False)
         probe = probe_samples(
-            prepared.train,
-            prepared.labels,
-            candidates,
-            img_size=args.img_size,
-            folds=args.folds,
-            seed=args.seed,
-            device="cpu",
-            progress=False,
-            cache_dir=cache,
+            prepared.train, prepared.labels, candidates, options=dataclasses.replace(options, cache_dir=cache)
         )
         print(
             f"probe ranking: {', '.join(r.candidate for r in probe.rows)} ({probe.seconds:.1f}s)",
@@ -99,17 +95,8 @@ def main() -> None:
         capped = {}
         if args.capped_probe:
             few = subsample_per_class(prepared.train, args.capped_probe, args.seed)
-            result = probe_samples(
-                few,
-                prepared.labels,
-                candidates,
-                img_size=args.img_size,
-                folds=args.folds,
-                seed=args.seed,
-                device="cpu",
-                progress=False,
-                cache_dir=Path(tmp) / "cache-capped",
-            )
+            capped_options = dataclasses.replace(options, cache_dir=Path(tmp) / "cache-capped")
+            result = probe_samples(few, prepared.labels, candidates, options=capped_options)
             capped = {r.candidate: (rank, r) for rank, r in enumerate(result.rows, 1)}
             print(
                 f"capped probe ({len(few)} images) ranking: {', '.join(r.candidate for r in result.rows)} "

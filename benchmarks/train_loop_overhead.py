@@ -26,15 +26,9 @@ from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.data import write_digits
 from edgetl.workstation.loops import cosine
 from edgetl.workstation.model import Head, TransferModel, build_trunk, freeze_batchnorm_stats, set_trainable
-from edgetl.workstation.train import (
-    TrainConfig,
-    _ImageDataset,
-    eval_transform,
-    prepare_data,
-    select_device,
-    train_model,
-    train_transform,
-)
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.prepare import ImageDataset, eval_transform, prepare_data, select_device, train_transform
+from edgetl.workstation.train import train_model
 from edgetl.workstation.weights import resolve_weights
 
 
@@ -48,12 +42,12 @@ def hand_written(prepared, cfg: TrainConfig, device) -> float:
     set_trainable(model.trunk, cfg.unfreeze)
     model.to(device)
     train = torch.utils.data.DataLoader(
-        _ImageDataset(prepared.train, train_transform(pp, hflip=False)),
+        ImageDataset(prepared.train, train_transform(pp, hflip=False)),
         batch_size=cfg.batch_size,
         shuffle=True,
         pin_memory=device.type == "cuda",
     )
-    val = torch.utils.data.DataLoader(_ImageDataset(prepared.val, eval_transform(pp)), batch_size=cfg.batch_size)
+    val = torch.utils.data.DataLoader(ImageDataset(prepared.val, eval_transform(pp)), batch_size=cfg.batch_size)
     opt = torch.optim.AdamW(
         [
             {"params": model.head.parameters(), "lr": cfg.lr},

@@ -24,25 +24,43 @@ def _build_tiny(state_dict=None):
     return body, list(body.children())
 
 
+def tiny_spec(name: str, builder, *, feature_dim: int = 16) -> BackboneSpec:
+    """A test backbone at the tiny one's 32-pixel preprocessing, without ImageNet weights."""
+    return BackboneSpec(
+        name=name,
+        feature_dim=feature_dim,
+        params=0,
+        input_size=32,
+        resize_size=36,
+        interpolation="bilinear",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        weights_file=None,
+        weights_url=None,
+        builder=builder,
+    )
+
+
 def register_tiny_backbone() -> BackboneSpec:
     try:
         return get_backbone(TINY)
     except Exception:
-        return register_backbone(
-            BackboneSpec(
-                name=TINY,
-                feature_dim=16,
-                params=0,
-                input_size=32,
-                resize_size=36,
-                interpolation="bilinear",
-                mean=(0.5, 0.5, 0.5),
-                std=(0.25, 0.25, 0.25),
-                weights_file=None,
-                weights_url=None,
-                builder=_build_tiny,
-            )
-        )
+        return register_backbone(tiny_spec(TINY, _build_tiny))
+
+
+def count_trunk_images(monkeypatch) -> dict[str, int]:
+    """Count the images every Trunk.forward sees from now on: ``counter["images"]``."""
+    from edgetl.workstation.model import Trunk
+
+    seen = {"images": 0}
+    original = Trunk.forward
+
+    def counting(self, x):
+        seen["images"] += x.shape[0]
+        return original(self, x)
+
+    monkeypatch.setattr(Trunk, "forward", counting)
+    return seen
 
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}

@@ -118,15 +118,15 @@ def shared_run(tmp_path_factory) -> Path:
 
 
 def shared_export(tmp_path_factory, profile: str, **options) -> tuple[Path, dict]:
-    """``export_bundle(shared_run, ..., profile=profile, **options)`` once per session: (bundle, --json doc)."""
-    from edgetl.workstation.export import export_bundle
+    """``export_bundle(shared_run, ..., resolve_options(profile, **options))`` once per session: (bundle, doc)."""
+    from edgetl.workstation.export import export_bundle, resolve_options
 
     key = ("export", profile, tuple(sorted(options.items())))
     if key not in _SHARED:
         out = tmp_path_factory.mktemp(f"shared-{profile}") / "b"
         _SHARED[key] = (
             out,
-            export_bundle(shared_run(tmp_path_factory), out, profile=profile, progress=False, **options),
+            export_bundle(shared_run(tmp_path_factory), out, resolve_options(profile, **options), progress=False),
         )
     return _SHARED[key]
 

@@ -6,8 +6,11 @@ import shutil
 import numpy as np
 import pytest
 
-from edgetl.workstation.featcache import FeatureCache, cached_features, file_digest
-from edgetl.workstation.train import TrainConfig, finetune
+from edgetl.core.bundle import sha256_file
+from edgetl.workstation.featcache import FeatureCache, cached_features
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.train import finetune
+from tests.helpers import count_trunk_images
 
 TINY = {
     "backbone": "tiny_test",
@@ -19,22 +22,8 @@ TINY = {
 }
 
 
-def _count_trunk(monkeypatch):
-    from edgetl.workstation.model import Trunk
-
-    seen = {"images": 0}
-    original = Trunk.forward
-
-    def counting(self, x):
-        seen["images"] += x.shape[0]
-        return original(self, x)
-
-    monkeypatch.setattr(Trunk, "forward", counting)
-    return seen
-
-
 def test_second_run_with_other_head_settings_hits_the_cache(image_folder, tmp_path, monkeypatch):
-    seen = _count_trunk(monkeypatch)
+    seen = count_trunk_images(monkeypatch)
     first = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY), progress=False)
     assert first.feature_cache == {"status": "miss", "hits": 0, "misses": 48}
     assert seen["images"] == 48
@@ -69,7 +58,7 @@ def test_other_preprocessing_is_another_cache_entry(image_folder, tmp_path):
 
 
 def test_no_feature_cache_runs_trunk_every_epoch_with_same_result(image_folder, tmp_path, monkeypatch):
-    seen = _count_trunk(monkeypatch)
+    seen = count_trunk_images(monkeypatch)
     cached = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY), progress=False)
     before = seen["images"]
     plain = finetune(
@@ -102,7 +91,7 @@ def test_cache_survives_a_damaged_index(tmp_path):
         FeatureCache(tmp_path / "c", "k"), files, lambda idx: np.array([[float(i)] * 2 for i in idx], np.float32), 2
     )
     assert stats.misses == 3 and feats[:, 1].tolist() == [0.0, 1.0, 2.0]
-    assert file_digest(files[0]) != file_digest(files[1])
+    assert sha256_file(files[0]) != sha256_file(files[1])
 
 
 @pytest.mark.parametrize("duplicates", [True])

@@ -16,10 +16,10 @@ from edgetl.core.bundle import read_manifest, sha256_file
 from edgetl.core.errors import BundleError, ConfigError, ExportError, OutputExistsError, RunError
 from edgetl.device.runtime import open_bundle
 from edgetl.workstation.add_head import add_head
-from edgetl.workstation.export import export_bundle
+from edgetl.workstation.export import export_bundle, resolve_options
 from edgetl.workstation.heads import finetune_head
+from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.run import load_run
-from edgetl.workstation.train import TrainConfig
 from tests.helpers import make_image_folder
 from tests.run_factory import all_profile_export, make_run, shared_run
 
@@ -189,9 +189,8 @@ def test_add_to_refuses_another_trunk_an_existing_head_and_a_normal_run(bundle, 
     with pytest.raises(ExportError, match="was not trained on a bundle's trunk"):
         add_head(run1, two, "again", progress=False)
     other = make_run(tmp_path / "other-run", make_image_folder(tmp_path / "other-images"), seed=3)
-    other_bundle = export_bundle(other, tmp_path / "other", formats=("onnx",), precisions=("fp32",), progress=False)[
-        "bundle"
-    ]
+    other_options = resolve_options(formats=("onnx",), precisions=("fp32",))
+    other_bundle = export_bundle(other, tmp_path / "other", other_options, progress=False)["bundle"]
     before = (Path(other_bundle) / "manifest.json").read_bytes()
     with pytest.raises(ExportError, match=r"is not the trunk run .* was trained on \(sha256"):
         add_head(head_run, other_bundle, "tint", progress=False)

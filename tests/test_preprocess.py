@@ -8,7 +8,7 @@ from PIL import Image
 from edgetl.core.preprocess import Preprocessing, preprocess, to_rgb
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.data import write_digits
-from edgetl.workstation.train import eval_transform
+from edgetl.workstation.prepare import eval_transform
 
 
 def _photo(w, h, seed):

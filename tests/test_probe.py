@@ -10,8 +10,16 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.core.errors import ConfigError, DataError, WeightsError
-from edgetl.workstation.backbones import BackboneSpec, register_backbone, unregister_backbone
-from edgetl.workstation.probe import Candidate, linear_probe_score, logme_score, parse_candidates, probe_backbones
+from edgetl.workstation.backbones import register_backbone, unregister_backbone
+from edgetl.workstation.probe import (
+    Candidate,
+    ProbeOptions,
+    linear_probe_score,
+    logme_score,
+    parse_candidates,
+    probe_backbones,
+)
+from tests.helpers import tiny_spec
 
 CONST = "constant_test"
 
@@ -28,29 +36,20 @@ def _build_constant(state_dict=None):
     return body, [body]
 
 
+def _probe(data, candidates, *, samples_per_class=None, **options):
+    """probe_backbones with the ProbeOptions fields as keywords."""
+    return probe_backbones(data, candidates, options=ProbeOptions(**options), samples_per_class=samples_per_class)
+
+
 @pytest.fixture
 def constant_backbone():
-    register_backbone(
-        BackboneSpec(
-            name=CONST,
-            feature_dim=8,
-            params=0,
-            input_size=32,
-            resize_size=36,
-            interpolation="bilinear",
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights_file=None,
-            weights_url=None,
-            builder=_build_constant,
-        )
-    )
+    register_backbone(tiny_spec(CONST, _build_constant, feature_dim=8))
     yield CONST
     unregister_backbone(CONST)
 
 
 def test_informative_trunk_ranks_above_a_useless_one(image_folder, constant_backbone):
-    result = probe_backbones(image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, progress=False)
+    result = _probe(image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, progress=False)
     best, worst = result.rows
     assert (best.candidate, worst.candidate) == ("tiny_test:none", f"{CONST}:none")
     assert best.score == best.linear_top1 >= 0.9  # colours are linearly separable even in random conv features
@@ -65,9 +64,7 @@ def test_informative_trunk_ranks_above_a_useless_one(image_folder, constant_back
         and doc["images"] == 48
         and doc["chance_top1"] == pytest.approx(1 / 3, abs=1e-3)
     )
-    by_logme = probe_backbones(
-        image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, metric="logme", progress=False
-    )
+    by_logme = _probe(image_folder, [f"{CONST}:none", "tiny_test:none"], folds=3, metric="logme", progress=False)
     assert [r.candidate for r in by_logme.rows] == ["tiny_test:none", f"{CONST}:none"]
     assert by_logme.rows[0].score == by_logme.rows[0].logme
 
@@ -75,9 +72,9 @@ def test_informative_trunk_ranks_above_a_useless_one(image_folder, constant_back
 def test_second_probe_reads_the_feature_cache(image_folder, monkeypatch):
     from edgetl.workstation.model import Trunk
 
-    first = probe_backbones(image_folder, "tiny_test:none", folds=3, progress=False)
+    first = _probe(image_folder, "tiny_test:none", folds=3, progress=False)
     monkeypatch.setattr(Trunk, "forward", lambda self, x: pytest.fail("the trunk ran on a warm cache"))
-    second = probe_backbones(image_folder, "tiny_test:none", folds=3, progress=False)
+    second = _probe(image_folder, "tiny_test:none", folds=3, progress=False)
     assert second.rows[0].feature_cache == {"status": "hit", "hits": 48, "misses": 0}
     assert second.rows[0].linear_top1 == first.rows[0].linear_top1 and second.rows[0].logme == first.rows[0].logme
 
@@ -89,7 +86,7 @@ def test_weights_per_candidate(image_folder, tmp_path):
     body, _ = _build_tiny()
     path = tmp_path / "tiny.pth"
     torch.save(body.state_dict(), path)
-    result = probe_backbones(image_folder, f"tiny_test:none,tiny_test:{path}", folds=3, progress=False)
+    result = _probe(image_folder, f"tiny_test:none,tiny_test:{path}", folds=3, progress=False)
     rows = {r.candidate: r for r in result.rows}
     assert rows[f"tiny_test:{path}"].pretrained and rows[f"tiny_test:{path}"].weights == str(path)
     assert not rows["tiny_test:none"].pretrained
@@ -116,18 +113,18 @@ def test_unavailable_weights_fail_before_any_trunk_pass(image_folder, tmp_path, 
 
     monkeypatch.setattr(Trunk, "forward", lambda self, x: pytest.fail("the trunk ran"))
     with pytest.raises(WeightsError, match="tiny_test:none for random init"):
-        probe_backbones(image_folder, "tiny_test:none,tiny_test", progress=False)
+        _probe(image_folder, "tiny_test:none,tiny_test", progress=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))  # no hub cache; only mobilenet_v2 has a package
     with pytest.raises(
         WeightsError, match="candidate mobilenet_v3_small: ImageNet weights for mobilenet_v3_small are not"
     ):
-        probe_backbones(image_folder, "tiny_test:none,mobilenet_v3_small", progress=False)
+        _probe(image_folder, "tiny_test:none,mobilenet_v3_small", progress=False)
     with pytest.raises(WeightsError, match="does not exist"):
-        probe_backbones(image_folder, f"tiny_test:{tmp_path / 'missing.pth'}", progress=False)
+        _probe(image_folder, f"tiny_test:{tmp_path / 'missing.pth'}", progress=False)
     with pytest.raises(DataError, match="fewer than --folds 20"):
-        probe_backbones(image_folder, "tiny_test:none", folds=20, progress=False)
+        _probe(image_folder, "tiny_test:none", folds=20, progress=False)
     with pytest.raises(ConfigError, match="--metric"):
-        probe_backbones(image_folder, "tiny_test:none", metric="auc", progress=False)
+        _probe(image_folder, "tiny_test:none", metric="auc", progress=False)
 
 
 def test_scores_on_synthetic_features():
@@ -219,25 +216,13 @@ def _build_tiny_scaled(state_dict=None):
 
 
 def test_degenerate_features_rank_last_and_really_do_not_train(image_folder):
-    from edgetl.workstation.train import TrainConfig, prepare_data, train_model
+    from edgetl.workstation.options import TrainConfig
+    from edgetl.workstation.prepare import prepare_data
+    from edgetl.workstation.train import train_model
 
-    register_backbone(
-        BackboneSpec(
-            name="tiny_scaled_test",
-            feature_dim=16,
-            params=0,
-            input_size=32,
-            resize_size=36,
-            interpolation="bilinear",
-            mean=(0.5, 0.5, 0.5),
-            std=(0.25, 0.25, 0.25),
-            weights_file=None,
-            weights_url=None,
-            builder=_build_tiny_scaled,
-        )
-    )
+    register_backbone(tiny_spec("tiny_scaled_test", _build_tiny_scaled))
     try:
-        result = probe_backbones(image_folder, "tiny_scaled_test:none,tiny_test:none", folds=3, progress=False)
+        result = _probe(image_folder, "tiny_scaled_test:none,tiny_test:none", folds=3, progress=False)
         scaled = result.rows[-1]
         assert scaled.candidate == "tiny_scaled_test:none" and scaled.degenerate and scaled.feature_std < 1e-8
         assert scaled.linear_top1 >= 0.9  # standardised, the features separate the classes...

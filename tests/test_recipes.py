@@ -6,8 +6,8 @@ from click.testing import CliRunner
 from edgetl.cli import main
 from edgetl.core.errors import ConfigError
 from edgetl.core.shipped import list_shipped
+from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.recipes import load_recipe, make_config
-from edgetl.workstation.train import TrainConfig
 
 
 def test_shipped_recipes_are_valid_configs():

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.core.errors import OutputExistsError, RunError
-from edgetl.workstation.train import TrainConfig, finetune, partial_dir, resume
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.train import finetune, partial_dir, resume
 from tests.helpers import make_image_folder
 
 ENTRY = str(Path(__file__).with_name("cli_entry.py"))

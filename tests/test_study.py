@@ -10,19 +10,18 @@ from click.testing import CliRunner
 import edgetl.workstation.study as study_mod
 from edgetl.cli import main
 from edgetl.core.errors import ConfigError, OutputExistsError, WeightsError
+from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.study import (
     DEFAULT_EPOCHS,
-    StudyResult,
-    StudyRow,
+    StudyOptions,
     nested_subsets,
     parse_budgets,
     parse_epochs,
-    plot_study,
     run_study,
     study_batch_size,
 )
-from edgetl.workstation.train import TrainConfig
-from tests.helpers import _build_tiny
+from edgetl.workstation.study_result import StudyResult, StudyRow, plot_study
+from tests.helpers import _build_tiny, count_trunk_images
 
 STRATEGIES = ("feature-extraction", "fine-tune", "full", "scratch")
 
@@ -35,6 +34,13 @@ def tiny_weights(tmp_path):
     path = tmp_path / "tiny-pretrained.pth"
     torch.save(body.state_dict(), path)
     return str(path)
+
+
+def _study(data, *, config=None, val_dir=None, out=None, plot=None, force=False, **options):
+    """run_study with the StudyOptions fields as keywords."""
+    return run_study(
+        data, config=config, options=StudyOptions(**options), val_dir=val_dir, out=out, plot=plot, force=force
+    )
 
 
 def _config(weights, **kw):
@@ -50,7 +56,7 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
         return real_train(prepared, cfg, **kw)
 
     monkeypatch.setattr(study_mod, "train_model", spy)
-    result = run_study(
+    result = _study(
         image_folder,
         config=_config(tiny_weights),
         strategies=STRATEGIES,
@@ -108,8 +114,6 @@ def test_every_strategy_and_budget_on_the_same_validation_set(image_folder, tiny
 
 
 def test_study_trains_nothing_twice_on_a_warm_cache(image_folder, tiny_weights, monkeypatch):
-    from edgetl.workstation.model import Trunk
-
     kw = {
         "config": _config(tiny_weights),
         "strategies": "feature-extraction",
@@ -117,17 +121,10 @@ def test_study_trains_nothing_twice_on_a_warm_cache(image_folder, tiny_weights, 
         "epochs": 2,
         "progress": False,
     }
-    first = run_study(image_folder, **kw)
-    seen = {"n": 0}
-    real_forward = Trunk.forward
-
-    def counting(self, x):
-        seen["n"] += x.shape[0]
-        return real_forward(self, x)
-
-    monkeypatch.setattr(Trunk, "forward", counting)
-    second = run_study(image_folder, **kw)
-    assert seen["n"] == 0 and second.trunk_pass["cache"]["status"] == "hit"
+    first = _study(image_folder, **kw)
+    seen = count_trunk_images(monkeypatch)
+    second = _study(image_folder, **kw)
+    assert seen["images"] == 0 and second.trunk_pass["cache"]["status"] == "hit"
     assert [r.val_top1 for r in first.rows] == [r.val_top1 for r in second.rows]  # same seed, same numbers
 
 
@@ -159,15 +156,15 @@ def test_parsing_budgets_strategies_and_epochs():
 def test_study_refuses_bad_options_before_training(image_folder, tiny_weights, tmp_path, monkeypatch):
     monkeypatch.setattr(study_mod, "train_model", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ConfigError, match="weights none"):
-        run_study(image_folder, config=_config("none"), progress=False)
+        _study(image_folder, config=_config("none"), progress=False)
     with pytest.raises(ConfigError, match="unknown strategy"):
-        run_study(image_folder, config=_config(tiny_weights), strategies="feature-extraction,magic", progress=False)
+        _study(image_folder, config=_config(tiny_weights), strategies="feature-extraction,magic", progress=False)
     with pytest.raises(WeightsError, match="no ImageNet weights"):
-        run_study(image_folder, config=_config("imagenet"), strategies="scratch,fine-tune", progress=False)
+        _study(image_folder, config=_config("imagenet"), strategies="scratch,fine-tune", progress=False)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "study.json").write_text("{}")
     with pytest.raises(OutputExistsError, match="--force"):
-        run_study(image_folder, config=_config(tiny_weights), out=tmp_path / "out", progress=False)
+        _study(image_folder, config=_config(tiny_weights), out=tmp_path / "out", progress=False)
 
 
 def _fake_result(**kw):
@@ -271,7 +268,7 @@ def test_pretrained_feature_extraction_beats_scratch_at_10_per_class(tmp_path):
     from edgetl.workstation.data import write_digits
 
     write_digits(tmp_path / "digits")
-    result = run_study(
+    result = _study(
         tmp_path / "digits",
         config=TrainConfig(img_size=96, seed=0, val_split=0.2),
         strategies="feature-extraction,scratch",
@@ -309,7 +306,8 @@ def test_cli_study_table(monkeypatch, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert seen["samples_per_class"] == "2,all" and seen["epochs"] == "scratch=9" and seen["config"].img_size == 64
+    options = seen["options"]
+    assert options.samples_per_class == "2,all" and options.epochs == "scratch=9" and seen["config"].img_size == 64
     out = result.stdout
     assert "scratch (random init)" in out and "2/class" in out and "0.600 (2s)" in out
     assert "feature-extraction vs scratch: +30.0 pp at 2, +40.0 pp at all" in out

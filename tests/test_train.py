@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from edgetl.core.errors import ConfigError, DataError, OutputExistsError
+from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.run import load_run
-from edgetl.workstation.train import TrainConfig, finetune
+from edgetl.workstation.train import finetune
+from tests.helpers import count_trunk_images
 
 TINY = {"backbone": "tiny_test", "weights": "none", "batch_size": 16, "epochs": 3, "lr": 1e-2}
 
@@ -36,16 +38,7 @@ def test_each_strategy_writes_a_complete_run(image_folder, tmp_path, strategy):
 
 
 def test_feature_extraction_runs_trunk_once_per_image(image_folder, tmp_path, monkeypatch):
-    from edgetl.workstation.model import Trunk
-
-    seen = {"images": 0}
-    original = Trunk.forward
-
-    def counting(self, x):
-        seen["images"] += x.shape[0]
-        return original(self, x)
-
-    monkeypatch.setattr(Trunk, "forward", counting)
+    seen = count_trunk_images(monkeypatch)
     _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=6)
     assert seen["images"] == 48  # train + validation, once each, for 6 epochs
 
@@ -117,7 +110,7 @@ def test_bad_data_errors(tmp_path):
 
 
 def test_balance_weights_inverse_frequency_and_imbalance_warning(tmp_path, caplog):
-    from edgetl.workstation.train import class_weights
+    from edgetl.workstation.prepare import class_weights
     from tests.helpers import make_image_folder
 
     w = class_weights([30, 10, 10])

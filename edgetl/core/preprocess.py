@@ -1,7 +1,7 @@
 """Image preprocessing in numpy + pillow, identical to the torchvision eval transform used in training.
 
 Training builds ``Resize(resize_size) -> CenterCrop(input_size) -> ToTensor -> Normalize`` on PIL
-images (see :func:`edgetl.workstation.train.eval_transform`); this module re-implements exactly that without
+images (see :func:`edgetl.workstation.prepare.eval_transform`); this module re-implements exactly that without
 torch, from the values recorded in a bundle manifest. ``tests/test_preprocess.py`` proves the two
 agree on real images.
 """

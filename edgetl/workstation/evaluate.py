@@ -14,8 +14,8 @@ def evaluate_run(run_path: str | os.PathLike, data: str | os.PathLike, *, batch_
     """Top-1, per-class accuracy and confusion matrix of run ``run_path``'s model on ``data``."""
     import torch
 
+    from edgetl.workstation.prepare import eval_transform
     from edgetl.workstation.run import is_run, load_run
-    from edgetl.workstation.train import eval_transform
 
     if not is_run(run_path):
         raise RunError(f"{run_path} is neither a run (from `edgetl finetune`) nor a bundle (from `edgetl export`)")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.core.atomic import write_json_atomic
+from edgetl.core.bundle import sha256_file
 
 CACHE_VERSION = 1
 
@@ -38,14 +39,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env) / "features"
     return Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "edgetl" / "features"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_key(
@@ -142,7 +135,7 @@ def cached_features(
     feature_dim: int,
 ) -> tuple[np.ndarray, CacheStats]:
     """Features for ``paths``: cached rows are reused, ``compute(indices)`` fills the rest and is stored."""
-    digests = [file_digest(p) for p in paths]
+    digests = [sha256_file(p) for p in paths]
     present = cache.lookup(digests)
     missing = [i for i, hit in enumerate(present) if not hit]
     if missing:

@@ -9,15 +9,21 @@ batch (needed when augmenting, and the baseline of the speed-up benchmark).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing, load_image
 from edgetl.workstation.featcache import CacheStats, FeatureCache, cached_features, default_cache_dir, model_key
+
+if TYPE_CHECKING:
+    from edgetl.workstation.weights import WeightsSource
 
 log = logging.getLogger(__name__)
 
@@ -66,26 +72,41 @@ def run_trunk(
     return np.concatenate(out) if out else np.zeros((0, trunk.feature_dim), dtype=np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    """How a frozen trunk runs over images: where, in what batches and precision, and which cache it fills.
+
+    None of these change the features' cache key (the trunk and its preprocessing do).
+    """
+
+    device: Any
+    batch_size: int
+    cache_dir: str | Path | None = None  # None: default_cache_dir()
+    autocast: Callable[[], Any] | None = None  # a context factory (torch.autocast) or None for fp32
+
+
 def cached_trunk_features(
     trunk,
+    samples: list[Sample],
     *,
     backbone: str,
     weights_sha256: str | None,
     pp: Preprocessing,
-    samples: list[Sample],
-    transform,
-    device,
-    batch_size: int,
+    settings: FeatureSettings,
     progress=None,
     description: str = "trunk features",
-    cache_dir: str | Path | None = None,
-    autocast=None,
 ) -> tuple[np.ndarray, CacheStats]:
-    """Features of ``samples``, reusing every row already in the persistent cache."""
+    """Features of ``samples`` under ``pp``'s eval transform, reusing every row already in the persistent cache.
+
+    The transform is always ``pp``'s eval transform: the cache is keyed by ``pp``, so features of
+    augmented images must never be stored in it.
+    """
+    from edgetl.workstation.prepare import eval_transform
+
     digest = weights_sha256 or trunk_digest(trunk)
     key = model_key(backbone, digest if weights_sha256 else None, pp.to_dict(), None if weights_sha256 else digest)
     cache = FeatureCache(
-        cache_dir or default_cache_dir(),
+        settings.cache_dir or default_cache_dir(),
         key,
         meta={
             "backbone": backbone,
@@ -94,17 +115,18 @@ def cached_trunk_features(
             "preprocessing": pp.to_dict(),
         },
     )
+    transform = eval_transform(pp)
 
     def compute(indices: list[int]) -> np.ndarray:
         return run_trunk(
             trunk,
             [samples[i] for i in indices],
             transform,
-            device=device,
-            batch_size=batch_size,
+            device=settings.device,
+            batch_size=settings.batch_size,
             progress=progress,
             description=description,
-            autocast=autocast,
+            autocast=settings.autocast,
         )
 
     feats, stats = cached_features(cache, [s.path for s in samples], compute, trunk.feature_dim)
@@ -117,6 +139,32 @@ def cached_trunk_features(
         cache.dir,
     )
     return feats, stats
+
+
+def backbone_features(
+    spec, weights: str, samples: list[Sample], pp: Preprocessing, settings: FeatureSettings, *, progress, description
+) -> tuple[np.ndarray, CacheStats, WeightsSource]:
+    """Build ``spec``'s trunk with ``weights`` (imagenet, none or a file) and return its cached features.
+
+    The trunk is dropped before returning; the probe and the study's shared trunk pass use this.
+    """
+    from edgetl.workstation.model import build_trunk
+    from edgetl.workstation.weights import resolve_weights
+
+    state_dict, source = resolve_weights(spec, weights)
+    trunk = build_trunk(spec, state_dict).to(settings.device)
+    del state_dict
+    feats, stats = cached_trunk_features(
+        trunk,
+        samples,
+        backbone=spec.name,
+        weights_sha256=source.sha256,
+        pp=pp,
+        settings=settings,
+        progress=progress,
+        description=description,
+    )
+    return feats, stats, source
 
 
 class OnTheFlyFeatures:

@@ -117,7 +117,7 @@ def finetune_head(
 ) -> HeadResult:
     """Train a head for the image folder ``data`` on the trunk of bundle ``trunk_from``; write run ``out``.
 
-    ``config`` (a :class:`edgetl.workstation.train.TrainConfig`) supplies the head's training options (epochs,
+    ``config`` (a :class:`edgetl.workstation.options.TrainConfig`) supplies the head's training options (epochs,
     lr, weight decay, dropout, label smoothing, batch size, patience, seed, validation split); its
     strategy must be feature-extraction, and an ``img_size`` must match the bundle's input size.
     """
@@ -125,17 +125,11 @@ def finetune_head(
 
     from edgetl.device.runtime import open_bundle
     from edgetl.workstation.export import progress_bar
+    from edgetl.workstation.loops import LoopIO, train_head
     from edgetl.workstation.model import Head
-    from edgetl.workstation.train import (
-        TrainConfig,
-        class_weights,
-        prepare_data,
-        run_config,
-        run_metrics,
-        train_head,
-        warn_imbalance,
-        warn_overfitting,
-    )
+    from edgetl.workstation.options import TrainConfig
+    from edgetl.workstation.prepare import class_weights, prepare_data, warn_imbalance
+    from edgetl.workstation.run import FitRecord, run_config, run_metrics, warn_overfitting
 
     cfg = config or TrainConfig()
     if cfg.strategy != "feature-extraction":
@@ -181,21 +175,12 @@ def finetune_head(
         weight = class_weights(train_counts) if cfg.balance else None  # --balance, as in `finetune`
         criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
         history: list[dict] = []
-        best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, progress=bar, history=history)
+        best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, io=LoopIO(bar, history))
     train_seconds = time.perf_counter() - t_start
     head.eval()
     with torch.inference_mode():
         val_logits = head(fval)
-    metrics = run_metrics(
-        val_logits,
-        yval,
-        labels,
-        cfg,
-        history=history,
-        best_epoch=best_epoch,
-        train_seconds=train_seconds,
-        feature_seconds=feature_seconds,
-    )
+    metrics = run_metrics(val_logits, yval, labels, cfg, FitRecord(history, best_epoch, train_seconds, feature_seconds))
     warn_overfitting(metrics)
     weights = bundle.manifest["backbone"].get("weights") or {}
     config = run_config(cfg, prepared, pp, "cpu (trunk: onnxruntime)")

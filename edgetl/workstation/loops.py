@@ -100,7 +100,8 @@ class LoopIO:
     on_epoch_end: EpochHook | None = None
 
 
-def _all_features(source, batch_size: int):
+def all_features(source, batch_size: int):
+    """A feature source (tensor, or on-the-fly features indexed like one) as one tensor, in batches."""
     import torch
 
     if isinstance(source, torch.Tensor):
@@ -109,24 +110,11 @@ def _all_features(source, batch_size: int):
     return torch.cat([source[idx[i : i + batch_size]] for i in range(0, len(source), batch_size)])
 
 
-def train_head(
-    head,
-    ftr,
-    ytr,
-    fval,
-    yval,
-    cfg,
-    *,
-    criterion,
-    progress,
-    history: list,
-    resume: dict | None = None,
-    on_epoch_end: EpochHook | None = None,
-) -> int:
+def train_head(head, ftr, ytr, fval, yval, cfg, *, criterion, io: LoopIO) -> int:
     """Train ``head`` on features; ``ftr``/``fval`` are tensors or on-the-fly sources (same indexing).
 
     Uses ``cfg``'s lr, weight decay, epochs, batch size, seed and patience; appends one record per
-    epoch to ``history``; leaves the best epoch's weights in ``head`` and returns that epoch.
+    epoch to ``io.history``; leaves the best epoch's weights in ``head`` and returns that epoch.
     """
     import torch
 
@@ -134,15 +122,15 @@ def train_head(
     sched = cosine(opt, math.ceil(len(ftr) / cfg.batch_size) * cfg.epochs)
     stopper = EarlyStopping(cfg.patience)
     start = 1
-    if resume:
-        head.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        stopper.load_state_dict(resume["stopper"])
-        history[:] = resume["history"]
-        start = resume["epoch"] + 1
-    task = progress.add_task("head epochs", total=cfg.epochs, completed=start - 1, status="")
-    stop = bool(resume and resume.get("stopped"))
+    if io.resume:
+        head.load_state_dict(io.resume["model"])
+        opt.load_state_dict(io.resume["optimizer"])
+        sched.load_state_dict(io.resume["scheduler"])
+        stopper.load_state_dict(io.resume["stopper"])
+        io.history[:] = io.resume["history"]
+        start = io.resume["epoch"] + 1
+    task = io.progress.add_task("head epochs", total=cfg.epochs, completed=start - 1, status="")
+    stop = bool(io.resume and io.resume.get("stopped"))
     for epoch in range(start, cfg.epochs + 1):
         if stop:
             break
@@ -163,16 +151,16 @@ def train_head(
             correct += int((logits.argmax(1) == ytr[idx]).sum())
         head.eval()
         with torch.inference_mode():
-            val_logits = head(_all_features(fval, cfg.batch_size))
+            val_logits = head(all_features(fval, cfg.batch_size))
             val_loss = float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing))
             val_top1 = float((val_logits.argmax(1) == yval).float().mean())
-        history.append(epoch_record(epoch, loss_sum / len(ftr), correct / len(ftr), val_loss, val_top1, opt, t0))
-        progress.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
+        io.history.append(epoch_record(epoch, loss_sum / len(ftr), correct / len(ftr), val_loss, val_top1, opt, t0))
+        io.progress.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
         stop = stopper.update(epoch, val_top1, val_loss, head.state_dict)
         if stop:
             log.info("early stopping at epoch %d (best epoch %d)", epoch, stopper.best_epoch)
-        if on_epoch_end:
-            on_epoch_end(
+        if io.on_epoch_end:
+            io.on_epoch_end(
                 epoch,
                 {
                     "epoch": epoch,
@@ -180,7 +168,7 @@ def train_head(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "stopper": stopper.state_dict(),
-                    "history": history,
+                    "history": io.history,
                     "stopped": stop,
                 },
             )
@@ -258,11 +246,20 @@ def predict_logits(model, dataset, indices, *, batch_size, workers, device, amp=
     return torch.cat(out), torch.cat(labels)
 
 
-def train_end_to_end(
-    model, train_set, val_set, cfg, *, criterion, device, io: LoopIO, dist: DistContext = SINGLE, workers: int = 0
-) -> int:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where an end-to-end loop runs: the torch device, the process group and the data-loader workers."""
+
+    device: Any
+    dist: DistContext = SINGLE
+    workers: int = 0
+
+
+def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, where: Placement) -> int:
     """fine-tune / full. ``model`` may be DDP-wrapped; ``train_set``/``val_set`` yield (tensor, label)."""
     import torch
+
+    device, dist, workers = where.device, where.dist, where.workers
 
     from edgetl.workstation.model import freeze_batchnorm_stats
 

@@ -1,8 +1,8 @@
 """Training and study options with their defaults, importable without numpy or torch.
 
 The command line builds its options (defaults, choices) from these, so ``edgetl --help`` stays
-fast: it imports neither torch nor numpy (tests/test_cli_imports.py). :mod:`edgetl.workstation.train`
-and :mod:`edgetl.workstation.study` re-export them.
+fast: it imports neither torch nor numpy (tests/test_cli_imports.py). Training, the
+study, the recipes and the CLI import them from here.
 """
 
 from __future__ import annotations

@@ -220,38 +220,51 @@ def logme_score(features: np.ndarray, labels: np.ndarray) -> float:
 # --- the probe ----------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeOptions:
+    """How candidates are probed: the image size, the folds and seed of the score, the ranking metric,
+    and where and in what batches the trunks run."""
+
+    img_size: int | None = None  # None: each backbone's default
+    folds: int = 5
+    seed: int = 0
+    metric: str = "linear"
+    device: str = "auto"
+    batch_size: int = 64
+    progress: bool = True
+    cache_dir: str | Path | None = None
+
+
+def _check_options(o: ProbeOptions) -> None:
+    if o.metric not in METRICS:
+        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, not {o.metric!r}")
+    if isinstance(o.folds, bool) or not isinstance(o.folds, int) or o.folds < 2:
+        raise ConfigError(f"--folds must be an integer >= 2, not {o.folds!r}")
+    if o.img_size is not None and (isinstance(o.img_size, bool) or not isinstance(o.img_size, int) or o.img_size < 16):
+        raise ConfigError(f"--img-size must be an integer >= 16, not {o.img_size!r}")
+    if o.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+
+
 def probe_samples(
     samples: list[Sample],
     labels: list[str],
     candidates: Sequence[str | Candidate] | str,
     *,
-    img_size: int | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    metric: str = "linear",
-    device: str = "auto",
-    batch_size: int = 64,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
+    options: ProbeOptions | None = None,
     root: str = "",
 ) -> ProbeResult:
     """Score each candidate on ``samples`` (every image is used; the folds hold images out)."""
     import torch
 
     from edgetl.workstation.backbones import get_backbone
-    from edgetl.workstation.features import cached_trunk_features
-    from edgetl.workstation.model import build_trunk
-    from edgetl.workstation.train import eval_transform, progress_bar, select_device
-    from edgetl.workstation.weights import resolve_weights
+    from edgetl.workstation.export.common import progress_bar
+    from edgetl.workstation.features import FeatureSettings, backbone_features
+    from edgetl.workstation.prepare import select_device
 
-    if metric not in METRICS:
-        raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, not {metric!r}")
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ConfigError(f"--folds must be an integer >= 2, not {folds!r}")
-    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 16):
-        raise ConfigError(f"--img-size must be an integer >= 16, not {img_size!r}")
-    if batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
+    o = options or ProbeOptions()
+    _check_options(o)
+    img_size, folds, seed, metric = o.img_size, o.folds, o.seed, o.metric
     cands = parse_candidates(candidates)
     counts = class_counts(samples, len(labels))
     if min(counts) < folds:
@@ -262,33 +275,19 @@ def probe_samples(
         )
     for c in cands:
         _check_available(c)
-    dev = select_device(device)
+    settings = FeatureSettings(select_device(o.device), o.batch_size, cache_dir=o.cache_dir)
     y = np.array([s.label for s in samples])
     rows = []
     t_all = time.perf_counter()
-    with progress_bar(progress) as bar:
+    with progress_bar(o.progress) as bar:
         for c in cands:
             t0 = time.perf_counter()
             spec = get_backbone(c.backbone)
             pp = spec.preprocessing(img_size)
             torch.manual_seed(seed)  # random-init trunks are reproducible, so their cache entries hit again
-            state_dict, source = resolve_weights(spec, c.weights)
-            trunk = build_trunk(spec, state_dict).to(dev)
-            del state_dict
-            feats, stats = cached_trunk_features(
-                trunk,
-                backbone=spec.name,
-                weights_sha256=source.sha256,
-                pp=pp,
-                samples=samples,
-                transform=eval_transform(pp),
-                device=dev,
-                batch_size=batch_size,
-                progress=bar,
-                description=f"{c.label} features",
-                cache_dir=cache_dir,
+            feats, stats, source = backbone_features(
+                spec, c.weights, samples, pp, settings, progress=bar, description=f"{c.label} features"
             )
-            del trunk
             t1 = time.perf_counter()
             spread = float(feats.std(axis=0).mean())
             top1, std = linear_probe_score(feats, y, folds=folds, seed=seed)
@@ -349,41 +348,22 @@ def probe_backbones(
     data: str | Path,
     candidates: Sequence[str | Candidate] | str,
     *,
-    img_size: int | None = None,
+    options: ProbeOptions | None = None,
     samples_per_class: int | None = None,
-    folds: int = 5,
-    seed: int = 0,
-    metric: str = "linear",
-    device: str = "auto",
-    batch_size: int = 64,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
     on_bad_image: str = "skip",
 ) -> ProbeResult:
     """Rank ``candidates`` for the image folder ``data`` (best first); see the module docstring.
 
-    ``samples_per_class`` caps the images per class (chosen by ``seed``) to probe large folders faster.
+    ``samples_per_class`` caps the images per class (chosen by ``options.seed``) to probe large folders faster.
     """
-    from edgetl.workstation.train import subsample_per_class
+    from edgetl.workstation.prepare import subsample_per_class
 
+    o = options or ProbeOptions()
     if samples_per_class is not None and (
         isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 2
     ):
         raise ConfigError(f"--samples-per-class must be an integer >= 2, not {samples_per_class!r}")
     parse_candidates(candidates)  # unknown names fail before the folder is decoded
     folder = drop_unreadable(scan_image_folder(data), on_bad_image=on_bad_image)
-    samples = subsample_per_class(list(folder.samples), samples_per_class, seed)
-    return probe_samples(
-        samples,
-        list(folder.classes),
-        candidates,
-        img_size=img_size,
-        folds=folds,
-        seed=seed,
-        metric=metric,
-        device=device,
-        batch_size=batch_size,
-        progress=progress,
-        cache_dir=cache_dir,
-        root=str(Path(data).resolve()),
-    )
+    samples = subsample_per_class(list(folder.samples), samples_per_class, o.seed)
+    return probe_samples(samples, list(folder.classes), candidates, options=o, root=str(Path(data).resolve()))

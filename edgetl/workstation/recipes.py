@@ -1,6 +1,6 @@
 """Training recipes: YAML files in ``models/`` (one per backbone x strategy we recommend), or a run.
 
-A recipe holds :class:`~edgetl.workstation.train.TrainConfig` values (plus an optional ``description``).
+A recipe holds :class:`~edgetl.workstation.options.TrainConfig` values (plus an optional ``description``).
 Precedence: TrainConfig defaults < recipe < options given on the command line. ``--recipe RUN``
 takes the exact configuration of an earlier run, which with the same seed on the same machine
 reproduces its numbers.
@@ -14,7 +14,7 @@ from typing import Any
 
 from edgetl.core import shipped as profiles
 from edgetl.core.errors import ConfigError
-from edgetl.workstation.train import TrainConfig
+from edgetl.workstation.options import TrainConfig
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:

@@ -22,13 +22,19 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from edgetl import __version__
 from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import RunError
-from edgetl.core.imagefolder import Sample
+from edgetl.core.imagefolder import Sample, class_counts
+from edgetl.core.metrics import classification_report
 from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.backbones import BackboneSpec, get_backbone
+
+if TYPE_CHECKING:
+    from edgetl.workstation.options import TrainConfig
+    from edgetl.workstation.prepare import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +198,82 @@ def write_run(
     metrics: dict[str, Any],
     plot: bool = True,
 ) -> Path:
-    """Write a whole run folder in one go (:func:`start_run` then :func:`finish_run`)."""
+    """Write a whole run folder in one go (:func:`start_run` then :func:`finish_run`).
+
+    Keyword-only, not an options dataclass: each argument is one file's content, not a setting.
+    """
     start_run(folder, config=config, labels=labels, train=train, val=val)
     return finish_run(folder, model_state=model_state, history=history, metrics=metrics, plot=plot)
+
+
+# --- what goes in config.json and metrics.json ------------------------------------------------------
+
+
+def run_config(cfg: TrainConfig, prepared: PreparedData, pp: Preprocessing, device: str) -> dict[str, Any]:
+    """A run's config.json as training starts (the weights are added when known, see :func:`finish_run`)."""
+    import torch
+
+    return {
+        "edgetl_version": __version__,
+        "torch_version": torch.__version__,
+        "backbone": cfg.backbone,
+        "train": cfg.to_dict(),
+        "preprocessing": pp.to_dict(),
+        "device": device,
+        "data": {
+            "root": prepared.root,
+            "val_dir": prepared.val_dir,
+            "classes": prepared.labels,
+            "train_counts": class_counts(prepared.train, len(prepared.labels)),
+            "val_counts": class_counts(prepared.val, len(prepared.labels)),
+            "skipped": [{"path": p, "reason": r} for p, r in prepared.skipped],
+        },
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class FitRecord:
+    """What a training loop reports besides the model: its history, best epoch and timings."""
+
+    history: list[dict]
+    best_epoch: int
+    train_seconds: float
+    feature_seconds: float
+    feature_cache: dict | None = None  # {"status", "hits", "misses"} when features came from the cache
+
+
+def run_metrics(val_logits, yval, labels: list[str], cfg: TrainConfig, fit: FitRecord) -> dict[str, Any]:
+    """A run's metrics.json from the best epoch's validation logits (torch tensors) and the history:
+    top-1, loss (unweighted, with the run's label smoothing), per class, confusion, train/val gap."""
+    import torch
+
+    report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
+    history = fit.history
+    last = history[-1]
+    return {
+        "val_top1": report["top1"],
+        "val_loss": float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing)),
+        "n_val": report["n"],
+        "best_epoch": fit.best_epoch,
+        "epochs_run": len(history),
+        "stopped_early": len(history) < cfg.epochs,
+        "train_top1_last": last["train_top1"],
+        "gap_top1_last": last["gap_top1"],
+        "gap_top1_max": max(h["gap_top1"] for h in history),
+        "train_seconds": round(fit.train_seconds, 3),
+        "feature_seconds": round(fit.feature_seconds, 3),
+        "feature_cache": fit.feature_cache,
+        "per_class": report["per_class"],
+        "confusion": report["confusion"],
+    }
+
+
+def warn_overfitting(metrics: dict[str, Any]) -> None:
+    if metrics["gap_top1_last"] > 0.1:
+        log.warning(
+            "train top-1 exceeds validation top-1 by %.1f pp at the last epoch: the head may be overfitting",
+            100 * metrics["gap_top1_last"],
+        )
 
 
 def plot_history(history: list[dict], path: Path) -> None:

@@ -26,7 +26,6 @@ put in the persistent cache before the first row (timed and reported as ``trunk_
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -42,99 +41,24 @@ from edgetl.workstation.options import (
     DEFAULT_BUDGETS,
     DEFAULT_EPOCHS,
     STUDY_STRATEGIES,
+    TrainConfig,
     budget_label,
 )
-from edgetl.workstation.train import PreparedData, TrainConfig, prepare_data, train_model
+from edgetl.workstation.prepare import PreparedData, prepare_data
+from edgetl.workstation.study_result import (
+    StudyResult,
+    StudyRow,
+    budget_sort_key,
+    budget_text,
+    plot_study,
+    samples_digest,
+)
+from edgetl.workstation.train import train_model
 
 log = logging.getLogger(__name__)
 
 MIN_BATCH = 8
 STEPS_PER_EPOCH = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyRow:
-    strategy: str
-    pretrained: bool
-    samples_per_class: int | None  # None: all
-    train_images: int
-    batch_size: int
-    trunk_lr_scale: float
-    epochs: int
-    epochs_run: int
-    best_epoch: int
-    best_at_last_epoch: bool  # still improving when training ended: more epochs may help this row
-    val_top1: float
-    train_seconds: float
-    feature_cache: dict | None
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["samples_per_class"] = budget_label(self.samples_per_class)
-        return d
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyResult:
-    rows: list[StudyRow]
-    data: str
-    backbone: str
-    weights: dict | None  # where the pretrained rows' trunk came from (WeightsSource.to_dict()); None: scratch only
-    img_size: int
-    seed: int
-    val_split: float | None  # None with a separate validation folder
-    labels: list[str]
-    train_images: int  # the whole training part, before subsampling
-    val_images: int
-    val_digest: str  # sha256 of the validation (path, label) list: the same for every row
-    trunk_pass: dict | None  # {"images", "seconds", "cache"} of the shared feature-extraction pass
-    epochs: dict  # per strategy
-    config: dict  # the base TrainConfig, less what each row sets (strategy, epochs; scratch: weights, trunk_lr_scale)
-    json_path: str | None = None
-    plot_path: str | None = None
-
-    def row(self, strategy: str, samples_per_class: int | None) -> StudyRow:
-        for r in self.rows:
-            if r.strategy == strategy and r.samples_per_class == samples_per_class:
-                return r
-        raise KeyError((strategy, samples_per_class))
-
-    def budgets(self) -> list[int | None]:
-        seen: list[int | None] = []
-        for r in self.rows:
-            if r.samples_per_class not in seen:
-                seen.append(r.samples_per_class)
-        return sorted(seen, key=_budget_sort_key)
-
-    def strategies(self) -> list[str]:
-        return list(dict.fromkeys(r.strategy for r in self.rows))
-
-    def transfer_gain_pp(self) -> dict[str, dict[str, float]]:
-        """Per budget: each strategy's val top-1 minus scratch's, in percentage points."""
-        if "scratch" not in self.strategies():
-            return {}
-        gains: dict[str, dict[str, float]] = {}
-        for b in self.budgets():
-            base = self.row("scratch", b).val_top1
-            gains[str(budget_label(b))] = {
-                s: round(100 * (self.row(s, b).val_top1 - base), 2) for s in self.strategies() if s != "scratch"
-            }
-        return gains
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rows"}
-        d["rows"] = [r.to_dict() for r in self.rows]
-        d["chance_top1"] = round(1 / len(self.labels), 4)
-        d["transfer_gain_pp"] = self.transfer_gain_pp()
-        return {"rows": d.pop("rows"), **d}
-
-
-def _budget_text(n: int | None) -> str:
-    return "all images" if n is None else f"{n} per class"
-
-
-def _budget_sort_key(n: int | None) -> float:
-    return float("inf") if n is None else float(n)
 
 
 def parse_budgets(text: str | Sequence[int | str | None]) -> list[int | None]:
@@ -158,7 +82,7 @@ def parse_budgets(text: str | Sequence[int | str | None]) -> list[int | None]:
         budgets.append(value)
     if not budgets:
         raise ConfigError("--samples-per-class is empty; e.g. 5,10,25,all")
-    return sorted(budgets, key=_budget_sort_key)
+    return sorted(budgets, key=budget_sort_key)
 
 
 def parse_strategies(text: str | Sequence[str]) -> list[str]:
@@ -239,13 +163,6 @@ def row_config(base: TrainConfig, strategy: str, *, epochs: int, batch_size: int
     return dataclasses.replace(base, **changes)
 
 
-def _digest(samples: list[Sample]) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(f"{s.path}\t{s.label}\n".encode())
-    return h.hexdigest()
-
-
 def _check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:
     for path in (out / "study.json" if out else None, plot):
         if path is not None and path.exists() and not force:
@@ -269,61 +186,60 @@ def _check_weights_available(spec, weights: str) -> None:
 def _warm_feature_cache(prepared: PreparedData, cfg: TrainConfig, *, progress: bool, cache_dir) -> dict:
     """One trunk pass over every image, into the cache that the feature-extraction rows read."""
     from edgetl.workstation.backbones import get_backbone
-    from edgetl.workstation.features import cached_trunk_features
-    from edgetl.workstation.model import build_trunk
-    from edgetl.workstation.train import eval_transform, progress_bar, select_device
-    from edgetl.workstation.weights import resolve_weights
+    from edgetl.workstation.export.common import progress_bar
+    from edgetl.workstation.features import FeatureSettings, backbone_features
+    from edgetl.workstation.prepare import select_device
 
     spec = get_backbone(cfg.backbone)
     pp = spec.preprocessing(cfg.img_size)
-    device = select_device(cfg.device)
-    state_dict, source = resolve_weights(spec, cfg.weights)
-    trunk = build_trunk(spec, state_dict).to(device)
-    del state_dict
+    settings = FeatureSettings(select_device(cfg.device), cfg.batch_size, cache_dir=cache_dir)
     samples = list(prepared.train) + list(prepared.val)
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
-        _, stats = cached_trunk_features(
-            trunk,
-            backbone=spec.name,
-            weights_sha256=source.sha256,
-            pp=pp,
-            samples=samples,
-            transform=eval_transform(pp),
-            device=device,
-            batch_size=cfg.batch_size,
-            progress=bar,
-            description="trunk features (all images)",
-            cache_dir=cache_dir,
+        _, stats, _ = backbone_features(
+            spec, cfg.weights, samples, pp, settings, progress=bar, description="trunk features (all images)"
         )
     return {"images": len(samples), "seconds": round(time.perf_counter() - t0, 3), "cache": stats.to_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyOptions:
+    """What a study trains besides its base TrainConfig, and how it reports.
+
+    ``strategies`` and ``samples_per_class`` take lists or the command line's comma-separated text;
+    ``epochs`` is per strategy (see :func:`parse_epochs`).
+    """
+
+    strategies: Sequence[str] | str = STUDY_STRATEGIES
+    samples_per_class: Sequence[int | None] | str = DEFAULT_BUDGETS
+    epochs: int | str | Mapping[str, int] | None = None
+    progress: bool = True
+    cache_dir: str | Path | None = None
 
 
 def run_study(
     data: str | Path,
     *,
     config: TrainConfig | None = None,
-    strategies: Sequence[str] | str = STUDY_STRATEGIES,
-    samples_per_class: Sequence[int | None] | str = DEFAULT_BUDGETS,
-    epochs: int | str | Mapping[str, int] | None = None,
+    options: StudyOptions | None = None,
     val_dir: str | Path | None = None,
     out: str | Path | None = None,
     plot: str | Path | None = None,
     force: bool = False,
-    progress: bool = True,
-    cache_dir: str | Path | None = None,
 ) -> StudyResult:
-    """Train every (strategy, budget) on ``data`` and score each on the same validation set.
+    """Train every (strategy, budget) of ``options`` on ``data`` and score each on the same validation set.
 
     ``config`` supplies the backbone, pretrained weights, image size, seed, split and hyperparameters;
-    its ``strategy`` and ``epochs`` are replaced per row (``epochs``: see :func:`parse_epochs`).
+    its ``strategy`` and ``epochs`` are replaced per row (``options.epochs``: see :func:`parse_epochs`).
     With ``out``, ``out/study.json`` is written, and the plot goes to ``plot`` (default
     ``out/study.png``). Nothing else is written except the feature cache.
     """
     cfg = config or TrainConfig()
-    strategy_list = parse_strategies(strategies)
-    budgets = parse_budgets(samples_per_class)
-    epochs_by_strategy = parse_epochs(epochs)
+    opts = options or StudyOptions()
+    progress, cache_dir = opts.progress, opts.cache_dir
+    strategy_list = parse_strategies(opts.strategies)
+    budgets = parse_budgets(opts.samples_per_class)
+    epochs_by_strategy = parse_epochs(opts.epochs)
     if cfg.weights == "none":
         raise ConfigError(
             "a study compares pretrained strategies with scratch; --weights none would make every row "
@@ -369,7 +285,7 @@ def run_study(
             i,
             len(plan),
             strategy,
-            _budget_text(budget),
+            budget_text(budget),
             len(train),
             batch,
             row_cfg.epochs,
@@ -399,7 +315,7 @@ def run_study(
             i,
             len(plan),
             strategy,
-            _budget_text(budget),
+            budget_text(budget),
             row.val_top1,
             row.train_seconds,
         )
@@ -407,7 +323,7 @@ def run_study(
             log.warning(
                 "%s, %s: the best epoch was the last (%d); more epochs may help (--epochs %s=N)",
                 strategy,
-                _budget_text(budget),
+                budget_text(budget),
                 row.epochs,
                 strategy,
             )
@@ -423,7 +339,7 @@ def run_study(
         labels=list(prepared.labels),
         train_images=len(prepared.train),
         val_images=len(prepared.val),
-        val_digest=_digest(prepared.val),
+        val_digest=samples_digest(prepared.val),
         trunk_pass=trunk_pass,
         epochs={s: epochs_by_strategy[s] for s in strategy_list},
         config={k: v for k, v in cfg.to_dict().items() if k not in ("strategy", "epochs")},
@@ -436,49 +352,3 @@ def run_study(
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out_dir / "study.json", result.to_dict())
     return result
-
-
-def plot_study(result: StudyResult, path: str | Path) -> Path:
-    """Validation top-1 against images per class (log scale), one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    all_x = result.train_images / len(result.labels)  # "all": the mean per class of the whole training part
-
-    def x_of(n: int | None) -> float:
-        return all_x if n is None else float(n)
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for strategy in result.strategies():
-        points = sorted((x_of(r.samples_per_class), r.val_top1) for r in result.rows if r.strategy == strategy)
-        label = strategy + ("" if strategy != "scratch" else " (random init)")
-        ax.plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            marker="o",
-            linestyle="--" if strategy == "scratch" else "-",
-            label=label,
-        )
-    ax.axhline(1 / len(result.labels), color="grey", linewidth=0.8, linestyle=":", label="chance")
-    ax.set_xscale("log")
-    budgets = result.budgets()
-    ax.set_xticks([x_of(b) for b in budgets])
-    ax.set_xticklabels([f"all\n({all_x:.0f})" if b is None else str(b) for b in budgets])
-    ax.minorticks_off()
-    ax.set_xlabel("training images per class")
-    ax.set_ylabel("validation top-1")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(
-        f"{result.backbone} at {result.img_size}px: {result.val_images} validation images (same for every point)",
-        fontsize=9,
-    )
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

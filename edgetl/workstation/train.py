@@ -27,18 +27,32 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edgetl import __version__
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
-from edgetl.core.imagefolder import Sample, class_counts, drop_unreadable, scan_image_folder
-from edgetl.core.metrics import classification_report
-from edgetl.core.preprocess import Preprocessing, load_image
+from edgetl.core.imagefolder import Sample, class_counts
 from edgetl.workstation.backbones import get_backbone
-from edgetl.workstation.data import stratified_split
-from edgetl.workstation.loops import EarlyStopping, LoopIO, cosine, predict_logits, train_end_to_end, train_head  # noqa: F401
-from edgetl.workstation.options import AMP_MODES, STRATEGIES, TrainConfig  # noqa: F401 (re-exported)
-from edgetl.workstation.run import finish_run, plot_history, start_run  # noqa: F401 (plot_history: re-exported)
+from edgetl.workstation.export.common import progress_bar
+from edgetl.workstation.loops import (
+    LoopIO,
+    Placement,
+    all_features,
+    amp_settings,
+    predict_logits,
+    train_end_to_end,
+    train_head,
+)
+from edgetl.workstation.options import TrainConfig
+from edgetl.workstation.prepare import (
+    ImageDataset,
+    PreparedData,
+    class_weights,
+    eval_transform,
+    prepare_data,
+    seed_everything,
+    select_device,
+    train_transform,
+    warn_imbalance,
+)
+from edgetl.workstation.run import FitRecord, finish_run, run_config, run_metrics, start_run, warn_overfitting
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +80,6 @@ class FinetuneResult:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class PreparedData:
-    labels: list[str]
-    train: list[Sample]
-    val: list[Sample]
-    skipped: list[tuple[str, str]]
-    root: str
-    val_dir: str | None = None
-
-
 @dataclasses.dataclass
 class TrainOutcome:
     """What :func:`train_model` learned; ``model`` is a CPU TransferModel in eval mode."""
@@ -88,150 +92,6 @@ class TrainOutcome:
     train_seconds: float
     feature_seconds: float
     feature_cache: dict | None
-
-
-# --- transforms and datasets --------------------------------------------------------------------
-
-
-def eval_transform(pp: Preprocessing):
-    """The torchvision eval transform; ``edgetl.core.preprocess`` is its torch-free twin (tested equal)."""
-    from torchvision import transforms as T
-
-    interp = T.InterpolationMode(pp.interpolation)
-    return T.Compose(
-        [
-            T.Resize(pp.resize_size, interpolation=interp),
-            T.CenterCrop(pp.input_size),
-            T.ToTensor(),
-            T.Normalize(pp.mean, pp.std),
-        ]
-    )
-
-
-def train_transform(pp: Preprocessing, *, hflip: bool):
-    """Light augmentation at the eval scale: random crop position, mild colour jitter, optional flip.
-
-    Cropping after the same resize as evaluation keeps objects at the scale the model is tested on;
-    flips are off by default because many targets (digits, text, parts with handedness) are not
-    mirror-symmetric.
-    """
-    from torchvision import transforms as T
-
-    interp = T.InterpolationMode(pp.interpolation)
-    steps = [T.Resize(pp.resize_size, interpolation=interp), T.RandomCrop(pp.input_size)]
-    if hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ColorJitter(0.2, 0.2, 0.2), T.ToTensor(), T.Normalize(pp.mean, pp.std)]
-    return T.Compose(steps)
-
-
-class _ImageDataset:
-    """Images decoded and transformed on access (benchmarks/train_loop_overhead.py builds its baseline on it)."""
-
-    def __init__(self, samples: list[Sample], transform):
-        self.samples = samples
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        s = self.samples[i]
-        return self.transform(load_image(s.path)), s.label
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def select_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
-# --- data -----------------------------------------------------------------------------------------
-
-
-def prepare_data(data: str | Path, cfg: TrainConfig, *, val_dir: str | Path | None = None) -> PreparedData:
-    """Scan ``data`` (and ``val_dir``), drop unreadable images, split by ``cfg.seed``."""
-    folder = drop_unreadable(scan_image_folder(data), on_bad_image=cfg.on_bad_image, min_per_class=1 if val_dir else 2)
-    if val_dir is not None:
-        val_folder = drop_unreadable(scan_image_folder(val_dir, classes=folder.classes), on_bad_image=cfg.on_bad_image)
-        train, val = list(folder.samples), list(val_folder.samples)
-        skipped = list(folder.skipped) + list(val_folder.skipped)
-    else:
-        train, val = stratified_split(folder, cfg.val_split, cfg.seed)
-        skipped = list(folder.skipped)
-    return PreparedData(
-        list(folder.classes),
-        train,
-        val,
-        skipped,
-        str(Path(data).resolve()),
-        str(Path(val_dir).resolve()) if val_dir else None,
-    )
-
-
-def subsample_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:
-    """At most ``n`` samples per class, chosen by ``seed`` (None: all). Order is kept."""
-    if n is None:
-        return list(samples)
-    rng = np.random.default_rng(seed)
-    keep: set[int] = set()
-    by_class: dict[int, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_class.setdefault(s.label, []).append(i)
-    for idx in by_class.values():
-        keep.update(idx if len(idx) <= n else rng.choice(idx, size=n, replace=False).tolist())
-    return [s for i, s in enumerate(samples) if i in keep]
-
-
-def class_weights(counts: list[int]):
-    """Inverse-frequency weights normalised to mean 1 (``--balance``)."""
-    import torch
-
-    counts_t = torch.tensor([max(c, 1) for c in counts], dtype=torch.float32)
-    w = counts_t.sum() / (len(counts) * counts_t)
-    return w / w.mean()
-
-
-def warn_imbalance(counts: list[int], labels: list[str], balance: bool) -> None:
-    if max(counts) > 3 * min(counts):
-        small = labels[counts.index(min(counts))]
-        log.warning(
-            "classes are imbalanced (train images per class from %d (%r) to %d)%s; "
-            "per-class accuracy is in metrics.json",
-            min(counts),
-            small,
-            max(counts),
-            "" if balance else ": consider --balance",
-        )
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -250,7 +110,7 @@ def train_model(
     import torch
 
     from edgetl.workstation import distributed
-    from edgetl.workstation.features import OnTheFlyFeatures, cached_trunk_features
+    from edgetl.workstation.features import FeatureSettings, OnTheFlyFeatures, cached_trunk_features
     from edgetl.workstation.model import Head, TransferModel, build_trunk, set_trainable
     from edgetl.workstation.weights import resolve_weights
 
@@ -292,13 +152,15 @@ def train_model(
     yval = torch.tensor([s.label for s in prepared.val])
     t_start = time.perf_counter()
     feature_seconds, cache_info = 0.0, None
-    amp_on, amp_dtype, _ = _amp(cfg, device)
+    amp_on, amp_dtype, _ = amp_settings(cfg.amp, device)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_on else None
     with progress_bar(progress and dist.is_main) as bar:
+        io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
         if cfg.strategy == "feature-extraction":
             set_trainable(trunk, 0)
             trunk.to(device)
             if cfg.feature_cache:
+                settings = FeatureSettings(device, cfg.batch_size, cache_dir=cache_dir, autocast=autocast)
                 feats = {}
                 # Rank 0 fills the cache first; the other ranks then read it (all hits).
                 for turn in (0,) if not dist.enabled else (0, 1):
@@ -306,17 +168,13 @@ def train_model(
                         for part, samples in (("train", prepared.train), ("val", prepared.val)):
                             feats[part] = cached_trunk_features(
                                 trunk,
+                                samples,
                                 backbone=spec.name,
                                 weights_sha256=weights_source.sha256,
                                 pp=pp,
-                                samples=samples,
-                                transform=evaluation,
-                                device=device,
-                                batch_size=cfg.batch_size,
+                                settings=settings,
                                 progress=bar,
                                 description=f"trunk features ({part})",
-                                cache_dir=cache_dir,
-                                autocast=autocast,
                             )
                     distributed.barrier(dist)
                 (ftr_np, st_tr), (fval_np, st_val) = feats["train"], feats["val"]
@@ -332,49 +190,32 @@ def train_model(
                 ftr = OnTheFlyFeatures(trunk, prepared.train, train_tf, device)
                 fval = OnTheFlyFeatures(trunk, prepared.val, evaluation, device)
             feature_seconds = time.perf_counter() - t_start
-            best_epoch = train_head(
-                head,
-                ftr,
-                ytr,
-                fval,
-                yval,
-                cfg,
-                criterion=criterion,
-                progress=bar,
-                history=history,
-                resume=resume,
-                on_epoch_end=on_epoch_end,
-            )
+            best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, io=io)
             trunk.cpu()
             with torch.inference_mode():
                 head.eval()
-                val_logits = head(
-                    fval if isinstance(fval, torch.Tensor) else torch.from_numpy(_features_array(fval, cfg.batch_size))
-                )
+                val_logits = head(all_features(fval, cfg.batch_size))
         else:
             set_trainable(trunk, cfg.unfreeze if cfg.strategy == "fine-tune" else None)
             model.to(device)
             if device.type == "cuda":
                 model = model.to(memory_format=torch.channels_last)
             train_tf = train_transform(pp, hflip=cfg.hflip) if cfg.augment else evaluation
-            train_set = _ImageDataset(prepared.train, train_tf)
-            val_set = _ImageDataset(prepared.val, evaluation)
+            train_set = ImageDataset(prepared.train, train_tf)
+            val_set = ImageDataset(prepared.val, evaluation)
             wrapped = model
             if dist.enabled:
                 wrapped = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None
                 )
-            io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
             best_epoch = train_end_to_end(
                 wrapped,
                 train_set,
                 val_set,
                 cfg,
                 criterion=criterion.to(device),
-                device=device,
                 io=io,
-                dist=dist,
-                workers=workers,
+                where=Placement(device, dist=dist, workers=workers),
             )
             model = model.cpu().eval()
             val_logits, _ = predict_logits(
@@ -388,76 +229,11 @@ def train_model(
     train_seconds = time.perf_counter() - t_start
     model = TransferModel(trunk.cpu(), head.cpu()).eval()
     metrics = run_metrics(
-        val_logits,
-        yval,
-        labels,
-        cfg,
-        history=history,
-        best_epoch=best_epoch,
-        train_seconds=train_seconds,
-        feature_seconds=feature_seconds,
-        feature_cache=cache_info,
+        val_logits, yval, labels, cfg, FitRecord(history, best_epoch, train_seconds, feature_seconds, cache_info)
     )
     if dist.is_main:
         warn_overfitting(metrics)
     return TrainOutcome(model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info)
-
-
-def run_metrics(
-    val_logits,
-    yval,
-    labels: list[str],
-    cfg: TrainConfig,
-    *,
-    history: list[dict],
-    best_epoch: int,
-    train_seconds: float,
-    feature_seconds: float,
-    feature_cache: dict | None = None,
-) -> dict[str, Any]:
-    """A run's metrics.json from the best epoch's validation logits (torch tensors) and the history:
-    top-1, loss (unweighted, with the run's label smoothing), per class, confusion, train/val gap."""
-    import torch
-
-    report = classification_report(yval.numpy(), val_logits.argmax(1).numpy(), labels)
-    last = history[-1]
-    return {
-        "val_top1": report["top1"],
-        "val_loss": float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing)),
-        "n_val": report["n"],
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "stopped_early": len(history) < cfg.epochs,
-        "train_top1_last": last["train_top1"],
-        "gap_top1_last": last["gap_top1"],
-        "gap_top1_max": max(h["gap_top1"] for h in history),
-        "train_seconds": round(train_seconds, 3),
-        "feature_seconds": round(feature_seconds, 3),
-        "feature_cache": feature_cache,
-        "per_class": report["per_class"],
-        "confusion": report["confusion"],
-    }
-
-
-def warn_overfitting(metrics: dict[str, Any]) -> None:
-    if metrics["gap_top1_last"] > 0.1:
-        log.warning(
-            "train top-1 exceeds validation top-1 by %.1f pp at the last epoch: the head may be overfitting",
-            100 * metrics["gap_top1_last"],
-        )
-
-
-def _amp(cfg: TrainConfig, device):
-    from edgetl.workstation.loops import amp_settings
-
-    return amp_settings(cfg.amp, device)
-
-
-def _features_array(source, batch_size: int) -> np.ndarray:
-    import torch
-
-    idx = torch.arange(len(source))
-    return torch.cat([source[idx[i : i + batch_size]] for i in range(0, len(source), batch_size)]).numpy()
 
 
 # --- the run directory ----------------------------------------------------------------------------
@@ -474,28 +250,6 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def run_config(cfg: TrainConfig, prepared: PreparedData, pp: Preprocessing, device: str) -> dict[str, Any]:
-    """A run's config.json as training starts (the weights are added when known, see :func:`finish_run`)."""
-    import torch
-
-    return {
-        "edgetl_version": __version__,
-        "torch_version": torch.__version__,
-        "backbone": cfg.backbone,
-        "train": cfg.to_dict(),
-        "preprocessing": pp.to_dict(),
-        "device": device,
-        "data": {
-            "root": prepared.root,
-            "val_dir": prepared.val_dir,
-            "classes": prepared.labels,
-            "train_counts": class_counts(prepared.train, len(prepared.labels)),
-            "val_counts": class_counts(prepared.val, len(prepared.labels)),
-            "skipped": [{"path": p, "reason": r} for p, r in prepared.skipped],
-        },
-    }
 
 
 def finetune(

@@ -9,7 +9,6 @@ suffix is hashed and checked against it before it is loaded.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import logging
 import os
@@ -17,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from edgetl.core.bundle import sha256_file
 from edgetl.core.errors import WeightsError
 from edgetl.workstation.backbones import BackboneSpec
 
@@ -41,14 +41,6 @@ class WeightsSource:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_name_hash(path: Path) -> str:
