@@ -173,6 +173,15 @@ def test_existing_bundle_is_refused_untouched_and_replaced_only_with_force(run_d
     with pytest.raises(OutputExistsError, match="--force"):
         export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), progress=False)
     assert (out / "keep.txt").read_text() == "old"
+    # --force replaces a bundle only: a folder without manifest.json is someone's, and stays.
+    with pytest.raises(OutputExistsError, match="only a bundle folder"):
+        export_bundle(
+            run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), force=True, progress=False
+        )
+    assert (out / "keep.txt").read_text() == "old"
+    out = tmp_path / "b2"
+    export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), progress=False)
+    (out / "extra.txt").write_text("from the old bundle")
     export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), force=True, progress=False)
     assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx"}
     assert leftovers(tmp_path) == []

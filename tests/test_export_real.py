@@ -114,13 +114,23 @@ def test_a_second_head_shares_the_trunk(bundle, digits, root):
     assert run2["val_top1"] >= 0.85, run2
     add = ["export", run2["run_dir"], "--add-to", two, "--head", "parity", "--no-progress", "--json"]
     strict = CliRunner().invoke(main, [str(a) for a in add])
+    # Whether the int8 trunk (chosen for the digits head) also serves the parity head is measured, and
+    # depends on the CPU: on a Xeon the OpenVINO int8 trunk loses ~5 pp on parity (its features' SQNR is
+    # ~12 dB); on an AMD EPYC (Zen 4, AVX-512 VNNI + BF16) it stays within the bar. Each branch is asserted
+    # for what it must be, and the head is added exactly once either way.
     if strict.exit_code != 0:
-        # Measured: the OpenVINO int8 trunk chosen for the digits head loses ~5 pp on parity (its features'
-        # SQNR is ~12 dB); the addition is refused as a whole, naming the variant and the figures.
+        # Refused as a whole, naming the variant and the figures; the bundle is untouched.
         assert "int8 (head parity) loses" in strict.stderr and "--partial" in strict.stderr, strict.stderr
         assert read_manifest(two)["heads"].keys() == {"default"}
-        add.append("--partial")
-    doc = edgetl(*add)
+        doc = edgetl(*add, "--partial")
+        assert doc["left_out"] and all("int8" in name for name in doc["left_out"]), doc
+        assert read_manifest(two)["heads"]["parity"]["left_out"].keys() == doc["left_out"].keys()
+    else:
+        # Accepted as a whole: every variant carries the new head, nothing is left out.
+        doc = json.loads(strict.stdout)
+        assert not doc["left_out"], doc
+        assert "left_out" not in read_manifest(two)["heads"]["parity"]
+    assert doc["head"] == "parity" and read_manifest(two)["heads"].keys() == {"default", "parity"}
     assert doc["variants"]["onnx-fp32"]["top1_agreement"] == 1.0
     assert all(m["top1_drop_pp"] <= 1.0 for n, m in doc["variants"].items() if "top1_drop_pp" in m), doc
     m = read_manifest(two)

@@ -91,7 +91,10 @@ def add_head(
         for rel, rec in manifest["files"].items()
         if not (rec["role"] != "trunk" and rec.get("head") == head)
     }
-    with progress_bar(progress) as bar, atomic_directory(bundle_dir, force=True) as tmp:
+    with (
+        progress_bar(progress) as bar,
+        atomic_directory(bundle_dir, force=True, kind="bundle", inputs=[run.path]) as tmp,
+    ):
         shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
         m = read_manifest(tmp)
         _write_head_files(tmp, m, run, head)

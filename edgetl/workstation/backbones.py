@@ -48,13 +48,16 @@ class BackboneSpec:
         """Eval preprocessing at ``img_size`` (default: the backbone's), keeping its resize/crop ratio."""
         size = img_size or self.input_size
         resize = round(size * self.resize_size / self.input_size)
-        return Preprocessing(
-            input_size=size,
-            resize_size=resize,
-            interpolation=self.interpolation,
-            mean=self.mean,
-            std=self.std,
-        )
+        try:
+            return Preprocessing(
+                input_size=size,
+                resize_size=resize,
+                interpolation=self.interpolation,
+                mean=self.mean,
+                std=self.std,
+            )
+        except ValueError as exc:  # out-of-range values are the user's option, not a bug: one line
+            raise ConfigError(f"--img-size {size} for {self.name}: {exc}") from None
 
     def describe(self) -> dict[str, Any]:
         return {

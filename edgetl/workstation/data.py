@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from edgetl.core.atomic import output_lock
 from edgetl.core.errors import DataError
 from edgetl.core.imagefolder import ImageFolder, Sample
 
@@ -37,22 +40,37 @@ def write_digits(out: str | os.PathLike) -> dict:
     from PIL import Image
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} exists and is not empty; choose a new folder")
+    _refuse_non_empty(out)
     digits = load_digits()
-    tmp = out.with_name(out.name + ".tmp-digits")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
     classes = [str(int(c)) for c in digits.target_names]
-    for c in classes:
-        (tmp / c).mkdir(parents=True)
-    for i, (img, target) in enumerate(zip(digits.images, digits.target, strict=False)):
-        # Values are 0..16 ink levels; scale to 0..255 grey.
-        pixels = np.clip(np.round(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels, mode="L").save(tmp / str(int(target)) / f"{i:04d}.png")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    # Under the output's lock, in a temporary folder of our own beside OUT (never a fixed name that
+    # might be someone's folder): a second writer fails at once, an interruption leaves no half folder.
+    with output_lock(out):
+        _refuse_non_empty(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a dataset is read by others
+            for c in classes:
+                (tmp / c).mkdir()
+            for i, (img, target) in enumerate(zip(digits.images, digits.target, strict=False)):
+                # Values are 0..16 ink levels; scale to 0..255 grey.
+                pixels = np.clip(np.round(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(tmp / str(int(target)) / f"{i:04d}.png")
+            if out.exists():
+                out.rmdir()  # empty (checked under the lock); rmdir refuses anything else
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return {"path": str(out), "classes": classes, "images": len(digits.images)}
+
+
+def _refuse_non_empty(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
+        raise DataError(f"{out} exists and is not empty (or not a folder); choose a new folder")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

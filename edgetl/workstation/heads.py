@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import atomic_directory
-from edgetl.core.errors import BundleError, ConfigError, OutputExistsError
+from edgetl.core.atomic import atomic_directory, check_output
+from edgetl.core.errors import BundleError, ConfigError
 from edgetl.core.imagefolder import class_counts
 from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.run import write_run
@@ -135,8 +135,9 @@ def finetune_head(
     if cfg.strategy != "feature-extraction":
         raise ConfigError(f"--trunk-from trains a head on a fixed trunk: --strategy {cfg.strategy} does not apply")
     out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    # --force replaces a run folder, never the data, the validation folder or the bundle read here.
+    inputs = [p for p in (data, val_dir, trunk_from) if p is not None]
+    check_output(out, force=force, kind="run", inputs=inputs)
     bundle = open_bundle(trunk_from)  # checksums verified: the features come from exactly this trunk
     ref = trunk_reference(bundle)
     pp: Preprocessing = bundle.preprocessing
@@ -185,7 +186,7 @@ def finetune_head(
     weights = bundle.manifest["backbone"].get("weights") or {}
     config = run_config(cfg, prepared, pp, "cpu (trunk: onnxruntime)")
     config.update({"weights": weights, "pretrained": weights.get("kind") not in (None, "none"), "trunk_from": ref})
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, kind="run", inputs=inputs) as tmp:
         write_run(
             tmp,
             config=config,

@@ -18,12 +18,32 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.core.errors import RunError
 from edgetl.workstation.distributed import SINGLE, DistContext, all_reduce_sums, per_rank_batch, rank_slice
 
 log = logging.getLogger(__name__)
 
 # Called after every epoch with (epoch, checkpoint_state): the caller saves it for --resume.
 EpochHook = Callable[[int, dict], None]
+
+
+class TrainingDiverged(RunError):
+    """The loss became NaN or infinite: the model is lost, and going on would only save a NaN model."""
+
+
+def check_finite(value: float, what: str, epoch: int, cfg) -> None:
+    """Stop at the first non-finite loss, in one line that names the epoch and the likely cause.
+
+    Without this a ``--lr inf`` trained to a NaN model, exited 0 and exported: every comparison with
+    NaN is false, so no later gate could see it.
+    """
+    if math.isfinite(value):
+        return
+    scale = f" x --trunk-lr-scale {cfg.trunk_lr_scale:g}" if cfg.strategy != "feature-extraction" else ""
+    raise TrainingDiverged(
+        f"training diverged: the {what} is {value} in epoch {epoch}; the learning rate is likely too high "
+        f"(--lr {cfg.lr:g}{scale}): try a lower --lr, or check the images and --weights"
+    )
 
 
 class EarlyStopping:
@@ -145,15 +165,18 @@ def train_head(head, ftr, ytr, fval, yval, cfg, *, criterion, io: LoopIO) -> int
             loss = criterion(logits, ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            value = loss.item()
+            check_finite(value, "training loss", epoch, cfg)  # before the step: a NaN step ruins every weight
             opt.step()
             sched.step()
-            loss_sum += loss.item() * len(idx)
+            loss_sum += value * len(idx)
             correct += int((logits.argmax(1) == ytr[idx]).sum())
         head.eval()
         with torch.inference_mode():
             val_logits = head(all_features(fval, cfg.batch_size))
             val_loss = float(torch.nn.functional.cross_entropy(val_logits, yval, label_smoothing=cfg.label_smoothing))
             val_top1 = float((val_logits.argmax(1) == yval).float().mean())
+        check_finite(val_loss, "validation loss", epoch, cfg)  # the last step of an epoch can still break it
         io.history.append(epoch_record(epoch, loss_sum / len(ftr), correct / len(ftr), val_loss, val_top1, opt, t0))
         io.progress.update(task, advance=1, status=f"val top-1 {val_top1:.3f}")
         stop = stopper.update(epoch, val_top1, val_loss, head.state_dict)
@@ -313,12 +336,15 @@ def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, w
                     if lam < 1
                     else criterion(logits, ya)
                 )
+            value = loss.item()
+            # Every rank sees its own batch; one rank's error ends the process group with it.
+            check_finite(value, "training loss", epoch, cfg)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += loss.item() * len(y)
+            loss_sum += value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
             io.progress.update(task, advance=len(y), status=f"loss {loss_sum / n:.3f}")
@@ -340,6 +366,7 @@ def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, w
             [loss_sum, correct, n, val_loss_sum, val_correct, float(len(val_labels))], dist, device
         )
         val_loss, val_top1 = val_loss_sum / val_n, val_correct / val_n
+        check_finite(val_loss, "validation loss", epoch, cfg)
         io.history.append(epoch_record(epoch, loss_sum / n, correct / n, val_loss, val_top1, opt, t0))
         io.progress.update(task, status=f"val top-1 {val_top1:.3f}")
         stop = stopper.update(epoch, val_top1, val_loss, core.state_dict)

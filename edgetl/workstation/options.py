@@ -8,12 +8,48 @@ study, the recipes and the CLI import them from here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from edgetl.core.errors import ConfigError
 
 STRATEGIES = ("feature-extraction", "fine-tune", "full")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+# The input-size bounds of edgetl.core.preprocess (MIN/MAX_INPUT_SIZE), repeated because that module
+# needs numpy and this one must not; tests/test_reliability_workstation.py checks that they agree.
+MIN_IMG_SIZE, MAX_IMG_SIZE = 8, 2048
+
+# Integer options: (lowest, highest). The upper bounds are far above any real use; they turn a typo
+# (an extra zero or three) into one line instead of hours of training or an allocation failure.
+MAX_EPOCHS = 10_000
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "epochs": (1, MAX_EPOCHS),
+    "batch_size": (1, 4096),
+    "unfreeze": (1, 1000),
+    "patience": (1, 10_000),
+    "seed": (0, 2**32 - 1),  # numpy's generators take no negative seed
+    "img_size": (MIN_IMG_SIZE, MAX_IMG_SIZE),
+    "workers": (0, 256),
+}
+_OPTIONAL = ("img_size", "workers")  # None: the backbone's size; 4 on CUDA, 0 on the CPU
+# Float options: (low, high, low excluded, high excluded, the rule in words). All must be finite; the
+# upper bounds are far above any useful value and keep lr x scale x decay within float32 (torch's
+# optimizer raises an overflow error, not a NaN, past ~1e38).
+_FLOAT_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "lr": (0.0, 100.0, True, False, "in (0, 100]"),
+    "trunk_lr_scale": (0.0, 1000.0, False, False, "in [0, 1000] (0: the trunk does not move)"),
+    "weight_decay": (0.0, 1000.0, False, False, "in [0, 1000]"),
+    "dropout": (0.0, 1.0, False, True, "in [0, 1)"),
+    "label_smoothing": (0.0, 1.0, False, True, "in [0, 1)"),
+    "val_split": (0.0, 1.0, True, True, "between 0 and 1 (a fraction of each class)"),
+    "mixup": (0.0, 1000.0, False, False, "in [0, 1000] (a Beta alpha; 0 = off)"),
+    "cutmix": (0.0, 1000.0, False, False, "in [0, 1000] (a Beta alpha; 0 = off)"),
+}
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,44 +81,46 @@ class TrainConfig:
     on_bad_image: str = "skip"
 
     def __post_init__(self) -> None:
+        problem = self.problem()
+        if problem:
+            raise ConfigError(problem)
+
+    def problem(self) -> str | None:
+        """What is wrong with these values, as one line naming the option (None: nothing).
+
+        Every value is checked for type, range and finiteness here, whichever way it came (the
+        command line, a recipe, a run's config.json): a ``--lr inf`` or ``nan`` would otherwise
+        train to a NaN model and exit 0, and an ``--img-size 100000`` fail deep in the trunk.
+        """
+        for name in ("backbone", "weights", "device"):
+            if not isinstance(getattr(self, name), str):
+                return f"{_opt(name)} must be a name, not {getattr(self, name)!r}"
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
-        for name in ("epochs", "batch_size", "unfreeze", "patience"):
+            return f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}"
+        for name, (low, high) in _INT_RANGES.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be an integer >= 1, not {value!r}")
-        for name in (
-            "lr",
-            "trunk_lr_scale",
-            "weight_decay",
-            "dropout",
-            "label_smoothing",
-            "val_split",
-            "mixup",
-            "cutmix",
-        ):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise ConfigError(f"{name.replace('_', '-')} must be a number, not {getattr(self, name)!r}")
-        if self.lr <= 0 or self.trunk_lr_scale <= 0:
-            raise ConfigError("--lr and the trunk learning-rate scale must be > 0")
-        if self.weight_decay < 0 or not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
-            raise ConfigError("weight decay must be >= 0, dropout and label smoothing in [0, 1)")
-        if self.mixup < 0 or self.cutmix < 0:
-            raise ConfigError("--mixup and --cutmix are Beta alphas: >= 0 (0 = off)")
+            if value is None and name in _OPTIONAL:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                return f"{_opt(name)} must be an integer in {low}..{high}, not {value!r}"
+        for name, (low, high, low_open, high_open, what) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"{_opt(name)} must be a finite number {what}, not {value!r}"
+            if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+                return f"{_opt(name)} must be {what}, not {value!r}"
+        for name in ("augment", "hflip", "balance", "feature_cache"):
+            if not isinstance(getattr(self, name), bool):
+                return f"{_opt(name)} must be true or false, not {getattr(self, name)!r}"
         if (self.mixup or self.cutmix) and self.strategy == "feature-extraction":
-            raise ConfigError("--mixup/--cutmix mix images: use them with --strategy fine-tune or full")
-        if self.img_size is not None and (not isinstance(self.img_size, int) or self.img_size < 16):
-            raise ConfigError(f"--img-size must be an integer >= 16, not {self.img_size!r}")
-        if not isinstance(self.device, str) or (
-            self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:")
-        ):
-            raise ConfigError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+            return "--mixup/--cutmix mix images: use them with --strategy fine-tune or full"
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            return f"--device must be auto, cpu or cuda, not {self.device!r}"
         if self.amp not in AMP_MODES:
-            raise ConfigError(f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}")
+            return f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}"
         if self.on_bad_image not in ("skip", "fail"):
-            raise ConfigError(f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 0):
-            raise ConfigError("--workers must be an integer >= 0")
+            return f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

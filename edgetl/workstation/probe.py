@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -235,15 +236,26 @@ class ProbeOptions:
     cache_dir: str | Path | None = None
 
 
+def _rank(value: float) -> float:
+    return value if math.isfinite(value) else -math.inf
+
+
 def _check_options(o: ProbeOptions) -> None:
     if o.metric not in METRICS:
         raise ConfigError(f"--metric must be one of {', '.join(METRICS)}, not {o.metric!r}")
-    if isinstance(o.folds, bool) or not isinstance(o.folds, int) or o.folds < 2:
-        raise ConfigError(f"--folds must be an integer >= 2, not {o.folds!r}")
-    if o.img_size is not None and (isinstance(o.img_size, bool) or not isinstance(o.img_size, int) or o.img_size < 16):
-        raise ConfigError(f"--img-size must be an integer >= 16, not {o.img_size!r}")
-    if o.batch_size < 1:
-        raise ConfigError("--batch-size must be >= 1")
+    from edgetl.workstation.options import MAX_IMG_SIZE, MIN_IMG_SIZE
+
+    def integer(value, low: int, high: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+    if not integer(o.folds, 2, 100):
+        raise ConfigError(f"--folds must be an integer in 2..100, not {o.folds!r}")
+    if o.img_size is not None and not integer(o.img_size, MIN_IMG_SIZE, MAX_IMG_SIZE):
+        raise ConfigError(f"--img-size must be an integer in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}, not {o.img_size!r}")
+    if not integer(o.batch_size, 1, 4096):
+        raise ConfigError(f"--batch-size must be an integer in 1..4096, not {o.batch_size!r}")
+    if not integer(o.seed, 0, 2**32 - 1):
+        raise ConfigError(f"--seed must be an integer in 0..{2**32 - 1}, not {o.seed!r}")
 
 
 def probe_samples(
@@ -289,9 +301,15 @@ def probe_samples(
                 spec, c.weights, samples, pp, settings, progress=bar, description=f"{c.label} features"
             )
             t1 = time.perf_counter()
-            spread = float(feats.std(axis=0).mean())
-            top1, std = linear_probe_score(feats, y, folds=folds, seed=seed)
-            lm = logme_score(feats, y)
+            finite = bool(np.isfinite(feats).all())
+            spread = float(feats.std(axis=0).mean()) if finite else math.nan
+            if finite:
+                top1, std = linear_probe_score(feats, y, folds=folds, seed=seed)
+                lm = logme_score(feats, y)
+            else:
+                # NaN/inf features (a broken weights file): no score means anything; ranked last.
+                log.warning("%s: its features are not finite (NaN or inf): ranked last, unscored", c.label)
+                top1 = std = lm = math.nan
             t2 = time.perf_counter()
             rows.append(
                 ProbeRow(
@@ -309,7 +327,7 @@ def probe_samples(
                     score_seconds=round(t2 - t1, 3),
                     feature_cache=stats.to_dict(),
                     feature_std=float(f"{spread:.4g}"),
-                    degenerate=spread < DEGENERATE_STD,
+                    degenerate=not finite or spread < DEGENERATE_STD,
                 )
             )
             log.info(
@@ -330,7 +348,11 @@ def probe_samples(
                     top1,
                 )
     # Best first (usable features before degenerate ones); ties on the chosen metric go to the other one.
-    rows.sort(key=lambda r: (not r.degenerate, r.score, r.logme if metric == "linear" else r.linear_top1), reverse=True)
+    # A NaN compares false both ways and would leave the order to chance: it counts as the lowest.
+    rows.sort(
+        key=lambda r: (not r.degenerate, _rank(r.score), _rank(r.logme if metric == "linear" else r.linear_top1)),
+        reverse=True,
+    )
     return ProbeResult(
         rows=rows,
         metric=metric,

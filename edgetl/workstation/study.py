@@ -40,6 +40,7 @@ from edgetl.core.imagefolder import Sample
 from edgetl.workstation.options import (
     DEFAULT_BUDGETS,
     DEFAULT_EPOCHS,
+    MAX_EPOCHS,
     STUDY_STRATEGIES,
     TrainConfig,
     budget_label,
@@ -103,7 +104,7 @@ def parse_epochs(value: int | str | Mapping[str, int] | None) -> dict[str, int]:
     if value is None:
         return epochs
     if isinstance(value, int) and not isinstance(value, bool):
-        return dict.fromkeys(epochs, value) if value >= 1 else _bad_epochs(value)
+        return dict.fromkeys(epochs, value) if 1 <= value <= MAX_EPOCHS else _bad_epochs(value)
     if isinstance(value, str):
         if value.strip().isdigit():
             return parse_epochs(int(value))
@@ -117,7 +118,7 @@ def parse_epochs(value: int | str | Mapping[str, int] | None) -> dict[str, int]:
     for name, n in dict(value).items():
         if name not in STUDY_STRATEGIES:
             raise ConfigError(f"--epochs names unknown strategy {name!r}; choose from {', '.join(STUDY_STRATEGIES)}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EPOCHS:
             _bad_epochs(value)
         epochs[name] = n
     return epochs
@@ -125,7 +126,8 @@ def parse_epochs(value: int | str | Mapping[str, int] | None) -> dict[str, int]:
 
 def _bad_epochs(value) -> dict[str, int]:
     raise ConfigError(
-        f"--epochs takes an integer >= 1 for every strategy, or pairs like fine-tune=3,scratch=10, not {value!r}"
+        f"--epochs takes an integer in 1..{MAX_EPOCHS} for every strategy, or pairs like fine-tune=3,scratch=10, "
+        f"not {value!r}"
     )
 
 

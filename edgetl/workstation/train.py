@@ -18,15 +18,19 @@ computation in :mod:`edgetl.workstation.features`, multi-process training in :mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgetl.core.atomic import check_output, output_lock
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import Sample, class_counts
 from edgetl.workstation.backbones import get_backbone
@@ -34,6 +38,7 @@ from edgetl.workstation.export.common import progress_bar
 from edgetl.workstation.loops import (
     LoopIO,
     Placement,
+    TrainingDiverged,
     all_features,
     amp_settings,
     predict_logits,
@@ -262,21 +267,50 @@ def finetune(
     progress: bool = True,
     cache_dir: str | Path | None = None,
 ) -> FinetuneResult:
-    """Train ``config.strategy`` on the image folder ``data``; write the run directory ``out``."""
+    """Train ``config.strategy`` on the image folder ``data``; write the run directory ``out``.
+
+    With ``force`` an existing ``out`` (and an interrupted ``out.partial``) is replaced, but only
+    when it is a run folder that is not and does not hold ``data`` or ``val_dir``. The whole
+    command holds the output's lock: a second finetune to the same ``out`` fails at once.
+    """
     out = Path(out)
     partial = partial_dir(out)
+    inputs = [p for p in (data, val_dir) if p is not None]
     # Fail before minutes of training, not after.
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
-    if partial.exists():
+    _check_outputs(out, partial, force=force, inputs=inputs)
+    with _held(out):
+        _check_outputs(out, partial, force=force, inputs=inputs)  # again, now that the output is ours
+        if partial.exists():
+            shutil.rmtree(partial)
+        prepared = prepare_data(data, config, val_dir=val_dir)
+        return _train_into(
+            out, partial, config, prepared, progress=progress, force=force, inputs=inputs, cache_dir=cache_dir
+        )
+
+
+def _check_outputs(out: Path, partial: Path, *, force: bool, inputs: list) -> None:
+    check_output(out, force=force, kind="run", inputs=inputs)
+    if partial.exists() or partial.is_symlink():
         if not force:
             raise OutputExistsError(
                 f"an interrupted run is in {partial}; continue it with `edgetl finetune --resume {out}`, "
                 "or pass --force to start over"
             )
-        shutil.rmtree(partial)
-    prepared = prepare_data(data, config, val_dir=val_dir)
-    return _train_into(out, partial, config, prepared, progress=progress, force=force, cache_dir=cache_dir)
+        check_output(partial, force=True, kind="run", inputs=inputs)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def _held(out: Path) -> Iterator[None]:
+    """The output's lock, held by the process that writes the run (rank 0 of a multi-process run)."""
+    if _is_main():
+        with output_lock(out):
+            yield
+    else:
+        yield
 
 
 def resume(
@@ -303,7 +337,10 @@ def resume(
         if key not in _RESUMABLE_OVERRIDES:
             raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming (it changes what is learned)")
         values[key] = value
-    cfg = TrainConfig(**values)
+    try:
+        cfg = TrainConfig(**values)  # checked again: config.json may have been edited since
+    except TypeError as exc:
+        raise RunError(f"{partial / 'config.json'}: unknown training options ({exc})") from None
     split = json.loads((partial / "split.json").read_text())
     prepared = PreparedData(
         labels=json.loads((partial / "labels.json").read_text()),
@@ -313,13 +350,26 @@ def resume(
         root=saved["data"]["root"],
         val_dir=saved["data"]["val_dir"],
     )
-    checkpoint = None
-    if (partial / "checkpoint.pt").is_file():
-        checkpoint = torch.load(partial / "checkpoint.pt", map_location="cpu", weights_only=True)
-        log.info("resuming %s after epoch %d", out, checkpoint["epoch"])
-    return _train_into(
-        out, partial, cfg, prepared, progress=progress, force=True, resume_state=checkpoint, cache_dir=cache_dir
-    )
+    inputs = [p for p in (prepared.root, prepared.val_dir) if p]
+    with _held(out):
+        # --resume finishes the run it continues: an ``out`` there now is replaced only if it is a run
+        # folder (one that was finished meanwhile, or by hand) and not the data.
+        check_output(out, force=True, kind="run", inputs=inputs)
+        checkpoint = None
+        if (partial / "checkpoint.pt").is_file():
+            checkpoint = torch.load(partial / "checkpoint.pt", map_location="cpu", weights_only=True)
+            log.info("resuming %s after epoch %d", out, checkpoint["epoch"])
+        return _train_into(
+            out,
+            partial,
+            cfg,
+            prepared,
+            progress=progress,
+            force=True,
+            inputs=inputs,
+            resume_state=checkpoint,
+            cache_dir=cache_dir,
+        )
 
 
 def _train_into(
@@ -330,6 +380,7 @@ def _train_into(
     *,
     progress: bool,
     force: bool,
+    inputs: list,
     resume_state: dict | None = None,
     cache_dir=None,
 ) -> FinetuneResult:
@@ -338,8 +389,9 @@ def _train_into(
 
     spec = get_backbone(cfg.backbone)
     pp = spec.preprocessing(cfg.img_size)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and resume_state is None:
+    is_main = _is_main()
+    created = is_main and resume_state is None
+    if created:
         start_run(
             partial,
             config=run_config(cfg, prepared, pp, cfg.device),
@@ -352,9 +404,20 @@ def _train_into(
         if is_main:
             _save_checkpoint(partial / "checkpoint.pt", state)
 
-    outcome = train_model(
-        prepared, cfg, progress=progress, resume=resume_state, on_epoch_end=on_epoch_end, cache_dir=cache_dir
-    )
+    try:
+        outcome = train_model(
+            prepared, cfg, progress=progress, resume=resume_state, on_epoch_end=on_epoch_end, cache_dir=cache_dir
+        )
+    except BaseException as exc:
+        # A run that failed before its first checkpoint has nothing to resume: its RUN.partial (made by
+        # this call, never an older one) would only block the retry. A diverged run neither: resuming
+        # replays the same steps into the same NaN, so the retry (with another --lr) must start afresh.
+        checkpointed = (partial / "checkpoint.pt").is_file()
+        if created and (not checkpointed or isinstance(exc, TrainingDiverged)):
+            shutil.rmtree(partial, ignore_errors=True)
+        elif is_main and isinstance(exc, TrainingDiverged):
+            raise TrainingDiverged(f"{exc}; start over with `edgetl finetune ... --force`") from None
+        raise
     dist = distributed.init_from_env("cpu") if os.environ.get("WORLD_SIZE", "1") != "1" else distributed.SINGLE
     if is_main:
         finish_run(
@@ -368,11 +431,15 @@ def _train_into(
             },
         )
         (partial / "checkpoint.pt").unlink(missing_ok=True)
-        if out.exists():
-            if not force:
-                raise OutputExistsError(f"{out} appeared while training; the finished run is in {partial}")
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        if out.exists() or out.is_symlink():
+            # Written by something that does not take the lock (edgetl writers do): the same rules again.
+            try:
+                check_output(out, force=force, kind="run", inputs=inputs)
+            except OutputExistsError as exc:
+                where = f"it appeared while training; the finished run is in {partial}"
+                raise OutputExistsError(f"{exc} ({where})") from None
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
             os.replace(out, old)
             os.replace(partial, out)
             shutil.rmtree(old, ignore_errors=True)

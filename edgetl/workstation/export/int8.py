@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -159,7 +160,7 @@ def search_int8(
     index = (
         passed[0]
         if passed
-        else max(range(len(attempts)), key=lambda i: (attempts[i].val_top1, -len(attempts[i].float_layers), -i))
+        else max(range(len(attempts)), key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
     )
     quantizer.save(models[index], out)
     header, extra = quantizer.header(), quantizer.extra()
@@ -168,7 +169,14 @@ def search_int8(
 
 def best(attempts: Sequence[Attempt]) -> Attempt:
     """The attempt with the highest top-1 so far (the earliest on ties): where later remedies start."""
-    return max(attempts, key=lambda a: a.val_top1)
+    return max(attempts, key=_score)
+
+
+def _score(attempt: Attempt) -> float:
+    """Top-1 for ranking attempts, a NaN counting as the worst: ``max`` compares with ``>``, which is
+    false both ways with a NaN, so a NaN attempt met first would otherwise stay "the best"."""
+    top1 = attempt.val_top1
+    return top1 if math.isfinite(top1) else -math.inf
 
 
 def select_calibration(samples: Sequence[Sample], size: int, *, seed: int = 0) -> list[Sample]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from edgetl.core.formats import FORMATS, PRECISIONS, missing_export_modules
 log = logging.getLogger(__name__)
 
 DEFAULT_PROFILE = "default"
+MAX_CALIB_SIZE = 100_000  # images; far above any calibration set worth its time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +118,12 @@ def check_options(
     for p in precisions:
         if p not in PRECISIONS:
             raise ConfigError(f"unsupported --precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
-        raise ConfigError(f"--calib-size must be an integer >= 1, not {calib_size!r}")
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)):
-        raise ConfigError(f"--max-drop must be a number of percentage points, not {max_drop!r}")
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or not 1 <= calib_size <= MAX_CALIB_SIZE:
+        raise ConfigError(f"--calib-size must be an integer in 1..{MAX_CALIB_SIZE}, not {calib_size!r}")
+    # A NaN bar would pass nothing and an infinite one everything; a negative one is allowed (it forces
+    # the search to run every remedy, and tests use it to force a failure).
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop):
+        raise ConfigError(f"--max-drop must be a finite number of percentage points, not {max_drop!r}")
     available = []
     for fmt in formats:
         reason = missing_library(fmt, precisions)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import atomic_directory
+from edgetl.core.atomic import atomic_directory, check_output
 from edgetl.core.errors import ExportError
 from edgetl.workstation.export.common import load_arrays, progress_bar, torch_logits
 from edgetl.workstation.export.formats import registry
@@ -59,11 +59,9 @@ def export_bundle(
             f"run {run.path} holds a head trained on the trunk of bundle {run.trunk_from['bundle']}; "
             f"add it to that bundle with `edgetl export {run.path} --add-to BUNDLE --head NAME`"
         )
-    if out.exists() and not force:
-        # atomic_directory refuses too; this only saves loading the data first.
-        from edgetl.core.errors import OutputExistsError
-
-        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    # atomic_directory checks again (under the output's lock); this only saves loading the data first.
+    # --force replaces a bundle, never the run being exported or a folder holding it.
+    check_output(out, force=force, kind="bundle", inputs=[run.path])
     if not run.val_samples:
         raise ExportError(f"run {run.path} has no validation images: exported variants cannot be checked")
     t0 = time.perf_counter()
@@ -82,7 +80,7 @@ def export_bundle(
 
     with (
         progress_bar(progress) as bar,
-        atomic_directory(out, force=force) as tmp,
+        atomic_directory(out, force=force, kind="bundle", inputs=[run.path]) as tmp,
         tempfile.TemporaryDirectory(prefix="edgetl-export-") as work,
     ):
         session = ExportSession(run, model, tmp, Path(work), options, x_val, y_val, ref, ref_features, bar)
