@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from collections.abc import Callable
@@ -54,7 +53,11 @@ def handle_errors(func: Callable) -> Callable:
 
 
 def emit_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    """One strict JSON document on stdout: a NaN or infinity anywhere is written as null (Python's
+    ``NaN`` is not JSON: ``jq`` and every other parser refuse it)."""
+    from edgetl.core.jsonio import dumps
+
+    click.echo(dumps(obj, indent=2, default=str))
 
 
 def parse_list(value: str | None) -> list[str] | None:

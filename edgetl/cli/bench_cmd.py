@@ -23,6 +23,7 @@ from edgetl.cli._runtime_options import (
 )
 from edgetl.cli._tables import print_bench, print_comparison
 from edgetl.core.formats import PRECISIONS
+from edgetl.device.limits import BOUNDS, MAX_ITERATIONS, MAX_STREAMS, MAX_WARMUP
 
 
 def _precisions(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -38,9 +39,12 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     if items is None:
         return None
     out = []
+    hi = BOUNDS[param.name or ""][1]
     for item in items:
-        if not item.isdigit() or int(item) < 1:
-            raise click.BadParameter(f"{item!r} is not an integer >= 1 (give one value or a comma list: 1,2,4)")
+        if not item.isdigit() or not 1 <= int(item) <= hi:
+            raise click.BadParameter(
+                f"{item!r} is not an integer from 1 to {hi} (give one value or a comma list: 1,2,4)"
+            )
         out.append(int(item))
     return out
 
@@ -80,14 +84,20 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 )
 @provider_option
 @ov_device_option
-@click.option("--streams", type=click.IntRange(min=1), default=None, help="OpenVINO streams (default: the runtime's).")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Untimed runs first.")
 @click.option(
-    "--iterations", type=click.IntRange(min=1), default=100, show_default=True, help="Timed runs per configuration."
+    "--streams", type=click.IntRange(1, MAX_STREAMS), default=None, help="OpenVINO streams (default: the runtime's)."
+)
+@click.option("--warmup", type=click.IntRange(0, MAX_WARMUP), default=10, show_default=True, help="Untimed runs first.")
+@click.option(
+    "--iterations",
+    type=click.IntRange(1, MAX_ITERATIONS),
+    default=100,
+    show_default=True,
+    help="Timed runs per configuration.",
 )
 @click.option(
     "--block",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_ITERATIONS),
     default=10,
     show_default=True,
     help="Timed runs per configuration per interleaving round.",

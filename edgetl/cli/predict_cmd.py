@@ -15,6 +15,7 @@ from edgetl.cli._runtime_options import (
 )
 from edgetl.cli._tables import print_summary, stream_table
 from edgetl.core.formats import PRECISIONS
+from edgetl.device.limits import MAX_BATCH_SIZE, MAX_STREAMS, MAX_THREADS
 
 
 @click.command()
@@ -37,15 +38,17 @@ from edgetl.core.formats import PRECISIONS
 @head_option
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_BATCH_SIZE),
     default=32,
     show_default=True,
     help="Images per inference call (memory holds one batch).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: the runtime's).")
+@click.option(
+    "--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Intra-op threads (default: the runtime's)."
+)
 @provider_option
 @ov_device_option
-@click.option("--streams", type=click.IntRange(min=1), default=None, help="OpenVINO streams.")
+@click.option("--streams", type=click.IntRange(1, MAX_STREAMS), default=None, help="OpenVINO streams.")
 @profile_option
 @json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV on stdout: image, head, label, score, top_k.")
@@ -113,11 +116,10 @@ def predict(
     )
     predictor = open_bundle(bundle).load(apply_profile(device_profile, given))
 
-    skipped: list[str] = []
-
     def on_skip(path: str, reason: str) -> None:
-        if len(skipped) < 20:
-            skipped.append(reason)
+        # Said as it happens, one line each: when every image fails the run ends in an error, and
+        # the reasons must have been shown by then.
+        click.echo(f"Skipped: {reason}", err=True)
 
     stream = PredictionStream(predictor, images, top_k=top_k, batch_size=batch_size, on_skip=on_skip)
     out = _Echo()
@@ -129,11 +131,7 @@ def predict(
         stream_table(stream, predictor, top_k)
     summary = stream.summary
     if summary.skipped:
-        click.echo(f"Skipped {summary.skipped} unreadable image(s):", err=True)
-        for reason in skipped:
-            click.echo(f"  {reason}", err=True)
-        if summary.skipped > len(skipped):
-            click.echo(f"  ... and {summary.skipped - len(skipped)} more", err=True)
+        click.echo(f"Skipped {summary.skipped} unreadable image(s) (reasons above).", err=True)
     print_summary(summary)
 
 
@@ -163,14 +161,15 @@ class _Echo:
 
 
 def _stream_json(stream, out) -> None:
-    """One JSON list, written record by record (valid JSON even for a million images)."""
-    import json
+    """One JSON list, written record by record (valid JSON even for a million images); strict: a
+    non-finite number would be null, never ``NaN`` (the predictor refuses non-finite logits anyway)."""
+    from edgetl.core.jsonio import dumps
 
     first = True
     out.write("[")
     try:
         for record in stream:
-            out.write(("\n  " if first else ",\n  ") + json.dumps(record))
+            out.write(("\n  " if first else ",\n  ") + dumps(record))
             first = False
     finally:  # stdout stays one valid document even when the run fails part-way
         out.write("\n]\n" if not first else "]\n")
@@ -182,8 +181,15 @@ def _stream_csv(stream, out) -> None:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["image", "head", "label", "score", "top_k"])
     for r in stream:
-        top = ";".join(f"{t['label']}:{t['score']:.6f}" for t in r["top_k"])
-        writer.writerow([r["image"], r["head"], r["label"], f"{r['score']:.6f}", top])
+        top = ";".join(f"{t['label']}:{_score(t['score'])}" for t in r["top_k"])
+        writer.writerow([r["image"], r["head"], r["label"], _score(r["score"]), top])
+
+
+def _score(value: float) -> str:
+    """A score for CSV; a non-finite one (never produced: the predictor refuses it) as an empty cell."""
+    import math
+
+    return f"{value:.6f}" if math.isfinite(value) else ""
 
 
 COMMANDS = [predict]

@@ -197,7 +197,13 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
 @click.option("--runtime", default="onnxruntime", show_default=True, help="For bundles: onnxruntime.")
 @click.option("--precision", default=None, help="For bundles: fp32, int8 (default fp32).")
 @click.option("--head", default=None, help="For bundles with several heads: a head name, or all (each scored).")
-@click.option("--batch-size", default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),  # edgetl.device.limits.MAX_BATCH_SIZE (not imported: workstation CLI)
+    default=64,
+    show_default=True,
+    help="Images per inference call (memory holds one batch).",
+)
 @json_option
 @handle_errors
 def evaluate(model, data, runtime, precision, head, batch_size, as_json) -> None:

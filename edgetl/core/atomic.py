@@ -83,8 +83,8 @@ def check_output(
         src = Path(item).resolve()
         if src == resolved or resolved in src.parents:
             raise OutputExistsError(
-                f"--out {target} {'is' if src == resolved else 'contains'} this command's input {item}; "
-                "choose another --out"
+                f"the output {target} {'is' if src == resolved else 'contains'} this command's input {item}; "
+                "choose another output path"
             )
     if not (target.exists() or target.is_symlink()):
         return

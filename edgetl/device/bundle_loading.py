@@ -17,6 +17,7 @@ from edgetl.core.bundle import read_manifest, verify_files
 from edgetl.core.errors import BackendError, BundleError, ConfigError
 from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, variant_name
 from edgetl.core.preprocess import Preprocessing
+from edgetl.device import limits
 from edgetl.device.backends import LOAD_OPTIONS, backend, check_load_options, import_backend
 from edgetl.device.predictor import Predictor
 
@@ -173,10 +174,9 @@ class Bundle:
             options = dataclasses.replace(options, **given)
         o = options
         runtime, precision, threads, merged = o.runtime or DEFAULT_RUNTIME, o.precision, o.threads, o.merged
-        if threads is not None and threads < 1:
-            raise ConfigError(f"threads must be >= 1, not {threads}")
-        if o.streams is not None and o.streams < 1:
-            raise ConfigError(f"streams must be >= 1, not {o.streams}")
+        for name, value in (("threads", threads), ("streams", o.streams)):
+            if value is not None:
+                limits.check(name, value)
         spec = backend(runtime)
         accel = o.accelerator_options()
         check_load_options(runtime, accel)
@@ -198,12 +198,14 @@ class Bundle:
                 )
             trunk = None
             head_models = {
-                h: spec.loader(self.path / variant["merged"][h], threads=threads, **accel) for h in head_names
+                h: self._open(spec.loader, variant["merged"][h], threads, accel, image_input=True, head=h)
+                for h in head_names
             }
         else:
-            trunk = spec.loader(self.path / variant["trunk"], threads=threads, **accel)
+            trunk = self._open(spec.loader, variant["trunk"], threads, accel, image_input=True)
             head_models = {
-                h: spec.loader(self.path / variant["heads"][h], threads=threads, **accel) for h in head_names
+                h: self._open(spec.loader, variant["heads"][h], threads, accel, head=h, features=trunk)
+                for h in head_names
             }
         first = trunk if trunk is not None else next(iter(head_models.values()))
         return Predictor(
@@ -216,5 +218,88 @@ class Bundle:
             runtime_info=getattr(first, "runtime_info", None),
         )
 
+    def _open(
+        self,
+        loader: Any,
+        rel: str,
+        threads: int | None,
+        accel: dict[str, Any],
+        *,
+        image_input: bool = False,
+        head: str | None = None,
+        features: Any = None,
+    ) -> Any:
+        """Load one model file and check the graph it declares against the manifest (see
+        :func:`check_graph`), so a mismatch is one line naming the file here, not a traceback from
+        the runtime at the first batch, or wrong labels later."""
+        model = loader(self.path / rel, threads=threads, **accel)
+        check_graph(self, rel, model, image_input=image_input, head=head, features=features)
+        return model
 
-__all__ = ["ALL_HEADS", "Bundle", "LoadOptions", "open_bundle"]
+
+def _show(shape: Sequence[Any], dtype: Any) -> str:
+    dims = ", ".join("?" if d is None else str(d) for d in shape)
+    return f"[{dims}] {dtype}"
+
+
+def check_graph(
+    bundle: Bundle, rel: str, model: Any, *, image_input: bool = False, head: str | None = None, features: Any = None
+) -> None:
+    """Refuse a model file whose graph does not match its manifest record (rank, static dimensions,
+    dtype float32), the preprocessing's input size (a trunk or merged graph takes (N, 3, S, S)), the
+    head's label count (its last output dimension) or the trunk's feature width (a head's input).
+
+    Uses what the back-end reports in ``model.signature`` (``{"inputs": [(dims, dtype)], "outputs":
+    [...]}``, dims None where dynamic); a model without one (a test double) is not checked.
+    """
+    sig = getattr(model, "signature", None)
+    if not sig:
+        return
+    where = f"bundle {bundle.path}: {rel}"
+    for side in ("inputs", "outputs"):
+        dtype = sig[side][0][1]
+        if dtype != "float32":
+            raise BundleError(f"{where}: the graph's {side[:-1]} is {dtype}; edgetl models take and return float32")
+    in_dims, out_dims = sig["inputs"][0][0], sig["outputs"][0][0]
+    if image_input:
+        s = bundle.preprocessing.input_size
+        if len(in_dims) != 4 or any(g is not None and g != w for g, w in zip(in_dims[1:], (3, s, s), strict=True)):
+            raise BundleError(
+                f"{where}: the graph takes {_show(in_dims, 'float32')} but the manifest's preprocessing "
+                f"makes (N, 3, {s}, {s}) (input_size {s}); re-export the bundle"
+            )
+    if features is not None and getattr(features, "signature", None):
+        width = features.signature["outputs"][0][0][-1:] or [None]
+        if in_dims and None not in (width[0], in_dims[-1]) and width[0] != in_dims[-1]:
+            raise BundleError(
+                f"{where}: head {head!r} takes {in_dims[-1]} features but the trunk gives {width[0]}; "
+                "re-export the bundle"
+            )
+    if head is not None:
+        labels = len(bundle.heads[head])
+        width = out_dims[-1] if out_dims else None
+        if len(out_dims) != 2 or (width is not None and width != labels):
+            raise BundleError(
+                f"{where}: the graph returns {_show(out_dims, 'float32')} but head {head!r} has {labels} labels; "
+                "re-export the bundle"
+            )
+    record = bundle.manifest["files"].get(rel, {})
+    for side in ("inputs", "outputs"):
+        (dims, dtype), what = sig[side][0], side[:-1]
+        declared = record.get(side)
+        if not (isinstance(declared, list) and len(declared) == 1 and isinstance(declared[0], dict)):
+            continue  # validate_manifest does not require the records; nothing to compare
+        want_dims, want_dtype = declared[0].get("shape"), declared[0].get("dtype", "float32")
+        mismatch = want_dtype != dtype or not isinstance(want_dims, list) or len(want_dims) != len(dims)
+        if not mismatch:
+            mismatch = any(
+                isinstance(w, int) and g is not None and w != g for w, g in zip(want_dims, dims, strict=True)
+            )
+        if mismatch:
+            raise BundleError(
+                f"{where}: the manifest records {what} {_show(want_dims or [], want_dtype)} but the graph has "
+                f"{_show(dims, dtype)}; re-export the bundle"
+            )
+
+
+__all__ = ["ALL_HEADS", "Bundle", "LoadOptions", "check_graph", "open_bundle"]

@@ -189,6 +189,7 @@ def int8_outlook(arch: str, isa: list[str] | None) -> dict[str, Any]:
 def measure_int8(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int = 5) -> list[dict[str, Any]]:
     """int8 vs fp32 of a bundle, for each runtime holding both, interleaved (no cold start)."""
     from edgetl.core.formats import RUNTIMES
+    from edgetl.device.backends import import_backend
     from edgetl.device.bench import run_bench
     from edgetl.device.bundle_loading import open_bundle
 
@@ -200,6 +201,17 @@ def measure_int8(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int
         except EdgetlError:
             continue
         if not {"fp32", "int8"} <= set(have):
+            # Nothing to compare, but still open every variant: its graphs are checked against the
+            # manifest (shapes, label counts), which predict would otherwise be the first to hit.
+            try:
+                import_backend(runtime)
+            except EdgetlError:
+                continue  # not installed here: the runtimes section says so
+            for precision in have:
+                try:
+                    b.load(runtime=runtime, precision=precision, heads="all")
+                except EdgetlError as exc:
+                    rows.append({"runtime": runtime, "precision": precision, "error": str(exc)})
             continue
         try:
             rep = run_bench(

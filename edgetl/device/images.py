@@ -160,7 +160,9 @@ class PredictionStream:
         for path in self._paths:
             t0 = time.perf_counter()
             try:
-                image = load_image(path)
+                # Reduced to the model's resize size right after decoding: the batch holds small
+                # images and at most one full-size decoded one, whatever the files' sizes.
+                image = load_image(path, self.predictor.preprocessing)
             except DataError as exc:
                 self.summary.skipped += 1
                 if self.on_skip is not None:

@@ -1,29 +1,30 @@
 """One file to copy to the device: ``pack`` a verified bundle into a .tar.gz, ``unpack`` one safely.
 
-An archive that arrives on a device is untrusted data. :func:`unpack_bundle` reads it member by
-member and refuses, before anything is written, an archive whose members would leave the target
-folder (absolute paths, ``..``), are anything but regular files and folders (symbolic or hard
-links, devices, FIFOs, sparse files), repeat a name, or exceed the size and count limits; only then
-does it extract, with tarfile's ``data`` filter as a second line of defence, into a temporary
-folder beside the target. The bundle is then verified like any other (schema and every file's
-sha256), files the manifest does not list are refused, and only a verified bundle is renamed into
-place.
-"""
+An archive that arrives on a device is untrusted data. :func:`unpack_bundle` reads it once, as a
+stream, member by member, and refuses before a member is written: a path that would leave the
+target folder (absolute, ``..``), anything but regular files and folders (symbolic or hard links,
+devices, FIFOs, sparse files), a repeated name, more members or bytes than the limits, and, once
+the manifest (the first file) is read, any file the manifest does not list or of another size than
+it lists. The files go to a temporary folder beside the target; the bundle is then verified like
+any other (every file's sha256) and only a verified bundle is renamed into place. :func:`pack_bundle`
+applies the same member rules (:func:`check_member`), so it never writes what unpack refuses."""
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgetl.core.atomic import atomic_directory
 from edgetl.core.bundle import MANIFEST_NAME, read_manifest, sha256_file, verify_files
 from edgetl.core.errors import BundleError, ConfigError, OutputExistsError
+from edgetl.core.jsonio import MAX_JSON_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,23 @@ def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: boo
     tmp = Path(tmp_name)
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(bundle, arcname=top, recursive=False, filter=_normalise)
+
+            def add(rel: str | None) -> None:
+                source, arcname = (bundle, top) if rel is None else (bundle / rel, f"{top}/{rel}")
+
+                def checked(info: tarfile.TarInfo) -> tarfile.TarInfo:
+                    check_member(info, f"bundle {bundle}: {rel or '.'}", "pack")  # what unpack refuses
+                    return _normalise(info)
+
+                tar.add(source, arcname=arcname, recursive=False, filter=checked)
+
+            # The manifest first: unpack reads it first and checks every other member against it.
+            add(None)
+            add(MANIFEST_NAME)
             for folder in sorted({str(PurePosixPath(r).parent) for r in rels} - {"."}):
-                tar.add(bundle / folder, arcname=f"{top}/{folder}", recursive=False, filter=_normalise)
-            for rel in rels:
-                tar.add(bundle / rel, arcname=f"{top}/{rel}", recursive=False, filter=_normalise)
+                add(folder)
+            for rel in rels[1:]:
+                add(rel)
         tmp.chmod(0o644)
         os.replace(tmp, out)
     except BaseException:
@@ -99,48 +112,28 @@ def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def _member_path(name: str, archive: Path) -> PurePosixPath:
-    """A member's path, checked: relative, no ``..``, no backslashes or NUL, not empty."""
+def check_member(member: tarfile.TarInfo, where: str, action: str = "unpack") -> PurePosixPath:
+    """The rules every archive member obeys, on both sides: ``pack`` refuses to write what ``unpack``
+    would refuse to read (a bundle with a symbolic link packed fine and then failed on the device).
+    Returns the member's path: relative, no ``..``, no backslash or NUL, a regular file or folder."""
+    name = member.name
     if not name or "\\" in name or "\0" in name:
-        raise BundleError(f"archive {archive}: member {name!r} has an invalid name; refusing to unpack")
+        raise BundleError(f"{where}: member {name!r} has an invalid name; refusing to {action}")
     p = PurePosixPath(name)
     if p.is_absolute() or name.startswith("/"):
-        raise BundleError(f"archive {archive}: member {name!r} is an absolute path; refusing to unpack")
+        raise BundleError(f"{where}: member {name!r} is an absolute path; refusing to {action}")
     if ".." in p.parts:
-        raise BundleError(f"archive {archive}: member {name!r} leaves the target folder (..); refusing to unpack")
+        raise BundleError(f"{where}: member {name!r} leaves the target folder (..); refusing to {action}")
     parts = [x for x in p.parts if x != "."]
     if not parts:
-        raise BundleError(f"archive {archive}: member {name!r} has an empty path; refusing to unpack")
+        raise BundleError(f"{where}: member {name!r} has an empty path; refusing to {action}")
+    if member.issym() or member.islnk():
+        raise BundleError(f"{where}: member {name!r} is a link; refusing to {action}")
+    if member.issparse() or not (member.isreg() or member.isdir()):
+        raise BundleError(
+            f"{where}: member {name!r} is not a regular file or folder (device, FIFO, sparse); refusing to {action}"
+        )
     return PurePosixPath(*parts)
-
-
-def _checked_members(
-    tar: tarfile.TarFile, archive: Path, max_bytes: int, max_files: int
-) -> Iterator[tuple[tarfile.TarInfo, PurePosixPath]]:
-    """Members one at a time, each checked as soon as its header is read (a huge or hostile archive
-    fails at the first bad member, not after reading everything)."""
-    total, seen = 0, set()
-    for count, member in enumerate(tar, start=1):
-        if count > max_files:
-            raise BundleError(f"archive {archive} has more than {max_files} members; refusing to unpack")
-        path = _member_path(member.name, archive)
-        if member.issym() or member.islnk():
-            raise BundleError(f"archive {archive}: member {member.name!r} is a link; refusing to unpack")
-        if member.issparse() or not (member.isreg() or member.isdir()):
-            raise BundleError(
-                f"archive {archive}: member {member.name!r} is not a regular file or folder (device, FIFO, sparse); "
-                "refusing to unpack"
-            )
-        if path in seen:
-            raise BundleError(f"archive {archive}: member {member.name!r} appears twice; refusing to unpack")
-        seen.add(path)
-        total += member.size
-        if total > max_bytes:
-            raise BundleError(
-                f"archive {archive} unpacks to more than {max_bytes / 1e6:.0f} MB; refusing to unpack "
-                "(raise --max-size if the bundle really is that large)"
-            )
-        yield member, path
 
 
 def unpack_bundle(
@@ -155,8 +148,13 @@ def unpack_bundle(
     """Safely extract a packed bundle into ``dest`` and verify it; nothing appears unless it verifies.
 
     The archive holds either one top folder with the bundle inside (what :func:`pack_bundle`
-    writes) or the bundle's files at its root. ``sha256``: the archive's expected checksum (what
-    ``pack`` printed), checked before anything is read from it.
+    writes) or the bundle's files at its root, the manifest as its first file (``pack`` writes it
+    first). The archive is read once, as a stream: the manifest is read first, then each member is
+    checked against it (a file the manifest lists, of the size it lists, within ``max_bytes``)
+    before a byte of it is written, and the first one that is not stops the unpack (a 9 MB archive
+    with an unlisted 1 GB member of zeros used to write all of it before the check). ``sha256``:
+    the archive's expected checksum (what ``pack`` printed), checked before anything is read.
+    ``force`` replaces only a bundle folder, never one holding the archive.
     """
     archive, dest = Path(archive), Path(dest)
     if not archive.is_file():
@@ -173,59 +171,119 @@ def unpack_bundle(
     if dest.exists() and not force:
         raise OutputExistsError(f"{dest} already exists; pass --force to replace it, or choose another folder")
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = list(_checked_members(tar, archive, max_bytes, max_files))
-            prefix = _bundle_root(members, archive)
-            with atomic_directory(dest, force=force) as tmp:
-                selected = []
-                for member, path in members:
-                    rel = PurePosixPath(*path.parts[len(prefix.parts) :]) if prefix.parts else path
-                    if not rel.parts:
-                        continue  # the top folder itself
-                    selected.append(member.replace(name=rel.as_posix(), deep=False))
-                tar.extractall(tmp, members=selected, filter="data")
-                try:
-                    manifest = read_manifest(tmp)
-                    verify_files(tmp, manifest)
-                except BundleError as exc:
-                    # The checks name the temporary folder; name the archive and the target instead.
-                    raise BundleError(f"archive {archive}: {str(exc).replace(str(tmp), str(dest))}") from None
-                listed = set(bundle_files(tmp, manifest))
-                stray = sorted(
-                    p.relative_to(tmp).as_posix()
-                    for p in tmp.rglob("*")
-                    if p.is_file() and p.relative_to(tmp).as_posix() not in listed
-                )
-                if stray:
-                    raise BundleError(
-                        f"archive {archive} holds files its manifest does not list ({', '.join(stray[:3])}); "
-                        "refusing to unpack"
-                    )
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        with (
+            tarfile.open(archive, "r|*") as tar,
+            atomic_directory(dest, force=force, kind="bundle", inputs=[archive]) as tmp,
+        ):
+            manifest, total = _extract_checked(tar, archive, dest, tmp, max_bytes, max_files)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise BundleError(f"{archive} is not a readable tar archive ({exc})") from None
-    size = sum(m.size for m, _ in members)
-    log.info("unpacked and verified %s -> %s (%d files, %.1f MB)", archive, dest, len(listed), size / 1e6)
+    files = len(bundle_files(dest, manifest))
+    log.info("unpacked and verified %s -> %s (%d files, %.1f MB)", archive, dest, files, total / 1e6)
     return {
         "bundle": str(dest),
         "archive": str(archive),
-        "files": len(listed),
-        "bytes": size,
+        "files": files,
+        "bytes": total,
         "variants": list(manifest["variants"]),
         "heads": list(manifest["heads"]),
     }
 
 
-def _bundle_root(members: list[tuple[tarfile.TarInfo, PurePosixPath]], archive: Path) -> PurePosixPath:
-    """Where the manifest is: the archive's root, or the single top folder."""
-    paths = [p for _, p in members]
-    if PurePosixPath(MANIFEST_NAME) in paths:
-        return PurePosixPath()
-    tops = {p.parts[0] for p in paths}
-    if len(tops) == 1:
-        top = PurePosixPath(next(iter(tops)))
-        if top / MANIFEST_NAME in paths:
-            return top
-    raise BundleError(
-        f"archive {archive} is not a packed bundle: no {MANIFEST_NAME} at its root or in a single top folder "
-        "(make one with `edgetl pack BUNDLE OUT.tar.gz`)"
-    )
+def _extract_checked(
+    tar: tarfile.TarFile, archive: Path, dest: Path, tmp: Path, max_bytes: int, max_files: int
+) -> tuple[dict[str, Any], int]:
+    """Read the members in order into ``tmp``: each checked before it is written (see
+    :func:`unpack_bundle`); then every file's sha256. Returns the manifest and the bytes written."""
+    where = f"archive {archive}"
+    manifest: dict[str, Any] | None = None
+    listed: dict[str, int | None] = {}
+    prefix = PurePosixPath()
+    folders: list[PurePosixPath] = []
+    seen: set[PurePosixPath] = set()
+    total = 0
+    for count, member in enumerate(tar, start=1):
+        if count > max_files:
+            raise BundleError(f"{where} has more than {max_files} members; refusing to unpack")
+        path = check_member(member, where)
+        if path in seen:
+            raise BundleError(f"{where}: member {member.name!r} appears twice; refusing to unpack")
+        seen.add(path)
+        if member.isdir():  # nothing to write: files create their folders
+            folders.append(path)
+            continue
+        if manifest is None:
+            if path.name != MANIFEST_NAME or len(path.parts) > 2:
+                raise BundleError(
+                    f"{where}: its first file is {member.name!r}, not {MANIFEST_NAME}; not a packed bundle "
+                    "(make one with `edgetl pack BUNDLE OUT.tar.gz`, which writes the manifest first)"
+                )
+            if member.size > MAX_JSON_BYTES:
+                raise BundleError(f"{where}: its {MANIFEST_NAME} is {member.size / 1e6:.0f} MB; refusing to unpack")
+            prefix = path.parent
+            _write_member(tar, member, tmp / MANIFEST_NAME)
+            total += member.size
+            try:
+                manifest = read_manifest(tmp)
+            except BundleError as exc:  # the check names the temporary folder; name the archive instead
+                raise BundleError(f"{where}: {str(exc).replace(str(tmp), str(dest))}") from None
+            listed = _listed_sizes(manifest)
+            continue
+        rel = _inside(path, prefix)
+        if rel is None or rel not in listed or rel == MANIFEST_NAME:
+            raise BundleError(f"{where}: member {member.name!r} is not a file its manifest lists; refusing to unpack")
+        if listed[rel] is not None and member.size != listed[rel]:
+            raise BundleError(
+                f"{where}: member {member.name!r} is {member.size} bytes but its manifest lists {listed[rel]} bytes; "
+                "refusing to unpack"
+            )
+        total += member.size
+        if total > max_bytes:
+            raise BundleError(
+                f"{where} unpacks to more than {max_bytes / 1e6:.0f} MB; refusing to unpack "
+                "(raise --max-size if the bundle really is that large)"
+            )
+        _write_member(tar, member, tmp / rel)
+    if manifest is None:
+        raise BundleError(
+            f"{where} is not a packed bundle: no {MANIFEST_NAME} at its root or in a single top folder "
+            "(make one with `edgetl pack BUNDLE OUT.tar.gz`)"
+        )
+    outside = [f for f in folders if f != prefix and _inside(f, prefix) is None]
+    if outside:
+        raise BundleError(
+            f"{where}: folder {outside[0].as_posix()!r} is outside the bundle's folder; refusing to unpack"
+        )
+    try:
+        verify_files(tmp, manifest)
+    except BundleError as exc:
+        raise BundleError(f"{where}: {str(exc).replace(str(tmp), str(dest))}") from None
+    return manifest, total
+
+
+def _listed_sizes(manifest: dict[str, Any]) -> dict[str, int | None]:
+    """Every file the manifest lists (model files and their companions) with its recorded size."""
+    sizes: dict[str, int | None] = {}
+    for rel, rec in manifest["files"].items():
+        for name, r in [(rel, rec), *(rec.get("extra_files") or {}).items()]:
+            size = r.get("bytes") if isinstance(r, dict) else None
+            sizes[name] = size if isinstance(size, int) and not isinstance(size, bool) else None
+    return sizes
+
+
+def _inside(path: PurePosixPath, prefix: PurePosixPath) -> str | None:
+    """``path`` relative to the bundle's folder in the archive, or None when it is outside."""
+    if prefix.parts and path.parts[: len(prefix.parts)] != prefix.parts:
+        return None
+    rest = path.parts[len(prefix.parts) :]
+    return PurePosixPath(*rest).as_posix() if rest else None
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """Copy one checked regular member to ``target`` (a new file; its path was checked)."""
+    source = tar.extractfile(member)
+    if source is None:  # not a regular file: check_member already refused it
+        raise BundleError(f"archive member {member.name!r} has no data")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with source, open(target, "xb") as f:
+        shutil.copyfileobj(source, f, 1 << 20)

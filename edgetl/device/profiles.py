@@ -10,6 +10,7 @@ command line win over the profile's values (and the JSON says which came from wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from edgetl.core.errors import ConfigError
 from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, RUNTIMES
 from edgetl.core.shipped import check_keys, list_shipped, load
+from edgetl.device import limits
 
 if TYPE_CHECKING:
     from edgetl.device.bundle_loading import LoadOptions
@@ -128,12 +130,15 @@ def _validate(p: DeviceProfile, where: str) -> None:
         raise ConfigError(f"{where}: precision {p.precision!r} is not one of {', '.join(PRECISIONS)}")
     for key in ("threads", "streams"):
         value = getattr(p, key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ConfigError(f"{where}: {key} must be an integer >= 1 or null, not {value!r}")
-    if not isinstance(p.batch_size, int) or isinstance(p.batch_size, bool) or p.batch_size < 1:
-        raise ConfigError(f"{where}: batch_size must be an integer >= 1, not {p.batch_size!r}")
+        if value is not None and limits.problem(key, value):
+            raise ConfigError(f"{where}: {limits.problem(key, value)} (or null)")
+    if limits.problem("batch_size", p.batch_size):
+        raise ConfigError(f"{where}: {limits.problem('batch_size', p.batch_size)}")
     if not isinstance(p.provider_options, dict):
         raise ConfigError(f"{where}: provider_options must be a mapping")
+    for key, value in p.provider_options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: provider_options {key!r} must be a finite number, not {value!r}")
     if p.runtime == "onnxruntime" and (p.ov_device is not None or p.streams is not None):
         raise ConfigError(f"{where}: ov_device and streams apply to runtime openvino, not onnxruntime")
     if p.runtime == "openvino" and (p.provider is not None or p.provider_options):

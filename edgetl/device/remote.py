@@ -94,6 +94,12 @@ def parse_target(text: str) -> Target:
             f"target {text!r}: give the bundle's own folder on the device, e.g. "
             f"{host}:bundles/digits (not the home or root folder)"
         )
+    if path.startswith("-"):
+        # The path reaches commands on the device (unpack, predict) as a word: "-rf" would be an option.
+        raise ConfigError(
+            f"target {text!r}: the device path {path!r} starts with '-' and would be read as an option; "
+            f"write it as ./{path} or give an absolute path"
+        )
     if not _HOST.match(host) or host.startswith("-"):
         raise ConfigError(f"target {text!r}: {host!r} is not a host name or address; {forms}")
     if at and (not user or not _USER.match(user)):

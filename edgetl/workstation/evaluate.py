@@ -27,6 +27,8 @@ def evaluate_run(run_path: str | os.PathLike, data: str | os.PathLike, *, batch_
         with torch.inference_mode():
             return {"default": model(torch.stack([transform(img) for img in images])).argmax(1).numpy()}
 
-    report = score_folder(data, {"default": run.labels}, classify, batch_size=batch_size)["default"]
+    report = score_folder(data, {"default": run.labels}, classify, batch_size=batch_size, pp=run.preprocessing)[
+        "default"
+    ]
     report.update({"model": str(Path(run_path)), "kind": "run (pytorch)"})
     return report

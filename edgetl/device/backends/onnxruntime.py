@@ -136,4 +136,19 @@ def load(
     def run(x: np.ndarray) -> np.ndarray:
         return session.run([output_name], {input_name: x})[0]
 
+    run.signature = {  # type: ignore[attr-defined]
+        "inputs": [(_dims(inputs[0].shape), _ort_dtype(inputs[0].type))],
+        "outputs": [(_dims(outputs[0].shape), _ort_dtype(outputs[0].type))],
+    }
     return run
+
+
+def _dims(shape: Any) -> list[int | None]:
+    """A declared shape with every symbolic or unknown dimension as None."""
+    return [d if isinstance(d, int) and d >= 0 else None for d in (shape or [])]
+
+
+def _ort_dtype(type_name: str) -> str:
+    """ONNX Runtime's ``tensor(float)`` as numpy spells it: float32."""
+    inner = type_name.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(inner, inner)

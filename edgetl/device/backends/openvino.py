@@ -121,4 +121,19 @@ def load(
     except Exception:  # virtual devices (AUTO, MULTI) do not all report it
         info["inference_precision"] = None
     run.runtime_info = info  # type: ignore[attr-defined]
+    run.signature = {  # type: ignore[attr-defined]
+        "inputs": [_ov_port(compiled.inputs[0])],
+        "outputs": [_ov_port(compiled.outputs[0])],
+    }
     return run
+
+
+# OpenVINO element types as numpy spells them.
+_OV_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64", "i64": "int64", "i32": "int32"}
+
+
+def _ov_port(port: Any) -> tuple[list[int | None], str]:
+    """A port's declared shape (dynamic dimensions as None) and element type."""
+    dims = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
+    name = _ov_type_name(port.get_element_type())
+    return dims, _OV_DTYPES.get(name, name)

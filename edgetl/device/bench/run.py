@@ -15,6 +15,7 @@ from edgetl.core.envinfo import environment, usable_cores
 from edgetl.core.errors import BackendError, ConfigError
 from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS, RUNTIMES, runtime_of
 from edgetl.core.preprocess import preprocess
+from edgetl.device import limits
 from edgetl.device.backends import backend, import_backend
 from edgetl.device.bench.coldstart import cold_start
 from edgetl.device.bench.results import BenchReport, BenchResult, compare
@@ -81,15 +82,15 @@ class Config:
 def _check_options(
     *, batch_sizes: Sequence[int], threads: Sequence[int | None], warmup: int, iterations: int, block: int
 ) -> None:
-    for name, value, minimum in (("warmup", warmup, 0), ("iterations", iterations, 1), ("block", block, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise ConfigError(f"--{name} must be an integer >= {minimum}, not {value!r}")
+    # The bounds of edgetl.device.limits: a library caller gets the CLI's one line, not an
+    # allocation of 100,000 images.
+    for name, value in (("warmup", warmup), ("iterations", iterations), ("block", block)):
+        limits.check(name, value)
     for b in batch_sizes:
-        if not isinstance(b, int) or isinstance(b, bool) or b < 1:
-            raise ConfigError(f"--batch-size must be an integer >= 1, not {b!r}")
+        limits.check("batch_size", b)
     for t in threads:
-        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 1):
-            raise ConfigError(f"--threads must be an integer >= 1, not {t!r}")
+        if t is not None:
+            limits.check("threads", t)
 
 
 def _as_list(value: Any) -> list[Any] | None:
