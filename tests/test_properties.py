@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 
@@ -196,3 +197,60 @@ def test_predict_property_many_examples(tmp_path_factory, data):
 @given(st.data())
 def test_bench_property_many_examples(tmp_path_factory, data):
     _property(tmp_path_factory, data, "bench")
+
+
+# --- options: any value of any training or export setting is a config or one ConfigError line --------
+
+option_values = (
+    st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.booleans()
+    | st.none()
+    | st.text(max_size=8)
+)
+
+
+@st.composite
+def train_options(draw):
+    import dataclasses
+
+    from edgetl.workstation.options import TrainConfig
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    chosen = draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True))
+    return {name: draw(option_values) for name in chosen}
+
+
+@settings(max_examples=300, deadline=None)
+@given(train_options())
+def test_any_training_option_value_is_accepted_or_one_line(values):
+    from edgetl.core.errors import ConfigError
+    from edgetl.workstation.options import TrainConfig
+
+    try:
+        config = TrainConfig(**values)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300
+        return
+    for name, value in values.items():  # accepted: kept as given, and never a NaN or an infinity
+        assert getattr(config, name) == value
+        assert not (isinstance(value, float) and not math.isfinite(value)), (name, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={"calib_size": option_values, "max_drop": option_values, "merged": option_values},
+    )
+)
+def test_any_export_option_value_is_accepted_or_one_line(values):
+    from edgetl.core.errors import ConfigError
+    from edgetl.workstation.export import resolve_options
+
+    try:
+        options = resolve_options(formats=("onnx",), **values)
+    except ConfigError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 300
+        return
+    assert options.calib_size >= 1 and options.max_drop == options.max_drop  # not NaN
