@@ -87,3 +87,14 @@ def make_image_folder(
             img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
             img.save(root / name / f"{name}_{i:03d}.{fmt}")
     return root
+
+
+def json_paths(obj, prefix=()):
+    """Every path (tuple of keys and indices) into a JSON value, the value itself first."""
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from json_paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from json_paths(v, (*prefix, i))

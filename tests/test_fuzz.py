@@ -151,16 +151,6 @@ def test_preprocess_any_mode_and_size(w, h, mode, size, interp):
     assert out.shape == (3, size, size) and out.dtype == np.float32 and np.isfinite(out).all()
 
 
-def _paths(obj, prefix=()):
-    yield prefix
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _paths(v, (*prefix, k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _paths(v, (*prefix, i))
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_mutated_real_manifest_never_crashes_the_runtime(tmp_path_factory, data):
@@ -170,12 +160,13 @@ def test_mutated_real_manifest_never_crashes_the_runtime(tmp_path_factory, data)
 
     from edgetl.device.bundle_loading import open_bundle
     from tests.bundle_factory import build_bundle
+    from tests.helpers import json_paths
 
     base = tmp_path_factory.getbasetemp() / "fuzz-base"
     if not base.exists():
         build_bundle(base)
     manifest = json.loads((base / "manifest.json").read_text())
-    paths = sorted(_paths(manifest), key=repr)
+    paths = sorted(json_paths(manifest), key=repr)
     path = data.draw(st.sampled_from(paths))
     value = data.draw(json_values)
     mutated = copy.deepcopy(manifest)

@@ -125,14 +125,21 @@ def atomic_directory(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            old.rmdir()
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_directory(tmp, target)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Put the complete folder ``new`` at ``target``: the old one is renamed aside first and removed
+    after, so an interruption leaves the old folder or the new one (or the old one beside it as
+    ``.NAME.old-*``), never half of either."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
 
 
 def _umask() -> int:

@@ -73,6 +73,25 @@ def _one_of(value: Any, names: Any) -> bool:
     return isinstance(value, str) and value in names
 
 
+def _size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40
+
+
+def _tensor_specs(value: Any) -> bool:
+    """``[{"name": str, "shape": [int >= 1 or a named axis, ...], "dtype": str}, ...]`` as file_record writes."""
+    if not isinstance(value, list) or len(value) > 16:
+        return False
+    for spec in value:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            return False
+        if not isinstance(spec.get("dtype"), str) or not isinstance(spec.get("shape"), list):
+            return False
+        for dim in spec["shape"]:
+            if not (isinstance(dim, str) or (isinstance(dim, int) and not isinstance(dim, bool) and 0 < dim < 1 << 31)):
+                return False
+    return True
+
+
 def _require(cond: bool, bundle_dir: Path, what: str) -> None:
     if not cond:
         raise BundleError(f"bundle {bundle_dir}: invalid manifest: {what}; re-export the bundle with `edgetl export`")
@@ -133,6 +152,9 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             _one_of(rec.get("precision"), PRECISIONS), bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}"
         )
         _require(_one_of(rec.get("role"), ROLES), bundle_dir, f"{rel}: unknown role {rec.get('role')!r}")
+        _require(_size(rec.get("bytes")), bundle_dir, f"{rel}: bytes must be a size in bytes")
+        for side in ("inputs", "outputs"):
+            _require(_tensor_specs(rec.get(side)), bundle_dir, f"{rel}: {side} must be a list of tensor records")
         extra_files = rec.get("extra_files", {})
         _require(isinstance(extra_files, dict), bundle_dir, f"{rel}: extra_files is not an object")
         for extra, extra_rec in extra_files.items():
@@ -140,7 +162,8 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             _require(
                 isinstance(extra_rec, dict)
                 and isinstance(extra_rec.get("sha256"), str)
-                and len(extra_rec["sha256"]) == 64,
+                and len(extra_rec["sha256"]) == 64
+                and _size(extra_rec.get("bytes")),
                 bundle_dir,
                 f"{extra}: bad sha256",
             )
@@ -159,6 +182,14 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         heads = var.get("heads")
         _require(isinstance(heads, dict) and heads, bundle_dir, f"variant {vname!r}: no heads")
         _check_graphs(m, bundle_dir, vname, heads, unknown="unknown head", kind="head")
+        metrics = var.get("metrics", {})
+        _require(isinstance(metrics, dict), bundle_dir, f"variant {vname!r}: 'metrics' is not an object")
+        top1 = metrics.get("val_top1")
+        _require(
+            top1 is None or (isinstance(top1, (int, float)) and not isinstance(top1, bool) and 0 <= top1 <= 1),
+            bundle_dir,
+            f"variant {vname!r}: val_top1 must be a fraction in 0..1",
+        )
         merged = var.get("merged", {})
         _require(isinstance(merged, dict), bundle_dir, f"variant {vname!r}: 'merged' is not an object")
         _check_graphs(m, bundle_dir, vname, merged, unknown="merged graph of unknown head", kind="merged")

@@ -183,20 +183,22 @@ def train_head(head, ftr, ytr, fval, yval, cfg, *, criterion, io: LoopIO) -> int
         if stop:
             log.info("early stopping at epoch %d (best epoch %d)", epoch, stopper.best_epoch)
         if io.on_epoch_end:
-            io.on_epoch_end(
-                epoch,
-                {
-                    "epoch": epoch,
-                    "model": head.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "stopper": stopper.state_dict(),
-                    "history": io.history,
-                    "stopped": stop,
-                },
-            )
+            io.on_epoch_end(epoch, _checkpoint(epoch, head, opt, sched, stopper, io, stop))
     head.load_state_dict(stopper.best_state)
     return stopper.best_epoch
+
+
+def _checkpoint(epoch: int, model, opt, sched, stopper, io, stopped: bool) -> dict:
+    """What an epoch checkpoint holds (both loops): enough for --resume to continue exactly."""
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "stopper": stopper.state_dict(),
+        "history": io.history,
+        "stopped": stopped,
+    }
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -373,18 +375,8 @@ def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, w
         if stop:
             log.info("early stopping at epoch %d (best epoch %d)", epoch, stopper.best_epoch)
         if io.on_epoch_end:
-            io.on_epoch_end(
-                epoch,
-                {
-                    "epoch": epoch,
-                    "model": core.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict() if needs_scaler else None,
-                    "stopper": stopper.state_dict(),
-                    "history": io.history,
-                    "stopped": stop,
-                },
-            )
+            state = _checkpoint(epoch, core, opt, sched, stopper, io, stop)
+            state["scaler"] = scaler.state_dict() if needs_scaler else None
+            io.on_epoch_end(epoch, state)
     core.load_state_dict(stopper.best_state)
     return stopper.best_epoch

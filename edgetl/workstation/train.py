@@ -24,13 +24,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgetl.core.atomic import check_output, output_lock
+from edgetl.core.atomic import check_output, output_lock, replace_directory
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import Sample, class_counts
 from edgetl.workstation.backbones import get_backbone
@@ -438,13 +437,7 @@ def _train_into(
             except OutputExistsError as exc:
                 where = f"it appeared while training; the finished run is in {partial}"
                 raise OutputExistsError(f"{exc} ({where})") from None
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            old.rmdir()
-            os.replace(out, old)
-            os.replace(partial, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, out)
+        replace_directory(partial, out)
         log.info(
             "run written to %s: val top-1 %.4f (best epoch %d) in %.1fs",
             out,
