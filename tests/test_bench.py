@@ -424,7 +424,7 @@ def test_cli_bench_bad_options_are_usage_errors(bundle_dir, args, message):
         (["--provider", "tensorrt"], "ONNX Runtime provider 'tensorrt' is not in this build"),
         (["--provider", "nosuch"], "unknown ONNX Runtime provider 'nosuch'"),
         (["--streams", "2"], "--streams applies to --runtime openvino"),
-        (["--ov-device", "GPU"], "--ov-device with --runtime onnxruntime needs --provider openvino"),
+        (["--ov-device", "GPU"], "--openvino-device with --runtime onnxruntime needs --provider openvino"),
         (["--device-profile", "nosuch-board"], "unknown device-profile 'nosuch-board'"),
     ],
 )

@@ -433,7 +433,7 @@ def test_provider_that_falls_back_to_cpu_is_refused(bundle_dir, monkeypatch):
     "kwargs, message",
     [
         ({"streams": 2}, "--streams applies to --runtime openvino, not onnxruntime"),
-        ({"device": "CPU"}, "--ov-device with --runtime onnxruntime needs --provider openvino"),
+        ({"device": "CPU"}, "--openvino-device with --runtime onnxruntime needs --provider openvino"),
         ({"streams": 0}, "streams must be an integer >= 1"),
         ({"runtime": "openvino", "provider": "cpu"}, "--provider applies to --runtime onnxruntime, not openvino"),
     ],

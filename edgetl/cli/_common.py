@@ -10,14 +10,20 @@ from typing import Any
 
 import click
 
-from edgetl.core.errors import EdgetlError
+from edgetl.cli._output import emit_json, error_document, format_option  # noqa: F401  (re-exported)
+from edgetl.core.errors import ConfigError, EdgetlError
 
+# The old spelling, for commands that print no table: ``--json`` only.
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout (logs go to stderr)."
 )
 
+# Exit codes (docs/json.md): 0 done, 1 a failure (data, bundle, export, device, disk), 2 a usage error
+# (Click's own, and ConfigError: an option, recipe or profile value edgetl refuses), 130 interrupted.
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
-def setup_logging(verbose: bool = False) -> None:
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
@@ -26,38 +32,92 @@ def setup_logging(verbose: bool = False) -> None:
         handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
         handler._edgetl = True  # type: ignore[attr-defined]
         root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def command_name(ctx: click.Context | None) -> str:
+    """``edgetl data digits`` -> ``data.digits`` (the JSON schema name after ``edgetl.``)."""
+    if ctx is None:
+        return "error"
+    words = ctx.command_path.split()[1:]
+    return ".".join(words) or "main"
+
+
+def json_requested(ctx: click.Context | None) -> bool:
+    params = ctx.params if ctx is not None else {}
+    return bool(params.get("as_json")) or params.get("output_format") == "json"
+
+
+def report_error(ctx: click.Context | None, exc_type: str, message: str, exit_code: int) -> None:
+    """The one error line on stderr, and under --json the error document on stdout (or, when a
+    streamed document is open, the error closes it: see predict)."""
+    click.echo(f"Error: {message}", err=True)
+    if json_requested(ctx):
+        close = ctx.meta.get("edgetl.close_json_with_error") if ctx is not None else None
+        error = {"type": exc_type, "message": message, "exit_code": exit_code}
+        if close is not None:
+            close(error)
+        else:
+            emit_json(error_document(command_name(ctx), exc_type, message, exit_code))
+    sys.exit(exit_code)
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turn library errors into a one-line message and exit code 1 (2 is Click's usage error)."""
+    """Turn library errors into a one-line message and an exit code: 2 for ConfigError (a usage
+    error: the option, recipe or profile value is refused), 1 for every other failure."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        ctx = click.get_current_context(silent=True)
         try:
             return func(*args, **kwargs)
+        except ConfigError as exc:
+            report_error(ctx, type(exc).__name__, str(exc), EXIT_USAGE)
         except EdgetlError as exc:
-            click.echo(f"Error: {exc}", err=True)
-            sys.exit(1)
+            report_error(ctx, type(exc).__name__, str(exc), EXIT_FAILURE)
+        except click.UsageError as exc:
+            report_error(ctx, "UsageError", exc.format_message(), EXIT_USAGE)
         except OSError as exc:
             # The machine, not the input: a full disk, a read-only folder, a vanished file. The
             # writers are atomic, so nothing half-written is left; say what and where.
             where = f" ({exc.filename})" if exc.filename else ""
-            click.echo(f"Error: {exc.strerror or exc}{where}", err=True)
-            sys.exit(1)
+            report_error(ctx, "OSError", f"{exc.strerror or exc}{where}", EXIT_FAILURE)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 
 
-def emit_json(obj: Any) -> None:
-    """One strict JSON document on stdout: a NaN or infinity anywhere is written as null (Python's
-    ``NaN`` is not JSON: ``jq`` and every other parser refuse it)."""
-    from edgetl.core.jsonio import dumps
+def common_options(func: Callable) -> Callable:
+    """``-v/--verbose``, ``-q/--quiet`` and ``--no-progress`` on a command (the group has -v/-q too,
+    so both ``edgetl -v predict`` and ``edgetl predict -v`` work). The command receives
+    ``no_progress`` (set by -q too) only if it has that parameter."""
+    import inspect
 
-    click.echo(dumps(obj, indent=2, default=str))
+    wants_progress = "no_progress" in inspect.signature(func).parameters
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        verbose, quiet = kwargs.pop("verbose", False), kwargs.pop("quiet", False)
+        no_progress = kwargs.pop("no_progress", False) or quiet
+        if verbose or quiet:
+            setup_logging(verbose, quiet)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.meta["edgetl.progress"] = not no_progress
+        if wants_progress:
+            kwargs["no_progress"] = no_progress
+        return func(*args, **kwargs)
+
+    options = [
+        click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr."),
+        click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only on stderr; no progress bars."),
+        click.option("--no-progress", is_flag=True, help="No progress bars (stderr, on a terminal only)."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def parse_list(value: str | None) -> list[str] | None:
@@ -132,3 +192,27 @@ def forwarded_args(ctx: click.Context, *, exclude: tuple[str, ...] = ()) -> list
             flag += "/" + param.secondary_opts[0]
         flags[param.name], values[param.name] = flag, ctx.params[param.name]
     return remote_args(values, flags)
+
+
+def renamed_option(old_flag: str, param: str, new_flag: str, **option_kwargs: Any) -> Callable:
+    """Keep an old option name working after a rename: a hidden ``old_flag`` whose value goes to
+    ``param`` (unless the new ``new_flag`` was given too) with a one-line deprecation warning.
+
+    Apply it above the command's function like any option; ``option_kwargs`` give the old flag's type.
+    """
+
+    def decorator(func: Callable) -> Callable:
+        hidden = f"{param}__renamed"
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            old = kwargs.pop(hidden, None)
+            if old is not None and old != () and old is not False:
+                click.echo(f"Warning: {old_flag} is deprecated and will be removed; use {new_flag}.", err=True)
+                if kwargs.get(param) in (None, (), False):
+                    kwargs[param] = old
+            return func(*args, **kwargs)
+
+        return click.option(old_flag, hidden, hidden=True, default=None, **option_kwargs)(wrapper)
+
+    return decorator

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from edgetl.cli._common import renamed_option
 from edgetl.core.formats import DEFAULT_RUNTIME
 from edgetl.core.formats import RUNTIMES as _RUNTIMES
 
@@ -32,12 +33,20 @@ provider_option = click.option(
     help="ONNX Runtime execution provider: cpu (default), cuda, tensorrt, openvino, coreml, xnnpack ... "
     "(`edgetl doctor` lists the installed ones).",
 )
-ov_device_option = click.option(
-    "--ov-device",
-    default=None,
-    metavar="DEVICE",
-    help="OpenVINO device: CPU (default), GPU, NPU, AUTO (with --runtime openvino, or --provider openvino).",
-)
+
+
+def ov_device_option(func):
+    """``--openvino-device`` (was ``--ov-device``, still accepted with a warning)."""
+    func = renamed_option("--ov-device", "ov_device", "--openvino-device")(func)
+    return click.option(
+        "--openvino-device",
+        "ov_device",
+        default=None,
+        metavar="DEVICE",
+        help="OpenVINO device: CPU (default), GPU, NPU, AUTO (with --runtime openvino, or --provider openvino).",
+    )(func)
+
+
 profile_option = click.option(
     "--device-profile",
     default=None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from edgetl.cli._bench_tables import print_bench, print_comparison
 from edgetl.cli._common import (
     emit_json,
     forwarded_args,
@@ -21,7 +22,6 @@ from edgetl.cli._runtime_options import (
     provider_option,
     runtime_option,
 )
-from edgetl.cli._tables import print_bench, print_comparison
 from edgetl.core.formats import PRECISIONS
 from edgetl.device.limits import BOUNDS, MAX_ITERATIONS, MAX_STREAMS, MAX_WARMUP
 

@@ -40,7 +40,7 @@ Model = Callable[[np.ndarray], np.ndarray]
 LOAD_OPTIONS: dict[str, tuple[str, str]] = {
     "provider": ("provider", "--provider"),
     "provider_options": ("provider_options", "provider_options"),
-    "device": ("ov_device", "--ov-device"),
+    "device": ("ov_device", "--openvino-device"),
     "streams": ("streams", "--streams"),
 }
 

@@ -99,7 +99,7 @@ def load(
     if device is not None:
         if full != "OpenVINOExecutionProvider":
             raise ConfigError(
-                "--ov-device with --runtime onnxruntime needs --provider openvino; or use --runtime openvino"
+                "--openvino-device with --runtime onnxruntime needs --provider openvino; or use --runtime openvino"
             )
         options_for_provider.setdefault("device_type", device.upper())
     if threads is not None and full == "XnnpackExecutionProvider":

@@ -43,7 +43,7 @@ class BenchOptions:
     runtime; else ``runtime`` x ``precisions``, None = every precision the bundle has) x
     ``threads`` x ``batch_size`` (each a value or a list). ``merged``: time each selected head's
     single trunk+head graph (bundles exported with ``--merged``) instead of the shared trunk and
-    separate heads. ``device``: the OpenVINO device (``--ov-device``).
+    separate heads. ``device``: the OpenVINO device (``--openvino-device``).
     """
 
     device_profile: str | os.PathLike | DeviceProfile | None = None

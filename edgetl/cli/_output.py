@@ -1,0 +1,152 @@
+"""How results reach stdout: one JSON envelope, or a table on a terminal, or tab-separated lines in a pipe.
+
+Every command that prints results takes ``--format table|tsv|json`` (``--json`` is ``--format json``).
+The default is ``table`` when stdout is a terminal and ``tsv`` otherwise, so a script sees lines that
+never wrap and have the same shape whatever the number of rows. JSON documents share one envelope
+(see docs/json.md): ``{"schema": "edgetl.<command>", "schema_version": N, "edgetl": VERSION,
+...context..., "results": [...]}``; an error under JSON is ``{..., "error": {"type", "message",
+"exit_code"}}`` on stdout as well as the one line on stderr.
+
+rich is imported only inside the functions (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+
+from edgetl import __version__
+
+FORMATS = ("table", "tsv", "json")
+# One version per document; raise a command's number when its JSON changes incompatibly, and say so
+# in docs/json.md. Commands not listed are at 1.
+SCHEMA_VERSIONS: dict[str, int] = {}
+
+
+def schema_version(command: str) -> int:
+    return SCHEMA_VERSIONS.get(command, 1)
+
+
+def envelope(command: str, results: list[Any], **context: Any) -> dict[str, Any]:
+    """The one JSON document shape: schema, version, edgetl's version, context, then ``results``."""
+    doc: dict[str, Any] = {
+        "schema": f"edgetl.{command}",
+        "schema_version": schema_version(command),
+        "edgetl": __version__,
+    }
+    doc.update(context)
+    doc["results"] = results
+    return doc
+
+
+def error_document(command: str, exc_type: str, message: str, exit_code: int) -> dict[str, Any]:
+    return {
+        "schema": f"edgetl.{command}",
+        "schema_version": schema_version(command),
+        "edgetl": __version__,
+        "error": {"type": exc_type, "message": message, "exit_code": exit_code},
+    }
+
+
+def format_option(func):
+    """``--format table|tsv|json`` and ``--json`` (the same as ``--format json``); the command gets
+    ``output_format`` already resolved (see :func:`resolve_format`)."""
+    func = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print one JSON document on stdout (the same as --format json; logs go to stderr).",
+    )(func)
+    func = click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(FORMATS),
+        default=None,
+        help="Output: table (default on a terminal), tsv (default in a pipe: tab-separated lines with a "
+        "header, never wrapped) or json (see docs/json.md).",
+    )(func)
+    return func
+
+
+def resolve_format(output_format: str | None, as_json: bool) -> str:
+    if as_json:
+        if output_format not in (None, "json"):
+            raise click.UsageError(f"--json and --format {output_format} disagree; give one of them")
+        return "json"
+    if output_format is not None:
+        return output_format
+    return "table" if stdout_is_terminal() else "tsv"
+
+
+def stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def emit_json(obj: Any) -> None:
+    """One strict JSON document on stdout: a NaN or infinity anywhere is written as null (Python's
+    ``NaN`` is not JSON: ``jq`` and every other parser refuse it)."""
+    from edgetl.core.jsonio import dumps
+
+    click.echo(dumps(obj, indent=2, default=str))
+
+
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+_CONTROL.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
+
+
+def tsv_cell(value: Any) -> str:
+    """One TSV field: tabs, newlines, other control characters and backslashes escaped (names come
+    from user data: a file called ``a\\tb.png`` must not add a column)."""
+    return str(value).translate(_CONTROL)
+
+
+def tsv_line(cells: Iterable[Any]) -> str:
+    return "\t".join(tsv_cell(c) for c in cells)
+
+
+def plain(value: Any) -> Any:
+    """Untrusted text for a rich table or line: no markup interpretation, control characters shown
+    escaped."""
+    from rich.text import Text
+
+    return Text(str(value).translate({i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}))
+
+
+def console(*, stderr: bool = False):
+    """A rich console; on stdout in a pipe it never wraps lines (soft wrap)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, soft_wrap=not stderr and not stdout_is_terminal())
+
+
+def emit_table(
+    fmt: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+    right: Sequence[str] = (),
+) -> None:
+    """A table on stdout: rich on ``table``, else a header line and one tab-separated line per row.
+
+    Cells are shown as text (never as rich markup), so names from user data print as they are.
+    """
+    if fmt == "tsv":
+        click.echo(tsv_line(columns))
+        for row in rows:
+            click.echo(tsv_line(row))
+        return
+    from rich.table import Table
+
+    table = Table(title=plain(title) if title else None)
+    for col in columns:
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+    for row in rows:
+        table.add_row(*(plain(c) for c in row))
+    console().print(table)
