@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from edgetl.core.errors import BundleError, OutputExistsError
 from edgetl.device.bundle_loading import open_bundle
 from edgetl.device.pack import pack_bundle, unpack_bundle
 from tests.bundle_factory import build_bundle, write_colour_images
+from tests.schemas import validate_document
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,6 @@ def test_pack_then_unpack_gives_the_same_verified_bundle(bundle, archive, tmp_pa
 
 
 def test_pack_packs_only_the_manifest_files_and_refuses_a_broken_bundle(bundle, tmp_path):
-    import shutil
-
     copy = shutil.copytree(bundle, tmp_path / "copy")
     (copy / "notes.txt").write_text("not part of the bundle")
     doc = pack_bundle(copy, tmp_path / "a.tar.gz")
@@ -160,18 +159,84 @@ def test_unpack_accepts_files_at_the_root_and_replaces_only_with_force(bundle, a
 
 def test_cli_pack_unpack_and_one_line_errors(bundle, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(main, ["pack", str(bundle), str(tmp_path / "x.tar.gz"), "--json"])
+    result = runner.invoke(main, ["pack", str(bundle), "--out", str(tmp_path / "x.tar.gz"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["files"] >= 4
-    result = runner.invoke(main, ["unpack", str(tmp_path / "x.tar.gz"), str(tmp_path / "dev"), "--json"])
+    doc = validate_document(result.stdout, "pack")
+    assert doc["bundle"] == str(bundle) and doc["results"][0]["files"] >= 4
+    assert doc["results"][0]["sha256"] == sha256_file(tmp_path / "x.tar.gz")
+    result = runner.invoke(main, ["unpack", str(tmp_path / "x.tar.gz"), "--out", str(tmp_path / "dev"), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["bundle"] == str(tmp_path / "dev")
+    doc = validate_document(result.stdout, "unpack")
+    assert doc["bundle"] == doc["results"][0]["bundle"] == str(tmp_path / "dev")
+    assert set(doc["results"][0]["heads"]) == {"colour", "brightness"}
     evil = _tar(tmp_path / "evil.tar.gz", [*_bundle_members(bundle), _file("../x", b"x")])
-    result = runner.invoke(main, ["unpack", str(evil), str(tmp_path / "dev2")])
+    result = runner.invoke(main, ["unpack", str(evil), "--out", str(tmp_path / "dev2")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+    result = runner.invoke(main, ["unpack", str(evil), "--out", str(tmp_path / "dev2"), "--json"])
+    assert validate_document(result.stdout, "unpack")["error"]["exit_code"] == 1
     for command in ("pack", "unpack"):
-        assert "Example:" in runner.invoke(main, [command, "--help"]).output
+        help_text = runner.invoke(main, [command, "--help"]).output
+        assert "Example:" in help_text and "--out" in help_text
+
+
+def test_pack_prints_the_full_sha256_that_unpack_accepts(bundle, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(main, ["pack", str(bundle), "--out", str(tmp_path / "a.tar.gz")])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1  # still one line, in a pipe too
+    printed = result.stdout.split()[-1]  # the last word of the line
+    assert printed == sha256_file(tmp_path / "a.tar.gz") and len(printed) == 64
+    result = runner.invoke(
+        main, ["unpack", str(tmp_path / "a.tar.gz"), "--out", str(tmp_path / "ok"), "--sha256", printed]
+    )
+    assert result.exit_code == 0, result.output
+    verify_files(tmp_path / "ok", read_manifest(tmp_path / "ok"))
+    # a shortened checksum could never match: a usage error, before anything is read or written
+    for wrong in (printed[:16], printed[:16] + "...", "z" * 64):
+        result = runner.invoke(
+            main, ["unpack", str(tmp_path / "a.tar.gz"), "--out", str(tmp_path / "no"), "--sha256", wrong]
+        )
+        assert result.exit_code == 2 and "64 hex digits" in result.stderr, result.output
+        assert not (tmp_path / "no").exists()
+
+
+def _bundle_mtimes(bundle: Path, when: float) -> None:
+    import os
+
+    for p in [bundle, *bundle.rglob("*")]:
+        os.utime(p, (when, when))
+
+
+def test_pack_is_byte_for_byte_reproducible(bundle, tmp_path):
+    import gzip
+    import hashlib
+    import os
+
+    copy = shutil.copytree(bundle, tmp_path / "first" / "colours")
+    _bundle_mtimes(copy, 1_000_000_000)
+    one = pack_bundle(copy, tmp_path / "one.tar.gz")
+    _bundle_mtimes(copy, 1_700_000_000)  # other times, other permissions: the same archive
+    os.chmod(copy / "onnx" / "head.colour.onnx", 0o600)
+    os.chmod(copy / "onnx", 0o700)
+    two = pack_bundle(copy, tmp_path / "two.tar.gz")
+    elsewhere = shutil.copytree(copy, tmp_path / "second" / "colours")  # another folder, the same name
+    three = pack_bundle(elsewhere, tmp_path / "three.tar.gz")
+    data = (tmp_path / "one.tar.gz").read_bytes()
+    assert data == (tmp_path / "two.tar.gz").read_bytes() == (tmp_path / "three.tar.gz").read_bytes()
+    assert one["sha256"] == two["sha256"] == three["sha256"] == hashlib.sha256(data).hexdigest()
+    # gzip header: no file name (FLG 0), mtime 0
+    assert data[:3] == b"\x1f\x8b\x08" and data[3] == 0 and data[4:8] == bytes(4)
+    with tarfile.open(tmp_path / "one.tar.gz") as tar:
+        members = tar.getmembers()
+    created = 1704067200  # the factory's created_utc, 2024-01-01T00:00:00Z
+    assert {m.mtime for m in members} == {created}
+    assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, "", "")}
+    assert {m.mode for m in members if m.isfile()} == {0o644} and {m.mode for m in members if m.isdir()} == {0o755}
+    names = [m.name for m in members]
+    assert names[:2] == ["colours", "colours/manifest.json"]
+    files = [m.name for m in members[2:] if m.isfile()]
+    assert files == sorted(files) and len(gzip.decompress(data)) % 10240 == 0
 
 
 def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
@@ -180,7 +245,7 @@ def test_unpack_runs_on_a_device_without_torch(archive, tmp_path):
 
     code = BLOCK_TORCH + (
         "from click.testing import CliRunner\nfrom edgetl.cli import main\n"
-        f"r = CliRunner().invoke(main, ['unpack', {str(archive)!r}, {str(tmp_path / 'dev')!r}])\n"
+        f"r = CliRunner().invoke(main, ['unpack', {str(archive)!r}, '--out', {str(tmp_path / 'dev')!r}])\n"
         "assert r.exit_code == 0, r.output\n"
         "assert not [m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')]\n"
     )
@@ -198,5 +263,24 @@ def test_unpack_checks_the_archive_sha256_first(bundle, archive, tmp_path):
     with pytest.raises(BundleError, match="incomplete or altered"):
         unpack_bundle(truncated, tmp_path / "bad", sha256=good)
     assert not (tmp_path / "bad").exists()
-    result = CliRunner().invoke(main, ["unpack", str(truncated), str(tmp_path / "bad"), "--sha256", good])
+    result = CliRunner().invoke(main, ["unpack", str(truncated), "--out", str(tmp_path / "bad"), "--sha256", good])
     assert result.exit_code == 1 and "incomplete or altered" in result.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("command", ["pack", "unpack"])
+def test_the_positional_output_still_works_with_a_warning(bundle, archive, tmp_path, command):
+    source = bundle if command == "pack" else archive
+    out = tmp_path / ("x.tar.gz" if command == "pack" else "dev")
+    runner = CliRunner()
+    result = runner.invoke(main, [command, str(source), str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.exists() and len(result.stdout.splitlines()) == 1
+    assert result.stderr.count("deprecated") == 1 and f"--out {out}" in result.stderr
+    # both, or neither: a usage error (exit 2), one line, nothing written
+    for args in ([str(source), str(tmp_path / "a"), "--out", str(tmp_path / "b")], [str(source)]):
+        result = runner.invoke(main, [command, *args])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1
+        assert "--out" in result.stderr and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+        result = runner.invoke(main, [command, *args, "--json"])
+        assert validate_document(result.stdout, command)["error"]["exit_code"] == 2

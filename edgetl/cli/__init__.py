@@ -45,6 +45,10 @@ class EdgetlGroup(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
+        except BrokenPipeError:
+            from edgetl.cli._common import quiet_broken_pipe
+
+            quiet_broken_pipe()
         except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)

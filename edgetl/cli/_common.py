@@ -77,6 +77,8 @@ def handle_errors(func: Callable) -> Callable:
             report_error(ctx, type(exc).__name__, str(exc), EXIT_FAILURE)
         except click.UsageError as exc:
             report_error(ctx, "UsageError", exc.format_message(), EXIT_USAGE)
+        except BrokenPipeError:
+            quiet_broken_pipe()
         except OSError as exc:
             # The machine, not the input: a full disk, a read-only folder, a vanished file. The
             # writers are atomic, so nothing half-written is left; say what and where.
@@ -87,6 +89,18 @@ def handle_errors(func: Callable) -> Callable:
             sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
+
+
+def quiet_broken_pipe() -> None:
+    """The reader went away (``edgetl predict ... | head``): stop quietly, as ``cat`` does (exit 141 =
+    128 + SIGPIPE), and keep Python from complaining when it flushes stdout at exit."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(141)
 
 
 def common_options(func: Callable) -> Callable:

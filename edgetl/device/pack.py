@@ -11,6 +11,7 @@ applies the same member rules (:func:`check_member`), so it never writes what un
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import logging
 import os
@@ -45,8 +46,13 @@ def bundle_files(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
 def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Verify ``bundle`` and write it to the gzip tar ``out`` under one top folder (the bundle's name).
 
-    Only the files the manifest lists are packed (no stray files). The archive is written to a
-    temporary file and renamed, so ``out`` is either complete or absent.
+    Only the files the manifest lists are packed (no stray files). The archive is reproducible:
+    the same bundle gives the same bytes every time, whatever the files' times, owners and
+    permissions on this machine (see :func:`_normalise`; gzip header without time or file name;
+    members in a fixed order: the manifest first, then folders and files sorted). The archive is
+    written to a temporary file and renamed, so ``out`` is either complete or absent. Returns
+    ``{archive, bundle, files, bytes, archive_bytes, sha256}`` (the full sha256 that ``unpack
+    --sha256`` checks).
     """
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
@@ -57,19 +63,25 @@ def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: boo
         raise ConfigError(f"the archive {out} must not be written inside the bundle {bundle}")
     top = bundle.resolve().name
     rels = bundle_files(bundle, manifest)
+    mtime = _member_mtime(manifest)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        # gzip's header holds a time and the file's name unless told otherwise: mtime 0, no name.
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
 
             def add(rel: str | None) -> None:
                 source, arcname = (bundle, top) if rel is None else (bundle / rel, f"{top}/{rel}")
 
                 def checked(info: tarfile.TarInfo) -> tarfile.TarInfo:
                     check_member(info, f"bundle {bundle}: {rel or '.'}", "pack")  # what unpack refuses
-                    return _normalise(info)
+                    return _normalise(info, mtime)
 
                 tar.add(source, arcname=arcname, recursive=False, filter=checked)
 
@@ -78,7 +90,7 @@ def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: boo
             add(MANIFEST_NAME)
             for folder in sorted({str(PurePosixPath(r).parent) for r in rels} - {"."}):
                 add(folder)
-            for rel in rels[1:]:
+            for rel in sorted(rels[1:]):
                 add(rel)
         tmp.chmod(0o644)
         os.replace(tmp, out)
@@ -104,11 +116,28 @@ def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: boo
     }
 
 
-def _normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    """No owner names or ids from the workstation; plain read permissions."""
+def _member_mtime(manifest: dict[str, Any]) -> int:
+    """Every member's time: the bundle's creation time from its manifest (fixed for a bundle, and
+    a meaningful date once unpacked), else 0."""
+    created = manifest.get("created_utc")
+    if isinstance(created, str):
+        try:
+            when = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+        except ValueError:
+            return 0
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return max(0, min(int(when.timestamp()), 8**11 - 1))  # what a ustar header holds
+    return 0
+
+
+def _normalise(info: tarfile.TarInfo, mtime: int = 0) -> tarfile.TarInfo:
+    """Nothing from this machine: no owner names or ids, plain read permissions, a fixed time."""
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     info.mode = 0o755 if info.isdir() else 0o644
+    info.mtime = mtime
+    info.devmajor = info.devminor = 0
     return info
 
 
@@ -136,6 +165,17 @@ def check_member(member: tarfile.TarInfo, where: str, action: str = "unpack") ->
     return PurePosixPath(*parts)
 
 
+def parse_sha256(text: str) -> str:
+    """The 64 hex digits `pack` prints (any case, surrounding spaces ignored), lower-case; anything
+    else (a shortened one, a typo) is a ConfigError: it could never match."""
+    value = text.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ConfigError(
+            f"--sha256 {text.strip()[:80]!r} is not a sha256: give the 64 hex digits `edgetl pack` prints"
+        )
+    return value
+
+
 def unpack_bundle(
     archive: str | os.PathLike,
     dest: str | os.PathLike,
@@ -157,14 +197,15 @@ def unpack_bundle(
     ``force`` replaces only a bundle folder, never one holding the archive.
     """
     archive, dest = Path(archive), Path(dest)
+    expected = parse_sha256(sha256) if sha256 is not None else None
     if not archive.is_file():
         raise BundleError(f"archive {archive} does not exist")
-    if sha256 is not None:
+    if expected is not None:
         actual = sha256_file(archive)
-        if actual != sha256.lower():
+        if actual != expected:
             raise BundleError(
-                f"archive {archive} has sha256 {actual[:16]}..., expected {sha256[:16]}...: it is "
-                "incomplete or altered (copy it again)"
+                f"archive {archive} has sha256 {actual}, expected {expected}: "
+                "it is incomplete or altered (copy it again)"
             )
     if max_bytes < 1 or max_files < 1:
         raise ConfigError("the size and file-count limits must be >= 1")
@@ -216,7 +257,7 @@ def _extract_checked(
             if path.name != MANIFEST_NAME or len(path.parts) > 2:
                 raise BundleError(
                     f"{where}: its first file is {member.name!r}, not {MANIFEST_NAME}; not a packed bundle "
-                    "(make one with `edgetl pack BUNDLE OUT.tar.gz`, which writes the manifest first)"
+                    "(make one with `edgetl pack BUNDLE --out OUT.tar.gz`, which writes the manifest first)"
                 )
             if member.size > MAX_JSON_BYTES:
                 raise BundleError(f"{where}: its {MANIFEST_NAME} is {member.size / 1e6:.0f} MB; refusing to unpack")
@@ -247,7 +288,7 @@ def _extract_checked(
     if manifest is None:
         raise BundleError(
             f"{where} is not a packed bundle: no {MANIFEST_NAME} at its root or in a single top folder "
-            "(make one with `edgetl pack BUNDLE OUT.tar.gz`)"
+            "(make one with `edgetl pack BUNDLE --out OUT.tar.gz`)"
         )
     outside = [f for f in folders if f != prefix and _inside(f, prefix) is None]
     if outside:
