@@ -1,7 +1,7 @@
 """`edgetl bench` vs OpenVINO's `benchmark_app` on the same IR, threads, streams and batch size.
 docs/design.md's bar: median latencies within 10%.
 
-The IR is the bundle's OpenVINO merged graph (trunk + head in one IR, ``export --format openvino
+The IR is the bundle's OpenVINO merged graph (trunk + head in one IR, ``export --model-format openvino
 --merged``), so both tools run exactly one compiled model: ``edgetl bench --runtime openvino
 --merged`` loads it through edgetl's runtime from the bundle, ``benchmark_app -m`` reads the same
 ``.xml``. A bundle without OpenVINO files gets them here: the script copies it and converts the

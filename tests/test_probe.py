@@ -20,6 +20,7 @@ from edgetl.workstation.probe import (
     probe_backbones,
 )
 from tests.helpers import tiny_spec
+from tests.schemas import validate_document
 
 CONST = "constant_test"
 
@@ -36,9 +37,9 @@ def _build_constant(state_dict=None):
     return body, [body]
 
 
-def _probe(data, candidates, *, samples_per_class=None, **options):
+def _probe(data, candidates, *, max_per_class=None, **options):
     """probe_backbones with the ProbeOptions fields as keywords."""
-    return probe_backbones(data, candidates, options=ProbeOptions(**options), samples_per_class=samples_per_class)
+    return probe_backbones(data, candidates, options=ProbeOptions(**options), max_per_class=max_per_class)
 
 
 @pytest.fixture
@@ -140,20 +141,74 @@ def test_scores_on_synthetic_features():
     assert np.isfinite(logme_score(np.zeros((120, 16)), y))
 
 
-def test_cli_probe_json_and_table(image_folder, constant_backbone):
+def test_cli_probe_json_table_and_tsv(image_folder, constant_backbone):
     args = ["probe", str(image_folder), "--backbones", f"{CONST}:none,tiny_test:none", "--folds", "3", "--no-progress"]
     result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert [r["backbone"] for r in doc["rows"]] == ["tiny_test", CONST]
-    assert {"backbone", "score", "seconds", "weights", "feature_dim", "logme"} <= set(doc["rows"][0])
-    table = CliRunner().invoke(main, args)
+    doc = validate_document(result.stdout, "probe")
+    assert [(r["rank"], r["backbone"]) for r in doc["results"]] == [(1, "tiny_test"), (2, CONST)]
+    assert {"backbone", "score", "seconds", "weights", "feature_dim", "logme"} <= set(doc["results"][0])
+    assert (doc["images"], doc["folds"], doc["max_per_class"], doc["metric"]) == (48, 3, None, "linear")
+    table = CliRunner().invoke(main, [*args, "--format", "table"])
     assert table.exit_code == 0 and "tiny_test:none" in table.stdout and "hit" in table.stdout
+    assert "chance top-1 0.333" in table.stdout
+    tsv = CliRunner().invoke(main, args)  # CliRunner's stdout is not a terminal: tsv
+    assert tsv.exit_code == 0, tsv.output
+    lines = tsv.stdout.splitlines()
+    assert lines[0].split("\t")[:6] == ["rank", "candidate", "backbone", "weights", "pretrained", "score"]
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["1", "tiny_test:none"], ["2", f"{CONST}:none"]]
+    assert {len(line.split("\t")) for line in lines} == {13} and lines[1].split("\t")[11] == "hit"
+    assert "chance top-1" in tsv.stderr and "chance" not in tsv.stdout
     bad = CliRunner().invoke(main, ["probe", str(image_folder), "--backbones", "nonet"])
     assert (
-        bad.exit_code == 1 and bad.stderr.startswith("Error: unknown backbone 'nonet'") and bad.stderr.count("\n") == 1
+        bad.exit_code == 2 and bad.stderr.startswith("Error: unknown backbone 'nonet'") and bad.stderr.count("\n") == 1
     )
-    assert "Example:" in CliRunner().invoke(main, ["probe", "--help"]).output
+    help_text = " ".join(CliRunner().invoke(main, ["probe", "--help"]).output.split())
+    assert "Example:" in help_text and "Torch device: auto, cpu, cuda or cuda:N." in help_text
+    assert "--max-per-class N" in help_text and "--samples-per-class" not in help_text
+
+
+def test_cli_probe_max_per_class_and_its_old_name(image_folder):
+    args = ["probe", str(image_folder), "--backbones", "tiny_test:none", "--folds", "2", "--no-progress", "--json"]
+    result = CliRunner().invoke(main, [*args, "--max-per-class", "3"])
+    assert result.exit_code == 0, result.output
+    doc = validate_document(result.stdout, "probe")
+    assert (doc["images"], doc["max_per_class"]) == (9, 3) and "Warning" not in result.stderr
+    old = CliRunner().invoke(main, [*args, "--samples-per-class", "3"])
+    assert old.exit_code == 0, old.output
+    assert "--samples-per-class is deprecated" in old.stderr and "--max-per-class" in old.stderr
+    assert json.loads(old.stdout)["results"][0]["linear_top1"] == doc["results"][0]["linear_top1"]
+    assert (
+        probe_backbones(
+            image_folder, "tiny_test:none", options=ProbeOptions(folds=2, progress=False), samples_per_class=3
+        ).images
+        == 9
+    )  # the library's old keyword too
+    with pytest.raises(ConfigError, match="--max-per-class must be an integer >= 2"):
+        _probe(image_folder, "tiny_test:none", max_per_class=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-per-class", "1"], "Invalid value for '--max-per-class': 1 is not in the range x>=2"),
+        (["--samples-per-class", "x"], "Invalid value for '--samples-per-class'"),
+        (["--folds", "1"], "Invalid value for '--folds'"),
+        (["--folds", "101"], "--folds must be an integer in 2..100"),
+        (["--img-size", "99999"], "Invalid value for '--img-size'"),
+        (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["--seed", "-2"], "Invalid value for '--seed'"),
+        (["--metric", "auc"], "Invalid value for '--metric'"),
+    ],
+)
+def test_cli_probe_usage_errors_exit_2(image_folder, monkeypatch, extra, message):
+    from edgetl.workstation.model import Trunk
+
+    monkeypatch.setattr(Trunk, "forward", lambda self, x: pytest.fail("the trunk ran"))
+    result = CliRunner().invoke(main, ["probe", str(image_folder), "--backbones", "tiny_test:none", *extra])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
 
 
 def _logme_reference(f, y):

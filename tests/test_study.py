@@ -22,6 +22,7 @@ from edgetl.workstation.study import (
 )
 from edgetl.workstation.study_result import StudyResult, StudyRow, plot_study
 from tests.helpers import _build_tiny, count_trunk_images
+from tests.schemas import validate_document
 
 STRATEGIES = ("feature-extraction", "fine-tune", "full", "scratch")
 
@@ -241,18 +242,22 @@ def test_cli_study_json_table_and_errors(image_folder, tiny_weights, tmp_path):
     ]
     result = CliRunner().invoke(main, [*args, "--json", "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert [(r["strategy"], r["pretrained"], r["samples_per_class"]) for r in doc["rows"]] == [
+    doc = validate_document(result.stdout, "study")
+    assert [(r["strategy"], r["pretrained"], r["samples_per_class"]) for r in doc["results"]] == [
         ("feature-extraction", True, 4),
         ("feature-extraction", True, "all"),
         ("scratch", False, 4),
         ("scratch", False, "all"),
     ]
-    assert {"val_top1", "train_seconds"} <= set(doc["rows"][0])
-    assert (tmp_path / "s" / "study.png").is_file() and json.loads((tmp_path / "s" / "study.json").read_text())["rows"]
+    assert {"val_top1", "train_seconds"} <= set(doc["results"][0]) and doc["backbone"] == "tiny_test"
+    assert doc["json_path"] == str(tmp_path / "s" / "study.json") and doc["trunk_pass"]["images"] == 48
+    saved = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert (tmp_path / "s" / "study.png").is_file() and saved["rows"] == doc["results"]
+    assert not [p.name for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert not (tmp_path / ".s.lock").exists()  # the output lock, released
 
     bad = CliRunner().invoke(main, ["study", str(image_folder), "--samples-per-class", "5,none"])
-    assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: --samples-per-class")
+    assert bad.exit_code == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("Error: --samples-per-class")
     again = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "s")])
     assert again.exit_code == 1 and "already exists" in again.stderr
 
@@ -260,6 +265,49 @@ def test_cli_study_json_table_and_errors(image_folder, tiny_weights, tmp_path):
 def test_cli_study_help_has_an_example():
     result = CliRunner().invoke(main, ["study", "--help"])
     assert result.exit_code == 0 and "Example:" in result.output and "scratch" in result.output
+    assert "Torch device: auto, cpu, cuda or cuda:N." in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--img-size", "4"], "Invalid value for '--img-size': 4 is not in the range 8<=x<=2048"),
+        (["--batch-size", "0"], "Invalid value for '--batch-size'"),
+        (["--seed", "-1"], "Invalid value for '--seed'"),
+        (["--val-split", "1"], "Invalid value for '--val-split'"),
+        (["--lr", "0"], "Invalid value for '--lr'"),
+        (["--epochs", "scratch=0"], "--epochs takes an integer"),
+        (["--strategies", "magic"], "unknown strategy 'magic'"),
+        (["--format", "csv"], "Invalid value for '--format'"),
+        (["--plot", "p.txt"], "--plot p.txt: .txt is not an image format"),
+    ],
+)
+def test_cli_study_usage_errors_exit_2_before_any_work(monkeypatch, tmp_path, extra, message):
+    monkeypatch.setattr(study_mod, "train_model", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(study_mod, "prepare_data", lambda *a, **k: pytest.fail("read the data"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["study", "data", "--weights", "w.pth", *extra])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_study_on_the_same_out_fails_at_once(image_folder, tiny_weights, tmp_path, monkeypatch):
+    from edgetl.core.atomic import output_lock
+    from edgetl.core.errors import OutputBusyError
+
+    monkeypatch.setattr(study_mod, "train_model", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "s"
+    with output_lock(out):  # another study is writing it
+        with pytest.raises(OutputBusyError, match="another edgetl command is writing"):
+            _study(image_folder, config=_config(tiny_weights), out=out, progress=False)
+        result = CliRunner().invoke(
+            main, ["study", str(image_folder), "--weights", tiny_weights, "--backbone", "tiny_test", "--out", str(out)]
+        )
+        assert result.exit_code == 1 and "another edgetl command is writing" in result.stderr
+    with output_lock(tmp_path / "p.png"), pytest.raises(OutputBusyError):  # --plot elsewhere is locked too
+        _study(image_folder, config=_config(tiny_weights), out=out, plot=tmp_path / "p.png", progress=False)
 
 
 @pytest.mark.slow
@@ -296,21 +344,8 @@ def test_cli_study_table(monkeypatch, tmp_path):
         return result
 
     monkeypatch.setattr(study_mod, "run_study", fake_run_study)
-    result = CliRunner().invoke(
-        main,
-        [
-            "study",
-            "d",
-            "--samples-per-class",
-            "2,all",
-            "--epochs",
-            "scratch=9",
-            "--plot",
-            str(tmp_path / "p.png"),
-            "--img-size",
-            "64",
-        ],
-    )
+    args = ["study", "d", "--samples-per-class", "2,all", "--epochs", "scratch=9", "--plot", str(tmp_path / "p.png")]
+    result = CliRunner().invoke(main, [*args, "--img-size", "64", "--format", "table"])
     assert result.exit_code == 0, result.output
     options = seen["options"]
     assert options.samples_per_class == "2,all" and options.epochs == "scratch=9" and seen["config"].img_size == 64
@@ -318,3 +353,28 @@ def test_cli_study_table(monkeypatch, tmp_path):
     assert "scratch (random init)" in out and "2/class" in out and "0.600 (2s)" in out
     assert "feature-extraction vs scratch: +30.0 pp at 2, +40.0 pp at all" in out
     assert "0.500+ (2s)" in out and "more epochs" in out  # scratch at 'all' was still improving
+
+
+def test_cli_study_tsv_in_a_pipe_and_json(monkeypatch, tmp_path):
+    """In a pipe: one line per row (the same columns whatever the budgets), notes on stderr."""
+    monkeypatch.setattr(study_mod, "run_study", lambda data, **kw: _fake_result(plot_path=kw["plot"]))
+    result = CliRunner().invoke(main, ["study", "d", "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == [
+        "strategy",
+        "pretrained",
+        "samples_per_class",
+        "train_images",
+        "epochs",
+        "epochs_run",
+        "best_epoch",
+        "best_at_last_epoch",
+        "val_top1",
+        "train_seconds",
+    ]
+    assert lines[1].split("\t") == ["feature-extraction", "true", "2", "6", "2", "2", "1", "false", "0.6", "1.5"]
+    assert lines[4].split("\t")[:3] == ["scratch", "false", "all"] and len(lines) == 5
+    assert "feature-extraction vs scratch: +30.0 pp at 2" in result.stderr and "chance" not in result.stdout
+    doc = validate_document(CliRunner().invoke(main, ["study", "d", "--json"]).stdout, "study")
+    assert len(doc["results"]) == 4 and doc["transfer_gain_pp"]["all"] == {"feature-extraction": 40.0}

@@ -109,7 +109,7 @@ class Bundle:
         if not have:
             raise BackendError(
                 f"bundle {self.path} has no {fmt} files for runtime {runtime!r} (it has: {', '.join(self.variants)}); "
-                f"use another --runtime or re-export with --format {fmt}"
+                f"use another --runtime or re-export with --model-format {fmt}"
             )
         return have
 

@@ -371,21 +371,27 @@ def probe_backbones(
     candidates: Sequence[str | Candidate] | str,
     *,
     options: ProbeOptions | None = None,
-    samples_per_class: int | None = None,
+    max_per_class: int | None = None,
     on_bad_image: str = "skip",
+    samples_per_class: int | None = None,
 ) -> ProbeResult:
     """Rank ``candidates`` for the image folder ``data`` (best first); see the module docstring.
 
-    ``samples_per_class`` caps the images per class (chosen by ``options.seed``) to probe large folders faster.
+    ``max_per_class`` caps the images per class (chosen by ``options.seed``) to probe large folders
+    faster (``samples_per_class`` is its old name, still accepted).
     """
     from edgetl.workstation.prepare import subsample_per_class
 
     o = options or ProbeOptions()
-    if samples_per_class is not None and (
-        isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 2
+    if samples_per_class is not None:
+        if max_per_class is not None:
+            raise ConfigError("give max_per_class only (samples_per_class is its old name)")
+        max_per_class = samples_per_class
+    if max_per_class is not None and (
+        isinstance(max_per_class, bool) or not isinstance(max_per_class, int) or max_per_class < 2
     ):
-        raise ConfigError(f"--samples-per-class must be an integer >= 2, not {samples_per_class!r}")
+        raise ConfigError(f"--max-per-class must be an integer >= 2, not {max_per_class!r}")
     parse_candidates(candidates)  # unknown names fail before the folder is decoded
     folder = drop_unreadable(scan_image_folder(data), on_bad_image=on_bad_image)
-    samples = subsample_per_class(list(folder.samples), samples_per_class, o.seed)
+    samples = subsample_per_class(list(folder.samples), max_per_class, o.seed)
     return probe_samples(samples, list(folder.classes), candidates, options=o, root=str(Path(data).resolve()))

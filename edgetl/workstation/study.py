@@ -25,16 +25,17 @@ put in the persistent cache before the first row (timed and reported as ``trunk_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import write_json_atomic
+from edgetl.core.atomic import output_lock, write_json_atomic
 from edgetl.core.errors import ConfigError, OutputExistsError
 from edgetl.core.imagefolder import Sample
 from edgetl.workstation.options import (
@@ -51,6 +52,7 @@ from edgetl.workstation.study_result import (
     StudyRow,
     budget_sort_key,
     budget_text,
+    plot_format,
     plot_study,
     samples_digest,
 )
@@ -166,6 +168,8 @@ def row_config(base: TrainConfig, strategy: str, *, epochs: int, batch_size: int
 
 
 def _check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:
+    if plot is not None:
+        plot_format(plot)
     for path in (out / "study.json" if out else None, plot):
         if path is not None and path.exists() and not force:
             raise OutputExistsError(
@@ -173,6 +177,18 @@ def _check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:
             )
     if out is not None and out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; it must be a folder (study.json and study.png go in it)")
+
+
+@contextlib.contextmanager
+def _locked_outputs(out: Path | None, plot: Path | None) -> Iterator[None]:
+    """Hold the output lock of ``out`` (the folder) and of ``plot`` when it is elsewhere, for the whole
+    study: a second study writing the same folder fails at once instead of interleaving its files."""
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            stack.enter_context(output_lock(out))
+        if plot is not None and (out is None or plot.resolve().parent != out.resolve()):
+            stack.enter_context(output_lock(plot))
+        yield
 
 
 def _check_weights_available(spec, weights: str) -> None:
@@ -234,11 +250,12 @@ def run_study(
     ``config`` supplies the backbone, pretrained weights, image size, seed, split and hyperparameters;
     its ``strategy`` and ``epochs`` are replaced per row (``options.epochs``: see :func:`parse_epochs`).
     With ``out``, ``out/study.json`` is written, and the plot goes to ``plot`` (default
-    ``out/study.png``). Nothing else is written except the feature cache.
+    ``out/study.png``). Nothing else is written except the feature cache. The outputs' locks are held
+    for the whole study (:func:`edgetl.core.atomic.output_lock`): a second study writing the same
+    ``out`` or ``plot`` fails at once (:class:`OutputBusyError`); both files are written atomically.
     """
     cfg = config or TrainConfig()
     opts = options or StudyOptions()
-    progress, cache_dir = opts.progress, opts.cache_dir
     strategy_list = parse_strategies(opts.strategies)
     budgets = parse_budgets(opts.samples_per_class)
     epochs_by_strategy = parse_epochs(opts.epochs)
@@ -250,107 +267,110 @@ def run_study(
     out_dir = Path(out) if out is not None else None
     plot_path = Path(plot) if plot is not None else (out_dir / "study.png" if out_dir is not None else None)
     _check_outputs(out_dir, plot_path, force)
+    progress, cache_dir = opts.progress, opts.cache_dir
 
     from edgetl.workstation.backbones import get_backbone
 
-    spec = get_backbone(cfg.backbone)
-    if any(s != "scratch" for s in strategy_list):
-        _check_weights_available(spec, cfg.weights)  # before minutes of scratch rows, not after
-    prepared = prepare_data(data, cfg, val_dir=val_dir)
-    subsets = nested_subsets(prepared.train, budgets, cfg.seed)
-    log.info(
-        "study on %s: %d training images (subsampled per budget), %d validation images (the same for every row)",
-        prepared.root,
-        len(prepared.train),
-        len(prepared.val),
-    )
-
-    trunk_pass = None
-    if "feature-extraction" in strategy_list and cfg.feature_cache:
-        trunk_pass = _warm_feature_cache(prepared, cfg, progress=progress, cache_dir=cache_dir)
+    with _locked_outputs(out_dir, plot_path):
+        _check_outputs(out_dir, plot_path, force)  # again, under the lock: the first check only fails fast
+        spec = get_backbone(cfg.backbone)
+        if any(s != "scratch" for s in strategy_list):
+            _check_weights_available(spec, cfg.weights)  # before minutes of scratch rows, not after
+        prepared = prepare_data(data, cfg, val_dir=val_dir)
+        subsets = nested_subsets(prepared.train, budgets, cfg.seed)
         log.info(
-            "trunk pass over %d images in %.1fs (shared by the feature-extraction rows)",
-            trunk_pass["images"],
-            trunk_pass["seconds"],
+            "study on %s: %d training images (subsampled per budget), %d validation images (the same for every row)",
+            prepared.root,
+            len(prepared.train),
+            len(prepared.val),
         )
 
-    rows: list[StudyRow] = []
-    weights_source: dict | None = None
-    plan = [(s, b) for s in strategy_list for b in budgets]
-    for i, (strategy, budget) in enumerate(plan, 1):
-        train = subsets[budget]
-        batch = study_batch_size(len(train), cfg.batch_size)
-        row_cfg = row_config(cfg, strategy, epochs=epochs_by_strategy[strategy], batch_size=batch)
-        part = PreparedData(prepared.labels, train, prepared.val, prepared.skipped, prepared.root, prepared.val_dir)
-        log.info(
-            "[%d/%d] %s, %s: %d training images, batch %d, %d epochs",
-            i,
-            len(plan),
-            strategy,
-            budget_text(budget),
-            len(train),
-            batch,
-            row_cfg.epochs,
-        )
-        outcome = train_model(part, row_cfg, progress=progress, cache_dir=cache_dir)
-        pretrained = outcome.weights_source.kind != "none"
-        if pretrained and weights_source is None:
-            weights_source = outcome.weights_source.to_dict()
-        row = StudyRow(
-            strategy=strategy,
-            pretrained=pretrained,
-            samples_per_class=budget,
-            train_images=len(train),
-            batch_size=batch,
-            trunk_lr_scale=row_cfg.trunk_lr_scale,
-            epochs=row_cfg.epochs,
-            epochs_run=len(outcome.history),
-            best_epoch=outcome.best_epoch,
-            best_at_last_epoch=outcome.best_epoch == row_cfg.epochs,
-            val_top1=float(outcome.metrics["val_top1"]),
-            train_seconds=round(outcome.train_seconds, 3),
-            feature_cache=outcome.feature_cache,
-        )
-        rows.append(row)
-        log.info(
-            "[%d/%d] %s, %s: val top-1 %.4f in %.1fs",
-            i,
-            len(plan),
-            strategy,
-            budget_text(budget),
-            row.val_top1,
-            row.train_seconds,
-        )
-        if row.best_at_last_epoch and row.epochs > 1:
-            log.warning(
-                "%s, %s: the best epoch was the last (%d); more epochs may help (--epochs %s=N)",
-                strategy,
-                budget_text(budget),
-                row.epochs,
-                strategy,
+        trunk_pass = None
+        if "feature-extraction" in strategy_list and cfg.feature_cache:
+            trunk_pass = _warm_feature_cache(prepared, cfg, progress=progress, cache_dir=cache_dir)
+            log.info(
+                "trunk pass over %d images in %.1fs (shared by the feature-extraction rows)",
+                trunk_pass["images"],
+                trunk_pass["seconds"],
             )
 
-    result = StudyResult(
-        rows=rows,
-        data=prepared.root,
-        backbone=spec.name,
-        weights=weights_source,
-        img_size=spec.preprocessing(cfg.img_size).input_size,
-        seed=cfg.seed,
-        val_split=None if val_dir is not None else cfg.val_split,
-        labels=list(prepared.labels),
-        train_images=len(prepared.train),
-        val_images=len(prepared.val),
-        val_digest=samples_digest(prepared.val),
-        trunk_pass=trunk_pass,
-        epochs={s: epochs_by_strategy[s] for s in strategy_list},
-        config={k: v for k, v in cfg.to_dict().items() if k not in ("strategy", "epochs")},
-        json_path=str(out_dir / "study.json") if out_dir is not None else None,
-        plot_path=str(plot_path) if plot_path is not None else None,
-    )
-    if plot_path is not None:
-        plot_study(result, plot_path)
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "study.json", result.to_dict())
-    return result
+        rows: list[StudyRow] = []
+        weights_source: dict | None = None
+        plan = [(s, b) for s in strategy_list for b in budgets]
+        for i, (strategy, budget) in enumerate(plan, 1):
+            train = subsets[budget]
+            batch = study_batch_size(len(train), cfg.batch_size)
+            row_cfg = row_config(cfg, strategy, epochs=epochs_by_strategy[strategy], batch_size=batch)
+            part = PreparedData(prepared.labels, train, prepared.val, prepared.skipped, prepared.root, prepared.val_dir)
+            log.info(
+                "[%d/%d] %s, %s: %d training images, batch %d, %d epochs",
+                i,
+                len(plan),
+                strategy,
+                budget_text(budget),
+                len(train),
+                batch,
+                row_cfg.epochs,
+            )
+            outcome = train_model(part, row_cfg, progress=progress, cache_dir=cache_dir)
+            pretrained = outcome.weights_source.kind != "none"
+            if pretrained and weights_source is None:
+                weights_source = outcome.weights_source.to_dict()
+            row = StudyRow(
+                strategy=strategy,
+                pretrained=pretrained,
+                samples_per_class=budget,
+                train_images=len(train),
+                batch_size=batch,
+                trunk_lr_scale=row_cfg.trunk_lr_scale,
+                epochs=row_cfg.epochs,
+                epochs_run=len(outcome.history),
+                best_epoch=outcome.best_epoch,
+                best_at_last_epoch=outcome.best_epoch == row_cfg.epochs,
+                val_top1=float(outcome.metrics["val_top1"]),
+                train_seconds=round(outcome.train_seconds, 3),
+                feature_cache=outcome.feature_cache,
+            )
+            rows.append(row)
+            log.info(
+                "[%d/%d] %s, %s: val top-1 %.4f in %.1fs",
+                i,
+                len(plan),
+                strategy,
+                budget_text(budget),
+                row.val_top1,
+                row.train_seconds,
+            )
+            if row.best_at_last_epoch and row.epochs > 1:
+                log.warning(
+                    "%s, %s: the best epoch was the last (%d); more epochs may help (--epochs %s=N)",
+                    strategy,
+                    budget_text(budget),
+                    row.epochs,
+                    strategy,
+                )
+
+        result = StudyResult(
+            rows=rows,
+            data=prepared.root,
+            backbone=spec.name,
+            weights=weights_source,
+            img_size=spec.preprocessing(cfg.img_size).input_size,
+            seed=cfg.seed,
+            val_split=None if val_dir is not None else cfg.val_split,
+            labels=list(prepared.labels),
+            train_images=len(prepared.train),
+            val_images=len(prepared.val),
+            val_digest=samples_digest(prepared.val),
+            trunk_pass=trunk_pass,
+            epochs={s: epochs_by_strategy[s] for s in strategy_list},
+            config={k: v for k, v in cfg.to_dict().items() if k not in ("strategy", "epochs")},
+            json_path=str(out_dir / "study.json") if out_dir is not None else None,
+            plot_path=str(plot_path) if plot_path is not None else None,
+        )
+        if plot_path is not None:
+            plot_study(result, plot_path)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_dir / "study.json", result.to_dict())
+        return result

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,21 @@ def samples_digest(samples: list[Sample]) -> str:
     return h.hexdigest()
 
 
+PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg")
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format of a plot path, from its suffix (none: png); another suffix is a ConfigError."""
+    from edgetl.core.errors import ConfigError
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix and suffix not in PLOT_FORMATS:
+        raise ConfigError(
+            f"--plot {path}: .{suffix} is not an image format edgetl writes; use {', '.join(PLOT_FORMATS)}"
+        )
+    return suffix or "png"
+
+
 def plot_study(result: StudyResult, path: str | Path) -> Path:
     """Validation top-1 against images per class (log scale), one line per strategy."""
     import matplotlib
@@ -148,6 +165,22 @@ def plot_study(result: StudyResult, path: str | Path) -> Path:
     )
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    # Written beside the target and renamed: an interrupted study leaves the old plot or none, never half a PNG.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plot is read by others
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=100, format=plot_format(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -94,7 +94,7 @@ def missing_library(fmt: str, precisions: Sequence[str] = ()) -> str | None:
     if not missing:
         return None
     hint = f"pip install 'edgetl[{FORMATS[fmt].export_extra}]'"
-    return f"--format {fmt} needs {', '.join(missing)}, which is not installed ({hint})"
+    return f"--model-format {fmt} needs {', '.join(missing)}, which is not installed ({hint})"
 
 
 def check_options(
@@ -109,10 +109,10 @@ def check_options(
     formats = tuple(dict.fromkeys(formats))
     precisions = tuple(dict.fromkeys(precisions))
     if not formats:
-        raise ConfigError(f"no --format given; choose from {', '.join(FORMATS)}")
+        raise ConfigError(f"no --model-format given; choose from {', '.join(FORMATS)}")
     for fmt in formats:
         if fmt not in FORMATS:
-            raise ConfigError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+            raise ConfigError(f"unknown --model-format {fmt!r}; choose from {', '.join(FORMATS)}")
     if not precisions:
         raise ConfigError(f"no --precision given; choose from {', '.join(PRECISIONS)}")
     for p in precisions:
@@ -139,7 +139,7 @@ def check_options(
         if not any(p in FORMATS[f].precisions for f in available):
             holders = [f.name for f in FORMATS.values() if p in f.precisions]
             raise ConfigError(
-                f"--precision {p} is not available for --format {','.join(available)}; "
-                f"it needs --format {' or '.join(holders)}"
+                f"--precision {p} is not available for --model-format {','.join(available)}; "
+                f"it needs --model-format {' or '.join(holders)}"
             )
     return ExportProfile(tuple(available), precisions, calib_size, float(max_drop), bool(merged), skip_unavailable)
