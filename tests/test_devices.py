@@ -19,6 +19,7 @@ from edgetl.device.profiles import (
     merge_settings,
     profile_from_dict,
 )
+from tests.schemas import validate_document
 
 REQUIRED = {"rpi4", "rpi5", "intel-nuc", "x86-server", "jetson-orin-nano"}
 
@@ -159,19 +160,44 @@ def test_profile_settings_and_dict():
     assert isinstance(p, DeviceProfile)
 
 
-def test_cli_devices_list_show_and_json():
+def test_cli_devices_list_show_and_json(tmp_path):
     runner = CliRunner()
-    listing = runner.invoke(main, ["devices"])
+    listing = runner.invoke(main, ["devices"])  # in a pipe: a header and one tab-separated line per profile
     assert listing.exit_code == 0, listing.output
+    rows = [line.split("\t") for line in listing.stdout.splitlines()]
+    assert rows[0] == ["name", "device", "settings"] and {len(r) for r in rows} == {3}
+    assert {r[0] for r in rows[1:]} == {p.name for p in list_profiles()} >= REQUIRED
+    table = runner.invoke(main, ["devices", "--format", "table"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "Device profiles" in table.stdout
     for name in REQUIRED:
-        assert name in listing.stdout
-    shown = runner.invoke(main, ["devices", "rpi4"])
+        assert name in table.stdout
+    shown = runner.invoke(main, ["devices", "rpi4", "--format", "table"])
     assert shown.exit_code == 0 and "Cortex-A72" in shown.stdout and "onnxruntime/cpu, 4 threads" in shown.stdout
-    doc = json.loads(runner.invoke(main, ["devices", "--json"]).stdout)
-    assert {p["name"] for p in doc} >= REQUIRED
-    one = json.loads(runner.invoke(main, ["devices", "x86-server", "--json"]).stdout)
-    assert one["name"] == "x86-server" and one["match"]["fallback"] is True
-    bad = runner.invoke(main, ["devices", "nope"])
-    assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown device-profile 'nope'")
+    shown_tsv = runner.invoke(main, ["devices", "rpi4"])
+    pairs = [line.split("\t") for line in shown_tsv.stdout.splitlines()]
+    assert pairs[0] == ["key", "value"] and {len(p) for p in pairs} == {2}
+    assert ["settings", "onnxruntime/cpu, 4 threads, fp32, batch 1"] in pairs and pairs[-1][0] == "notes"
+    doc = validate_document(runner.invoke(main, ["devices", "--json"]).stdout, "devices")
+    assert {p["name"] for p in doc["results"]} >= REQUIRED
+    one = validate_document(runner.invoke(main, ["devices", "x86-server", "--json"]).stdout, "devices")
+    assert len(one["results"]) == 1  # still a list, of one
+    assert one["results"][0]["name"] == "x86-server" and one["results"][0]["match"]["fallback"] is True
     help_ = runner.invoke(main, ["devices", "--help"])
     assert "Example:" in help_.output
+
+
+def test_cli_devices_errors_and_untrusted_text(tmp_path):
+    runner = CliRunner()
+    bad = runner.invoke(main, ["devices", "nope"])
+    assert bad.exit_code == 2 and bad.stderr.startswith("Error: unknown device-profile 'nope'") and bad.stdout == ""
+    bad_json = runner.invoke(main, ["devices", "nope", "--json"])
+    assert bad_json.exit_code == 2
+    assert validate_document(bad_json.stdout, "devices")["error"]["type"] == "ConfigError"
+    path = tmp_path / "odd.yaml"
+    path.write_text('description: "tab\\there, \\e[31mred\\e[0m"\nnotes: "two\\nlines"\n')
+    tsv = runner.invoke(main, ["devices", str(path)])
+    assert tsv.exit_code == 0, tsv.output
+    assert ["description", "tab\\there, \\x1b[31mred\\x1b[0m"] in [line.split("\t") for line in tsv.stdout.splitlines()]
+    table = runner.invoke(main, ["devices", str(path), "--format", "table"])
+    assert table.exit_code == 0 and "odd: tab\\x09here, \\x1b[31mred\\x1b[0m" in table.stdout
+    assert "\x1b" not in table.stdout

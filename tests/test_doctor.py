@@ -15,6 +15,7 @@ from edgetl.core.envinfo import ARM_FEATURES, X86_FEATURES
 from edgetl.device import doctor as doctor_mod
 from edgetl.device.doctor import diagnose, int8_outlook
 from tests.bundle_factory import build_bundle
+from tests.schemas import validate_document
 from tests.test_no_torch import BLOCK_TORCH, run_python
 
 
@@ -124,21 +125,56 @@ def test_measured_int8_slower_than_fp32_is_a_warning(bundle_dir, monkeypatch):
     assert any("int8 is slower than fp32 (0.67x" in w for w in rep.warnings)
 
 
-def test_cli_doctor_json_is_one_document():
+def test_cli_doctor_json_is_one_envelope():
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert set(doc) == {"machine", "runtimes", "profiles", "int8", "warnings"}
-    assert doc["machine"]["arch"] and "onnxruntime" in doc["runtimes"]
+    doc = validate_document(result.stdout, "doctor")
+    assert doc["bundle"] is None and len(doc["results"]) == 1
+    report = doc["results"][0]
+    assert set(report) == {"machine", "runtimes", "profiles", "int8", "warnings"}
+    assert report["machine"]["arch"] and "onnxruntime" in report["runtimes"]
+    assert "measured" not in report["int8"]
 
 
-def test_cli_doctor_with_bundle_and_text(bundle_dir):
-    result = CliRunner().invoke(main, ["doctor", str(bundle_dir)])
+def test_cli_doctor_with_bundle_json_and_lines(bundle_dir):
+    result = CliRunner().invoke(main, ["doctor", str(bundle_dir), "--format", "json"])
     assert result.exit_code == 0, result.output
+    doc = validate_document(result.stdout, "doctor")
+    assert doc["bundle"] == str(bundle_dir)
+    assert [row["runtime"] for row in doc["results"][0]["int8"]["measured"]] == ["onnxruntime"]
+    lines = CliRunner().invoke(main, ["doctor", str(bundle_dir)])  # in a pipe: the same lines as on a terminal
+    assert lines.exit_code == 0, lines.output
     for word in ("machine", "CPU", "runtimes", "profile", "int8", "measured onnxruntime"):
-        assert word in result.stdout
+        assert word in lines.stdout
+    assert "\t" not in lines.stdout
     help_ = CliRunner().invoke(main, ["doctor", "--help"])
     assert "Example:" in help_.output
+
+
+def test_cli_doctor_lines_never_wrap_and_show_untrusted_text_escaped(monkeypatch):
+    real = doctor_mod.diagnose
+
+    def long_names(bundle=None):
+        r = real(bundle)
+        r.machine["cpu"] = "Vendor CPU \x1b[31mred\x1b[0m " + "x" * 200
+        r.warnings.append("w" * 300)
+        return r
+
+    monkeypatch.setattr(doctor_mod, "diagnose", long_names)
+    for fmt in ("table", "tsv"):
+        result = CliRunner().invoke(main, ["doctor", "--format", fmt])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert lines[0] == "machine   Vendor CPU \\x1b[31mred\\x1b[0m " + "x" * 200
+        assert lines[-1] == "warning   " + "w" * 300
+
+
+def test_cli_doctor_bundle_errors(tmp_path):
+    result = CliRunner().invoke(main, ["doctor", str(tmp_path / "missing"), "--json"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and len(result.stderr.splitlines()) == 1
+    assert validate_document(result.stdout, "doctor")["error"]["exit_code"] == 1
+    both = CliRunner().invoke(main, ["doctor", "--json", "--format", "tsv"])
+    assert both.exit_code == 2 and "--json and --format tsv disagree" in both.stderr
 
 
 def test_doctor_and_devices_run_with_torch_blocked():
@@ -153,7 +189,7 @@ def test_doctor_and_devices_run_with_torch_blocked():
         devices = CliRunner().invoke(main, ["devices", "rpi5", "--json"])
         assert devices.exit_code == 0, devices.output
         assert not [m for m in sys.modules if m.partition(".")[0] in ("torch", "torchvision")]
-        print(json.dumps(json.loads(doctor.stdout)["machine"]["arch"]))
+        print(json.dumps(json.loads(doctor.stdout)["results"][0]["machine"]["arch"]))
         """
     )
     proc = run_python(code)

@@ -39,8 +39,11 @@ def command_name(ctx: click.Context | None) -> str:
     """``edgetl data digits`` -> ``data.digits`` (the JSON schema name after ``edgetl.``)."""
     if ctx is None:
         return "error"
-    words = ctx.command_path.split()[1:]
-    return ".".join(words) or "main"
+    names = []
+    while ctx.parent is not None:  # the root's name may be "python -m edgetl": leave it out
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return ".".join(reversed(names)) or "main"
 
 
 def json_requested(ctx: click.Context | None) -> bool:

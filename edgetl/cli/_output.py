@@ -102,7 +102,12 @@ _CONTROL.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\")
 
 def tsv_cell(value: Any) -> str:
     """One TSV field: tabs, newlines, other control characters and backslashes escaped (names come
-    from user data: a file called ``a\\tb.png`` must not add a column)."""
+    from user data: a file called ``a\\tb.png`` must not add a column). ``None`` is an empty field,
+    booleans are ``true``/``false`` (as in the JSON)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return str(value).translate(_CONTROL)
 
 

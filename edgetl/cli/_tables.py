@@ -1,47 +1,97 @@
-"""Human-readable output of predict and bench: rich tables and summary lines (--json prints the library's
-documents instead). Imported by the commands; rich is imported only inside the functions."""
+"""Human-readable output of predict and bench: rich tables, tab-separated lines and summary lines (--json
+prints the library's documents instead). Imported by the commands; rich is imported only inside the functions."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+from typing import Any
+
 import click
 
-TABLE_ROWS = 200  # predict prints a table up to this many results, then plain lines (bounded memory)
+from edgetl.cli._output import tsv_line
+
+TABLE_ROWS = 200  # on a terminal, predict prints a table up to this many results, then aligned lines (bounded memory)
+
+# predict's columns in a pipe (tsv) and in CSV: the same for any number of images, heads or bundles.
+PREDICT_COLUMNS = ("image", "head", "label", "score", "top_k", "variant", "runtime")
+
+_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
 
 
-def stream_table(stream, predictor, top_k: int) -> None:
-    """A table while results fit on a screen or two; beyond TABLE_ROWS, plain lines as they come."""
-    from rich.console import Console
-    from rich.table import Table
+def clean(value: Any) -> str:
+    """Untrusted text (a file or label name) for a terminal line: control characters shown escaped."""
+    return str(value).translate(_CONTROL)
 
+
+def _score(value: float) -> str:
+    """A score for TSV/CSV; a non-finite one (never produced: the predictor refuses it) as an empty cell."""
+    return f"{value:.6f}" if math.isfinite(value) else ""
+
+
+def predict_cells(r: dict[str, Any]) -> list[str]:
+    """One prediction record as the cells of :data:`PREDICT_COLUMNS` (``top_k`` as ``label:score;...``)."""
+    top = ";".join(f"{t['label']}:{_score(t['score'])}" for t in r["top_k"])
+    return [r["image"], r["head"], r["label"], _score(r["score"]), top, r["variant"], r["runtime"]]
+
+
+def stream_lines(records: Iterable[dict[str, Any]]) -> None:
+    """predict in a pipe: the header, then one tab-separated line per record as it comes (cells
+    escaped: a tab or newline in a file name cannot add a column or a line)."""
+    click.echo(tsv_line(PREDICT_COLUMNS))
+    for r in records:
+        click.echo(tsv_line(predict_cells(r)))
+
+
+def stream_table(records: Iterable[dict[str, Any]], predictor, top_k: int) -> None:
+    """predict on a terminal: a table while the results fit on a screen or two; beyond TABLE_ROWS,
+    the same columns as aligned lines as they come (widths from the first rows)."""
     several_heads = len(predictor.head_names) > 1
-    console = Console()
+    columns = ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}")
+    title = f"{predictor.variant} ({predictor.runtime})"
 
     def cells(r):
-        top = ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"])
-        return (r["image"], *((r["head"],) if several_heads else ()), r["label"], f"{r['score']:.3f}", top)
+        top = ", ".join(f"{clean(t['label'])} {t['score']:.2f}" for t in r["top_k"])
+        return (
+            clean(r["image"]),
+            *((clean(r["head"]),) if several_heads else ()),
+            clean(r["label"]),
+            f"{r['score']:.3f}",
+            top,
+        )
 
     buffered = []
-    iterator = iter(stream)
+    iterator = iter(records)
     for r in iterator:
-        buffered.append(r)
+        buffered.append(cells(r))
         if len(buffered) > TABLE_ROWS:
             break
     else:
-        table = Table(title=f"{predictor.variant} ({predictor.runtime})")
-        for col in ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}"):
+        from rich.table import Table
+        from rich.text import Text
+
+        from edgetl.cli._output import console
+
+        table = Table(title=Text(title))
+        for col in columns:
             table.add_column(col, justify="right" if col == "score" else "left", overflow="fold")
-        for r in buffered:
-            table.add_row(*cells(r))
-        console.print(table)
+        for row in buffered:
+            table.add_row(*(Text(c) for c in row))
+        console().print(table)
         return
-    click.echo(
-        f"# {predictor.variant} ({predictor.runtime}): "
-        + "\t".join(("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}"))
-    )
-    for r in buffered:
-        click.echo("\t".join(cells(r)))
+    widths = [max(len(col), *(len(row[i]) for row in buffered)) for i, col in enumerate(columns)]
+    score = columns.index("score")
+
+    def line(row) -> str:
+        padded = [c.rjust(w) if i == score else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        return "  ".join(padded).rstrip()
+
+    click.echo(f"# {clean(title)}")
+    click.echo(line(columns))
+    for row in buffered:
+        click.echo(line(row))
     for r in iterator:
-        click.echo("\t".join(cells(r)))
+        click.echo(line(cells(r)))
 
 
 def print_summary(s) -> None:
@@ -61,8 +111,8 @@ def print_summary(s) -> None:
         err=True,
     )
     for head, counts in s.per_class.items():
-        shown = ", ".join(f"{label}: {n}" for label, n in counts.items() if n)
-        prefix = f"  {head}: " if len(s.per_class) > 1 else "  per label: "
+        shown = ", ".join(f"{clean(label)}: {n}" for label, n in counts.items() if n)
+        prefix = f"  {clean(head)}: " if len(s.per_class) > 1 else "  per label: "
         click.echo(prefix + (shown or "none"), err=True)
 
 

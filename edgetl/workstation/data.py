@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.core.atomic import output_lock
-from edgetl.core.errors import DataError
+from edgetl.core.atomic import output_lock, replace_directory
+from edgetl.core.errors import DataError, OutputExistsError
 from edgetl.core.imagefolder import ImageFolder, Sample
 
 
@@ -31,8 +31,13 @@ def stratified_split(folder: ImageFolder, val_fraction: float, seed: int) -> tup
     return train, val
 
 
-def write_digits(out: str | os.PathLike) -> dict:
-    """Write scikit-learn's bundled 8x8 digits (1,797 images) as a PNG image folder."""
+def write_digits(out: str | os.PathLike, *, force: bool = False) -> dict:
+    """Write scikit-learn's bundled 8x8 digits (1,797 images) as a PNG image folder.
+
+    ``out`` must be new or an empty folder; with ``force``, a folder this function wrote before
+    (class folders ``0``-``9`` of PNG files, nothing else) is replaced once the new one is complete.
+    Anything else is an :class:`OutputExistsError`: --force never deletes a folder of someone's.
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError:
@@ -40,13 +45,13 @@ def write_digits(out: str | os.PathLike) -> dict:
     from PIL import Image
 
     out = Path(out)
-    _refuse_non_empty(out)
+    _check_digits_output(out, force)
     digits = load_digits()
     classes = [str(int(c)) for c in digits.target_names]
     # Under the output's lock, in a temporary folder of our own beside OUT (never a fixed name that
     # might be someone's folder): a second writer fails at once, an interruption leaves no half folder.
     with output_lock(out):
-        _refuse_non_empty(out)
+        replaced = _check_digits_output(out, force)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a dataset is read by others
@@ -56,18 +61,46 @@ def write_digits(out: str | os.PathLike) -> dict:
                 # Values are 0..16 ink levels; scale to 0..255 grey.
                 pixels = np.clip(np.round(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels, mode="L").save(tmp / str(int(target)) / f"{i:04d}.png")
-            if out.exists():
+            if out.exists() and not replaced:
                 out.rmdir()  # empty (checked under the lock); rmdir refuses anything else
-            os.replace(tmp, out)
+            # The old folder (if any) is renamed aside, the new one put in place, the old one removed.
+            replace_directory(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return {"path": str(out), "classes": classes, "images": len(digits.images)}
+    return {"path": str(out), "classes": classes, "images": len(digits.images), "replaced": replaced}
 
 
-def _refuse_non_empty(out: Path) -> None:
-    if out.is_symlink() or (out.exists() and (not out.is_dir() or any(out.iterdir()))):
-        raise DataError(f"{out} exists and is not empty (or not a folder); choose a new folder")
+DIGIT_CLASSES = frozenset(str(i) for i in range(10))
+
+
+def _check_digits_output(out: Path, force: bool) -> bool:
+    """Whether ``out`` is to be replaced (True) or is new/empty (False); else OutputExistsError."""
+    if not (out.exists() or out.is_symlink()):
+        return False
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return False
+    if not force:
+        raise OutputExistsError(f"{out} exists and is not empty; pass --force to replace it, or choose another --out")
+    if not _is_digits_folder(out):
+        raise OutputExistsError(
+            f"--force replaces only a digits folder (class folders 0-9 of PNG files, nothing else), and {out} "
+            "is not one; choose another --out or remove it yourself"
+        )
+    return True
+
+
+def _is_digits_folder(path: Path) -> bool:
+    """What :func:`write_digits` writes: only class folders ``0``-``9``, each holding only PNG files."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    for entry in os.scandir(path):
+        if entry.name not in DIGIT_CLASSES or entry.is_symlink() or not entry.is_dir():
+            return False
+        for f in os.scandir(entry.path):
+            if f.is_symlink() or not f.is_file() or not f.name.endswith(".png"):
+                return False
+    return True
 
 
 def _umask() -> int:
