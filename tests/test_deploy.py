@@ -22,6 +22,7 @@ from edgetl.device.deploy import check_fit
 from edgetl.device.remote import Remote, is_remote, parse_target
 from edgetl.device.remote_bench import fingerprint
 from tests.bundle_factory import COLOURS, build_bundle
+from tests.schemas import validate_document
 from tests.sshd import ALIAS, LoopbackSSHD, keygen, require_sshd
 
 REMOTE_EDGETL = f"{sys.executable} -m edgetl"
@@ -119,7 +120,9 @@ def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
     dest = tmp_path / "device" / "my $HOME; bundles" / "colours"  # quoted for the device's shell, never run
     result = deploy(sshd, bundle, dest)
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    envelope = validate_document(result.stdout, "deploy")
+    assert envelope["bundle"] == str(bundle) and envelope["target"].endswith(str(dest))
+    (doc,) = envelope["results"]
     assert doc["where"] == ALIAS and doc["path"] == str(dest) and doc["files"] == 4
     verify_files(dest, read_manifest(dest))  # complete and every checksum right on the "device"
     assert _left_beside(dest) == ["colours"]  # no upload or temp left behind
@@ -129,6 +132,7 @@ def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
     result = cli("predict", f"{ALIAS}:{dest}", str(red), *ssh_args(sshd), "--json")
     assert result.exit_code == 0, result.output
     records = json.loads(result.stdout)
+    records = records["results"] if isinstance(records, dict) else records  # the predict envelope
     assert [r["label"] for r in records] == ["red"]
 
     save_dir = tmp_path / "saved"
@@ -148,14 +152,28 @@ def test_deploy_then_predict_and_bench_on_the_device(sshd, tmp_path):
         str(save_dir),
     )
     assert result.exit_code == 0, result.output
-    rep = json.loads(result.stdout)
+    doc = validate_document(result.stdout, "bench")
+    assert doc["mode"] == "remote" and doc["bundle"].endswith(str(dest))
+    (rep,) = doc["results"]
     assert rep["precision"] == "fp32" and rep["iterations"] == 5 and rep["latency_ms"]["p50"] > 0
-    assert rep["device"]["where"] == ALIAS and len(rep["device"]["fingerprint"]) == 16
+    assert rep["target"] == doc["bundle"] and rep["bundle"] == str(dest)
+    assert rep["remote"]["where"] == ALIAS and len(rep["remote"]["fingerprint"]) == 16
     assert "samples_ms" not in rep
-    saved = json.loads(next(save_dir.glob("*.json")).read_text())
+    saved_file = next(save_dir.glob("*.json"))
+    saved = validate_document(saved_file.read_text(), "bench")  # the same envelope, every sample in it
     assert len(saved["results"][0]["samples_ms"]) == 5
-    assert saved["device"]["fingerprint"] == rep["device"]["fingerprint"]
-    assert saved["device"]["machine"]["arch"] == rep["env"]["machine"]
+    assert saved["results"][0]["remote"]["fingerprint"] == rep["remote"]["fingerprint"]
+    assert saved["results"][0]["remote"]["machine"]["arch"] == rep["env"]["machine"]
+    # Read back offline: the device's result beside nothing else, no ssh.
+    back = cli("bench", "--compare", str(saved_file), "--json")
+    assert back.exit_code == 0, back.output
+    compared = validate_document(back.stdout, "bench")["results"][0]
+    assert compared["latency_ms"] == rep["latency_ms"] and compared["remote"]["where"] == ALIAS
+    # One device on a terminal: the local table, then the device's line.
+    args = ["--precision", "fp32", "--warmup", "0", "--iterations", "3", "--no-cold-start", "--format", "table"]
+    table = cli("bench", f"{ALIAS}:{dest}", *ssh_args(sshd), *args)
+    assert table.exit_code == 0, table.output
+    assert "latency p50 ms" in table.stdout and f"Device {ALIAS}: edgetl" in table.stdout
 
 
 def test_bench_several_targets_gives_one_comparison(sshd, tmp_path):
@@ -181,14 +199,25 @@ def test_bench_several_targets_gives_one_comparison(sshd, tmp_path):
     ]
     result = cli(*args, "--json")
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert next(t["device"]["target"] for t in doc["targets"]).endswith("/dev/a")
-    rows = doc["comparison"]
-    assert len(rows) == 2 and rows[0]["speedup_vs_first"] == 1.0 and rows[1]["fingerprint"] == rows[0]["fingerprint"]
-    table = cli(*args, "--plot", str(tmp_path / "devices.png"))
+    doc = validate_document(result.stdout, "bench")
+    assert doc["mode"] == "remote" and doc["bundle"] is None and len(doc["results"]) == 2
+    a, b = doc["results"]
+    assert a["target"].endswith("/dev/a") and b["target"].endswith("/dev/b") and b["target"].startswith("ssh://")
+    assert a["remote"]["fingerprint"] == b["remote"]["fingerprint"]  # the same machine, reached twice
+    (row,) = doc["comparison"]
+    assert (row["kind"], row["result"], row["baseline_result"]) == ("first", 1, 0) and row["speedup_p50"] > 0
+    table = cli(*args, "--plot", str(tmp_path / "devices.png"), "--format", "table")
     assert table.exit_code == 0, table.output
-    assert "Devices compared" in table.stdout and "127.0.0.1" in table.stdout
+    assert "Devices compared" in table.stdout and "127.0.0.1" in table.stdout and "1.00x" in table.stdout
     assert (tmp_path / "devices.png").stat().st_size > 1000
+    tsv = cli(*args)  # a pipe: one line per device and configuration
+    assert tsv.exit_code == 0, tsv.output
+    lines = tsv.stdout.splitlines()
+    assert (
+        len(lines) == 3
+        and lines[1].split("\t")[0] == ALIAS
+        and lines[2].split("\t")[0] == f"{sshd.user}@127.0.0.1:{sshd.port}"
+    )
 
 
 def test_redeploy_replaces_and_an_interrupted_copy_keeps_the_old_bundle(sshd, tmp_path):
@@ -267,14 +296,42 @@ def test_deploy_check_reads_doctor_on_the_device(sshd, tmp_path):
     bundle = build_bundle(tmp_path / "b")
     result = deploy(sshd, bundle, tmp_path / "device" / "b", "--check")
     assert result.exit_code == 0, result.output
-    check = json.loads(result.stdout)["check"]
+    check = validate_document(result.stdout, "deploy")["results"][0]["check"]
     by_name = {c["check"]: c for c in check["checks"]}
     assert check["ok"] and by_name["runtime"]["status"] == "ok" and "onnxruntime" in by_name["runtime"]["detail"]
     assert "measured on the device" in by_name["precision"]["detail"]  # doctor BUNDLE timed int8 vs fp32 there
     assert {"runtime", "precision", "profile"} <= set(by_name)
-    human = cli("deploy", str(bundle), f"{ALIAS}:{tmp_path / 'device' / 'b'}", *ssh_args(sshd), "--check")
+    human = cli(
+        "deploy", str(bundle), f"{ALIAS}:{tmp_path / 'device' / 'b'}", *ssh_args(sshd), "--check", "--format", "table"
+    )
     assert human.exit_code == 0, human.output
     assert "Deployed 4 files" in human.stdout and "runtime" in human.stdout and "Device:" in human.stdout
+    tsv = cli("deploy", str(bundle), f"{ALIAS}:{tmp_path / 'device' / 'b'}", *ssh_args(sshd), "--check", "-q")
+    assert tsv.exit_code == 0, tsv.output
+    header, line = tsv.stdout.splitlines()  # a pipe: a header and one line; the checks on stderr
+    row = dict(zip(header.split("\t"), line.split("\t"), strict=True))
+    assert row["files"] == "4" and row["check"] in ("ok", "warn") and len(row["sha256"]) == 64
+    assert "Device:" in tsv.stderr
+
+
+def test_a_failed_check_is_one_json_document_with_the_error(sshd, tmp_path, monkeypatch):
+    from edgetl.device import deploy as deploy_mod
+
+    def no_runtime(manifest, doctor):
+        return {
+            "ok": False,
+            "profile": None,
+            "checks": [{"check": "runtime", "status": "fail", "detail": "no runtime on the device"}],
+            "machine": doctor.get("machine", {}),
+        }
+
+    monkeypatch.setattr(deploy_mod, "check_fit", no_runtime)
+    result = deploy(sshd, build_bundle(tmp_path / "b"), tmp_path / "device" / "b", "--check")
+    assert result.exit_code == 1
+    doc = validate_document(result.stdout, "deploy")  # one document: the deploy's record, then the error
+    assert doc["partial"] is True and doc["results"][0]["files"] == 4
+    assert doc["error"]["type"] == "RemoteError" and "cannot use the bundle" in doc["error"]["message"]
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: deployed, but the device cannot use the bundle")
 
 
 # --- fit checks without a device ----------------------------------------------------------------------

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import click
+import os
 
-from edgetl.cli._bench_tables import print_bench, print_comparison
+import click
+from click.core import ParameterSource
+
 from edgetl.cli._common import (
-    emit_json,
+    common_options,
     forwarded_args,
     handle_errors,
-    json_option,
     make_remote,
     parse_list,
     ssh_options,
 )
+from edgetl.cli._output import emit_json, envelope, format_option, resolve_format
 from edgetl.cli._runtime_options import (
     SSH_OPTIONS,
     head_option,
@@ -23,7 +25,17 @@ from edgetl.cli._runtime_options import (
     runtime_option,
 )
 from edgetl.core.formats import PRECISIONS
-from edgetl.device.limits import BOUNDS, MAX_ITERATIONS, MAX_STREAMS, MAX_WARMUP
+from edgetl.device.limits import (
+    BOUNDS,
+    MAX_DURATION_S,
+    MAX_ITERATIONS,
+    MAX_STREAMS,
+    MAX_WARMUP,
+    MIN_DURATION_S,
+)
+
+# What --compare (read saved results, time nothing) goes with; any other option given is refused.
+COMPARE_OPTIONS = ("compare", "plot", "samples", "output_format", "as_json", "verbose", "quiet", "no_progress")
 
 
 def _precisions(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
@@ -50,7 +62,7 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 @click.command()
-@click.argument("bundle", required=False, type=click.Path())
+@click.argument("paths", nargs=-1, type=click.Path(), metavar="[BUNDLE | --compare FILE...]")
 @runtime_option
 @click.option(
     "--precision",
@@ -93,7 +105,15 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     type=click.IntRange(1, MAX_ITERATIONS),
     default=100,
     show_default=True,
-    help="Timed runs per configuration.",
+    help="Timed runs per configuration (or --duration).",
+)
+@click.option(
+    "--duration",
+    type=click.FloatRange(MIN_DURATION_S, MAX_DURATION_S),
+    default=None,
+    metavar="SECONDS",
+    help="Instead of --iterations: time for about SECONDS per configuration (N configurations take "
+    "about N x SECONDS), interleaved as usual, every configuration getting the same number of runs.",
 )
 @click.option(
     "--block",
@@ -118,7 +138,8 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option(
     "--save",
     is_flag=True,
-    help="Write the result (every sample included) under devices/<profile>/results/ (see --save-dir).",
+    help="Write the result (every sample included) under devices/<profile>/results/ (see --save-dir); "
+    "read it back with --compare. Checked before timing.",
 )
 @click.option(
     "--save-dir",
@@ -132,7 +153,8 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     type=click.Path(dir_okay=False),
     default=None,
     metavar="PNG",
-    help="Write the latency distribution of each configuration to this PNG (needs matplotlib).",
+    help="Write the latency distribution of each configuration to this PNG (needs matplotlib; without "
+    "it the results are still printed and saved, with a warning). Checked before timing.",
 )
 @click.option(
     "--target",
@@ -144,12 +166,19 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
 )
 @ssh_options
 @click.option("--samples", is_flag=True, help="With --json: include every timed sample (samples_ms).")
-@json_option
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Compare saved results offline: the arguments are files written by --save (or --json output); "
+    "no bundle, no timing. Prints the comparison table (or --json, --format tsv); --plot draws it.",
+)
+@format_option
+@common_options
 @click.pass_context
 @handle_errors
 def bench(
     ctx: click.Context,
-    bundle: str | None,
+    paths: tuple[str, ...],
     runtime: str | None,
     precision: list[str] | None,
     all_variants: bool,
@@ -161,6 +190,7 @@ def bench(
     streams: int | None,
     warmup: int,
     iterations: int,
+    duration: float | None,
     block: int,
     merged: bool,
     cold_start: bool,
@@ -173,6 +203,8 @@ def bench(
     ssh_config: str | None,
     remote_edgetl: str,
     samples: bool,
+    compare: bool,
+    output_format: str | None,
     as_json: bool,
 ) -> None:
     """Measure latency, throughput, cold start, memory and size of a bundle's variants.
@@ -180,35 +212,59 @@ def bench(
     Timed: preprocessed input -> logits (trunk + head), after warm-up; several configurations
     (precisions, --all, --threads/--batch-size lists) are timed interleaved so that drift hits
     all of them alike, and compared: int8 vs fp32, OpenVINO vs ONNX Runtime. Cold start comes
-    from a fresh process. --json prints {"results": [...], "comparison": [...]}, or the single
-    result when one configuration was asked for. See docs/benchmarking.md.
+    from a fresh process. A p90 above 1.5x the p50 is reported as a noisy machine. --json prints
+    one document whatever the number of configurations or devices: {"schema": "edgetl.bench",
+    ..., "comparison": [...], "warnings": [...], "results": [...]}; in a pipe, one tab-separated
+    line per configuration. See docs/benchmarking.md.
 
     On a device (BUNDLE or --target as user@host:PATH, after `edgetl deploy`): edgetl bench runs
     there over ssh with these options, its progress streams here, and the result comes back;
     --save stores it here under devices/<profile>/results/ with the device's fingerprint.
 
+    --compare FILE...: the results saved earlier (--save), side by side, without timing anything.
+
     \b
     Example:
       edgetl bench bundles/digits
       edgetl bench bundles/digits --all --threads 1,2 --batch-size 1,8 --json
-      edgetl bench bundles/digits --device-profile rpi5 --save --plot rpi5.png
+      edgetl bench bundles/digits --device-profile rpi5 --duration 20 --save --plot rpi5.png
       edgetl bench --target pi@rpi4.local:bundles/digits --target me@nuc:bundles/digits --precision int8
+      edgetl bench --compare devices/rpi5/results/*.json --plot rpi5-history.png
     """
+    fmt = resolve_format(output_format, as_json)
+    given = {
+        p.name
+        for p in ctx.command.params
+        if isinstance(p, click.Option) and p.name and ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE
+    }
+    if duration is not None and "iterations" in given:
+        raise click.UsageError("give --iterations or --duration, not both")
+    if compare:
+        _bench_compare(ctx, paths, given, plot=plot, fmt=fmt, samples=samples)
+        return
+    if len(paths) > 1:
+        raise click.UsageError(
+            f"give one BUNDLE, not {len(paths)} (to compare saved results: edgetl bench --compare FILE...)"
+        )
+    bundle = paths[0] if paths else None
     from edgetl.device.remote_bench import LOCAL_BENCH_OPTIONS, bench_targets
 
     remote_targets = bench_targets(bundle, targets)
+    plot, warnings = _check_outputs(plot=plot, save=save or save_dir is not None, save_dir=save_dir)
     if remote_targets:
+        remotes = [make_remote(t, identity, ssh_config, remote_edgetl) for t in remote_targets]
         _bench_remote(
-            [make_remote(t, identity, ssh_config, remote_edgetl) for t in remote_targets],
+            remotes,
             forwarded_args(ctx, exclude=(*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS)),
             save=save,
             save_dir=save_dir,
             plot=plot,
-            as_json=as_json,
+            fmt=fmt,
             samples=samples,
+            warnings=warnings,
         )
         return
-    from edgetl.device.bench import BenchOptions, plot_latencies, run_bench, save_report
+    from edgetl.device.bench import BenchOptions, run_bench, save_report
 
     options = BenchOptions(
         device_profile=device_profile,
@@ -226,16 +282,98 @@ def bench(
         block=block,
         cold_start_runs=cold_start,
         merged=merged,
+        duration_s=duration,
     )
     rep = run_bench(bundle, options)
     if save or save_dir is not None:
         click.echo(f"Saved {save_report(rep, save_dir=save_dir)}", err=True)
     if plot:
-        click.echo(f"Plot {plot_latencies(rep.results, plot)}", err=True)
-    if as_json:
-        emit_json(rep.to_dict(samples=samples))
-        return
-    print_bench(rep)
+        warnings += _plot(rep, plot)
+    _emit(rep, fmt, samples=samples, warnings=warnings)
+
+
+def _check_outputs(*, plot: str | None, save: bool, save_dir: str | None) -> tuple[str | None, list[str]]:
+    """Before timing: --plot's file and --save's folder can be written (else a usage error, exit 2).
+    Without matplotlib, the plot is skipped with a warning and the results still print: returns
+    the plot to draw (None: none) and the warnings."""
+    from edgetl.device.bench import check_plot_path, check_save_dir, plot_problem
+
+    warnings = []
+    if plot:
+        check_plot_path(plot)
+        problem = plot_problem()
+        if problem:
+            warnings.append(f"--plot {plot} skipped: {problem}; the results are printed (and saved) all the same")
+            click.echo(f"Warning: {warnings[-1]}", err=True)
+            plot = None
+    if save:
+        check_save_dir(save_dir)
+    return plot, warnings
+
+
+def _plot(rep, plot: str) -> list[str]:
+    """Draw the plot; a failure (a broken matplotlib) is a warning: the results still print."""
+    from edgetl.cli._bench_tables import source_names
+    from edgetl.core.errors import EdgetlError
+    from edgetl.device.bench import plot_latencies
+
+    several = len({(r.source, r.target) for r in rep.results}) > 1
+    labels, title = None, None
+    if several:
+        labels = [f"{name} {r.label}" for r, name in zip(rep.results, source_names(rep.results), strict=True)]
+        title = "Latency per call, " + ("saved results" if rep.mode == "compare" else "devices") + " compared"
+    try:
+        click.echo(f"Plot {plot_latencies(rep.results, plot, labels=labels, title=title)}", err=True)
+    except (EdgetlError, OSError, ImportError, RuntimeError, ValueError) as exc:
+        warning = f"--plot {plot} failed ({exc}); the results are printed all the same"
+        click.echo(f"Warning: {warning}", err=True)
+        return [warning]
+    return []
+
+
+def _emit(rep, fmt: str, *, samples: bool, warnings: list[str], device_line: str | None = None) -> None:
+    """The spread warnings on stderr, then the results: one JSON document, TSV lines, or a table."""
+    from edgetl.cli._bench_tables import print_bench, print_bench_tsv, print_comparison
+
+    for w in rep.warnings:
+        click.echo(f"Warning: {w}", err=True)
+    if fmt == "json":
+        emit_json(envelope("bench", rep.result_dicts(samples=samples), **rep.context(warnings=warnings)))
+    elif fmt == "tsv":
+        print_bench_tsv(rep)
+    elif len({(r.source, r.target) for r in rep.results}) > 1 or rep.mode == "compare":
+        print_comparison(rep)
+    else:
+        print_bench(rep, device_line=device_line)
+
+
+def _bench_compare(
+    ctx: click.Context, paths: tuple[str, ...], given: set[str], *, plot: str | None, fmt: str, samples: bool
+) -> None:
+    """--compare FILE...: saved results side by side; nothing is timed."""
+    from edgetl.device.bench import combine, read_saved
+
+    extra = sorted(given - set(COMPARE_OPTIONS))
+    if extra:
+        flags = ", ".join(_flag(ctx, name) for name in extra)
+        raise click.UsageError(f"--compare reads saved results and times nothing: {flags} do not apply")
+    if not paths:
+        raise click.UsageError("--compare needs the result files to read (written by edgetl bench --save)")
+    for path in paths:
+        if not os.path.exists(path):
+            raise click.UsageError(f"--compare: {path} does not exist")
+    plot, warnings = _check_outputs(plot=plot, save=False, save_dir=None)
+    rep = combine([read_saved(p) for p in paths], mode="compare")
+    if plot:
+        warnings += _plot(rep, plot)
+    _emit(rep, fmt, samples=samples, warnings=warnings)
+
+
+def _flag(ctx: click.Context, name: str) -> str:
+    param = next((p for p in ctx.command.params if p.name == name), None)
+    if param is None:
+        return name
+    return next((o for o in param.opts if o.startswith("--")), param.opts[0])
 
 
 def _bench_remote(
@@ -245,32 +383,26 @@ def _bench_remote(
     save: bool,
     save_dir: str | None,
     plot: str | None,
-    as_json: bool,
+    fmt: str,
     samples: bool,
+    warnings: list[str],
 ) -> None:
     """Bench on each device in turn, then one table: the device's own when there is one, else a comparison."""
-    from edgetl.device.bench import BenchReport, plot_latencies
-    from edgetl.device.remote_bench import bench_devices, benches_doc, comparison_rows
+    from edgetl.device.remote_bench import bench_devices, remote_report
 
     benches = bench_devices(
         remotes, args, save=save, save_dir=save_dir, on_saved=lambda path: click.echo(f"Saved {path}", err=True)
     )
+    rep = remote_report(benches)
     if plot:
-        results = [r for rb in benches for r in BenchReport.from_dict(rb.report).results]
-        click.echo(f"Plot {plot_latencies(results, plot)}", err=True)
-    if as_json:
-        emit_json(benches_doc(benches, samples=samples))
-        return
+        warnings += _plot(rep, plot)
+    device_line = None
     if len(benches) == 1:
-        rb = benches[0]
-        print_bench(BenchReport.from_dict(rb.report))
-        d = rb.device
-        click.echo(
-            f"Device {d['where']}: edgetl {d['edgetl']}, fingerprint {d['fingerprint']}"
-            + (f", fits profile {d['profile_fit']}" if d["profile_fit"] else "")
+        d = benches[0].device
+        device_line = f"Device {d['where']}: edgetl {d['edgetl']}, fingerprint {d['fingerprint']}" + (
+            f", fits profile {d['profile_fit']}" if d["profile_fit"] else ""
         )
-        return
-    print_comparison(comparison_rows(benches))
+    _emit(rep, fmt, samples=samples, warnings=warnings, device_line=device_line)
 
 
 COMMANDS = [bench]

@@ -4,7 +4,28 @@ from __future__ import annotations
 
 import click
 
-from edgetl.cli._common import emit_json, handle_errors, json_option, make_remote, ssh_options
+from edgetl.cli._common import common_options, handle_errors, make_remote, ssh_options
+from edgetl.cli._output import console, emit_json, emit_table, envelope, format_option, plain, resolve_format
+
+# deploy in a pipe (--format tsv): a header and one line (the check's overall status: ok, warn,
+# fail, or empty without --check; its details go to stderr).
+DEPLOY_COLUMNS = (
+    "target",
+    "where",
+    "path",
+    "files",
+    "bytes",
+    "archive_bytes",
+    "sha256",
+    "variants",
+    "heads",
+    "remote_edgetl",
+    "copy_seconds",
+    "copy_mb_per_s",
+    "unpack_seconds",
+    "seconds",
+    "check",
+)
 
 
 @click.command()
@@ -17,16 +38,21 @@ from edgetl.cli._common import emit_json, handle_errors, json_option, make_remot
     "fit the bundle? Exits 1 if no runtime there can run it.",
 )
 @ssh_options
-@json_option
+@format_option
+@common_options
+@click.pass_context
 @handle_errors
 def deploy(
+    ctx: click.Context,
     bundle: str,
     target: str,
     check: bool,
     identity: str | None,
     ssh_config: str | None,
     remote_edgetl: str,
+    output_format: str | None,
     as_json: bool,
+    no_progress: bool,
 ) -> None:
     """Copy BUNDLE to a device and verify it there; TARGET is user@host:PATH or ssh://user@host:port/PATH.
 
@@ -43,41 +69,85 @@ def deploy(
       edgetl deploy bundles/digits ssh://me@nuc:2222/opt/models/digits --remote-edgetl '~/edgetl/bin/edgetl'
       edgetl bench pi@raspberrypi.local:bundles/digits --device-profile rpi4 --save
     """
+    fmt = resolve_format(output_format, as_json)
     remote = make_remote(target, identity, ssh_config, remote_edgetl)
-    doc = _deploy_with_progress(bundle, remote, check=check, show=not as_json)
-    if as_json:
-        emit_json(doc)
+    doc = _deploy_with_progress(bundle, remote, check=check, show=not no_progress)
+    failed = None
+    if "check" in doc and not doc["check"]["ok"]:
+        failed = "; ".join(c["detail"] for c in doc["check"]["checks"] if c["status"] == "fail")
+    document = envelope("deploy", [doc], bundle=bundle, target=str(remote.target))
+    if fmt == "json" and failed:
+        # The deploy happened: its record goes out with the error (exit 1), as one document.
+        head = {k: v for k, v in document.items() if k != "results"}
+        ctx.meta["edgetl.close_json_with_error"] = lambda error: emit_json(
+            {**head, "error": error, "partial": True, "results": document["results"]}
+        )
+    elif fmt == "json":
+        emit_json(document)
+    elif fmt == "tsv":
+        emit_table("tsv", DEPLOY_COLUMNS, [_deploy_cells(doc)])
+        if "check" in doc:
+            _print_check(doc["check"], stderr=True)
     else:
-        click.echo(
-            f"Deployed {doc['files']} files ({doc['bytes'] / 1e6:.1f} MB) to {doc['where']}:{doc['path']} "
-            f"(edgetl {doc['remote_edgetl']} there): copy {doc['copy_seconds']:.1f} s "
-            f"({doc['copy_mb_per_s'] or 0:.1f} MB/s), verify + unpack {doc['unpack_seconds']:.1f} s; "
-            f"variants: {', '.join(doc['variants'])}"
+        console().print(
+            plain(
+                f"Deployed {doc['files']} files ({doc['bytes'] / 1e6:.1f} MB) to {doc['where']}:{doc['path']} "
+                f"(edgetl {doc['remote_edgetl']} there): copy {doc['copy_seconds']:.1f} s "
+                f"({doc['copy_mb_per_s'] or 0:.1f} MB/s), verify + unpack {doc['unpack_seconds']:.1f} s; "
+                f"variants: {', '.join(doc['variants'])}"
+            )
         )
         if "check" in doc:
             _print_check(doc["check"])
-    if "check" in doc and not doc["check"]["ok"]:
-        failed = "; ".join(c["detail"] for c in doc["check"]["checks"] if c["status"] == "fail")
+    if failed:
         from edgetl.core.errors import RemoteError
 
         raise RemoteError(f"deployed, but the device cannot use the bundle: {failed}")
 
 
+def _check_status(check: dict | None) -> str:
+    if check is None:
+        return ""
+    statuses = {c["status"] for c in check["checks"]}
+    return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "ok"
+
+
+def _deploy_cells(doc: dict) -> list:
+    return [
+        doc["target"],
+        doc["where"],
+        doc["path"],
+        doc["files"],
+        doc["bytes"],
+        doc["archive_bytes"],
+        doc["sha256"],
+        ",".join(doc["variants"]),
+        ",".join(doc["heads"]),
+        doc["remote_edgetl"],
+        doc["copy_seconds"],
+        "" if doc["copy_mb_per_s"] is None else doc["copy_mb_per_s"],
+        doc["unpack_seconds"],
+        doc["seconds"],
+        _check_status(doc.get("check")),
+    ]
+
+
 def _deploy_with_progress(bundle: str, remote, *, check: bool, show: bool) -> dict:
+    """Deploy with a copy progress bar on stderr (a terminal only, and not with --no-progress or -q)."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from edgetl.device.deploy import deploy as deploy_bundle
 
-    console = Console(stderr=True)
+    err = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
-        console=console,
+        console=err,
         transient=True,
-        disable=not console.is_terminal,
+        disable=not show or not err.is_terminal,
     ) as progress:
         task = progress.add_task(f"copy to {remote.target.where}", total=None)
 
@@ -87,19 +157,26 @@ def _deploy_with_progress(bundle: str, remote, *, check: bool, show: bool) -> di
         return deploy_bundle(bundle, remote, check=check, on_progress=on_progress)
 
 
-def _print_check(check: dict) -> None:
-    marks = {"ok": "[green]ok[/green]  ", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
-    from rich.console import Console
+def _print_check(check: dict, *, stderr: bool = False) -> None:
+    """The device and each check, one line each (names from the device shown as text)."""
+    from rich.text import Text
 
-    console = Console()
+    marks = {"ok": ("ok  ", "green"), "warn": ("warn", "yellow"), "fail": ("FAIL", "red")}
+    out = console(stderr=stderr)
     m = check["machine"]
-    console.print(
-        f"Device: {m.get('cpu')} ({m.get('arch')}, {m.get('logical_cores')} cores), "
-        f"{m.get('os')} {m.get('kernel')}, python {m.get('python')}",
-        highlight=False,
+    out.print(
+        plain(
+            f"Device: {m.get('cpu')} ({m.get('arch')}, {m.get('logical_cores')} cores), "
+            f"{m.get('os')} {m.get('kernel')}, python {m.get('python')}"
+        )
     )
     for c in check["checks"]:
-        console.print(f"  {marks[c['status']]} {c['check']:<9} {c['detail']}", highlight=False)
+        mark, style = marks.get(c["status"], (str(c["status"]), ""))
+        line = Text("  ")
+        line.append(mark, style=style)
+        line.append(" ")
+        line.append(plain(f"{c['check']:<9} {c['detail']}"))
+        out.print(line)
 
 
 COMMANDS = [deploy]

@@ -28,7 +28,7 @@ from typing import Any
 from edgetl.core.bundle import MANIFEST_NAME, read_manifest
 from edgetl.core.errors import RemoteError
 from edgetl.core.formats import format_of, runtime_of, variant_name
-from edgetl.device.remote import Remote
+from edgetl.device.remote import Remote, envelope_record
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +81,22 @@ def deploy(
             raise
         copy_s = time.perf_counter() - t_copy
     t_unpack = time.perf_counter()
+    unpack = remote.edgetl_command("unpack")
+    unpack_options = f"--force --json --sha256 {packed['sha256']}"
     script = (
         'tmp="$1"; dest="$2"; '
         f'if [ -e "$dest" ] && [ ! -f "$dest/{MANIFEST_NAME}" ]; then rm -f -- "$tmp"; '
         'echo "Error: $dest exists on the device and is not an edgetl bundle; refusing to replace it '
         '(deploy to another path, or remove it there)" >&2; exit 3; fi; '
-        + remote.edgetl_command("unpack")
-        + ' "$tmp" "$dest" --force --json --sha256 '
-        + packed["sha256"]
-        + '; rc=$?; rm -f -- "$tmp"; exit $rc'
+        # `unpack --out DEST` where the device's edgetl has it; older ones take DEST as an argument.
+        + f"if {remote.edgetl_command('unpack', '--help')} 2>/dev/null | grep -q -e --out; then "
+        + f'{unpack} "$tmp" --out "$dest" {unpack_options}; else {unpack} "$tmp" "$dest" {unpack_options}; fi; '
+        + 'rc=$?; rm -f -- "$tmp"; exit $rc'
     )
     command = f"sh -c {shlex.quote(script)} sh {shlex.quote(upload)} {shlex.quote(target.path)}"
     result = remote.check(remote.run(command, echo_stderr=True), "unpacking the bundle")
     try:
-        unpacked = json.loads(result.stdout)
+        unpacked = envelope_record(json.loads(result.stdout), f"edgetl unpack on {target.where}")
     except ValueError:
         raise RemoteError(
             f"unpacking on {target.where} printed no JSON: is edgetl there older than 0.1? (it says {version})"
@@ -116,7 +118,7 @@ def deploy(
         "unpack_seconds": round(time.perf_counter() - t_unpack, 3),
     }
     if check:
-        doctor = remote.json("doctor", target.path, what="edgetl doctor")
+        doctor = envelope_record(remote.json("doctor", target.path, what="edgetl doctor"), "edgetl doctor")
         doc["check"] = check_fit(manifest, doctor)
     doc["seconds"] = round(time.perf_counter() - t_start, 3)
     return doc

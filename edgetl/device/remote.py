@@ -369,6 +369,19 @@ def _ssh_failure(t: Target, text: str, what: str) -> str:
     return f"{what}: ssh to {t.where} failed: {last}"
 
 
+def envelope_record(doc: Any, what: str) -> dict[str, Any]:
+    """The one record of a device's ``edgetl COMMAND --json`` document: edgetl with schema
+    versions prints ``{"schema", ..., "results": [record]}``, older edgetl the record itself."""
+    if isinstance(doc, dict) and "schema" in doc:
+        results = doc.get("results")
+        if isinstance(results, list) and results and isinstance(results[0], dict):
+            return results[0]
+        raise RemoteError(f"{what} printed a {doc.get('schema')!r} document without results")
+    if not isinstance(doc, dict):
+        raise RemoteError(f"{what} printed JSON that is not an object")
+    return doc
+
+
 def remote_args(options: dict[str, Any], flags: dict[str, str]) -> list[str]:
     """Command-line words for the device from option values: ``flags`` maps each name to its
     ``--option`` (``--x/--no-x`` for booleans); None and False values are left out."""
@@ -389,4 +402,4 @@ def remote_args(options: dict[str, Any], flags: dict[str, str]) -> list[str]:
     return words
 
 
-__all__ = ["Remote", "Result", "Target", "is_remote", "parse_target", "remote_args"]
+__all__ = ["Remote", "Result", "Target", "envelope_record", "is_remote", "parse_target", "remote_args"]

@@ -8,23 +8,26 @@ streams the device's output here as it comes. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgetl.core.errors import ConfigError
-from edgetl.device.remote import Remote, Target, is_remote
+from edgetl.core.errors import ConfigError, DataError, RemoteError
+from edgetl.device.remote import Remote, Target, envelope_record, is_remote
+
+if TYPE_CHECKING:
+    from edgetl.device.bench import BenchReport
 
 log = logging.getLogger(__name__)
 
-# What `edgetl bench` does here with a device's result; never forwarded to the device (--json and
-# --samples are always asked of it).
-LOCAL_BENCH_OPTIONS = ("targets", "save", "save_dir", "plot", "samples", "as_json")
+# What `edgetl bench` does here with a device's result; never forwarded to the device (it is always
+# asked for --json and --samples; --format only shapes what is printed here; --compare reads files
+# here and never goes with targets).
+LOCAL_BENCH_OPTIONS = ("targets", "save", "save_dir", "plot", "samples", "as_json", "output_format", "compare")
 
 
 def bench_targets(bundle: str | None, targets: Sequence[str]) -> list[str]:
@@ -53,13 +56,9 @@ class RemoteBench:
 
     target: Target
     edgetl_version: str
-    report: dict[str, Any]  # the device's `edgetl bench --json --samples` document
+    report: dict[str, Any]  # the device's `edgetl bench --json --samples` document (of any edgetl version)
     machine: dict[str, Any]
     profile_fit: str | None  # the shipped profile doctor says fits the device
-
-    @property
-    def results(self) -> list[dict[str, Any]]:
-        return self.report.get("results", [self.report])
 
     @property
     def device(self) -> dict[str, Any]:
@@ -72,31 +71,38 @@ class RemoteBench:
             "profile_fit": self.profile_fit,
         }
 
-    def to_dict(self, *, samples: bool = False) -> dict[str, Any]:
-        report = self.report if samples else _without_samples(self.report)
-        return {**report, "device": self.device}
+    def bench_report(self) -> BenchReport:
+        """The device's results, each saying where it ran (``target``, ``remote``)."""
+        from edgetl.device.bench import BenchReport, BenchResult
+        from edgetl.device.bench.results import result_dicts_of
+
+        what = f"edgetl bench on {self.target.where}"
+        try:
+            records = result_dicts_of(self.report, what=what)
+        except DataError as exc:
+            raise RemoteError(f"{exc} (is edgetl there a different version? it says {self.edgetl_version})") from None
+        device, target = self.device, str(self.target)
+        results = [BenchResult.from_dict({**d, "target": target, "remote": device}) for d in records]
+        skipped = [s for s in self.report.get("skipped") or [] if isinstance(s, dict)]
+        return BenchReport.of(results, skipped=skipped, mode="remote")
 
     def profile_folder(self) -> str:
-        applied = self.report.get("profile") or self.results[0].get("profile")
-        if applied:
+        applied = self.bench_report().profile
+        if applied and isinstance(applied.get("name"), str):
             return applied["name"]
         return self.profile_fit or f"unknown-{self.machine.get('arch', 'device')}"
-
-
-def _without_samples(report: dict[str, Any]) -> dict[str, Any]:
-    if "results" in report:
-        return {**report, "results": [{k: v for k, v in r.items() if k != "samples_ms"} for r in report["results"]]}
-    return {k: v for k, v in report.items() if k != "samples_ms"}
 
 
 def bench_remote(remote: Remote, bench_args: Sequence[str]) -> RemoteBench:
     """Run ``edgetl bench PATH ARGS --json --samples`` on the device, its progress on stderr here."""
     t = remote.target
     version = remote.version()
-    doctor = remote.json("doctor", what="edgetl doctor", echo_stderr=False)
+    doctor = envelope_record(remote.json("doctor", what="edgetl doctor", echo_stderr=False), "edgetl doctor")
     log.info("benchmarking %s on %s (edgetl %s, %s)", t.path, t.where, version, doctor["machine"].get("cpu"))
     report = remote.json("bench", t.path, *bench_args, "--samples", what="edgetl bench")
-    return RemoteBench(t, version, report, doctor.get("machine", {}), doctor.get("profiles", {}).get("best"))
+    rb = RemoteBench(t, version, report, doctor.get("machine", {}), doctor.get("profiles", {}).get("best"))
+    rb.bench_report()  # a document this edgetl cannot read is one error here, naming the device
+    return rb
 
 
 def predict_remote(
@@ -111,47 +117,12 @@ def predict_remote(
 
 def save_remote(rb: RemoteBench, save_dir: str | os.PathLike | None = None) -> Path:
     """Write a device's bench result, every sample and the device's fingerprint included, under
-    ``devices/<profile>/results/`` (the same place `bench --save` on the device would use)."""
-    from edgetl.core.atomic import write_json_atomic
-    from edgetl.device.bench import results_dir
+    ``devices/<profile>/results/`` (the same place `bench --save` on the device would use), as the
+    bench document (docs/schemas/bench.json)."""
+    from edgetl.device.bench import save_report
 
-    folder = results_dir(rb.profile_folder(), save_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    name = PurePosixPath(rb.target.path).name or "bundle"
-    path = folder / f"{stamp}-{name}-{rb.target.host.strip('[]').replace(':', '_')}.json"
-    report = rb.report if "results" in rb.report else {"results": [rb.report], "comparison": []}
-    write_json_atomic(path, {**report, "device": rb.device, "saved_utc": stamp, "profile_folder": rb.profile_folder()})
-    return path
-
-
-def comparison_rows(benches: Sequence[RemoteBench]) -> list[dict[str, Any]]:
-    """One row per (target, configuration), with the speed-up against the first row."""
-    rows = []
-    for rb in benches:
-        for r in rb.results:
-            rows.append(
-                {
-                    "target": rb.target.where,
-                    "cpu": rb.machine.get("cpu"),
-                    "variant": r["variant"],
-                    "runtime": r["runtime"],
-                    "batch_size": r["batch_size"],
-                    "threads": r["threads"],
-                    "p50_ms": r["latency_ms"]["p50"],
-                    "p99_ms": r["latency_ms"]["p99"],
-                    "throughput_ips": r["throughput_ips"],
-                    "cold_start_ms": r["cold_start_ms"].get("total") or r["cold_start_ms"].get("load"),
-                    "peak_rss_mb": r["peak_rss_mb"],
-                    "model_bytes": r["model_bytes"],
-                    "fingerprint": fingerprint(rb.machine),
-                }
-            )
-    if rows:
-        base = rows[0]["p50_ms"]
-        for row in rows:
-            row["speedup_vs_first"] = base / row["p50_ms"] if row["p50_ms"] else None
-    return rows
+    name = (PurePosixPath(rb.target.path).name or "bundle") + "-" + rb.target.host.strip("[]").replace(":", "_")
+    return save_report(rb.bench_report(), profile_name=rb.profile_folder(), save_dir=save_dir, name=name)
 
 
 def bench_devices(
@@ -176,11 +147,12 @@ def bench_devices(
     return benches
 
 
-def benches_doc(benches: Sequence[RemoteBench], *, samples: bool = False) -> dict[str, Any]:
-    """The ``--json`` document: one device's report, or every device's and their comparison."""
-    if len(benches) == 1:
-        return benches[0].to_dict(samples=samples)
-    return {"targets": [rb.to_dict(samples=samples) for rb in benches], "comparison": comparison_rows(benches)}
+def remote_report(benches: Sequence[RemoteBench]) -> BenchReport:
+    """One report of every device's results (in order), with the ratios within each device and,
+    for several devices, every result against the first one."""
+    from edgetl.device.bench import combine
+
+    return combine([rb.bench_report() for rb in benches], mode="remote")
 
 
 __all__ = [
@@ -189,9 +161,8 @@ __all__ = [
     "bench_devices",
     "bench_remote",
     "bench_targets",
-    "benches_doc",
-    "comparison_rows",
     "fingerprint",
     "predict_remote",
+    "remote_report",
     "save_remote",
 ]

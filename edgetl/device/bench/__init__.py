@@ -20,25 +20,41 @@ What is timed, and why:
   a few more inferences: what the application would hold.
 - ``heads_cost`` (bundles with several heads): the trunk alone, each head alone on the trunk's
   features, and trunk + each head, timed in the same interleaved rounds.
+- ``duration_s`` instead of ``iterations``: rounds until the run has taken about that long per
+  configuration; every configuration still gets the same number of calls.
+- A spread check: p90 above :data:`NOISY_SPREAD` times p50 is reported as a warning (a noisy machine).
 """
 
 from __future__ import annotations
 
 from edgetl.device.bench.coldstart import cold_start
 from edgetl.device.bench.results import (
+    NOISY_SPREAD,
+    SCHEMA_VERSION,
     BenchReport,
     BenchResult,
+    check_plot_path,
+    check_save_dir,
+    combine,
     compare,
+    comparisons,
+    noise_warnings,
     plot_latencies,
+    plot_problem,
+    read_saved,
     report,
     results_dir,
     save_report,
+    spread,
+    spread_warning,
 )
 from edgetl.device.bench.run import BenchOptions, Config, bench, bench_precisions, run_bench
 from edgetl.device.bench.timing import BLOCK, bench_input, interleave, latency_summary, synthetic_image
 
 __all__ = [
     "BLOCK",
+    "NOISY_SPREAD",
+    "SCHEMA_VERSION",
     "BenchOptions",
     "BenchReport",
     "BenchResult",
@@ -46,14 +62,23 @@ __all__ = [
     "bench",
     "bench_input",
     "bench_precisions",
+    "check_plot_path",
+    "check_save_dir",
     "cold_start",
+    "combine",
     "compare",
+    "comparisons",
     "interleave",
     "latency_summary",
+    "noise_warnings",
     "plot_latencies",
+    "plot_problem",
+    "read_saved",
     "report",
     "results_dir",
     "run_bench",
     "save_report",
+    "spread",
+    "spread_warning",
     "synthetic_image",
 ]

@@ -18,7 +18,7 @@ from edgetl.core.preprocess import preprocess
 from edgetl.device import limits
 from edgetl.device.backends import backend, import_backend
 from edgetl.device.bench.coldstart import cold_start
-from edgetl.device.bench.results import BenchReport, BenchResult, compare
+from edgetl.device.bench.results import BenchReport, BenchResult
 from edgetl.device.bench.timing import (
     BLOCK,
     _elapsed_ms,
@@ -43,7 +43,9 @@ class BenchOptions:
     runtime; else ``runtime`` x ``precisions``, None = every precision the bundle has) x
     ``threads`` x ``batch_size`` (each a value or a list). ``merged``: time each selected head's
     single trunk+head graph (bundles exported with ``--merged``) instead of the shared trunk and
-    separate heads. ``device``: the OpenVINO device (``--openvino-device``).
+    separate heads. ``device``: the OpenVINO device (``--openvino-device``). ``duration_s``:
+    time for about this many seconds per configuration instead of ``iterations`` calls (every
+    configuration still gets the same number of calls, interleaved; see :func:`interleave`).
     """
 
     device_profile: str | os.PathLike | DeviceProfile | None = None
@@ -62,6 +64,7 @@ class BenchOptions:
     block: int = BLOCK
     cold_start_runs: bool = True
     merged: bool = False
+    duration_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +83,20 @@ class Config:
 
 
 def _check_options(
-    *, batch_sizes: Sequence[int], threads: Sequence[int | None], warmup: int, iterations: int, block: int
+    *,
+    batch_sizes: Sequence[int],
+    threads: Sequence[int | None],
+    warmup: int,
+    iterations: int,
+    block: int,
+    duration_s: float | None = None,
 ) -> None:
     # The bounds of edgetl.device.limits: a library caller gets the CLI's one line, not an
     # allocation of 100,000 images.
     for name, value in (("warmup", warmup), ("iterations", iterations), ("block", block)):
         limits.check(name, value)
+    if duration_s is not None:
+        limits.check("duration", duration_s)
     for b in batch_sizes:
         limits.check("batch_size", b)
     for t in threads:
@@ -175,8 +186,15 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
     batch_list = _as_list(settings.values["batch_size"]) or [1]
     precision_list = _as_list(settings.values["precision"])
     warmup, iterations, block, merged, head = o.warmup, o.iterations, o.block, o.merged, o.head
-    all_variants, cold_start_runs = o.all_variants, o.cold_start_runs
-    _check_options(batch_sizes=batch_list, threads=threads_list, warmup=warmup, iterations=iterations, block=block)
+    all_variants, cold_start_runs, duration_s = o.all_variants, o.cold_start_runs, o.duration_s
+    _check_options(
+        batch_sizes=batch_list,
+        threads=threads_list,
+        warmup=warmup,
+        iterations=iterations,
+        block=block,
+        duration_s=duration_s,
+    )
     profile_doc = settings.profile_doc()
 
     bundle = open_bundle(bundle_path)  # verifies every file once, and leaves them in the page cache
@@ -231,7 +249,8 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
 
     image = synthetic_image()
     pp = first_predictor.preprocessing
-    preprocess_ms = float(np.median([_elapsed_ms(preprocess, image, pp) for _ in range(min(max(iterations, 5), 30))]))
+    pp_runs = 30 if duration_s is not None else min(max(iterations, 5), 30)
+    preprocess_ms = float(np.median([_elapsed_ms(preprocess, image, pp) for _ in range(pp_runs)]))
     inputs = {b: np.repeat(first_predictor.preprocess([image]), b, axis=0) for b in batch_list}
 
     timed: list[_Timed] = []
@@ -250,14 +269,33 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
                 parts[f"trunk+head:{h}"] = _Timed(h, lambda p=p, x=x, h=h: p.logits(x, [h]))
             costs[c] = parts
             timed.extend(parts.values())
-    log.info(
-        "timing %d configuration(s) interleaved: %d warm-up + %d timed calls each, in blocks of %d",
-        len(configs),
-        warmup,
-        iterations,
-        block,
+    if duration_s is None:
+        log.info(
+            "timing %d configuration(s) interleaved: %d warm-up + %d timed calls each, in blocks of %d",
+            len(configs),
+            warmup,
+            iterations,
+            block,
+        )
+    else:
+        log.info(
+            "timing %d configuration(s) interleaved: %d warm-up, then about %g s each (%g s in all), in blocks of %d",
+            len(configs),
+            warmup,
+            duration_s,
+            duration_s * len(configs),
+            block,
+        )
+    # With a duration, the time of every timed call counts (the heads' rounds too): the run takes
+    # about duration_s per configuration.
+    done = interleave(
+        timed,
+        warmup=warmup,
+        iterations=None if duration_s is not None else iterations,
+        block=block,
+        duration_s=None if duration_s is None else duration_s * len(configs) / len(timed),
+        max_iterations=limits.MAX_ITERATIONS,
     )
-    interleave(timed, warmup=warmup, iterations=iterations, block=block)
     process_peak = _peak_rss_mb()
 
     env = environment()
@@ -287,7 +325,7 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
                 batch_size=c.batch_size,
                 threads=c.threads,
                 warmup=warmup,
-                iterations=iterations,
+                iterations=done,
                 latency_ms=latency,
                 throughput_ips=c.batch_size / (latency["mean"] / 1000.0),
                 cold_start_ms=cold_ms,
@@ -306,10 +344,10 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
                 profile=profile_doc,
                 samples_ms=tuple(main[c].samples),
                 inference_precision=p.runtime_info.get("inference_precision"),
+                duration_s=duration_s,
             )
         )
-    several = all_variants or len(configs) > 1
-    return BenchReport(results, compare(results), skipped, profile_doc, several)
+    return BenchReport.of(results, skipped=skipped)
 
 
 def _model_bytes(bundle, variant: dict[str, Any], heads: Sequence[str], merged: bool) -> int:

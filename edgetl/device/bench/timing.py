@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -76,21 +75,42 @@ class _Timed:
     fn: Callable[[], Any]
     first_ms: float = 0.0
     samples: list[float] = dataclasses.field(default_factory=list)
+    total_ms: float = 0.0  # sum of samples
 
 
-def interleave(timed: Sequence[_Timed], *, warmup: int, iterations: int, block: int = BLOCK) -> None:
-    """Warm each up, then time ``iterations`` calls of each in rounds of ``block``, rotating the order
-    (and reversing it every other round); one untimed call after each switch."""
+def interleave(
+    timed: Sequence[_Timed],
+    *,
+    warmup: int,
+    iterations: int | None = None,
+    block: int = BLOCK,
+    duration_s: float | None = None,
+    max_iterations: int = 1_000_000,
+) -> int:
+    """Warm each up, then time calls of each in rounds of ``block``, rotating the order (and
+    reversing it every other round); one untimed call after each switch. Returns the number of
+    timed calls each got (the same for all).
+
+    ``iterations`` calls each; or, with ``duration_s``, rounds until the timed calls of all of them
+    add up to ``duration_s`` per entry (so the run takes about ``len(timed) * duration_s`` seconds,
+    every entry getting the same number of calls), at least one round and at most
+    ``max_iterations`` calls each.
+    """
+    if (iterations is None) == (duration_s is None):
+        raise ValueError("give iterations or duration_s")
     for t in timed:
         t.first_ms = _elapsed_ms(t.fn)
         for _ in range(warmup):
             t.fn()
-    rounds = math.ceil(iterations / block)
+    budget_ms = None if duration_s is None else duration_s * 1000.0 * len(timed)
+    limit = iterations if iterations is not None else max_iterations
+    done = 0
+    r = 0
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside a timed call is noise no configuration asked for (timeit does the same)
     try:
-        for r in range(rounds):
-            n = min(block, iterations - r * block)
+        while done < limit:
+            n = min(block, limit - done)
             shift = r % len(timed)
             order = list(timed[shift:]) + list(timed[:shift])
             for t in order[::-1] if r % 2 else order:
@@ -99,7 +119,14 @@ def interleave(timed: Sequence[_Timed], *, warmup: int, iterations: int, block: 
                 for _ in range(n):
                     t0 = time.perf_counter_ns()
                     t.fn()
-                    t.samples.append((time.perf_counter_ns() - t0) / 1e6)
+                    ms = (time.perf_counter_ns() - t0) / 1e6
+                    t.samples.append(ms)
+                    t.total_ms += ms
+            done += n
+            r += 1
+            if budget_ms is not None and sum(t.total_ms for t in timed) >= budget_ms:
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
+    return done
