@@ -18,12 +18,14 @@ from click.testing import CliRunner
 import edgetl.workstation.export.int8 as int8_mod
 import edgetl.workstation.export.pipeline as pipeline_mod
 from edgetl.cli import main
-from edgetl.core.bundle import read_manifest, validate_manifest, verify_files
+from edgetl.core.bundle import read_manifest, sha256_file, validate_manifest, verify_files
 from edgetl.core.errors import ConfigError, ExportError, OutputExistsError, RunError
 from edgetl.device.runtime import open_bundle
-from edgetl.workstation.export import ONNX_OPSET, check_options, export_bundle, resolve_options
+from edgetl.workstation.export import ONNX_OPSET, check_options, export_bundle, resolve_options, select_calibration
+from edgetl.workstation.export.common import images_sha256, weights_lineage
 from edgetl.workstation.run import load_run
 from tests.run_factory import shared_export, shared_run
+from tests.schemas import validate_document
 
 ONNX_LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
 LAYOUT = ONNX_LAYOUT | {
@@ -59,20 +61,26 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     verify_files(out, m)
     assert set(m["files"]) == {p for p in LAYOUT if p.endswith((".onnx", ".xml"))}
     run = load_run(run_dir)
-    assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "weights": run.config["weights"]}
+    weights = {"kind": "none", "file": None, "sha256": None, "origin": None}  # the run's, without its path
+    assert run.config["weights"] == {"kind": "none", "path": None, "sha256": None, "origin": None}
+    assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "weights": weights}
     assert m["preprocessing"] == run.preprocessing.to_dict()
     assert m["trunk"]["input"] == {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
     assert m["trunk"]["output"] == {"name": "features", "shape": ["batch", 16], "dtype": "float32"}
     head = m["heads"]["default"]
     assert head["labels"] == run.labels and head["output"]["shape"] == ["batch", 3]
-    assert head["run"] == {
-        "path": str(run_dir.resolve()),
-        "strategy": "feature-extraction",
-        "val_top1": run.metrics["val_top1"],
+    assert head["run"] == {"name": run_dir.name, "strategy": "feature-extraction", "val_top1": run.metrics["val_top1"]}
+    hashes = sorted(sha256_file(s.path)[:16] for s in run.train_samples)
+    assert head["training_data"] == {
+        "folder": "images",
+        "classes": 3,
+        "train_images": 36,
+        "val_images": 12,
+        "train_sha256_prefixes": "".join(hashes),
     }
     assert m["default_head"] == "default"
     f = m["files"]
-    assert f["onnx/trunk.fp32.onnx"]["derived_from"] == f"run:{run_dir.resolve()}/model.pt"
+    assert f["onnx/trunk.fp32.onnx"]["derived_from"] == f"run:{run_dir.name}/model.pt"  # a name, not a path
     assert f["onnx/trunk.int8.onnx"]["derived_from"] == "onnx/trunk.fp32.onnx"
     assert (f["onnx/head.default.onnx"]["role"], f["onnx/head.default.onnx"]["head"]) == ("head", "default")
     assert (f["onnx/trunk.int8.onnx"]["precision"], f["onnx/trunk.int8.onnx"]["role"]) == ("int8", "trunk")
@@ -87,6 +95,23 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     assert set(m["heads"]["default"]["metrics"]) == VARIANTS
     assert m["export"]["formats"] == ["onnx", "openvino"] and m["export"]["precisions"] == ["fp32", "int8"]
     assert set(m["versions"]) == {"edgetl", "torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf"}
+
+
+def test_manifest_holds_no_workstation_path(exported, run_dir, tmp_path_factory):
+    """A bundle goes to every device: names, counts and hashes, never where things live here."""
+    out, _ = exported
+    text = (out / "manifest.json").read_text()
+    for private in {str(tmp_path_factory.getbasetemp()), str(run_dir.resolve()), str(Path.home()), "/tmp/"}:
+        if private not in ("", "/"):
+            assert private not in text, private
+    assert "/model.pt" in text and "run:run/model.pt" in text  # lineage is still there, by name
+    user_file = {"kind": "file", "path": "/home/me/w/x-1234abcd.pth", "sha256": "12" * 32, "origin": "user-file"}
+    assert weights_lineage(user_file) == {
+        "kind": "file",
+        "file": "x-1234abcd.pth",
+        "sha256": "12" * 32,
+        "origin": "user-file",
+    }
 
 
 @pytest.mark.parametrize("variant", ["onnx-fp32", "openvino-fp32"])
@@ -112,10 +137,10 @@ def test_int8_variant_is_smaller_and_reports_its_drop(exported, run_dir):
     assert 0 < int8["features_sqnr_db"] < (fp32["features_sqnr_db"] or float("inf"))
     q = m["variants"]["onnx-int8"]["quantization"]
     assert q["method"] == "onnxruntime static QDQ" and isinstance(q["per_channel"], bool)
-    train_paths = {s.path for s in load_run(run_dir).train_samples}
+    calibration = select_calibration(load_run(run_dir).train_samples, 200)
     assert q["calibration"]["method"] in ("minmax", "entropy", "percentile")
-    assert q["calibration"]["size"] == len(q["calibration"]["images"]) == 36  # all 36 training images (< 200)
-    assert set(q["calibration"]["images"]) <= train_paths
+    assert q["calibration"]["size"] == len(calibration) == 36  # all 36 training images (< 200)
+    assert q["calibration"]["images_sha256"] == images_sha256(calibration) and "images" not in q["calibration"]
     assert q["attempts"] and q["attempts"][-1]["passed"] and q["attempts"][-1]["val_top1"] == int8["val_top1"]
     assert q["excluded_nodes"] == q["attempts"][-1]["excluded_nodes"]
     ops = {n.op_type for n in onnx.load(str(out / "onnx/trunk.int8.onnx")).graph.node}
@@ -211,16 +236,21 @@ def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
     assert set(doc["variants"]) == {"onnx-int8"} and "top1_drop_pp" in doc["variants"]["onnx-int8"]
     m = read_manifest(tmp_path / "b")
     assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
-    assert m["files"]["onnx/trunk.int8.onnx"]["derived_from"] == f"run:{run_dir.resolve()}/model.pt"
+    assert m["files"]["onnx/trunk.int8.onnx"]["derived_from"] == f"run:{run_dir.name}/model.pt"
     assert files_under(tmp_path / "b") == {"manifest.json", *m["files"]}
 
 
 @pytest.mark.parametrize(
     "formats, precisions, calib, match",
     [
-        (("tflite",), ("fp32",), 200, "unknown --format 'tflite'"),
+        (("tflite",), ("fp32",), 200, "unknown --model-format 'tflite'"),
         (("onnx",), ("fp8",), 200, "unsupported --precision 'fp8'"),
-        (("onnx",), ("bf16",), 200, "--precision bf16 is not available for --format onnx; it needs --format openvino"),
+        (
+            ("onnx",),
+            ("bf16",),
+            200,
+            "--precision bf16 is not available for --model-format onnx; it needs --model-format openvino",
+        ),
         (("onnx",), (), 200, "no --precision"),
         (("onnx",), ("int8",), 0, "--calib-size must be"),
     ],
@@ -254,15 +284,25 @@ def cli(*args):
 
 
 def test_cli_json_document(run_dir, tmp_path):
-    result = cli(run_dir, "--out", tmp_path / "b", "--format", "onnx", "--precision", "fp32", "--no-progress", "--json")
+    args = ("--model-format", "onnx", "--precision", "fp32", "--no-progress", "--json")
+    result = cli(run_dir, "--out", tmp_path / "b", *args)
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
-    assert doc["bundle"] == str(tmp_path / "b")
-    assert set(doc["variants"]["onnx-fp32"]) >= {"val_top1", "max_abs_diff", "top1_agreement", "bytes"}
+    doc = validate_document(result.stdout, "export")
+    assert (doc["bundle"], doc["run"], doc["head"]) == (str(tmp_path / "b"), str(run_dir), "default")
+    [fp32] = doc["results"]
+    assert (fp32["name"], fp32["format"], fp32["precision"], fp32["runtime"]) == (
+        "onnx-fp32",
+        "onnx",
+        "fp32",
+        "onnxruntime",
+    )
+    assert fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 1.0 and fp32["top1_drop_pp"] is None
+    assert fp32["bytes"] == sum(f["bytes"] for f in read_manifest(tmp_path / "b")["files"].values())
 
 
 def test_cli_table_and_help(run_dir, tmp_path):
-    result = cli(run_dir, "--out", tmp_path / "b", "--format", "onnx", "--calib-size", "8", "--no-progress")
+    args = ("--model-format", "onnx", "--calib-size", "8", "--no-progress", "--format", "table")
+    result = cli(run_dir, "--out", tmp_path / "b", *args)
     assert result.exit_code == 0, result.output
     assert "onnx-fp32" in result.stdout and "onnx-int8" in result.stdout and "drop" in result.stdout
     help_text = cli("--help").output
@@ -271,18 +311,18 @@ def test_cli_table_and_help(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra, pattern",
+    "extra, pattern, code",
     [
-        (["--format", "tflite"], "unknown --format"),
-        (["--precision", "fp8"], "unsupported --precision"),
-        (["--format", "onnx", "--max-drop", "-1"], "onnx-int8"),
-        (["--head", "x"], "--head applies to a head added with --add-to"),
-        (["--profile", "nope"], "unknown export-profile 'nope'"),
+        (["--model-format", "tflite"], "'tflite' is not one of onnx, openvino", 2),
+        (["--precision", "fp8"], "'fp8' is not one of fp32, fp16, bf16, int8", 2),
+        (["--model-format", "onnx", "--max-drop", "-1"], "onnx-int8", 1),  # a failed export, not a usage error
+        (["--head", "x"], "--head applies to a head added with --add-to", 2),
+        (["--export-profile", "nope"], "unknown export-profile 'nope'", 2),
     ],
 )
-def test_cli_user_errors_are_one_line(run_dir, tmp_path, extra, pattern):
+def test_cli_user_errors_are_one_line(run_dir, tmp_path, extra, pattern, code):
     result = cli(run_dir, "--out", tmp_path / "b", "--no-progress", *extra)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and pattern in errors[0], result.stderr

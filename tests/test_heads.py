@@ -22,6 +22,7 @@ from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.run import load_run
 from tests.helpers import make_image_folder
 from tests.run_factory import all_profile_export, make_run, shared_run
+from tests.schemas import validate_document
 
 TASK2 = ("cyan", "magenta", "yellow")
 
@@ -69,7 +70,7 @@ def head_run(bundle, data2, root) -> Path:
         ],
     )
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    doc = validate_document(result.stdout, "finetune")["results"][0]
     assert doc["trunk_from"]["trunk"] == "onnx/trunk.fp32.onnx" and doc["strategy"] == "feature-extraction"
     return Path(doc["run_dir"])
 
@@ -83,7 +84,10 @@ def added(bundle, head_run, root) -> tuple[Path, dict, dict]:
         main, ["export", str(head_run), "--add-to", str(two), "--head", "tint", "--no-progress", "--json"]
     )
     assert result.exit_code == 0, result.output
-    return two, before, json.loads(result.stdout)
+    doc = json.loads(result.stdout)
+    if "results" in doc:  # export's envelope: one record per variant
+        doc = {"variants": {r["name"]: r for r in doc["results"]}}
+    return two, before, doc
 
 
 def test_head_run_records_the_trunk_and_holds_only_a_head(head_run, bundle):
@@ -136,9 +140,36 @@ def test_add_to_leaves_the_trunk_untouched_and_checks_every_variant(added):
             assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] == 1.0
         else:
             assert v["top1_drop_pp"] <= 1.0
-    assert m["heads"]["tint"]["labels"] == list(TASK2) and m["heads"]["tint"]["metrics"] == doc["variants"]
+    assert m["heads"]["tint"]["labels"] == list(TASK2) and set(m["heads"]["tint"]["metrics"]) == set(doc["variants"])
+    for name, metrics in m["heads"]["tint"]["metrics"].items():  # the manifest's figures are the ones printed
+        assert {k: doc["variants"][name][k] for k in metrics} == metrics
     assert m["default_head"] == "default"
     assert [p.name for p in two.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_added_head_records_its_training_images_and_evaluate_leaves_them_out(
+    added, head_run, data2, tmp_path_factory
+):
+    two, _, _ = added
+    run = load_run(head_run)
+    head = read_manifest(two)["heads"]["tint"]
+    assert str(tmp_path_factory.getbasetemp()) not in (two / "manifest.json").read_text()  # names, not paths
+    assert head["run"] == {
+        "name": head_run.name,
+        "strategy": "feature-extraction (trunk from bundle)",
+        "val_top1": run.metrics["val_top1"],
+    }
+    prefixes = "".join(sorted(sha256_file(s.path)[:16] for s in run.train_samples))
+    assert head["training_data"]["train_sha256_prefixes"] == prefixes
+    assert (head["training_data"]["train_images"], head["training_data"]["val_images"]) == (48, 12)
+    result = CliRunner().invoke(main, ["evaluate", str(two), str(data2), "--head", "tint", "--json"])
+    assert result.exit_code == 0, result.output
+    [rec] = validate_document(result.stdout, "evaluate")["results"]
+    # fp32 agrees with PyTorch on every validation image (checked when the head was added).
+    assert (rec["head"], rec["n"], rec["excluded_train"]) == ("tint", 12, 48)
+    assert rec["top1"] == run.metrics["val_top1"] and rec["confusion"] == run.metrics["confusion"]
+    result = CliRunner().invoke(main, ["evaluate", str(two), str(data2), "--head", "all"])
+    assert result.exit_code == 2 and "different labels" in result.stderr
 
 
 def test_predict_head_all_returns_both_heads(added, data2):
@@ -149,7 +180,8 @@ def test_predict_head_all_returns_both_heads(added, data2):
             main, ["predict", str(two), *images, "--head", "all", "--runtime", runtime, "--json"]
         )
         assert result.exit_code == 0, result.output
-        records = json.loads(result.stdout)
+        doc = json.loads(result.stdout)
+        records = doc["results"] if isinstance(doc, dict) else doc  # predict's envelope, or its older list
         assert [(r["image"], r["head"]) for r in records] == [(i, h) for i in images for h in ("default", "tint")]
         assert [r["label"] for r in records if r["head"] == "tint"] == list(TASK2)
 
@@ -215,7 +247,7 @@ def test_trunk_from_refuses_trunk_options_and_bundles_without_fp32(bundle, data2
         main,
         ["finetune", str(data2), "--out", str(tmp_path / "r"), "--trunk-from", str(bundle), "--backbone", "resnet18"],
     )
-    assert result.exit_code == 1 and "--backbone does not apply with --trunk-from" in result.stderr
+    assert result.exit_code == 2 and "--backbone does not apply with --trunk-from" in result.stderr  # usage error
     with pytest.raises(ConfigError, match="--img-size 64 differs"):
         finetune_head(data2, tmp_path / "r", trunk_from=bundle, config=TrainConfig(img_size=64), progress=False)
     int8_only = shutil.copytree(bundle, tmp_path / "int8")
@@ -227,7 +259,7 @@ def test_trunk_from_refuses_trunk_options_and_bundles_without_fp32(bundle, data2
         finetune_head(data2, tmp_path / "r", trunk_from=int8_only, progress=False)
     assert not (tmp_path / "r").exists()
     result = CliRunner().invoke(main, ["export", str(bundle), "--add-to", str(bundle)])
-    assert result.exit_code == 1 and "--add-to BUNDLE needs --head NAME" in result.stderr
+    assert result.exit_code == 2 and "--add-to BUNDLE needs --head NAME" in result.stderr
 
 
 def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_run, tmp_path):

@@ -152,3 +152,33 @@ def test_amp_settings_on_cpu():
 
     assert amp_settings("auto", torch.device("cpu")) == (False, None, False)
     assert amp_settings("bf16", torch.device("cpu")) == (True, torch.bfloat16, False)
+
+
+def test_finetune_json_is_one_envelope_and_the_summary_one_line(image_folder, tmp_path):
+    from click.testing import CliRunner
+
+    from edgetl.cli import main
+    from edgetl.cli.train_cmds import _data_root
+    from tests.schemas import validate_document
+
+    args = ["--backbone", "tiny_test", "--weights", "none", "--epochs", "2", "--batch-size", "16", "--no-progress"]
+    result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *args, "--json"])
+    assert result.exit_code == 0, result.output
+    doc = validate_document(result.stdout, "finetune")
+    assert (doc["run"], doc["data"]) == (str(tmp_path / "run"), str(image_folder))
+    [rec] = doc["results"]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert rec["val_top1"] == metrics["val_top1"] and rec["epochs_run"] == 2 and rec["skipped"] == []
+    assert _data_root(None, str(tmp_path / "run")) == str(image_folder.resolve())  # --resume: the run's data
+    # In a pipe (tsv) and on a terminal (table) the summary stays one line; -q is accepted after the command.
+    for fmt in ("tsv", "table"):
+        out = tmp_path / f"run-{fmt}"
+        result = CliRunner().invoke(
+            main, ["finetune", str(image_folder), "--out", str(out), *args, "--format", fmt, "-q"]
+        )
+        assert result.exit_code == 0, result.output
+        assert result.stdout.count("\n") == 1 and "val top-1" in result.stdout and str(out) in result.stdout
+    result = CliRunner().invoke(
+        main, ["finetune", str(image_folder), "--out", str(tmp_path / "r"), "--json", "--format", "tsv"]
+    )
+    assert result.exit_code == 2 and "disagree" in result.stderr

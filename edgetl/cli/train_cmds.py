@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from edgetl.cli._common import emit_json, handle_errors, json_option
+from edgetl.cli._common import common_options, handle_errors
+from edgetl.cli._output import emit_json, emit_table, envelope, format_option, resolve_format
+from edgetl.cli._runtime_options import head_option, runtime_option
+from edgetl.core.formats import PRECISIONS
 from edgetl.workstation.options import STRATEGIES, TrainConfig
 
 # Defaults come from TrainConfig (numpy- and torch-free at import) so the CLI and the library cannot drift.
@@ -124,11 +127,13 @@ _D = TrainConfig()
 @click.option("--weights", default=_D.weights, show_default=True, help="imagenet, none (random init) or a .pth file.")
 @click.option("--on-bad-image", type=click.Choice(["skip", "fail"]), default=_D.on_bad_image, show_default=True)
 @click.option("--force", is_flag=True, help="Replace RUN (and any interrupted RUN.partial) if it exists.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-@json_option
+@format_option
+@common_options
 @click.pass_context
 @handle_errors
-def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_progress, as_json, **options) -> None:
+def finetune(
+    ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_progress, output_format, as_json, **options
+) -> None:
     """Adapt a pretrained backbone to the image folder DATA (one sub-folder per class).
 
     Options given on the command line override the --recipe, which overrides the defaults shown.
@@ -149,6 +154,7 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
     from edgetl.workstation.train import finetune as run_finetune
     from edgetl.workstation.train import resume
 
+    fmt = resolve_format(output_format, as_json)
     explicit = {
         k: v
         for k, v in options.items()
@@ -174,8 +180,8 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
         result = run_finetune(data, out, config=config, val_dir=val_dir, force=force, progress=not no_progress)
     doc = result.to_dict()
     doc["skipped"] = [{"path": p, "reason": r} for p, r in result.skipped]
-    if as_json:
-        emit_json(doc)
+    if fmt == "json":
+        emit_json(envelope("finetune", [doc], run=result.run_dir, data=_data_root(data, result.run_dir)))
         return
     origin = "pretrained" if result.pretrained else "RANDOM INIT (no transfer)"
     cache = f", feature cache {result.feature_cache['status']}" if result.feature_cache else ""
@@ -191,12 +197,44 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
             click.echo(f"  {reason}")
 
 
+def _data_root(data: str | None, run_dir: str) -> str | None:
+    """DATA as given, or (``--resume``) the data folder the run recorded."""
+    if data:
+        return str(data)
+    from pathlib import Path
+
+    from edgetl.core.errors import EdgetlError
+    from edgetl.core.jsonio import read_json
+
+    try:
+        root = read_json(Path(run_dir) / "config.json", what="config.json").get("data", {}).get("root")
+    except (EdgetlError, OSError, AttributeError):
+        return None
+    return root if isinstance(root, str) else None
+
+
 @click.command()
 @click.argument("model", type=click.Path())
-@click.argument("data", type=click.Path())
-@click.option("--runtime", default="onnxruntime", show_default=True, help="For bundles: onnxruntime.")
-@click.option("--precision", default=None, help="For bundles: fp32, int8 (default fp32).")
-@click.option("--head", default=None, help="For bundles with several heads: a head name, or all (each scored).")
+@click.argument("data", type=click.Path(), required=False)
+@click.option(
+    "--split",
+    type=click.Choice(["val", "train", "all"]),
+    default=None,
+    help="Runs: score exactly the files the run recorded in split.json (validation, training or both) instead of DATA.",
+)
+@click.option(
+    "--include-train",
+    is_flag=True,
+    help="Also score the images of DATA the model was trained on (left out by default: they inflate the figure).",
+)
+@runtime_option
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Bundles: the variant's precision. Default: fp32, else the bundle's only one.",
+)
+@head_option
 @click.option(
     "--batch-size",
     type=click.IntRange(1, 4096),  # edgetl.device.limits.MAX_BATCH_SIZE (not imported: workstation CLI)
@@ -204,57 +242,142 @@ def finetune(ctx, data, out, recipe, resume_run, trunk_from, val_dir, force, no_
     show_default=True,
     help="Images per inference call (memory holds one batch).",
 )
-@json_option
+@click.option(
+    "--device",
+    default=None,
+    metavar="DEVICE",
+    help="Runs: torch device: auto (default: CUDA when there is one), cpu, cuda or cuda:N.",
+)
+@format_option
+@common_options
 @handle_errors
-def evaluate(model, data, runtime, precision, head, batch_size, as_json) -> None:
-    """Top-1, per-class accuracy and confusion matrix of a run or a bundle on DATA.
+def evaluate(
+    model, data, split, include_train, runtime, precision, head, batch_size, device, output_format, as_json
+) -> None:
+    """Top-1, per-class accuracy and confusion matrix of a run or a bundle on DATA (DATA/<class>/<images>).
+
+    Images the model was trained on are left out and counted: a run knows its training files
+    (split.json; copies elsewhere are recognised by their bytes), a bundle records their hashes.
+    DATA may hold any subset of the model's classes: it is scored on those, and the others are listed
+    as missing. A class folder the model does not know is an error.
 
     \b
     Example:
-      edgetl evaluate runs/digits data/digits-test
+      edgetl evaluate runs/digits data/digits          # the run's training images left out
+      edgetl evaluate runs/digits --split val          # exactly the run's validation files
       edgetl evaluate bundles/digits data/digits-test --precision int8 --json
     """
     from edgetl.core.bundle import is_bundle
 
+    fmt = resolve_format(output_format, as_json)
+    if data is not None and split is not None:
+        raise click.UsageError("give DATA or --split, not both (--split scores the run's recorded files)")
+    if include_train and split is not None:
+        raise click.UsageError("--include-train applies to DATA; --split train or all scores training files already")
     if is_bundle(model):
+        if split is not None:
+            raise click.UsageError(
+                "--split applies to runs: a bundle records only hashes of its training images, not its split "
+                "files; give DATA (its training images are left out)"
+            )
+        if device is not None:
+            raise click.UsageError("--device is the torch device for runs; a bundle runs on --runtime")
+        if data is None:
+            raise click.UsageError("give DATA, an image folder with one sub-folder per class")
         from edgetl.device.evaluate import evaluate_bundle
 
-        report = evaluate_bundle(model, data, runtime=runtime, precision=precision, head=head, batch_size=batch_size)
+        doc = evaluate_bundle(
+            model,
+            data,
+            runtime=runtime,
+            precision=precision,
+            head=head,
+            batch_size=batch_size,
+            include_train=include_train,
+        )
     else:
+        given = [flag for flag, value in (("--runtime", runtime), ("--precision", precision)) if value is not None]
+        if given:
+            raise click.UsageError(
+                f"{given[0]} applies to bundles; a run is evaluated in PyTorch (fp32): export it to choose one"
+            )
+        if head not in (None, "all", "default"):
+            raise click.UsageError(f"--head {head}: a run has one head, 'default'")
+        if data is None and split is None:
+            raise click.UsageError("give DATA (an image folder) or --split val|train|all")
         from edgetl.workstation.evaluate import evaluate_run
 
-        report = evaluate_run(model, data, batch_size=batch_size)
-    if as_json:
-        emit_json(report)
+        doc = evaluate_run(
+            model, data, split=split, include_train=include_train, batch_size=batch_size, device=device or "auto"
+        )
+    results = doc.pop("results")
+    if fmt == "json":
+        emit_json(envelope("evaluate", results, **doc))
         return
-    from rich.console import Console
-
-    console = Console()
-    for rep in (report.get("heads") or {"": report}).values():
-        _print_report(console, rep)
+    _print_results(fmt, doc, results)
 
 
-def _print_report(console, report) -> None:
-    from rich.table import Table
+_SUMMARY = ("head", "variant", "top1", "n", "excluded_train", "included_train", "missing", "skipped")
 
-    console.print(f"{report['kind']}: top-1 [bold]{report['top1']:.4f}[/bold] on {report['n']} images")
-    table = Table(title="per class")
-    table.add_column("class")
-    table.add_column("accuracy")
-    table.add_column("n")
-    for name, rec in report["per_class"].items():
-        acc = "-" if rec["accuracy"] is None else f"{rec['accuracy']:.3f}"
-        table.add_row(name, acc, str(rec["n"]))
-    console.print(table)
-    confusion = Table(title="confusion (rows: true, columns: predicted)")
-    confusion.add_column("")
-    for name in report["labels"]:
-        confusion.add_column(name)
-    for name, row in zip(report["labels"], report["confusion"], strict=False):
-        confusion.add_row(name, *[str(v) for v in row])
-    console.print(confusion)
-    if report["skipped"]:
-        console.print(f"skipped {len(report['skipped'])} unreadable image(s)")
+
+def _cell(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_results(fmt: str, doc: dict, results: list[dict]) -> None:
+    """Three tables whatever the number of heads: summary, per class, confusion."""
+    from edgetl.cli._output import console, plain
+
+    variant = doc["variant"] or f"{doc['runtime']}-{doc['precision']}"
+    emit_table(
+        fmt,
+        _SUMMARY,
+        [
+            [
+                r["head"],
+                variant,
+                _cell(r["top1"]),
+                r["n"],
+                _cell(r["excluded_train"]),
+                _cell(r["included_train"]),
+                len(r["missing_classes"]),
+                len(r["skipped"]),
+            ]
+            for r in results
+        ],
+        title=f"{doc['kind']} {doc['model']} on {doc['data'] or 'its ' + doc['split'] + ' split'}",
+        right=("top1", "n", "excluded_train", "included_train", "missing", "skipped"),
+    )
+    missing = results[0]["missing_classes"]
+    if fmt == "table" and missing:
+        console().print(plain(f"not in DATA (scored on the other classes): {', '.join(missing)}"))
+    click.echo()
+    emit_table(
+        fmt,
+        ["head", "class", "accuracy", "n"],
+        [
+            [r["head"], name, _cell(rec["accuracy"], 3), rec["n"]]
+            for r in results
+            for name, rec in r["per_class"].items()
+        ],
+        title="per class",
+        right=("accuracy", "n"),
+    )
+    click.echo()
+    first = results[0]
+    other = ["(other)"] if first["missing_classes"] else []
+    emit_table(
+        fmt,
+        ["head", "true", *first["labels"], *other],
+        [
+            [r["head"], name, *row, *([extra] if other else [])]
+            for r in results
+            for name, row, extra in zip(r["labels"], r["confusion"], r["confusion_other"], strict=True)
+        ],
+        title="confusion (rows: true, columns: predicted" + ("; (other): a class not in DATA)" if other else ")"),
+    )
 
 
 COMMANDS = [finetune, evaluate]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,6 +22,9 @@ from edgetl.core.jsonio import read_json
 MANIFEST_NAME = "manifest.json"
 SCHEMA = "edgetl.bundle"
 SCHEMA_VERSION = 1
+# heads.<name>.training_data.train_sha256_prefixes: 16-hex-digit sha256 prefixes of the training images
+# (edgetl.core.imagefolder.HASH_HEX), concatenated.
+_HASH_PREFIXES = re.compile(r"(?:[0-9a-f]{16})*")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -143,6 +147,7 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             bundle_dir,
             f"head {name!r} labels must be a list of >= 2 strings",
         )
+        _check_lineage(head, bundle_dir, name)
     for rel, rec in m["files"].items():
         _safe_rel_path(bundle_dir, rel)
         _require(isinstance(rec, dict), bundle_dir, f"file record {rel!r} is not an object")
@@ -198,6 +203,24 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             bundle_dir,
             f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}",
         )
+
+
+def _check_lineage(head: dict[str, Any], bundle_dir: Path, name: str) -> None:
+    """A head's optional ``run`` and ``training_data`` records (older bundles have no training_data)."""
+    run = head.get("run", {})
+    _require(isinstance(run, dict), bundle_dir, f"head {name!r}: 'run' is not an object")
+    data = head.get("training_data", {})
+    _require(isinstance(data, dict), bundle_dir, f"head {name!r}: 'training_data' is not an object")
+    for key in ("classes", "train_images", "val_images"):
+        _require(
+            data.get(key) is None or _size(data[key]), bundle_dir, f"head {name!r}: training_data.{key} is not a count"
+        )
+    prefixes = data.get("train_sha256_prefixes")
+    _require(
+        prefixes is None or (isinstance(prefixes, str) and _HASH_PREFIXES.fullmatch(prefixes) is not None),
+        bundle_dir,
+        f"head {name!r}: training_data.train_sha256_prefixes must be 16-digit lowercase hex sha256 prefixes",
+    )
 
 
 def _check_graphs(m: dict[str, Any], bundle_dir: Path, vname: str, graphs: dict, *, unknown: str, kind: str) -> None:

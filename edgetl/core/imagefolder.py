@@ -6,8 +6,11 @@ Torch-free: the device evaluates a bundle on such a folder, the workstation trai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from edgetl.core.errors import DataError
@@ -16,6 +19,10 @@ from edgetl.core.preprocess import load_image
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+# A training image is recognised by the first 16 hex digits (64 bits) of the sha256 of its bytes:
+# compact in a manifest, and a chance collision between a million images on each side is ~1e-7.
+HASH_HEX = 16
+_HEX_PREFIXES = re.compile(rf"(?:[0-9a-f]{{{HASH_HEX}}})*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +45,23 @@ class ImageFolder:
         return counts
 
 
-def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = None) -> ImageFolder:
-    """List the images of ``root``/<class>/*; ``classes`` pins the class order (for --val-dir)."""
+def _class_folders(root: str | os.PathLike) -> tuple[Path, list[str]]:
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder {root} does not exist")
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; pass a folder with one sub-folder of images per class")
     root = root.resolve()  # runs record absolute paths: --resume and export work from any directory
-    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return root, sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = None) -> ImageFolder:
+    """List the images of ``root``/<class>/*; ``classes`` pins the class order (for --val-dir)."""
+    root, found = _class_folders(root)
     if classes is not None:
         if set(found) != set(classes):
             missing = sorted(set(classes) - set(found))
@@ -63,7 +78,7 @@ def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | Non
         )
     samples = []
     for label, name in enumerate(found):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = _images(root / name)
         if not files:
             raise DataError(f"class folder {root / name} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         samples.extend(Sample(str(p), label) for p in files)
@@ -98,3 +113,63 @@ def class_counts(samples: list[Sample], n_classes: int) -> list[int]:
     for s in samples:
         counts[s.label] += 1
     return counts
+
+
+def scan_labelled_folder(root: str | os.PathLike, classes: tuple[str, ...]) -> tuple[ImageFolder, tuple[int, ...]]:
+    """The images of ``root``/<class>/* for scoring a model whose classes are ``classes``.
+
+    The folder may hold any subset of the model's classes (field data rarely has them all); a class
+    folder the model does not know is an error naming it. Returns the folder (``classes``: the
+    model's, samples labelled with the model's class indices) and the indices of the classes that
+    have at least one image there, in the model's order.
+    """
+    root, found = _class_folders(root)
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:10])
+        if len(unknown) > 10:
+            shown += f" and {len(unknown) - 10} more"
+        raise DataError(
+            f"{root} has class folder(s) the model does not know: {shown} "
+            f"(the model's classes: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''})"
+        )
+    samples: list[Sample] = []
+    present = []
+    for label, name in enumerate(classes):
+        if name not in found:
+            continue
+        files = _images(root / name)
+        if files:
+            present.append(label)
+        samples.extend(Sample(str(p), label) for p in files)
+    if not samples:
+        raise DataError(
+            f"{root} has no images in class folders ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "lay the data out as DATA/<class name>/<image files>"
+        )
+    return ImageFolder(str(root), tuple(classes), tuple(samples)), tuple(present)
+
+
+def image_sha256(path: str | os.PathLike) -> str:
+    """sha256 of an image file's bytes (what recognises the same image under another name or place)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_prefixes(hashes: Iterable[str]) -> str:
+    """The :data:`HASH_HEX`-digit prefixes of ``hashes``, sorted and without duplicates, as one string."""
+    return "".join(sorted({h[:HASH_HEX] for h in hashes}))
+
+
+def parse_hash_prefixes(text: str) -> frozenset[str]:
+    """The prefixes :func:`hash_prefixes` joined (a malformed string is a :class:`DataError`)."""
+    if not isinstance(text, str) or not _HEX_PREFIXES.fullmatch(text):
+        raise DataError(f"a list of training-image hashes must be {HASH_HEX}-digit lowercase hex prefixes")
+    return frozenset(text[i : i + HASH_HEX] for i in range(0, len(text), HASH_HEX))
+
+
+def is_hash_prefixes(text: object) -> bool:
+    return isinstance(text, str) and _HEX_PREFIXES.fullmatch(text) is not None

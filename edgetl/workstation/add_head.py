@@ -25,7 +25,15 @@ from edgetl.core.bundle import file_record, read_manifest, sha256_file, write_ma
 from edgetl.core.errors import ConfigError, ExportError, OutputExistsError
 from edgetl.core.formats import FORMATS, variant_name
 from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
-from edgetl.workstation.export.common import batches, load_arrays, progress_bar, tensor_spec
+from edgetl.workstation.export.common import (
+    batches,
+    load_arrays,
+    progress_bar,
+    run_lineage,
+    run_origin,
+    tensor_spec,
+    training_data_record,
+)
 from edgetl.workstation.export.formats import registry
 from edgetl.workstation.heads import HEAD_NAME
 
@@ -162,7 +170,7 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
     d, c = run.feature_dim, len(run.labels)
     head_in, head_out = tensor_spec("features", ["batch", d]), tensor_spec("logits", ["batch", c])
     formats = [f for f in FORMATS if any(v["format"] == f for v in m["variants"].values())]
-    origin = f"run:{run.path.resolve()}/model.pt"
+    origin = run_origin(run)
     onnx_rel = f"onnx/head.{head}{FORMATS['onnx'].extension}"
     rels = {}
     work = Path(tempfile.mkdtemp(prefix="edgetl-head-"))
@@ -194,11 +202,8 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
         "labels": list(run.labels),
         "input": head_in,
         "output": head_out,
-        "run": {
-            "path": str(run.path.resolve()),
-            "strategy": "feature-extraction (trunk from bundle)",
-            "val_top1": run.metrics.get("val_top1"),
-        },
+        "run": run_lineage(run, "feature-extraction (trunk from bundle)"),
+        "training_data": training_data_record(run),
     }
     for var in m["variants"].values():
         fmt = var["format"]

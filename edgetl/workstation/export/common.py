@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgetl import __version__
-from edgetl.core.imagefolder import Sample
+from edgetl.core.imagefolder import Sample, hash_prefixes, image_sha256
 from edgetl.core.preprocess import Preprocessing, load_image, preprocess_batch
+
+if TYPE_CHECKING:
+    from edgetl.workstation.run import Run
+
+log = logging.getLogger(__name__)
 
 HEAD = "default"  # the head an export writes (more are added with ``export --add-to``)
 BATCH = 64
@@ -98,3 +105,69 @@ def progress_bar(enabled: bool):
         console=Console(stderr=True),
         disable=not enabled,
     )
+
+
+# --- lineage: what a bundle says about where it came from, without the workstation's paths ---------
+# A bundle goes to every device: it names the run, the data folder and the weights file (names, not
+# paths), counts images and records sha256 hashes, so lineage can be checked without revealing where
+# things live on the workstation.
+
+
+def run_origin(run: Run) -> str:
+    """``derived_from`` of the graphs exported from a run's checkpoint: ``run:<run name>/model.pt``."""
+    return f"run:{run.path.resolve().name}/model.pt"
+
+
+def run_lineage(run: Run, strategy: str | None) -> dict[str, Any]:
+    """A head's ``run`` record: the run's name (not its path), strategy and validation top-1."""
+    return {"name": run.path.resolve().name, "strategy": strategy, "val_top1": run.metrics.get("val_top1")}
+
+
+def weights_lineage(weights: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The trunk's initial weights for the manifest: ``kind``, the weights ``file`` name (not its path
+    on the workstation), ``sha256`` and ``origin``."""
+    if not isinstance(weights, dict):
+        return weights
+    out = {k: v for k, v in weights.items() if k != "path"}
+    path = weights.get("path")
+    return {
+        "kind": out.pop("kind", None),
+        "file": Path(path).name if isinstance(path, str) and path else out.pop("file", None),
+        **out,
+    }
+
+
+def training_data_record(run: Run) -> dict[str, Any]:
+    """A head's ``training_data``: the data folder's name, image and class counts, and the sha256
+    prefixes of the training images' bytes (sorted), so that ``edgetl evaluate BUNDLE DATA`` leaves
+    those images out wherever they are. When some training image is gone no prefixes are recorded
+    (evaluate then warns that it cannot check) rather than an incomplete list."""
+    root = (run.config.get("data") or {}).get("root")
+    record: dict[str, Any] = {
+        "folder": Path(root).name if isinstance(root, str) and root else None,
+        "classes": len(run.labels),
+        "train_images": len(run.train_samples),
+        "val_images": len(run.val_samples),
+    }
+    hashes, gone = [], 0
+    for s in run.train_samples:
+        try:
+            hashes.append(image_sha256(s.path))
+        except OSError:
+            gone += 1
+    if gone:
+        log.warning(
+            "%d of the %d training images of run %s are gone: the bundle records no training-image hashes, "
+            "so `edgetl evaluate BUNDLE DATA` cannot leave them out",
+            gone,
+            len(run.train_samples),
+            run.path,
+        )
+    else:
+        record["train_sha256_prefixes"] = hash_prefixes(hashes)
+    return record
+
+
+def images_sha256(samples: Sequence[Sample]) -> str:
+    """One sha256 for an ordered list of images: of their content hashes, one per line."""
+    return hashlib.sha256("\n".join(image_sha256(s.path) for s in samples).encode()).hexdigest()

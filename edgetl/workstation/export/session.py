@@ -24,7 +24,19 @@ from edgetl.core.formats import FORMATS, PRECISIONS, variant_name
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
-from edgetl.workstation.export.common import HEAD, batches, load_arrays, sqnr_db, tensor_spec, versions
+from edgetl.workstation.export.common import (
+    HEAD,
+    batches,
+    images_sha256,
+    load_arrays,
+    run_lineage,
+    run_origin,
+    sqnr_db,
+    tensor_spec,
+    training_data_record,
+    versions,
+    weights_lineage,
+)
 from edgetl.workstation.export.options import ExportProfile
 from edgetl.workstation.run import Run
 
@@ -49,6 +61,7 @@ class ExportSession:
     variants: dict[str, Any] = dataclasses.field(default_factory=dict)
     _sources: tuple[Path, Path] | None = None
     _calibration: tuple[list[Sample], np.ndarray] | None = None
+    _training_data: dict[str, Any] | None = None
 
     @property
     def pp(self) -> Preprocessing:
@@ -60,7 +73,8 @@ class ExportSession:
 
     @property
     def origin(self) -> str:
-        return f"run:{self.run.path.resolve()}/model.pt"
+        """``derived_from`` of graphs exported from the checkpoint: the run's name, not its path."""
+        return run_origin(self.run)
 
     def precisions(self, fmt: str) -> list[str]:
         """Precisions to build for ``fmt``, fp32 first (always: the others are measured against it)."""
@@ -139,7 +153,12 @@ class ExportSession:
             len(result.attempts),
             time.perf_counter() - t0,
         )
-        return result.manifest_record([s.path for s in calib_samples])
+        record = result.manifest_record([])
+        # Which images calibrated, without their workstation paths: how many, and one hash of their
+        # content hashes in order (the run's split and select_calibration name them again).
+        calibration = {k: v for k, v in record["calibration"].items() if k != "images"}
+        record["calibration"] = {**calibration, "images_sha256": images_sha256(calib_samples)}
+        return record
 
     def add_file(self, rel: str, *, fmt: str, precision: str, role: str, derived_from: str) -> None:
         """Record graph file ``rel`` (already written) and its sidecars (``core.formats``: OpenVINO's ``.bin``)."""
@@ -189,6 +208,12 @@ class ExportSession:
     def fp32_top1(self, fmt: str) -> float:
         return self.variants[variant_name(fmt, "fp32")]["metrics"]["val_top1"]
 
+    def training_data(self) -> dict[str, Any]:
+        """The head's ``training_data`` record (hashing the training images once per export)."""
+        if self._training_data is None:
+            self._training_data = training_data_record(self.run)
+        return self._training_data
+
     def manifest(self) -> dict[str, Any]:
         run = self.run
         trunk_in, trunk_out = self.trunk_io
@@ -197,7 +222,7 @@ class ExportSession:
             backbone={
                 "name": run.spec.name,
                 "feature_dim": run.spec.feature_dim,
-                "weights": run.config.get("weights"),
+                "weights": weights_lineage(run.config.get("weights")),
             },
             preprocessing=self.pp.to_dict(),
             trunk={"input": trunk_in, "output": trunk_out},
@@ -206,11 +231,8 @@ class ExportSession:
                     "labels": list(run.labels),
                     "input": head_in,
                     "output": head_out,
-                    "run": {
-                        "path": str(run.path.resolve()),
-                        "strategy": run.config.get("train", {}).get("strategy"),
-                        "val_top1": run.metrics.get("val_top1"),
-                    },
+                    "run": run_lineage(run, run.config.get("train", {}).get("strategy")),
+                    "training_data": self.training_data(),
                     "metrics": {v: dict(rec["metrics"]) for v, rec in self.variants.items() if "metrics" in rec},
                 }
             },

@@ -24,8 +24,8 @@ the format, ``formats/<name>.py``, holding ``FORMAT``: an object with this proto
 ``quantize(session, fp32_trunk, head, out) -> dict``
     The int8 trunk (called by ``write``): build the format's quantizer
     (:class:`edgetl.workstation.export.int8.Quantizer`: its remedies in order, how to score and
-    save a model), run it with :func:`edgetl.workstation.export.int8.search_int8`, and return
-    ``result.manifest_record(calibration image paths)``, the variant's ``quantization`` record.
+    save a model), run it through ``session.search_int8``, and return its record, the variant's
+    ``quantization`` record (calibration images by count and one hash, never by path).
     Formats without int8 leave ``int8`` out of their ``precisions`` row and raise here.
 
 ``write_head(source, out)``
