@@ -32,7 +32,7 @@ def main() -> None:
     if root.exists():
         shutil.rmtree(root)
     t0 = time.perf_counter()
-    data = edgetl("data", "digits", str(root / "digits"))
+    data = edgetl("data", "digits", "--out", str(root / "digits"))["results"][0]
     common = ["--img-size", "96", "--seed", "0", "--val-split", "0.2", "--no-progress"]
     fe = edgetl("finetune", data["path"], "--out", str(root / "runs/feature-extraction"), "--epochs", "10", *common)
     ft = edgetl(
@@ -64,15 +64,15 @@ def main() -> None:
     t.add_row("data", f"{data['images']} images, {len(data['classes'])} classes")
     t.add_row("feature extraction, 10 epochs", f"val top-1 {fe['val_top1']:.4f} in {fe['train_seconds']:.0f}s")
     t.add_row("fine-tune, last 3 blocks, 3 epochs", f"val top-1 {ft['val_top1']:.4f} in {ft['train_seconds']:.0f}s")
-    for name, v in exported["variants"].items():
+    for v in exported["results"]:
         diff = v.get("max_abs_diff")
         t.add_row(
-            f"export {name}",
+            f"export {v['name']}",
             f"val top-1 {v['val_top1']:.4f}, agreement {v['top1_agreement']:.4f}"
             + (f", max |diff| {diff:.1e}" if diff is not None else "")
             + f", {v['bytes'] / 1e6:.2f} MB",
         )
-    p = pred[0] if isinstance(pred, list) else pred["predictions"][0]
+    p = pred["results"][0]
     t.add_row("predict", f"{sample.parent.name}/{sample.name} -> {p['label']} ({p['score']:.3f})")
     results = bench.get("results", [bench])
     for r in results:
