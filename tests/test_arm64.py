@@ -57,7 +57,7 @@ def userland(tmp_path_factory):
 def real_bundle(tmp_path_factory):
     """ImageNet MobileNetV2 -> digits by feature extraction, exported as ONNX fp32 + int8 (x86)."""
     tmp = tmp_path_factory.mktemp("x86")
-    digits = json.loads(edgetl("data", "digits", tmp / "digits", "--json"))["path"]
+    digits = json.loads(edgetl("data", "digits", "--out", tmp / "digits", "--json"))["results"][0]["path"]
     run = json.loads(
         edgetl(
             "finetune",
@@ -73,14 +73,14 @@ def real_bundle(tmp_path_factory):
             "--no-progress",
             "--json",
         )
-    )
+    )["results"][0]
     bundle = json.loads(
         edgetl(
             "export",
             run["run_dir"],
             "--out",
             tmp / "digits-bundle",
-            "--format",
+            "--model-format",
             "onnx",
             "--precision",
             "fp32,int8",
@@ -119,13 +119,13 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
 
     summary = {"qemu_cpu": arm64.QEMU_CPU, "setup": {k: round(v, 1) for k, v in timings.items()}}
     for precision in ("fp32", "int8"):
-        x86 = _labels(json.loads(edgetl("predict", bundle, images, "--precision", precision, "--json")))
+        x86 = _labels(json.loads(edgetl("predict", bundle, images, "--precision", precision, "--json"))["results"])
         t = time.perf_counter()
         out = arm64.run_in(
             root, ["edgetl", "predict", "/opt/work/bundle", "/opt/work/images", "--precision", precision, "--json"]
         )
         seconds = time.perf_counter() - t
-        arm = _labels(json.loads(out.stdout))
+        arm = _labels(json.loads(out.stdout)["results"])
         assert arm.keys() == x86.keys() and len(arm) == 10 * IMAGES_PER_CLASS
         assert {k: v[0] for k, v in arm.items()} == {k: v[0] for k, v in x86.items()}, precision
         max_diff = max(abs(arm[k][1] - x86[k][1]) for k in arm)
@@ -167,7 +167,7 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
     assert ("Cortex-A72" if arm64.QEMU_CPU == "cortex-a72" else "Cortex-A76") in env["cpu"]
     for r in results.values():
         assert r["latency_ms"]["p50"] > 0 and r["cold_start_ms"]["first_inference"] > 0
-    doctor = json.loads(arm64.run_in(root, ["edgetl", "doctor", "--json"]).stdout)
+    doctor = json.loads(arm64.run_in(root, ["edgetl", "doctor", "--json"]).stdout)["results"][0]
     summary["bench_emulated"] = {
         p: {
             "p50_ms": round(r["latency_ms"]["p50"], 1),

@@ -116,7 +116,7 @@ def test_finetune_skips_every_bad_file_and_reports_it(image_folder, tmp_path):
     Image.new("RGB", (40, 48), (40, 60, 200)).save(odd.decode(errors="surrogateescape"))
     result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *TINY, "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    doc = json.loads(result.stdout)["results"][0]
     skipped = {os.path.basename(s["path"]) for s in doc["skipped"]}
     assert skipped == set(BAD)
     assert all(s["reason"].startswith("cannot read image") for s in doc["skipped"])

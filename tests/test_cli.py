@@ -15,8 +15,9 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(result, pattern):
-    assert result.exit_code == 1, result.output
+def assert_one_line_error(result, pattern, code=1):
+    """One ``Error:`` line on stderr, no traceback; exit 1 for a failure, 2 for a usage error."""
+    assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and pattern in lines[0], result.stderr
@@ -30,7 +31,7 @@ def test_help_has_an_example(command):
 
 
 def test_backbones_json():
-    rows = json.loads(run("backbones", "--json").stdout)
+    rows = json.loads(run("backbones", "--json").stdout)["results"]
     mb = next(r for r in rows if r["name"] == "mobilenet_v2")
     assert mb == {
         "name": "mobilenet_v2",
@@ -42,22 +43,25 @@ def test_backbones_json():
 
 
 def test_data_digits_json(tmp_path):
-    doc = json.loads(run("data", "digits", tmp_path / "d", "--json").stdout)
+    doc = json.loads(run("data", "digits", "--out", tmp_path / "d", "--json").stdout)["results"][0]
     assert doc["images"] == 1797 and len(doc["classes"]) == 10 and doc["path"].endswith("d")
 
 
 def test_finetune_and_evaluate_json(image_folder, tmp_path):
     result = run("finetune", image_folder, "--out", tmp_path / "run", *TINY, "--json")
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    doc = json.loads(result.stdout)["results"][0]
     for key in ("run_dir", "backbone", "strategy", "epochs", "val_top1", "train_seconds"):
         assert key in doc
     assert doc["pretrained"] is False
     ev = run("evaluate", tmp_path / "run", image_folder, "--json")
     assert ev.exit_code == 0, ev.output
-    report = json.loads(ev.stdout)
-    assert report["n"] == 48 and {"top1", "per_class", "confusion"} <= set(report)
-    table = run("evaluate", tmp_path / "run", image_folder)
+    [rec] = json.loads(ev.stdout)["results"]
+    # the run's training images are left out: its validation images are scored
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert (rec["n"], rec["excluded_train"]) == (len(split["val"]), len(split["train"])) == (9, 39)
+    assert {"top1", "per_class", "confusion"} <= set(rec)
+    table = run("evaluate", tmp_path / "run", image_folder, "--format", "table")
     assert "confusion" in table.output
 
 
@@ -82,7 +86,7 @@ def test_finetune_one_class(tmp_path):
 
 def test_finetune_unknown_backbone(image_folder, tmp_path):
     assert_one_line_error(
-        run("finetune", image_folder, "--out", tmp_path / "run", "--backbone", "nope"), "unknown backbone"
+        run("finetune", image_folder, "--out", tmp_path / "run", "--backbone", "nope"), "unknown backbone", code=2
     )
 
 

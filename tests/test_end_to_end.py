@@ -27,7 +27,7 @@ def edgetl(*args):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    return edgetl("data", "digits", tmp_path_factory.mktemp("data") / "digits", "--json")["path"]
+    return edgetl("data", "digits", "--out", tmp_path_factory.mktemp("data") / "digits", "--json")["results"][0]["path"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def fine_tuned(digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ft"
     return edgetl(
         "finetune", digits, "--out", out, "--strategy", "fine-tune", "--unfreeze", "3", "--epochs", "3", *COMMON
-    )
+    )["results"][0]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def bundle(fine_tuned, tmp_path_factory):
 
 
 def test_feature_extraction_meets_the_demo_bar(digits, tmp_path):
-    doc = edgetl("finetune", digits, "--out", tmp_path / "fe", "--epochs", "10", *COMMON)
+    doc = edgetl("finetune", digits, "--out", tmp_path / "fe", "--epochs", "10", *COMMON)["results"][0]
     assert doc["backbone"] == "mobilenet_v2" and doc["pretrained"] is True
     assert doc["val_top1"] >= 0.93, doc
 
@@ -55,8 +55,8 @@ def test_fine_tune_meets_the_demo_bar(fine_tuned):
 
 
 def test_export_parity_and_int8_drop(bundle, fine_tuned):
-    fp32 = bundle["variants"]["onnx-fp32"]
-    int8 = bundle["variants"]["onnx-int8"]
+    variants = {r["name"]: r for r in bundle["results"]}
+    fp32, int8 = variants["onnx-fp32"], variants["onnx-int8"]
     assert fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 1.0
     assert abs(fp32["val_top1"] - fine_tuned["val_top1"]) < 1e-9
     assert fp32["val_top1"] - int8["val_top1"] <= 0.01 + 1e-9
@@ -73,20 +73,22 @@ def test_predict_and_bench_through_the_installed_entry_point(bundle, digits):
         [_entry_point(), "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)[0]["label"] == "7"
+    assert json.loads(out.stdout)["results"][0]["label"] == "7"
     out = subprocess.run(
         [_entry_point(), "bench", bundle["bundle"], "--precision", "int8", "--iterations", "20", "--json"],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    doc = json.loads(out.stdout)
+    doc = json.loads(out.stdout)["results"][0]
     assert doc["precision"] == "int8" and doc["latency_ms"]["p50"] > 0
 
 
 def test_evaluate_bundle_matches_export_figures(bundle, digits):
     report = edgetl("evaluate", bundle["bundle"], digits, "--precision", "int8", "--json")
-    assert report["n"] == 1797 and report["top1"] > 0.9
+    [rec] = report["results"]
+    # the bundle records its training images: they are left out, the validation images are scored
+    assert rec["n"] + rec["excluded_train"] == 1797 and rec["excluded_train"] > 1000 and rec["top1"] > 0.9
 
 
 def test_tampered_bundle_refused(bundle, tmp_path):
@@ -127,7 +129,7 @@ def test_runtime_only_install_has_no_torch(bundle, digits, tmp_path):
         [exe, "predict", bundle["bundle"], str(image), "--json"], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)[0]["label"] == "3"
+    assert json.loads(out.stdout)["results"][0]["label"] == "3"
     out = subprocess.run(
         [exe, "bench", bundle["bundle"], "--iterations", "10", "--json"],
         capture_output=True,

@@ -66,7 +66,7 @@ def bundle(root, digits) -> tuple[Path, dict]:
 
 def test_default_export_has_every_variant_within_the_bars(bundle):
     out, doc = bundle
-    v = doc["variants"]
+    v = {r["name"]: r for r in doc["results"]}
     assert set(v) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
     for name in ("onnx-fp32", "openvino-fp32"):
         assert v[name]["max_abs_diff"] <= 1e-3 and v[name]["top1_agreement"] == 1.0, v[name]
@@ -86,7 +86,7 @@ def test_both_runtimes_predict_the_same_labels_and_bench(bundle, digits):
     labels = {}
     for runtime in ("onnxruntime", "openvino"):
         for precision in ("fp32", "int8"):
-            records = edgetl("predict", out, *images, "--runtime", runtime, "--precision", precision, "--json")
+            records = edgetl("predict", out, *images, "--runtime", runtime, "--precision", precision, "--json")["results"]
             labels[runtime, precision] = [r["label"] for r in records]
     assert labels["onnxruntime", "fp32"] == labels["openvino", "fp32"]
     assert sum(a == b for a, b in zip(labels["onnxruntime", "fp32"], [str(d) for d in range(10)], strict=False)) >= 9
@@ -95,7 +95,8 @@ def test_both_runtimes_predict_the_same_labels_and_bench(bundle, digits):
     doc = edgetl(
         "bench", out, "--runtime", "openvino", "--precision", "int8", "--iterations", "20", "--no-cold-start", "--json"
     )
-    assert doc["variant"] == "openvino-int8" and doc["latency_ms"]["p50"] > 0
+    [result] = doc["results"]
+    assert result["variant"] == "openvino-int8" and result["latency_ms"]["p50"] > 0
 
 
 def test_a_second_head_shares_the_trunk(bundle, digits, root):
@@ -110,7 +111,7 @@ def test_a_second_head_shares_the_trunk(bundle, digits, root):
     trunk_sha = {rel: rec["sha256"] for rel, rec in read_manifest(two)["files"].items() if rec["role"] == "trunk"}
     run2 = edgetl(
         "finetune", parity, "--out", root / "run2", "--trunk-from", two, "--epochs", "10", "--no-progress", "--json"
-    )
+    )["results"][0]
     assert run2["val_top1"] >= 0.85, run2
     add = ["export", run2["run_dir"], "--add-to", two, "--head", "parity", "--no-progress", "--json"]
     strict = CliRunner().invoke(main, [str(a) for a in add])
@@ -131,11 +132,12 @@ def test_a_second_head_shares_the_trunk(bundle, digits, root):
         assert not doc["left_out"], doc
         assert "left_out" not in read_manifest(two)["heads"]["parity"]
     assert doc["head"] == "parity" and read_manifest(two)["heads"].keys() == {"default", "parity"}
-    assert doc["variants"]["onnx-fp32"]["top1_agreement"] == 1.0
-    assert all(m["top1_drop_pp"] <= 1.0 for n, m in doc["variants"].items() if "top1_drop_pp" in m), doc
+    added = {r["name"]: r for r in doc["results"]}
+    assert added["onnx-fp32"]["top1_agreement"] == 1.0
+    assert all(r["top1_drop_pp"] <= 1.0 for r in doc["results"] if r["top1_drop_pp"] is not None), doc
     m = read_manifest(two)
     for rel, sha in trunk_sha.items():
         assert m["files"][rel]["sha256"] == sha == sha256_file(two / rel)
     image = str(sorted((digits / "7").glob("*.png"))[3])
-    records = edgetl("predict", two, image, "--head", "all", "--runtime", "openvino", "--json")
+    records = edgetl("predict", two, image, "--head", "all", "--runtime", "openvino", "--json")["results"]
     assert [(r["head"], r["label"]) for r in records] == [("default", "7"), ("parity", "odd")]

@@ -82,7 +82,7 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert len(out["predict"]) == 6  # 3 readable images x 2 heads; the corrupt one is skipped
+    assert len(out["predict"]["results"]) == 6  # 3 readable images x 2 heads; the corrupt one is skipped
     assert [r["precision"] for r in out["bench"]["results"]] == ["fp32", "int8"]
 
 
@@ -104,4 +104,4 @@ def test_installed_entry_point(device_files):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)[0]["label"] == "red"
+    assert json.loads(proc.stdout)["results"][0]["label"] == "red"

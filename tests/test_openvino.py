@@ -25,6 +25,8 @@ from edgetl.device.runtime import open_bundle
 from edgetl.workstation.export import export_bundle, load_arrays, resolve_options
 from edgetl.workstation.export.formats.openvino_quantize import OVQuantConfig, OVQuantizer, float_layers
 from edgetl.workstation.export.int8 import search_int8
+from edgetl.workstation.export import select_calibration
+from edgetl.workstation.export.common import images_sha256
 from edgetl.workstation.run import load_run
 from tests.run_factory import all_profile_export, cpu_runs_bf16, shared_run
 
@@ -112,8 +114,10 @@ def test_openvino_int8_is_nncf_with_a_record(exported, run_dir):
     m = read_manifest(out)
     q = m["variants"]["openvino-int8"]["quantization"]
     assert q["method"] == "nncf post-training quantization (OpenVINO)" and q["per_channel"] is True
-    assert q["calibration"]["size"] == len(q["calibration"]["images"]) == 36
-    assert set(q["calibration"]["images"]) <= {s.path for s in load_run(run_dir).train_samples}
+    # The manifest names no workstation path: the calibration set is its size and a hash of the list.
+    calibration = select_calibration(load_run(run_dir).train_samples, 200)
+    assert q["calibration"]["size"] == len(calibration) == 36
+    assert q["calibration"]["images_sha256"] == images_sha256(calibration) and "images" not in q["calibration"]
     assert q["attempts"][-1]["passed"] and q["attempts"][-1]["val_top1"] == doc["variants"]["openvino-int8"]["val_top1"]
     model = ov.Core().read_model(str(out / "openvino/trunk.int8.xml"))
     ops = Counter(op.get_type_name() for op in model.get_ops())
@@ -130,7 +134,7 @@ def test_both_runtimes_predict_the_same_labels_from_the_cli(exported, run_dir):
                 main, ["predict", str(out), *images, "--runtime", runtime, "--precision", precision, "--json"]
             )
             assert result.exit_code == 0, result.output
-            labels[runtime, precision] = [r["label"] for r in json.loads(result.stdout)]
+            labels[runtime, precision] = [r["label"] for r in json.loads(result.stdout)["results"]]
     assert labels["onnxruntime", "fp32"] == labels["openvino", "fp32"]
     agreement = np.mean(np.array(labels["onnxruntime", "int8"]) == np.array(labels["openvino", "int8"]))
     assert agreement >= 0.9

@@ -37,7 +37,10 @@ def test_only_options_given_on_the_command_line_travel():
 def test_every_bench_option_is_forwarded_without_a_hand_written_list():
     """Each option of `bench` (but SSH and local-only ones) reaches the device when given: a new
     option travels without anyone editing a list."""
-    local = {"identity", "ssh_config", "remote_edgetl", "save", "save_dir", "plot", "target", "samples"}
+    from edgetl.cli._runtime_options import SSH_OPTIONS
+    from edgetl.device.remote_bench import LOCAL_BENCH_OPTIONS
+
+    local = {*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS}
     for param in bench.params:
         if not isinstance(param, click.Option) or param.name in local or param.name is None:
             continue

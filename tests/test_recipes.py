@@ -97,7 +97,7 @@ def test_recipe_from_a_run_reproduces_it(image_folder, tmp_path):
         ],
     )
     assert a.exit_code == 0 and b.exit_code == 0, b.output
-    assert json.loads(a.stdout)["val_top1"] == json.loads(b.stdout)["val_top1"]
+    assert json.loads(a.stdout)["results"][0]["val_top1"] == json.loads(b.stdout)["results"][0]["val_top1"]
     ha = json.loads((tmp_path / "a" / "history.json").read_text())
     hb = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [h["train_loss"] for h in ha] == [h["train_loss"] for h in hb]
@@ -109,4 +109,4 @@ def test_cli_unknown_recipe_key_one_line(image_folder, tmp_path):
     result = CliRunner().invoke(
         main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), "--recipe", str(recipe)]
     )
-    assert result.exit_code == 1 and "unknown key 'epoch'" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 2 and "unknown key 'epoch'" in result.stderr and "Traceback" not in result.output

@@ -25,7 +25,7 @@ def run_dir(image_folder, tmp_path):
 
 def _export(run_dir, out, *extra):
     return CliRunner().invoke(
-        main, ["export", str(run_dir), "--out", str(out), "--format", "onnx", "--no-progress", "--json", *extra]
+        main, ["export", str(run_dir), "--out", str(out), "--model-format", "onnx", "--no-progress", "--json", *extra]
     )
 
 

@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -64,8 +65,9 @@ def test_nan_logits_refused_with_one_line(bundle, imgs):
     assert result.exit_code == 1
     assert "variant onnx-fp32 produced non-finite logits for head colour (NaN)" in result.stderr
     assert "Traceback" not in result.output
-    assert "NaN" not in result.stdout
-    _strict_json(result.stdout)
+    doc = _strict_json(result.stdout)  # one strict document: the error closes it, no bare NaN anywhere
+    assert doc["partial"] is True and doc["error"]["exit_code"] == 1 and "non-finite" in doc["error"]["message"]
+    assert all(record["score"] is None or record["score"] == record["score"] for record in doc["results"])
 
 
 def test_nan_features_refused(bundle):
@@ -85,9 +87,19 @@ def test_emit_json_is_strict(capsys):
 def test_streamed_json_is_strict():
     from edgetl.cli import predict_cmd
 
+    class Summary:
+        def to_dict(self):
+            return {"images": 1, "seconds": float("inf")}
+
+    class Stream:
+        summary = Summary()
+
     out = io.StringIO()
-    predict_cmd._stream_json(iter([{"image": "a", "score": float("nan")}]), out)
-    assert _strict_json(out.getvalue()) == [{"image": "a", "score": None}]
+    with click.Context(main) as ctx:
+        predict_cmd._stream_json(ctx, iter([{"image": "a", "score": float("nan")}]), Stream(), out, {"bundle": "b"})
+    doc = _strict_json(out.getvalue())
+    assert doc["results"] == [{"image": "a", "score": None}] and doc["summary"]["seconds"] is None
+    assert doc["schema"] == "edgetl.predict" and doc["bundle"] == "b"
 
 
 # --- memory bounded by the model, skipped images with reasons -----------------------------------

@@ -28,8 +28,8 @@ def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _one_line_error(result, *words):
-    assert result.exit_code == 1, result.output
+def _one_line_error(result, *words, code=1):
+    assert result.exit_code == code, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # no traceback
     lines = result.stderr.strip().splitlines()  # log lines (training's progress) may come before it
     errors = [line for line in lines if line.startswith("Error: ")]
@@ -90,7 +90,7 @@ def test_img_size_bounds_are_the_preprocessing_bounds():
 @pytest.mark.parametrize(("option", "value"), [("--lr", "nan"), ("--lr", "inf"), ("--img-size", "100000")])
 def test_bad_numbers_on_the_command_line_are_one_line(image_folder, tmp_path, option, value):
     result = _cli("finetune", image_folder, "--out", tmp_path / "run", "--backbone", "tiny_test", option, value)
-    _one_line_error(result, option)
+    _one_line_error(result, option, code=2)  # a value out of range: a usage error
     assert not (tmp_path / "run").exists() and not partial_dir(tmp_path / "run").exists()
 
 
@@ -246,12 +246,12 @@ def test_export_force_never_replaces_the_run_it_exports(image_folder, tmp_path):
     run = make_run(tmp_path / "run", image_folder, steps=20)
     config = (run / "config.json").read_bytes()
     for out in (run, tmp_path):
-        result = _cli("export", run, "--out", out, "--format", "onnx", "--force", "--no-progress")
+        result = _cli("export", run, "--out", out, "--model-format", "onnx", "--force", "--no-progress")
         _one_line_error(result, "input")
     assert (run / "config.json").read_bytes() == config
     folder = tmp_path / "not-a-bundle"
     folder.mkdir()
-    result = _cli("export", run, "--out", folder, "--format", "onnx", "--force", "--no-progress")
+    result = _cli("export", run, "--out", folder, "--model-format", "onnx", "--force", "--no-progress")
     _one_line_error(result, "only a bundle folder")
     assert folder.is_dir()
 

@@ -292,7 +292,7 @@ def test_cli_predict_json_folder_with_corrupt_image(bundle_dir, tmp_path):
         main, ["predict", str(bundle_dir), str(tmp_path / "imgs"), "--json", "--top-k", "2", "--precision", "int8"]
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["results"]
     assert len(rows) == 3
     assert all({"image", "label", "score", "top_k"} <= set(r) for r in rows)
     assert "Skipped 1 unreadable image" in result.stderr and "broken.png" in result.stderr
@@ -301,7 +301,7 @@ def test_cli_predict_json_folder_with_corrupt_image(bundle_dir, tmp_path):
 def test_cli_predict_head_all(two_head_bundle, images):
     result = CliRunner().invoke(main, ["predict", str(two_head_bundle), *images, "--head", "all", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["results"]
     assert len(rows) == 2 * len(images)
     assert {r["head"] for r in rows} == {"colour", "brightness"}
     table = CliRunner().invoke(main, ["predict", str(two_head_bundle), *images, "--head", "all"])
