@@ -86,7 +86,9 @@ def test_both_runtimes_predict_the_same_labels_and_bench(bundle, digits):
     labels = {}
     for runtime in ("onnxruntime", "openvino"):
         for precision in ("fp32", "int8"):
-            records = edgetl("predict", out, *images, "--runtime", runtime, "--precision", precision, "--json")["results"]
+            records = edgetl("predict", out, *images, "--runtime", runtime, "--precision", precision, "--json")[
+                "results"
+            ]
             labels[runtime, precision] = [r["label"] for r in records]
     assert labels["onnxruntime", "fp32"] == labels["openvino", "fp32"]
     assert sum(a == b for a, b in zip(labels["onnxruntime", "fp32"], [str(d) for d in range(10)], strict=False)) >= 9

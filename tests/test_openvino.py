@@ -22,11 +22,10 @@ from edgetl.cli import main
 from edgetl.core.bundle import read_manifest
 from edgetl.core.errors import ExportError
 from edgetl.device.runtime import open_bundle
-from edgetl.workstation.export import export_bundle, load_arrays, resolve_options
+from edgetl.workstation.export import export_bundle, load_arrays, resolve_options, select_calibration
+from edgetl.workstation.export.common import images_sha256
 from edgetl.workstation.export.formats.openvino_quantize import OVQuantConfig, OVQuantizer, float_layers
 from edgetl.workstation.export.int8 import search_int8
-from edgetl.workstation.export import select_calibration
-from edgetl.workstation.export.common import images_sha256
 from edgetl.workstation.run import load_run
 from tests.run_factory import all_profile_export, cpu_runs_bf16, shared_run
 
