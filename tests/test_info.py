@@ -210,7 +210,7 @@ def test_info_run_reads_the_json_files(run):
     metrics = json.loads((run / "metrics.json").read_text())
     split = json.loads((run / "split.json").read_text())
     assert rec["backbone"] == "tiny_test" and rec["strategy"] == "feature-extraction"
-    assert rec["weights"] == {"kind": "none", "origin": None, "path": None, "sha256": None}
+    assert rec["weights"] == {"kind": "none", "origin": None, "file": None, "sha256": None}
     assert rec["data"]["train_images"] == len(split["train"]) and rec["data"]["val_images"] == len(split["val"])
     assert rec["labels"] == json.loads((run / "labels.json").read_text()) and rec["classes"] == 3
     assert rec["val_top1"] == metrics["val_top1"] and rec["n_val"] == metrics["n"]
@@ -330,3 +330,21 @@ def test_info_works_with_torch_blocked(bundle, run):
         assert proc.returncode == 0, proc.stderr
         doc = validate_document(proc.stdout, "info")
         assert doc["kind"] == ("bundle" if target == bundle else "run")
+
+
+def test_lineage_names_the_run_and_weights_file_and_reads_older_bundles(bundle, tmp_path):
+    """New bundles record the run's name and the weights file's name (no workstation paths); bundles
+    written before that recorded paths, and info still shows them."""
+    for key, run_key, weights_key in (("new", "name", "file"), ("old", "path", "path")):
+        copy = shutil.copytree(bundle, tmp_path / key)
+        manifest = read_manifest(copy)
+        first = manifest["heads"][manifest["default_head"]]
+        first["run"] = {run_key: "digits-ft", "strategy": "fine-tune", "val_top1": 0.98}
+        manifest["backbone"]["weights"] = {"kind": "imagenet", weights_key: "mobilenet_v2-b0353104.pth"}
+        write_manifest(copy, manifest)
+        [rec] = info_json(str(copy))["results"]
+        assert rec["lineage"]["run"] == "digits-ft" and rec["lineage"]["strategy"] == "fine-tune", key
+        assert rec["lineage"]["weights"]["file"] == "mobilenet_v2-b0353104.pth", key
+        head = next(h for h in rec["heads"] if h["default"])
+        assert head["run"] == {"name": "digits-ft", "strategy": "fine-tune", "val_top1": 0.98}, key
+        assert "digits-ft" in info(str(copy), "--format", "table").stdout

@@ -149,8 +149,8 @@ def _weights(w: dict[str, Any] | None) -> str:
         text += f" ({w['origin']})"
     if w.get("sha256"):
         text += f", sha256 {w['sha256']}"
-    if w.get("path"):
-        text += f", {w['path']}"
+    if w.get("file"):
+        text += f", {w['file']}"
     return text
 
 
@@ -234,7 +234,7 @@ def _bundle_screen(r: dict[str, Any]) -> None:
     head_rows = []
     for h in r["heads"]:
         run = h["run"] or {}
-        where = run.get("path") or "-"
+        where = run.get("name") or "-"
         if run.get("strategy"):
             where += f" ({run['strategy']})"
         left = f"; not in {', '.join(h['left_out'])}" if h["left_out"] else ""

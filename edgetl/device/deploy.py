@@ -249,7 +249,7 @@ def _profile_check(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str
         "warn",
         f"the device fits {best}, which runs {settings}, but the bundle has no "
         f"{wanted[0] if wanted else fmt + ' variant'}: export it with "
-        f"--format {fmt} --precision {profile.precision or 'fp32'}",
+        f"--model-format {fmt} --precision {profile.precision or 'fp32'}",
     )
 
 

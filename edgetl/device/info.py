@@ -94,10 +94,13 @@ def _scalars(value: Any) -> dict[str, str]:
 
 
 def _weights(value: Any) -> dict[str, Any] | None:
-    """Where the trunk's initial weights came from: kind, origin, path, sha256 (as recorded)."""
+    """Where the trunk's initial weights came from: kind, origin, file name, sha256 (as recorded; a
+    bundle written before edgetl stopped shipping workstation paths has ``path`` instead of ``file``)."""
     if not isinstance(value, dict):
         return None
-    return {key: _str(value.get(key)) for key in ("kind", "origin", "path", "sha256")}
+    record = {key: _str(value.get(key)) for key in ("kind", "origin", "sha256")}
+    record["file"] = _str(value.get("file")) or _str(value.get("path"))
+    return record
 
 
 # --- bundles ------------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def _head(manifest: dict[str, Any], name: str, head: dict[str, Any]) -> dict[str
         "val_top1": per_variant,
         "run": (
             {
-                "path": _str(run.get("path")),
+                "name": _str(run.get("name")) or _str(run.get("path")),
                 "strategy": _str(run.get("strategy")),
                 "val_top1": _num(run.get("val_top1")),
             }
@@ -246,7 +249,7 @@ def bundle_info(bundle: str | os.PathLike, *, verify: bool = True) -> dict[str, 
             "backbone": _str(backbone.get("name")),
             "feature_dim": _int(backbone.get("feature_dim")),
             "weights": _weights(backbone.get("weights")),
-            "run": _str(run.get("path")),
+            "run": _str(run.get("name")) or _str(run.get("path")),
             "strategy": _str(run.get("strategy")),
             "run_val_top1": _num(run.get("val_top1")),
             "created_utc": _str(manifest.get("created_utc")),

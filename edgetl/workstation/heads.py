@@ -62,7 +62,7 @@ def trunk_reference(bundle) -> dict[str, Any]:
     if variant is None:
         raise BundleError(
             f"bundle {bundle.path} has no {TRUNK_VARIANT} variant (it has: {', '.join(bundle.variants)}); "
-            "--trunk-from needs the fp32 ONNX trunk: export the bundle with --format onnx and --precision fp32"
+            "--trunk-from needs the fp32 ONNX trunk: export the bundle with --model-format onnx and --precision fp32"
         )
     rel = variant["trunk"]
     backbone = bundle.manifest["backbone"]
