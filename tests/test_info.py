@@ -19,21 +19,7 @@ from edgetl.device.info import describe
 from tests.bundle_factory import build_bundle
 from tests.run_factory import shared_run
 from tests.schemas import validate_document
-
-# The import system of a device-only install: torch and torchvision are not there (as in test_no_torch.py).
-BLOCK_TORCH = textwrap.dedent(
-    """
-    import sys
-
-    class BlockTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.partition(".")[0] in ("torch", "torchvision"):
-                raise ImportError(f"{name} is blocked: the device side must not import torch")
-            return None
-
-    sys.meta_path.insert(0, BlockTorch())
-    """
-)
+from tests.test_no_torch import BLOCK_TORCH  # the import system of a device-only install
 
 
 @pytest.fixture(scope="module")

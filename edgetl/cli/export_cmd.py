@@ -275,20 +275,11 @@ def variant_records(variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]
     return records
 
 
-def _cell(value: Any) -> Any:
-    """A raw value for a tab-separated line: empty for null."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value
-
-
 def print_variants(fmt: str, records: list[dict[str, Any]], *, title: str) -> None:
     from edgetl.cli._output import emit_table
 
     if fmt == "tsv":
-        emit_table(fmt, TSV_COLUMNS, ([_cell(r[c]) for c in TSV_COLUMNS] for r in records))
+        emit_table(fmt, TSV_COLUMNS, ([r[c] for c in TSV_COLUMNS] for r in records))
         return
     rows = []
     for r in records:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from edgetl.cli._common import common_options, handle_errors, renamed_option
@@ -31,15 +29,6 @@ def _int_range(name: str) -> click.IntRange:
 def _float_range(name: str) -> click.FloatRange:
     low, high, low_open, high_open, _ = _FLOAT_RANGES[name]
     return click.FloatRange(low, high, min_open=low_open, max_open=high_open)
-
-
-def _cell(value: Any) -> Any:
-    """A raw value for a tab-separated line: empty for null, true/false for booleans."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return value
 
 
 def _note(fmt: str, text: str) -> None:
@@ -215,7 +204,7 @@ def _print_study(fmt: str, result) -> None:
 
     budgets = result.budgets()
     if fmt == "tsv":
-        emit_table(fmt, STUDY_TSV_COLUMNS, ([_cell(r.to_dict()[c]) for c in STUDY_TSV_COLUMNS] for r in result.rows))
+        emit_table(fmt, STUDY_TSV_COLUMNS, ([r.to_dict()[c] for c in STUDY_TSV_COLUMNS] for r in result.rows))
     else:
         rows = []
         for strategy in result.strategies():
@@ -374,8 +363,7 @@ def probe(
 
     if fmt == "tsv":
         cells = (
-            [_cell(r["feature_cache"]["status"] if c == "feature_cache" else r[c]) for c in PROBE_TSV_COLUMNS]
-            for r in rows
+            [r["feature_cache"]["status"] if c == "feature_cache" else r[c] for c in PROBE_TSV_COLUMNS] for r in rows
         )
         emit_table(fmt, PROBE_TSV_COLUMNS, cells)
     else:
