@@ -766,7 +766,6 @@ def test_compare_usage_errors_and_bad_files(bundle_dir, tmp_path):
         (["--compare", str(saved), "--threads", "2"], "--threads"),
         (["--compare", str(saved), "--target", "pi@rpi:b"], "--target"),
         (["--compare", str(saved), "--save"], "--save"),
-        (["--compare", str(tmp_path / "missing.json")], "does not exist"),
         ([str(bundle_dir), str(saved)], "give one BUNDLE"),
     ):
         result = CliRunner().invoke(main, ["bench", *args])
@@ -781,6 +780,7 @@ def test_compare_usage_errors_and_bad_files(bundle_dir, tmp_path):
     }
     for name, text in bad.items():
         (tmp_path / name).write_text(text)
+    for name in (*bad, "missing.json"):
         result = CliRunner().invoke(main, ["bench", "--compare", str(tmp_path / name)])
         assert result.exit_code == 1, (name, result.output)
         assert result.stderr.startswith("Error: ") and len(result.stderr.strip().splitlines()) == 1, name

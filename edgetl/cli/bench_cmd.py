@@ -360,8 +360,10 @@ def _bench_compare(
     if not paths:
         raise click.UsageError("--compare needs the result files to read (written by edgetl bench --save)")
     for path in paths:
-        if not os.path.exists(path):
-            raise click.UsageError(f"--compare: {path} does not exist")
+        if not os.path.exists(path):  # a missing input is a failure (exit 1), like every command's
+            from edgetl.core.errors import DataError
+
+            raise DataError(f"--compare: {path} does not exist")
     plot, warnings = _check_outputs(plot=plot, save=False, save_dir=None)
     rep = combine([read_saved(p) for p in paths], mode="compare")
     if plot:

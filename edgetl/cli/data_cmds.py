@@ -14,7 +14,7 @@ def data() -> None:
     """Datasets for trying edgetl offline."""
 
 
-@data.command("digits")
+@data.command("digits", short_help="Write scikit-learn's digits (1,797 8x8 images, 10 classes) as an image folder.")
 @click.argument("out_positional", metavar="[OUT]", required=False, type=click.Path())
 @click.option(
     "--out", "out", type=click.Path(), default=None, metavar="DIR", help="Folder to write (a new or empty one)."
