@@ -55,9 +55,9 @@ def test_kill_9_then_resume_matches_uninterrupted_run(data, tmp_path):
 
     result = CliRunner().invoke(main, ["finetune", "--resume", str(out), "--no-progress", "--json"])
     assert result.exit_code == 0, result.output
-    doc = json.loads(result.stdout)
+    doc = json.loads(result.stdout)["results"][0]
     assert doc["resumed_from_epoch"] == done
-    assert doc["val_top1"] == json.loads(reference.stdout)["val_top1"]
+    assert doc["val_top1"] == json.loads(reference.stdout)["results"][0]["val_top1"]
     ref_h, res_h = _history(tmp_path / "ref"), _history(out)
     assert [h["epoch"] for h in res_h] == list(range(1, 13))
     for a, b in zip(ref_h, res_h, strict=False):
