@@ -108,6 +108,7 @@ FAKE_VARIANTS = {
         "n": 12,
         "bytes": 12_000,
         "features_sqnr_db": 30.0,
+        "speedup_vs_fp32": 0.93,
     },
     "openvino-bf16": {
         "val_top1": 0.75,
@@ -181,13 +182,18 @@ def test_cli_tsv_in_a_pipe_and_a_table_on_request(fake_export):
         "top1_agreement",
         "bytes",
         "inference_precision",
+        "speedup_vs_fp32",
     ]
-    assert lines[1].split("\t") == ["onnx-fp32", "onnx", "fp32", "0.75", "", "1.5e-06", "1.0", "40000", ""]
-    assert lines[3].split("\t")[-1] == "bf16" and len(lines) == 4
-    assert all(line.count("\t") == 8 for line in lines)
+    assert lines[1].split("\t") == ["onnx-fp32", "onnx", "fp32", "0.75", "", "1.5e-06", "1.0", "40000", "", ""]
+    assert lines[2].split("\t")[-1] == "0.93"  # int8: its measured speed-up over fp32
+    assert lines[3].split("\t")[-2:] == ["bf16", ""] and len(lines) == 4
+    assert all(line.count("\t") == 9 for line in lines)
     table = _export("--model-format", "onnx", "--format", "table")
     assert table.exit_code == 0, table.output
-    assert "Bundle bundles/b" in table.stdout and "5.00 pp" in table.stdout and "0.04 MB" in table.stdout
+    assert "Bundle bundles/b" in table.stdout and " 5.00 " in table.stdout and " 0.04 " in table.stdout
+    # 80 columns (CliRunner's): the table fits, no cell is broken across lines
+    assert "0.93x" in table.stdout and "onnx-int8" in table.stdout and "1.5e-06" in table.stdout
+    assert max(len(line) for line in table.stdout.splitlines()) <= 80
     assert "\t" not in table.stdout
 
 

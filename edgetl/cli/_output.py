@@ -137,10 +137,13 @@ def emit_table(
     *,
     title: str | None = None,
     right: Sequence[str] = (),
+    whole: Sequence[str] = (),
 ) -> None:
     """A table on stdout: rich on ``table``, else a header line and one tab-separated line per row.
 
     Cells are shown as text (never as rich markup), so names from user data print as they are.
+    Columns in ``whole`` (names a user copies, such as variant names) are never broken across
+    lines on a narrow terminal; the others give way.
     """
     if fmt == "tsv":
         click.echo(tsv_line(columns))
@@ -151,7 +154,7 @@ def emit_table(
 
     table = Table(title=plain(title) if title else None)
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", overflow="fold")
+        table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col in whole)
     for row in rows:
         table.add_row(*(plain(c) for c in row))
     console().print(table)

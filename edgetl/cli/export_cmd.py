@@ -26,6 +26,7 @@ VARIANT_KEYS = (
     "bytes",
     "features_sqnr_db",
     "inference_precision",
+    "speedup_vs_fp32",
 )
 TSV_COLUMNS = (
     "name",
@@ -37,6 +38,7 @@ TSV_COLUMNS = (
     "top1_agreement",
     "bytes",
     "inference_precision",
+    "speedup_vs_fp32",
 )
 
 
@@ -139,6 +141,17 @@ def _format_options(func):
     "above it after trying the remedies (profile default: 1.0).",
 )
 @click.option(
+    "--min-speedup",
+    "min_speedup",
+    type=float,
+    default=None,
+    metavar="X",
+    help="Speed-up over fp32 (p50, batch 1, at 1 thread and at all cores) an int8 variant should reach "
+    "where this CPU has int8 dot-product instructions (VNNI, AMX, ARM dot product); below it the export "
+    "warns, naming the variant and what cost the speed. 0.5..10 (profile default: 1.2). Measured and "
+    "recorded everywhere (speedup_vs_fp32).",
+)
+@click.option(
     "--merged/--no-merged",
     default=None,
     help="Also write trunk + head as one graph per variant (one-file deployments, overhead reference).",
@@ -170,6 +183,7 @@ def export(
     precisions,
     calib_size,
     max_drop,
+    min_speedup,
     merged,
     add_to,
     head,
@@ -184,7 +198,9 @@ def export(
     Each variant is loaded through the device runtime (ONNX Runtime, OpenVINO) and compared with
     PyTorch on the run's validation images: fp32 must match (max abs logit diff <= 1e-3, same
     top-1 everywhere); fp16, bf16 and int8 may lose at most --max-drop points of top-1 (int8
-    first tries other calibrations and keeping the most sensitive layers in float).
+    first tries other calibrations and keeping the most sensitive layers in float). Each int8 variant
+    is also timed against its fp32 on this machine (speedup_vs_fp32; the search keeps the fastest
+    attempt that passes), and held to --min-speedup where the CPU has int8 dot-product instructions.
 
     \b
     Example:
@@ -205,11 +221,11 @@ def export(
     fmt = resolve_format(output_format, as_json)
     if add_to is not None:
         if out is not None or any(
-            v is not None for v in (export_profile, model_formats, precisions, calib_size, merged)
+            v is not None for v in (export_profile, model_formats, precisions, calib_size, merged, min_speedup)
         ):
             raise ConfigError(
                 "--add-to writes into BUNDLE with its formats and precisions: drop --out, --export-profile, "
-                "--model-format, --precision, --calib-size and --merged"
+                "--model-format, --precision, --calib-size, --min-speedup and --merged"
             )
         if not head:
             raise ConfigError("--add-to BUNDLE needs --head NAME")
@@ -246,6 +262,7 @@ def export(
             calib_size=calib_size,
             max_drop=max_drop,
             merged=merged,
+            min_speedup=min_speedup,
         )
         doc = export_bundle(run, out, options, force=force, progress=not no_progress)
         variants = doc["variants"]
@@ -287,15 +304,17 @@ def print_variants(fmt: str, records: list[dict[str, Any]], *, title: str) -> No
             [
                 r["name"],
                 f"{r['val_top1']:.4f}",
-                "-" if r["top1_drop_pp"] is None else f"{r['top1_drop_pp']:.2f} pp",
-                f"{r['max_abs_diff']:.2e}",
+                "-" if r["top1_drop_pp"] is None else f"{r['top1_drop_pp']:.2f}",
+                f"{r['max_abs_diff']:.1e}",
                 f"{r['top1_agreement']:.4f}",
-                f"{r['bytes'] / 1e6:.2f} MB",
+                f"{r['bytes'] / 1e6:.2f}",
                 r["inference_precision"] or "-",
+                "-" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}x",
             ]
         )
-    columns = ("variant", "val top-1", "drop", "max abs diff", "top-1 agreement", "size", "ran")
-    emit_table(fmt, columns, rows, title=title, right=columns[1:])
+    # Compact (the headers of `edgetl info`'s variant table), so that the table fits 80 columns.
+    columns = ("variant", "val top-1", "drop pp", "max diff", "agree", "MB", "ran", "vs fp32")
+    emit_table(fmt, columns, rows, title=title, right=columns[1:], whole=columns[:1])
 
 
 COMMANDS = [export]

@@ -172,7 +172,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]], right: tuple[s
 
     from edgetl.cli._output import plain
 
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    # One space between columns: the variants table (with ran and vs fp32) fits 80 columns.
+    table = Table(
+        title=title, title_justify="left", box=None, pad_edge=False, header_style="bold", collapse_padding=True
+    )
     for col in columns:
         # Short cells never wrap; the free-text ones (labels, run) fold when the screen is narrow.
         table.add_column(

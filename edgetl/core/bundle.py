@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -195,6 +196,22 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             bundle_dir,
             f"variant {vname!r}: val_top1 must be a fraction in 0..1",
         )
+        speedup = metrics.get("speedup_vs_fp32")
+        _require(
+            speedup is None or _ratio(speedup),
+            bundle_dir,
+            f"variant {vname!r}: speedup_vs_fp32 must be a finite positive ratio (up to {MAX_RATIO:g})",
+        )
+        if "speed" in var:
+            problem = _speed_problem(var["speed"], record=True)
+            _require(problem is None, bundle_dir, f"variant {vname!r}: speed record: {problem}")
+        quantization = var.get("quantization")
+        attempts = quantization.get("attempts") if isinstance(quantization, dict) else None
+        for i, attempt in enumerate(attempts if isinstance(attempts, list) else []):
+            if isinstance(attempt, dict) and attempt.get("speed") is not None:
+                problem = _speed_problem(attempt["speed"], record=False)
+                what = f"variant {vname!r}: quantization attempt {i + 1} speed: {problem}"
+                _require(problem is None, bundle_dir, what)
         merged = var.get("merged", {})
         _require(isinstance(merged, dict), bundle_dir, f"variant {vname!r}: 'merged' is not an object")
         _check_graphs(m, bundle_dir, vname, merged, unknown="merged graph of unknown head", kind="merged")
@@ -203,6 +220,58 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             bundle_dir,
             f"variant {vname!r}: unknown inference_precision {var.get('inference_precision')!r}",
         )
+
+
+MAX_RATIO = 1000.0  # a speed-up beyond this is a measurement error, not a model
+_MAX_MS = 1e7  # a p50 latency in ms (about three hours)
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    """A finite JSON number in ``(low, high]`` (a NaN, an infinity or a boolean is not)."""
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low < value <= high
+    )
+
+
+def _ratio(value: Any) -> bool:
+    return _number(value, 0.0, MAX_RATIO)
+
+
+def _count(value: Any, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high
+
+
+def _speed_problem(rec: Any, *, record: bool) -> str | None:
+    """What is wrong with a timing of int8 against fp32 (a variant's ``speed``, ``record=True``, or a
+    quantization attempt's ``speed``), or None. Every figure must be finite and positive."""
+    if not isinstance(rec, dict):
+        return "not an object"
+    if not _count(rec.get("batch_size"), 1 << 16) or not _count(rec.get("calls"), 10_000_000):
+        return "batch_size and calls must be positive integers"
+    rows = rec.get("by_threads")
+    if not isinstance(rows, list) or not 1 <= len(rows) <= 64:
+        return "by_threads must be a list of 1..64 records"
+    for row in rows:
+        if not isinstance(row, dict) or not _count(row.get("threads"), 1 << 16):
+            return "each by_threads record needs threads, a positive integer"
+        if not (_number(row.get("fp32_p50_ms"), 0.0, _MAX_MS) and _number(row.get("int8_p50_ms"), 0.0, _MAX_MS)):
+            return "p50 latencies must be finite positive numbers of ms"
+        if not _ratio(row.get("speedup")):
+            return f"speedup must be a finite positive ratio (up to {MAX_RATIO:g})"
+    if not _ratio(rec.get("speedup_vs_fp32")):
+        return f"speedup_vs_fp32 must be a finite positive ratio (up to {MAX_RATIO:g})"
+    if not record:
+        return None
+    if not _ratio(rec.get("min_speedup")):
+        return "min_speedup must be a finite positive ratio"
+    dot = rec.get("int8_dot_product")
+    if not (dot is None or isinstance(dot, bool)) or not isinstance(rec.get("checked"), bool):
+        return "int8_dot_product must be true, false or null and checked true or false"
+    if rec["checked"] and dot is not True:
+        return "checked is true on a machine without int8 dot-product instructions"
+    if not isinstance(rec.get("machine"), dict):
+        return "machine must be an object (the machine it was measured on)"
+    return None
 
 
 def _check_lineage(head: dict[str, Any], bundle_dir: Path, name: str) -> None:

@@ -43,6 +43,10 @@ ARM_FEATURES: dict[str, str] = {
     "sve2": "SVE2",
 }
 
+# The features above that compute int8 dot products in hardware (what makes int8 faster than fp32, not
+# only smaller): doctor's int8 outlook counts the same ones ("faster" or "uncertain", never "not-faster").
+INT8_DOT_PRODUCT: tuple[str, ...] = ("amx_int8", "avx512_vnni", "avx_vnni", "i8mm", "asimddp")
+
 # ARM Ltd. (implementer 0x41) core part numbers, as /proc/cpuinfo's "CPU part" reports them.
 ARM_PARTS: dict[str, str] = {
     "0xd03": "Cortex-A53",
@@ -191,6 +195,16 @@ def cpu_features(flags: frozenset[str] | None = None, machine: str | None = None
         return None
     table = X86_FEATURES if is_x86(machine) else ARM_FEATURES if is_arm(machine) else {}
     return [f for f in table if f in flags]
+
+
+def int8_dot_product(isa: list[str] | None = None) -> list[str] | None:
+    """The int8 dot-product features this CPU has (:data:`INT8_DOT_PRODUCT`, in that order): empty
+    when it has none, None when this platform does not report its features. ``isa`` defaults to
+    :func:`cpu_features`."""
+    isa = cpu_features() if isa is None else isa
+    if isa is None:
+        return None
+    return [f for f in INT8_DOT_PRODUCT if f in isa]
 
 
 def cpu_cores() -> list[str]:

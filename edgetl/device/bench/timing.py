@@ -130,3 +130,15 @@ def interleave(
         if gc_was_enabled:
             gc.enable()
     return done
+
+
+def interleaved_p50(
+    fns: Sequence[Callable[[], Any]], *, warmup: int, iterations: int, block: int = BLOCK
+) -> tuple[list[float], int]:
+    """p50 latency (ms) of each of ``fns``, timed with :func:`interleave` exactly as ``edgetl bench``
+    times configurations (``iterations`` calls each, in rounds of ``block``, the order rotating);
+    returns the p50s in the order given and the number of timed calls each got. For callers that
+    compare models without a bundle (the export's int8 search times its attempts against fp32)."""
+    timed = [_Timed(str(i), fn) for i, fn in enumerate(fns)]
+    done = interleave(timed, warmup=warmup, iterations=iterations, block=block)
+    return [float(np.median(t.samples)) for t in timed], done

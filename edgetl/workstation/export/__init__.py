@@ -2,7 +2,8 @@
 
 Modules: ``options`` (profiles and options), ``session`` (:class:`ExportSession`, one export in
 progress), ``checks`` (the bars every variant passes, shared with ``export --add-to``), ``int8``
-(the int8 search driver and its records), ``formats/`` (one plug-in per format; the protocol is
+(the int8 search driver and its records), ``speed`` (int8 against fp32, timed on this machine),
+``formats/`` (one plug-in per format; the protocol is
 in its docstring), ``common`` (arrays, batching, progress).
 """
 

@@ -3,9 +3,14 @@
 A quantizer (:class:`Quantizer`: ONNX Runtime's in ``formats/onnx_quantize.py``, NNCF's in
 ``formats/openvino_quantize.py``) owns its remedies and their order; this driver runs them: each
 attempt is scored on the run's validation images (int8 trunk, fp32 head) against the fp32
-baseline, the search stops at the first attempt within ``max_drop`` pp, and otherwise keeps the
-best one (ties go to fewer layers in float, then to the earlier attempt). Every attempt is
-recorded, so the manifest says what was tried and why the shipped model looks the way it does.
+baseline. Without a timer the search stops at the first attempt within ``max_drop`` pp. With one
+(the export's: :mod:`edgetl.workstation.export.speed`), every attempt that passes is also timed
+against the fp32 trunk, the search goes on for at most :data:`EXPLORE_AFTER_PASS` more attempts
+(the quantizer yields only remedies that could be faster, and none once an attempt without float
+layers has passed), and the fastest passing attempt is kept (:func:`choose`). When none passes the
+best one is kept (ties go to fewer layers in float, then to the earlier attempt). Every attempt is
+recorded, so the manifest says what was tried, how fast it was, and why the shipped model looks
+the way it does.
 """
 
 from __future__ import annotations
@@ -22,8 +27,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgetl.core.imagefolder import Sample
+from edgetl.workstation.export.speed import Timing
 
 log = logging.getLogger(__name__)
+
+EXPLORE_AFTER_PASS = 4  # attempts after the first that passes, looking for a faster one (with a timer)
+# Speed-ups within this fraction of the fastest passing attempt's are a tie (about the spread of
+# interleaved p50 ratios on a shared machine); the tie goes to the higher top-1, then fewer layers
+# in float, then the earlier attempt.
+SPEED_TIE = 0.03
 
 
 class QuantConfigLike(Protocol):
@@ -58,6 +70,11 @@ class Quantizer(Protocol):
 
     def save(self, model: Any, out: Path) -> None: ...
 
+    def runner(self, model: Any | None, threads: int) -> Callable[[np.ndarray], Any]:
+        """``model`` (None: the fp32 trunk) loaded to run at ``threads`` threads, as the device
+        runtime would: what the search times an attempt with."""
+        ...
+
     def header(self) -> dict[str, Any]:
         """Manifest record fields before the chosen settings (method, library versions, types)."""
         ...
@@ -75,16 +92,24 @@ class Attempt:
     passed: bool
     seconds: float
     float_layers: tuple[str, ...] = ()  # weighted layers left in float (the manifest's excluded_nodes)
+    speed: Timing | None = None  # against the fp32 trunk; None: not timed (failed the bar, or no timer)
 
     def to_dict(self) -> dict[str, Any]:
+        speed = self.speed.to_dict() if self.speed is not None and self.speed.finite else None
         return {
             **self.config.to_dict(),
             "excluded_nodes": list(self.float_layers),
             "val_top1": self.val_top1,
             "top1_drop_pp": round(self.top1_drop_pp, 4),
             "passed": self.passed,
+            "speed": speed,
             "seconds": round(self.seconds, 2),
         }
+
+    @property
+    def speedup(self) -> float:
+        """The timed speed-up over fp32 (lowest over the thread counts); NaN when not timed or not finite."""
+        return self.speed.speedup if self.speed is not None else math.nan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +121,7 @@ class QuantResult:
     calibration_size: int
     header: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    timed: bool = False  # whether passing attempts were timed (and the fastest chosen)
 
     @property
     def passed(self) -> bool:
@@ -110,6 +136,8 @@ class QuantResult:
             "calibration": {"method": cfg.method, "size": self.calibration_size, "images": calibration_images},
             "excluded_nodes": list(self.chosen.float_layers),
             **self.extra,
+            "selection": "fastest passing" if self.timed else "first passing",
+            "chosen_attempt": self.attempts.index(self.chosen),
             "attempts": [a.to_dict() for a in self.attempts],
         }
 
@@ -120,13 +148,23 @@ def search_int8(
     *,
     baseline_top1: float,
     max_drop: float,
+    timer: Callable[[Any], Timing] | None = None,
+    explore: int = EXPLORE_AFTER_PASS,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> QuantResult:
-    """Run ``quantizer``'s remedies until one is within ``max_drop`` pp of ``baseline_top1``; write the
-    chosen model to ``out``. The caller decides what a failure means; the result says whether the bar was met."""
+    """Run ``quantizer``'s remedies until one is within ``max_drop`` pp of ``baseline_top1`` (with a
+    ``timer``: then at most ``explore`` more, keeping the fastest that passes); write the chosen model
+    to ``out``. The caller decides what a failure means; the result says whether the bar was met.
+
+    ``timer(model)`` times an attempt's trunk against the fp32 trunk (:class:`Timing`); tests inject
+    a fake one. The search is deterministic for a given seed except for what the timer measures.
+    """
     attempts: list[Attempt] = []
     models: list[Any] = []
+    first_pass: int | None = None
     for config in quantizer.configs(attempts):
+        if first_pass is not None and len(attempts) - first_pass >= explore:
+            break
         t0 = time.perf_counter()
         done = quantizer.quantize(config, max_drop=max_drop)
         if done is None:
@@ -135,11 +173,13 @@ def search_int8(
         top1 = quantizer.evaluate(model)
         drop = (baseline_top1 - top1) * 100.0
         # NaN-safe: a NaN top-1 never passes.
-        result = Attempt(config, top1, drop, bool(drop <= max_drop + 1e-9), time.perf_counter() - t0, float_layers)
+        passed = bool(drop <= max_drop + 1e-9)
+        speed = timer(model) if passed and timer is not None else None
+        result = Attempt(config, top1, drop, passed, time.perf_counter() - t0, float_layers, speed)
         attempts.append(result)
         models.append(model)
         log.info(
-            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s (%.1fs)",
+            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s%s (%.1fs)",
             quantizer.label,
             len(attempts),
             config.describe(),
@@ -147,24 +187,51 @@ def search_int8(
             drop,
             "" if result.passed else f" > {max_drop:g} pp",
             f", {len(float_layers)} layer(s) in float" if float_layers else "",
+            f", {speed.describe()}" if speed is not None else "",
             result.seconds,
         )
         if on_attempt:
             on_attempt(result)
         if result.passed:
-            break
+            if timer is None:
+                break
+            if first_pass is None:
+                first_pass = len(attempts)
     if not attempts:
         raise RuntimeError(f"{quantizer.label}: no quantization attempt could run")
-    passed = [i for i, a in enumerate(attempts) if a.passed]
-    # Ties on top-1 go to the attempt with fewer float layers, then to the earlier one.
-    index = (
-        passed[0]
-        if passed
-        else max(range(len(attempts)), key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
-    )
+    index = choose(attempts)
     quantizer.save(models[index], out)
     header, extra = quantizer.header(), quantizer.extra()
-    return QuantResult(attempts[index], tuple(attempts), quantizer.calibration_size, header, extra)
+    return QuantResult(
+        attempts[index], tuple(attempts), quantizer.calibration_size, header, extra, timed=timer is not None
+    )
+
+
+def choose(attempts: Sequence[Attempt]) -> int:
+    """The index of the attempt to ship.
+
+    Among the attempts that passed the accuracy bar, the fastest (highest timed speed-up over fp32;
+    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher top-1, then fewer
+    layers in float, then the earlier attempt). A NaN or missing timing never beats a measured one;
+    when no passing attempt has one (no timer), the first that passed. When none passed, the best
+    top-1 (a NaN counting as the worst; ties to fewer layers in float, then the earlier attempt).
+    """
+    passed = [i for i, a in enumerate(attempts) if a.passed]
+    if not passed:
+        return max(range(len(attempts)), key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
+    timed = [i for i in passed if math.isfinite(attempts[i].speedup) and attempts[i].speedup > 0]
+    if not timed:
+        return passed[0]
+    fastest = max(attempts[i].speedup for i in timed)
+    near = [i for i in timed if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
+    return max(near, key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
+
+
+def settled(attempts: Sequence[Attempt]) -> bool:
+    """Whether an attempt with no layer kept in float has passed: no other remedy of a quantizer
+    (calibration method, bias correction, weight granularity) changes the int8 graph's structure,
+    so none can be meaningfully faster and the search need not go on."""
+    return any(a.passed and not a.float_layers for a in attempts)
 
 
 def best(attempts: Sequence[Attempt]) -> Attempt:

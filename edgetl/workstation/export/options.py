@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROFILE = "default"
 MAX_CALIB_SIZE = 100_000  # images; far above any calibration set worth its time
+# --min-speedup: int8 p50 speed-up over fp32 (edgetl.workstation.export.speed, which imports numpy:
+# the values are repeated here so that the CLI's option parsing stays light).
+DEFAULT_MIN_SPEEDUP = 1.2
+MIN_SPEEDUP_RANGE = (0.5, 10.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +32,8 @@ class ExportProfile:
 
     ``skip_unavailable``: formats whose library is not installed are left out with a warning
     instead of failing (the ``default`` profile: "everything available"). Naming a format on the
-    command line always requires it.
+    command line always requires it. ``min_speedup``: the speed-up over fp32 an int8 variant should
+    reach on a CPU with int8 dot-product instructions (below it the export warns; docs/export.md).
     """
 
     formats: tuple[str, ...] = ("onnx", "openvino")
@@ -37,6 +42,7 @@ class ExportProfile:
     max_drop: float = 1.0
     merged: bool = False
     skip_unavailable: bool = False
+    min_speedup: float = DEFAULT_MIN_SPEEDUP
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -72,6 +78,7 @@ def resolve_options(
     calib_size: int | None = None,
     max_drop: float | None = None,
     merged: bool | None = None,
+    min_speedup: float | None = None,
 ) -> ExportProfile:
     """The profile (default: ``default``) with every option given (not None) on top, checked."""
     values, _ = load_profile(profile or DEFAULT_PROFILE)
@@ -81,6 +88,7 @@ def resolve_options(
         "calib_size": calib_size,
         "max_drop": max_drop,
         "merged": merged,
+        "min_speedup": min_speedup,
     }
     values.update({k: (tuple(v) if k in ("formats", "precisions") else v) for k, v in given.items() if v is not None})
     if formats is not None:
@@ -104,8 +112,9 @@ def check_options(
     max_drop: float = ExportProfile.max_drop,
     merged: bool = False,
     skip_unavailable: bool = False,
+    min_speedup: float = DEFAULT_MIN_SPEEDUP,
 ) -> ExportProfile:
-    """Validate formats, precisions, calibration size and accuracy gate before any work is done."""
+    """Validate formats, precisions, calibration size, accuracy gate and speed floor before any work is done."""
     formats = tuple(dict.fromkeys(formats))
     precisions = tuple(dict.fromkeys(precisions))
     if not formats:
@@ -124,6 +133,13 @@ def check_options(
     # the search to run every remedy, and tests use it to force a failure).
     if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop):
         raise ConfigError(f"--max-drop must be a finite number of percentage points, not {max_drop!r}")
+    low, high = MIN_SPEEDUP_RANGE
+    if (
+        isinstance(min_speedup, bool)
+        or not isinstance(min_speedup, (int, float))
+        or not (low <= min_speedup <= high)  # NaN fails this too
+    ):
+        raise ConfigError(f"--min-speedup must be a speed-up over fp32 in {low:g}..{high:g}, not {min_speedup!r}")
     available = []
     for fmt in formats:
         reason = missing_library(fmt, precisions)
@@ -142,4 +158,12 @@ def check_options(
                 f"--precision {p} is not available for --model-format {','.join(available)}; "
                 f"it needs --model-format {' or '.join(holders)}"
             )
-    return ExportProfile(tuple(available), precisions, calib_size, float(max_drop), bool(merged), skip_unavailable)
+    return ExportProfile(
+        tuple(available),
+        precisions,
+        calib_size,
+        float(max_drop),
+        bool(merged),
+        skip_unavailable,
+        float(min_speedup),
+    )

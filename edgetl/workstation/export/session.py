@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.core.bundle import file_record, new_manifest, write_manifest
+from edgetl.core.errors import ExportError
 from edgetl.core.formats import FORMATS, PRECISIONS, variant_name
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
@@ -62,6 +63,7 @@ class ExportSession:
     _sources: tuple[Path, Path] | None = None
     _calibration: tuple[list[Sample], np.ndarray] | None = None
     _training_data: dict[str, Any] | None = None
+    _speed_unchecked_said: bool = False
 
     @property
     def pp(self) -> Preprocessing:
@@ -133,6 +135,7 @@ class ExportSession:
     ) -> dict[str, Any]:
         """Run a format's int8 search (:func:`~edgetl.workstation.export.int8.search_int8`) with a
         progress line and a log line; returns the chosen variant's manifest record for ``out``."""
+        from edgetl.workstation.export import speed
         from edgetl.workstation.export.int8 import search_int8  # at call time: tests replace it
 
         calib_samples, _ = self.calibration()
@@ -142,8 +145,12 @@ class ExportSession:
             self.progress.update(task, status=f"attempt {a.config.describe()}: drop {a.top1_drop_pp:.2f} pp")
 
         t0 = time.perf_counter()
+        quantizer = make_quantizer()
+        # Passing attempts are timed against the fp32 trunk (batch 1, one validation image) and the
+        # fastest is kept: int8 is for speed, the accuracy bar keeps it correct.
+        timer = speed.attempt_timer(quantizer.runner, self.x_val[: speed.BATCH_SIZE])
         result = search_int8(
-            make_quantizer(), out, baseline_top1=baseline_top1, max_drop=self.max_drop, on_attempt=on_attempt
+            quantizer, out, baseline_top1=baseline_top1, max_drop=self.max_drop, timer=timer, on_attempt=on_attempt
         )
         self.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
         log.info(
@@ -292,9 +299,40 @@ class ExportSession:
             f", ran {ran}" if ran else "",
             time.perf_counter() - t0,
         )
+        if var["precision"] == "int8":
+            self._measure_speed(name, bundle)
         if var.get("merged"):
             self._check_merged(name, logits)
         return metrics
+
+    def _measure_speed(self, name: str, bundle) -> None:
+        """Time int8 variant ``name`` against its format's fp32 through the device runtime; record
+        ``metrics.speedup_vs_fp32`` and the variant's ``speed``, and say where it is under
+        ``min_speedup`` (or, once per export, that this CPU cannot be held to it). Never fails the
+        export on speed; a NaN figure is a measurement bug and does."""
+        from edgetl.core import envinfo
+        from edgetl.workstation.export import speed
+
+        var = self.variants[name]
+        fmt = var["format"]
+        measured = speed.measure_variant(bundle, FORMATS[fmt].runtime, HEAD, self.x_val[: speed.BATCH_SIZE])
+        if not measured.finite:
+            raise ExportError(
+                f"variant {name}: its speed against {fmt}-fp32 could not be measured (p50 int8 "
+                f"{list(measured.int8_p50_ms)} vs fp32 {list(measured.fp32_p50_ms)} ms); "
+                "this is a bug, please report it"
+            )
+        dot = envinfo.int8_dot_product()
+        floor = self.options.min_speedup
+        var["speed"] = speed.speed_record(measured, min_speedup=floor, dot_product=dot)
+        var["metrics"]["speedup_vs_fp32"] = round(measured.speedup, 4)
+        log.info("%s: %s", name, measured.describe())
+        if dot:
+            if measured.speedup < floor:
+                log.warning(speed.below_floor_message(name, fmt, measured, floor, dot, var.get("quantization")))
+        elif not self._speed_unchecked_said:
+            self._speed_unchecked_said = True
+            log.warning(speed.cannot_check_message(floor, dot))
 
     def _check_merged(self, name: str, split_logits: np.ndarray) -> None:
         """The merged graph must compute what the trunk and head files compute (same runtime)."""

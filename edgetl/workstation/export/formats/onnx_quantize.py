@@ -7,18 +7,22 @@ Plain ORT static quantization is not enough for small mobile backbones: on a dig
 MobileNetV2 at 96 px its defaults lost 12.8 pp of top-1, per-channel weights still 0.6 pp, and
 the worst single noise sources sit in the first two convolutions. :class:`OrtQuantizer` therefore tries
 remedies in order of
-cost, each scored on the run's validation images, and stops at the first within ``max_drop``:
+cost, each scored on the run's validation images (and, when it passes ``max_drop``, timed):
 
 1. ORT's defaults (QDQ, int8 weights and activations, MinMax calibration, per-tensor weights);
 2. per-channel weights (depthwise convolutions have very different ranges per channel);
 3. keeping the most sensitive nodes in float: those around the worst 1, 2, 4, 8 ... noise sources,
    measured on calibration images by :func:`~.onnx_sensitivity.rank_noise_sources` (no per-backbone list), up to a
    cap of a quarter of the weighted layers;
-4. other calibration methods (percentile, entropy), alone and with that exclusion set.
+4. other calibration methods (percentile, entropy), alone and with that exclusion set; or, when an
+   exclusion set passed and the search is timed, those methods with fewer nodes in float (fewest
+   first: every float island costs speed), looking for a faster attempt that still passes.
 
-Every attempt is recorded, so the manifest says what was tried and why the shipped model looks
-the way it does. ORT calibrates once per method: ranges are cached and every later attempt with
-The search itself (scoring, stopping, choosing, recording) is :func:`edgetl.workstation.export.int8.search_int8`.
+An attempt that passes with no node in float ends the search: nothing else here changes the int8
+graph's structure, so nothing could be faster. Every attempt is recorded, so the manifest says what
+was tried and why the shipped model looks the way it does. ORT calibrates once per method: ranges
+are cached in the work folder. The search itself (scoring, timing, stopping, choosing, recording) is
+:func:`edgetl.workstation.export.int8.search_int8`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.workstation.export.formats.onnx_sensitivity import NoiseSource, exclusion_schedule, rank_noise_sources
-from edgetl.workstation.export.int8 import Attempt, best
+from edgetl.workstation.export.int8 import Attempt, best, settled
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +213,13 @@ class OrtQuantizer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with quiet_onnxruntime():
             self._prepared = prepare_for_quantization(self.fp32_path, self.workdir / "trunk.prepared.onnx")
-        # 1-2: ORT defaults, then per-channel weights.
+        # 1-2: ORT defaults, then per-channel weights. Either passing leaves nothing faster to try.
         yield QuantConfig("minmax", False)
+        if settled(attempts):
+            return
         yield QuantConfig("minmax", True)
+        if settled(attempts):
+            return
         per_channel = best(attempts).config.per_channel
         # 3: keep the worst noise sources in float, measured on the better of the two models.
         t0 = time.perf_counter()
@@ -232,14 +240,26 @@ class OrtQuantizer:
         graph = onnx.load(str(self._prepared)).graph
         weighted = sum(1 for n in graph.node if n.op_type in WEIGHTED_OPS)
         cap = max(3, int(weighted * self.max_excluded_fraction))  # tiny graphs still get a few nodes
-        excluded: tuple[str, ...] = ()
+        tried: list[tuple[str, ...]] = []
         for nodes in exclusion_schedule(self.sensitivity, cap):
-            excluded = nodes
+            tried.append(nodes)
             yield QuantConfig("minmax", per_channel, nodes)
-        # 4: other calibration methods, alone and with the last exclusion set.
-        for method in ("percentile", "entropy"):
-            for nodes in dict.fromkeys(((), excluded)):
-                yield QuantConfig(method, per_channel, nodes)
+            if any(a.passed for a in attempts):
+                break
+        if any(a.passed for a in attempts):
+            # 4 (with a timer; the driver bounds how many): every float island costs speed, so try the
+            # other calibrations with fewer nodes in float, fewest first.
+            candidates = [(nodes, method) for nodes in [(), *tried[:-1]] for method in ("percentile", "entropy")]
+        else:
+            # 4: other calibration methods, alone and with the last exclusion set.
+            excluded = tried[-1] if tried else ()
+            sets = dict.fromkeys(((), excluded))
+            candidates = [(nodes, method) for method in ("percentile", "entropy") for nodes in sets]
+        for nodes, method in candidates:
+            # Once an attempt passes, one with as many nodes in float or more cannot be faster.
+            if any(a.passed and len(a.float_layers) <= len(nodes) for a in attempts):
+                continue
+            yield QuantConfig(method, per_channel, nodes)
 
     def quantize(self, config: QuantConfig, *, max_drop: float) -> tuple[Path, tuple[str, ...]]:
         assert self._prepared is not None
@@ -254,6 +274,15 @@ class OrtQuantizer:
 
     def save(self, model: Path, out: Path) -> None:
         model.replace(out)
+
+    def runner(self, model: Path | None, threads: int) -> Callable[[np.ndarray], Any]:
+        """The device runtime's ONNX Runtime session (CPU, all graph optimizations) for ``model``
+        (None: the fp32 trunk) at ``threads`` intra-op threads."""
+        from edgetl.device.backends import backend
+
+        loader = backend("onnxruntime").loader
+        assert loader is not None
+        return loader(self.fp32_path if model is None else model, threads=threads)
 
     def header(self) -> dict[str, Any]:
         return {"method": QUANT_METHOD, "activation_type": "int8", "weight_type": "int8"}

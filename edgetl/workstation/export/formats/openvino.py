@@ -63,13 +63,17 @@ def merge_ir(trunk_xml: Path, head_xml: Path, out_xml: Path) -> None:
     ov.save_model(merged, str(out_xml), compress_to_fp16=False)
 
 
-def compile_f32(model, *, precision: str = "f32"):
-    """Compile an IR path or ``ov.Model`` on the CPU with the inference precision pinned."""
+def compile_f32(model, *, precision: str = "f32", threads: int | None = None):
+    """Compile an IR path or ``ov.Model`` on the CPU with the inference precision pinned (and
+    ``threads`` inference threads; None: OpenVINO's default)."""
     from edgetl.device.runtime import openvino_core
 
     core = openvino_core()
     model = core.read_model(str(model)) if isinstance(model, (str, Path)) else model
-    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    return core.compile_model(model, "CPU", config)
 
 
 class OpenVinoFormat:
