@@ -96,23 +96,34 @@ def emit_json(obj: Any) -> None:
     click.echo(dumps(obj, indent=2, default=str))
 
 
-_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
-_CONTROL.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"})
+# Control characters shown escaped wherever untrusted text is printed; TSV also escapes the tab, the
+# line breaks and the backslash (its escape character).
+_TERMINAL_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+_CONTROL = {**_TERMINAL_CONTROL, ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"}
 
 
-def tsv_cell(value: Any) -> str:
-    """One TSV field: tabs, newlines, other control characters and backslashes escaped (names come
-    from user data: a file called ``a\\tb.png`` must not add a column). ``None`` is an empty field,
-    booleans are ``true``/``false`` (as in the JSON)."""
+def text(value: Any) -> str:
+    """A value as the text of a cell: ``None`` empty, booleans ``true``/``false`` (as in the JSON)."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return str(value).translate(_CONTROL)
+    return str(value)
+
+
+def tsv_cell(value: Any) -> str:
+    """One TSV field (:func:`text`): tabs, newlines, other control characters and backslashes escaped
+    (names come from user data: a file called ``a\\tb.png`` must not add a column)."""
+    return text(value).translate(_CONTROL)
 
 
 def tsv_line(cells: Iterable[Any]) -> str:
     return "\t".join(tsv_cell(c) for c in cells)
+
+
+def clean(value: Any) -> str:
+    """Untrusted text (a file or label name) for a terminal line: control characters shown escaped."""
+    return str(value).translate(_TERMINAL_CONTROL)
 
 
 def plain(value: Any) -> Any:
@@ -120,7 +131,7 @@ def plain(value: Any) -> Any:
     escaped."""
     from rich.text import Text
 
-    return Text(str(value).translate({i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}))
+    return Text(clean(value))
 
 
 def console(*, stderr: bool = False):

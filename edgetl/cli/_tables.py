@@ -9,19 +9,12 @@ from typing import Any
 
 import click
 
-from edgetl.cli._output import tsv_line
+from edgetl.cli._output import clean, tsv_line
 
 TABLE_ROWS = 200  # on a terminal, predict prints a table up to this many results, then aligned lines (bounded memory)
 
 # predict's columns in a pipe (tsv) and in CSV: the same for any number of images, heads or bundles.
 PREDICT_COLUMNS = ("image", "head", "label", "score", "top_k", "variant", "runtime")
-
-_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
-
-
-def clean(value: Any) -> str:
-    """Untrusted text (a file or label name) for a terminal line: control characters shown escaped."""
-    return str(value).translate(_CONTROL)
 
 
 def _score(value: float) -> str:

@@ -7,8 +7,7 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import common_options, handle_errors
-from edgetl.cli._output import emit_json, emit_table, envelope, format_option, resolve_format
-from edgetl.cli._tables import clean
+from edgetl.cli._output import clean, emit_json, emit_table, envelope, format_option, resolve_format
 
 
 @click.command()

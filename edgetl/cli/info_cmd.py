@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from edgetl.cli._common import common_options, format_option, handle_errors
-from edgetl.cli._output import emit_json, envelope, resolve_format, tsv_line
+from edgetl.cli._output import emit_json, envelope, resolve_format, text, tsv_line
 
 LABELS_ON_SCREEN = 72  # characters of label names shown per head before "... (+N more)"
 
@@ -72,14 +72,6 @@ def info(path: str, no_verify: bool, output_format: str | None, as_json: bool) -
 # --- tsv: one key<TAB>value line per fact ------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def facts(record: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """The record as ``(dotted key, value)`` pairs: objects by key, lists of named records by their
     name (``variant.onnx-int8.val_top1``), other lists by index (``head.colour.labels.0``); empty
@@ -96,9 +88,9 @@ def facts(record: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
                     rest = {k: v for k, v in item.items() if not (k in ("name", "path") and v == ident)}
                     out.extend(facts(rest, f"{name}.{ident}."))
                 else:
-                    out.append((f"{name}.{i}", _cell(item)))
+                    out.append((f"{name}.{i}", text(item)))
         else:
-            out.append((name, _cell(value)))
+            out.append((name, text(value)))
     return out
 
 
@@ -144,14 +136,14 @@ def _preprocessing(pp: Any) -> str:
 def _weights(w: dict[str, Any] | None) -> str:
     if not w:
         return "-"
-    text = w.get("kind") or "?"
+    line = w.get("kind") or "?"
     if w.get("origin"):
-        text += f" ({w['origin']})"
+        line += f" ({w['origin']})"
     if w.get("sha256"):
-        text += f", sha256 {w['sha256']}"
+        line += f", sha256 {w['sha256']}"
     if w.get("file"):
-        text += f", {w['file']}"
-    return text
+        line += f", {w['file']}"
+    return line
 
 
 def _facts_table(rows: list[tuple[str, Any]]):
@@ -283,7 +275,7 @@ def _run_screen(r: dict[str, Any]) -> None:
     out = console()
     out.print(plain(f"Run {r['path']}" + ("" if r["complete"] else " (incomplete)")))
     data = r["data"]
-    images = f"{_cell(data['train_images']) or '?'} train / {_cell(data['val_images']) or '?'} val images"
+    images = f"{text(data['train_images']) or '?'} train / {text(data['val_images']) or '?'} val images"
     if data["skipped"]:
         images += f", {data['skipped']} skipped"
     if data["root"]:
