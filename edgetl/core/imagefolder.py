@@ -169,7 +169,3 @@ def parse_hash_prefixes(text: str) -> frozenset[str]:
     if not isinstance(text, str) or not _HEX_PREFIXES.fullmatch(text):
         raise DataError(f"a list of training-image hashes must be {HASH_HEX}-digit lowercase hex prefixes")
     return frozenset(text[i : i + HASH_HEX] for i in range(0, len(text), HASH_HEX))
-
-
-def is_hash_prefixes(text: object) -> bool:
-    return isinstance(text, str) and _HEX_PREFIXES.fullmatch(text) is not None
