@@ -13,11 +13,6 @@ import click
 from edgetl.cli._output import emit_json, error_document, format_option  # noqa: F401  (re-exported)
 from edgetl.core.errors import ConfigError, EdgetlError
 
-# The old spelling, for commands that print no table: ``--json`` only.
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout (logs go to stderr)."
-)
-
 # Exit codes (docs/json.md): 0 done, 1 a failure (data, bundle, export, device, disk), 2 a usage error
 # (Click's own, and ConfigError: an option, recipe or profile value edgetl refuses), 130 interrupted.
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
