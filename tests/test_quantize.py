@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -23,9 +24,12 @@ from edgetl.workstation.export.formats.onnx_quantize import (
     quiet_onnxruntime,
 )
 from edgetl.workstation.export.formats.onnx_sensitivity import (
+    BOUNDARY_MACS_PER_ELEMENT,
     NoiseSource,
     build_gated_model,
+    cost_model,
     exclusion_schedule,
+    order_by_gain_per_cost,
     rank_noise_sources,
 )
 from edgetl.workstation.export.int8 import search_int8, select_calibration
@@ -118,24 +122,84 @@ def test_rank_noise_sources_returns_nodes_of_the_graph(trunk_onnx, calib, tmp_pa
     graph = onnx.load(str(prepared)).graph
     names = {n.name for n in graph.node}
     assert ranked and all(s.nodes and set(s.nodes) <= names for s in ranked)
-    sqnr = [s.sqnr_db for s in ranked]
-    assert sqnr == sorted(sqnr) and all(np.isfinite(sqnr))
+    assert all(np.isfinite(s.sqnr_db) and np.isfinite(s.cost_macs) and s.cost_macs > 0 for s in ranked)
+    # ordered by noise removed per cost, which is not the plain most-noise-first order here
+    assert ranked[0].gain_per_cost == max(s.gain_per_cost for s in ranked)
     image = next(s for s in ranked if s.tensor == "image")
     assert image.kind == "activation" and image.nodes == (graph.node[0].name,)  # the first conv reads it
     weight = next(s for s in ranked if s.kind == "weight")
     assert len(weight.nodes) == 1 and weight.nodes[0].endswith("Conv")
 
 
-def test_exclusion_schedule_doubles_dedupes_and_caps():
+def _source(tensor: str, sqnr_db: float, nodes: tuple[str, ...], cost: float = math.nan) -> NoiseSource:
+    return NoiseSource("activation", tensor, sqnr_db, nodes, cost)
+
+
+def test_exclusion_schedule_halves_the_remaining_noise_dedupes_and_caps():
+    # noise powers 8, 4, 2, 1, 1 (10 dB = 0.1): halving what is left takes 1, then 2, 3, 4, 5 sources
     s = [
-        NoiseSource("activation", f"t{i}", float(i), nodes)
-        for i, nodes in enumerate([("a", "b"), ("b",), ("c",), ("d",), ("e", "f", "g", "h")])
+        _source(f"t{i}", -10 * math.log10(p), nodes)
+        for i, (p, nodes) in enumerate(
+            [(0.8, ("a", "b")), (0.4, ("b",)), (0.2, ("c",)), (0.1, ("d",)), (0.1, ("e", "f", "g", "h"))]
+        )
     ]
-    assert exclusion_schedule(s, cap=10) == [("a", "b"), ("a", "b", "c", "d"), ("a", "b", "c", "d", "e", "f", "g", "h")]
-    assert exclusion_schedule(s, cap=4) == [("a", "b"), ("a", "b", "c", "d")]
+    # the second prefix adds no node: no duplicate attempt
+    assert exclusion_schedule(s, cap=10) == [
+        ("a", "b"),
+        ("a", "b", "c"),
+        ("a", "b", "c", "d"),
+        ("a", "b", "c", "d", "e", "f", "g", "h"),
+    ]
+    assert exclusion_schedule(s, cap=4) == [("a", "b"), ("a", "b", "c"), ("a", "b", "c", "d")]
     assert exclusion_schedule(s, cap=1) == []
-    # k=2 adds no node: no duplicate attempt
-    assert exclusion_schedule(s[:2], cap=10) == [("a", "b")]
+    # one source with most of the noise is a step of its own; the small ones follow, all at the end
+    big = [_source("x", 0.0, ("x",)), *(_source(f"y{i}", 40.0, (f"y{i}",)) for i in range(6))]
+    steps = exclusion_schedule(big, cap=10)
+    assert steps[0] == ("x",) and len(steps[-1]) == 7
+
+
+def test_exclusion_schedule_doubles_when_a_noise_is_unmeasurable():
+    s = [_source("nan", math.nan, ("a",)), *(_source(f"t{i}", 20.0, (f"n{i}",)) for i in range(4))]
+    assert [len(n) for n in exclusion_schedule(s, cap=10)] == [1, 2, 4, 5]
+
+
+def test_sources_are_ordered_by_noise_removed_per_cost():
+    # "big" removes the most noise but costs 100x; "cheap" removes half as much for 1
+    big, cheap, tiny = _source("big", 10.0, ("B",)), _source("cheap", 13.0, ("C",)), _source("tiny", 40.0, ("T",))
+    cost = {"B": 100.0, "C": 1.0, "T": 1.0}
+    ordered = order_by_gain_per_cost([big, cheap, tiny], lambda nodes: sum(cost[n] for n in nodes))
+    assert [s.tensor for s in ordered] == ["cheap", "big", "tiny"]  # noise per cost: 0.05, 0.001, 0.0001
+    # a source whose nodes are already in float costs nothing more: it comes right after
+    shared = _source("shared", 30.0, ("C",))
+    ordered = order_by_gain_per_cost([big, cheap, shared], lambda nodes: sum(cost[n] for n in set(nodes)))
+    assert [s.tensor for s in ordered][:2] == ["cheap", "shared"]
+    # equal costs: plain most-noise-first; an unknown cost: most-noise-first too, a NaN SQNR first
+    flat = order_by_gain_per_cost([tiny, cheap, big], lambda nodes: float(len(nodes)))
+    assert [s.tensor for s in flat] == ["big", "cheap", "tiny"]
+    unknown = order_by_gain_per_cost([tiny, _source("nan", math.nan, ("N",)), big], lambda nodes: math.nan)
+    assert [s.tensor for s in unknown] == ["nan", "big", "tiny"]
+
+
+def test_island_cost_counts_the_float_convolutions_and_the_edges(trunk_onnx, tmp_path):
+    with quiet_onnxruntime():
+        prepared = prepare_for_quantization(trunk_onnx, tmp_path / "prepared.onnx")
+    model = onnx.load(str(prepared))
+    costs = cost_model(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    first = convs[0]
+    weight = next(i for i in model.graph.initializer if i.name == first.input[1])
+    out = costs.elements[first.output[0]]
+    assert costs.macs[first.name] == out * float(np.prod(weight.dims[1:])) > 0
+    one = costs.island_cost([first.name])
+    # compute plus a quantize/dequantize pass over its input and output
+    assert one == pytest.approx(
+        costs.macs[first.name] + BOUNDARY_MACS_PER_ELEMENT * (costs.elements[first.input[0]] + out)
+    )
+    # two adjacent nodes in float: the tensor between them is no longer an edge
+    second = next(n for n in model.graph.node if first.output[0] in n.input)
+    both = costs.island_cost([first.name, second.name])
+    assert both < one + costs.island_cost([second.name])
+    assert math.isnan(costs.island_cost(["no such node"]))
 
 
 def test_search_stops_at_the_first_attempt_within_the_bar(trunk_onnx, calib, tmp_path):

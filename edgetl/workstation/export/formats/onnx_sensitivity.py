@@ -1,7 +1,18 @@
-"""Where int8 hurts an ONNX trunk: every tensor ONNX Runtime quantizes, ranked by its end-to-end noise.
+"""Where int8 hurts an ONNX trunk, and what keeping it in float would cost.
 
-Used by the ONNX Runtime int8 search (``onnx_quantize.py``, remedy 3) to choose the nodes to keep
-in float; no per-backbone list.
+Every tensor ONNX Runtime quantizes is a noise source, measured end to end (:func:`rank_noise_sources`);
+keeping one in float removes its noise but costs speed: its nodes run fp32 kernels and the int8
+chain gets a dequantize/quantize pair at each edge of the float island. :func:`exclusion_schedule`
+therefore picks islands by **noise removed per cost** (a knapsack's greedy order), not by noise
+alone, so that a cheap island that removes most of the noise is tried before an expensive one
+that removes a little more. Used by the ONNX Runtime int8 search (``onnx_quantize.py``, the float
+island remedy); no per-backbone list.
+
+The cost is an estimate in multiply-accumulates (MACs) per image, written here because no library
+gives it for a QDQ island: the MACs of the island's convolutions and matrix products (the work
+that moves from int8 to fp32 kernels) plus :data:`BOUNDARY_MACS_PER_ELEMENT` for every element of
+each tensor crossing the island's edge (a quantize or dequantize pass). Ranking only needs the
+ratio between islands to be right, and the searched attempts are timed anyway.
 """
 
 from __future__ import annotations
@@ -9,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +31,9 @@ import numpy as np
 _FOLDED_ACTIVATIONS = ("Relu", "Clip")
 _QUANT_INPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime.quantization.quant_utils naming
 _WEIGHT_SUFFIX = "_quantized"
+# One quantize or dequantize pass over an element, in MAC-equivalents: an elementwise pass with a
+# multiply, a round and a clamp, memory bound; about what a few MACs of a convolution cost.
+BOUNDARY_MACS_PER_ELEMENT = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +48,32 @@ class NoiseSource:
     tensor: str
     sqnr_db: float
     nodes: tuple[str, ...]
+    cost_macs: float = math.nan  # estimated cost of keeping ``nodes`` in float (NaN: unknown)
+
+    @property
+    def noise(self) -> float:
+        """Noise power relative to the output's signal power when only this source is quantized;
+        independent sources add up, so this is what keeping it in float removes."""
+        if math.isnan(self.sqnr_db):
+            return math.inf  # unmeasurable: treat as the worst, never as harmless
+        return 10.0 ** (-self.sqnr_db / 10.0)
+
+    @property
+    def gain_per_cost(self) -> float:
+        """Noise removed per MAC-equivalent of cost (higher first); NaN when the cost is unknown."""
+        if not math.isfinite(self.cost_macs) or self.cost_macs <= 0:
+            return math.nan
+        return self.noise / self.cost_macs
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "tensor": self.tensor, "sqnr_db": round(self.sqnr_db, 2), "nodes": list(self.nodes)}
+        cost = self.cost_macs if math.isfinite(self.cost_macs) else None
+        return {
+            "kind": self.kind,
+            "tensor": self.tensor,
+            "sqnr_db": round(self.sqnr_db, 2),
+            "nodes": list(self.nodes),
+            "cost_mmacs": None if cost is None else round(cost / 1e6, 3),
+        }
 
 
 # --- sensitivity --------------------------------------------------------------------------------
@@ -188,8 +225,76 @@ def build_gated_model(float_model, qdq_model) -> tuple[Any, list[tuple[str, str,
     return model, sources
 
 
+# --- cost -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _CostModel:
+    """Per-image shapes and MACs of a float graph, for :meth:`island_cost`."""
+
+    macs: dict[str, float]  # node name -> MACs per image (0 for ops without weights)
+    elements: dict[str, float]  # tensor -> elements per image (NaN: unknown)
+    inputs: dict[str, list[str]]  # node name -> its non-initializer inputs
+    outputs: dict[str, list[str]]  # node name -> its outputs
+    consumers: dict[str, list[str]]  # tensor -> names of the nodes reading it
+
+    def island_cost(self, nodes: Sequence[str]) -> float:
+        """MACs of ``nodes`` plus a quantize/dequantize pass over every tensor crossing the island's
+        edge: inputs made outside it and outputs read outside it (per image; NaN: unknown node)."""
+        island = set(nodes)
+        if not island <= self.macs.keys():
+            return math.nan
+        produced = {t for name in island for t in self.outputs[name]}
+        edges = {t for name in island for t in self.inputs[name] if t not in produced}
+        edges |= {t for t in produced if any(c not in island for c in self.consumers.get(t, ()))}
+        compute = sum(self.macs[name] for name in island)
+        return compute + BOUNDARY_MACS_PER_ELEMENT * sum(self.elements.get(t, math.nan) for t in edges)
+
+
+def cost_model(float_model) -> _CostModel:
+    """Shapes by ONNX shape inference (the batch dimension counted as 1) and MACs per node."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(float_model)
+    graph = inferred.graph
+    inits = {i.name: tuple(i.dims) for i in graph.initializer}
+
+    def per_image(value_info) -> float:
+        dims = value_info.type.tensor_type.shape.dim
+        if not dims:
+            return math.nan
+        sizes = [d.dim_value if d.HasField("dim_value") else 1 for d in dims[1:]]
+        return float(np.prod(sizes)) if sizes else 1.0
+
+    elements = {v.name: per_image(v) for v in [*graph.input, *graph.value_info, *graph.output]}
+    macs: dict[str, float] = {}
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if len(node.input) > 1 else None
+        out = elements.get(node.output[0], math.nan) if node.output else math.nan
+        if node.op_type in ("Conv", "ConvTranspose") and weight:
+            macs[node.name] = out * float(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul") and weight:
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            k = weight[-1] if (node.op_type == "Gemm" and trans_b) else weight[0]
+            macs[node.name] = out * float(k)
+        else:
+            macs[node.name] = 0.0
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for node in graph.node:
+        for t in node.input:
+            consumers[t].append(node.name)
+    return _CostModel(
+        macs=macs,
+        elements=elements,
+        inputs={n.name: [t for t in n.input if t and t not in inits] for n in graph.node},
+        outputs={n.name: list(n.output) for n in graph.node},
+        consumers=dict(consumers),
+    )
+
+
 def rank_noise_sources(float_path: Path, qdq_path: Path, calib: np.ndarray, *, input_name: str) -> list[NoiseSource]:
-    """Every tensor the QDQ model quantizes, largest end-to-end noise first.
+    """Every tensor the QDQ model quantizes, in the order the search should keep them in float:
+    most noise removed per cost first (:func:`order_by_gain_per_cost`).
 
     ``sqnr_db`` of a source is the trunk output's SQNR when only that tensor is quantized.
     """
@@ -206,6 +311,7 @@ def rank_noise_sources(float_path: Path, qdq_path: Path, calib: np.ndarray, *, i
     reference = session.run(None, {input_name: x, **off})[0].astype(np.float64)
     signal = float((reference**2).sum())
     producer, consumers = _graph_index(float_model.graph)
+    costs = cost_model(float_model)
     ranked = []
     for kind, tensor, g in sources:
         out = session.run(None, {input_name: x, **off, g: np.array(1.0, dtype=np.float32)})[0]
@@ -216,23 +322,68 @@ def rank_noise_sources(float_path: Path, qdq_path: Path, calib: np.ndarray, *, i
         else:
             nodes = _nodes_to_float_tensor(tensor, producer, consumers)
         if nodes:
-            ranked.append(NoiseSource(kind, tensor, sqnr, nodes))
-    return sorted(ranked, key=lambda s: s.sqnr_db)
+            ranked.append(NoiseSource(kind, tensor, sqnr, nodes, costs.island_cost(nodes)))
+    return order_by_gain_per_cost(ranked, costs.island_cost)
+
+
+def order_by_gain_per_cost(
+    sources: Sequence[NoiseSource], island_cost: Callable[[Sequence[str]], float]
+) -> list[NoiseSource]:
+    """``sources`` in greedy knapsack order: each next one removes the most noise per unit of
+    *added* cost, given those before it are already in float (islands that share nodes or edges
+    cost less together). Ties, and every source when a cost is unknown, go to the most noise.
+    With every cost equal this is the plain most-noise-first order."""
+    by_noise = sorted(sources, key=lambda s: -s.noise)  # a NaN SQNR counts as the most noise
+    if any(not math.isfinite(island_cost(s.nodes)) for s in by_noise):
+        return by_noise
+    ordered: list[NoiseSource] = []
+    remaining = by_noise
+    kept: set[str] = set()
+    spent = 0.0
+    while remaining:
+        ratios = []
+        for s in remaining:
+            added = island_cost(tuple(kept | set(s.nodes))) - spent
+            ratios.append(math.inf if added <= 0 else s.noise / added)
+        pick = remaining[ratios.index(max(ratios))]  # the first (most noise) among equal ratios
+        remaining = [s for s in remaining if s is not pick]
+        ordered.append(pick)
+        kept |= set(pick.nodes)
+        spent = island_cost(tuple(kept))
+    return ordered
 
 
 def exclusion_schedule(sources: Sequence[NoiseSource], cap: int) -> list[tuple[str, ...]]:
-    """Node sets keeping the worst 1, 2, 4, 8 ... (finally all) sources in float, each at most
-    ``cap`` nodes; a step that adds no node is skipped."""
+    """Node sets keeping growing prefixes of ``sources`` (in the order :func:`rank_noise_sources`
+    gives) in float, each at most ``cap`` nodes; a step that adds no node is skipped.
+
+    Each step is the shortest prefix that removes half of the noise still left (1/2, 3/4, 7/8 ...
+    of the total: about 3 dB more output SQNR per step), finally all sources. When a source's noise
+    is unmeasurable (infinite), the prefixes double instead (1, 2, 4, 8 ...).
+    """
+    noises = [s.noise for s in sources]
+    total = sum(noises)
+    if math.isfinite(total) and total > 0:
+        ends, removed, step = [], 0.0, 1
+        for i, noise in enumerate(noises):
+            removed += noise
+            if removed >= total * (1.0 - 2.0**-step) - 1e-12 * total:
+                ends.append(i + 1)
+                while step < 60 and removed >= total * (1.0 - 2.0**-step) - 1e-12 * total:
+                    step += 1
+        ends.append(len(sources))
+    else:
+        ends = []
+        k = 1
+        while k < len(sources):
+            ends.append(k)
+            k *= 2
+        ends.append(len(sources))
     schedule: list[tuple[str, ...]] = []
-    k = 1
-    while sources:
-        k = min(k, len(sources))
+    for k in dict.fromkeys(ends):
         nodes = tuple(dict.fromkeys(n for s in sources[:k] for n in s.nodes))
         if len(nodes) > cap:
             break
-        if not schedule or nodes != schedule[-1]:
+        if nodes and (not schedule or nodes != schedule[-1]):
             schedule.append(nodes)
-        if k == len(sources):
-            break
-        k *= 2
     return schedule
