@@ -26,7 +26,7 @@ from edgetl.device import doctor
 from edgetl.device.bench import timing as bench_timing
 from edgetl.device.info import bundle_info
 from edgetl.workstation.export import export_bundle, resolve_options, speed
-from edgetl.workstation.export.int8 import EXPLORE_AFTER_PASS, Attempt, choose, search_int8
+from edgetl.workstation.export.int8 import EXPLORE_AFTER_PASS, Attempt, choose, features_scorer, search_int8
 from edgetl.workstation.export.speed import Timing
 from tests.run_factory import shared_export, shared_run
 from tests.schemas import validate_document
@@ -147,6 +147,56 @@ def test_speed_ties_go_to_accuracy_then_fewer_float_layers():
     assert choose([attempt("x", 0.9, 2, 1.5), attempt("y", 0.9, 1, 1.5), attempt("z", 0.9, 1, 1.5)]) == 1
 
 
+def test_speed_ties_go_to_the_most_faithful_trunk_before_accuracy(tmp_path):
+    """Among equally fast attempts, the trunk whose features are closest to fp32 ships (heads added
+    later see it), even over one with a higher top-1 on the first head; a NaN fidelity never wins."""
+    configs = [Cfg("a"), Cfg("b"), Cfg("c"), Cfg("d")]
+    q = FakeQuantizer(configs, {"a": 0.92, "b": 0.90, "c": 0.91, "d": 0.5})
+    fidelity = {"a": 18.0, "b": 26.0, "c": NAN, "d": 40.0}
+    scored: list[str] = []
+
+    def scorer(model):
+        scored.append(model)
+        return fidelity[model]
+
+    timer = fake_timer({"a": 2.0, "b": 1.97, "c": 2.0})
+    result = search_int8(q, tmp_path / "o", baseline_top1=0.9, max_drop=1.0, timer=timer, fidelity=scorer)
+    assert scored == ["a", "b", "c", "d"]  # every attempt is scored, passing or not
+    assert result.chosen.config.name == "b"
+    record = result.manifest_record([])
+    assert [a["features_sqnr_db"] for a in record["attempts"]] == [18.0, 26.0, None, 40.0]  # NaN: none
+    # a clearly faster attempt still beats a more faithful one
+    timer = fake_timer({"a": 2.0, "b": 1.5, "c": 2.0})
+    result = search_int8(q, tmp_path / "o", baseline_top1=0.9, max_drop=1.0, timer=timer, fidelity=scorer)
+    assert result.chosen.config.name == "a"
+
+
+def test_features_scorer_measures_the_trunk_against_fp32():
+    """The scorer runs both trunks through the quantizer's runner (ndarray or OpenVINO-style results)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    w = rng.normal(size=(48, 8)).astype(np.float32)
+    noise = {None: 0.0, "quiet": 0.01, "loud": 0.1, "nan": NAN}
+    loads: list = []
+
+    def runner(model, threads):
+        loads.append((model, threads))
+
+        def run(batch):
+            out = batch.reshape(len(batch), -1) @ w
+            out = out + noise[model] * np.ones_like(out) * out.std()
+            return out if model != "quiet" else {0: out}  # OpenVINO's compiled model returns a mapping
+
+        return run
+
+    score = features_scorer(runner, x)
+    quiet, loud = score("quiet"), score("loud")
+    assert quiet > 30 and loud < quiet - 15  # 10x the noise: 20 dB lower
+    assert math.isnan(score("nan"))
+    assert [m for m, _ in loads].count(None) == 1  # the fp32 reference is computed once
+    assert score(None) == math.inf
+
+
 def test_exploring_after_a_pass_is_bounded_and_without_a_timer_the_first_pass_wins(tmp_path):
     configs = [Cfg(f"c{i}", 1) for i in range(10)]
     scores = {c.name: 0.9 for c in configs}
@@ -181,7 +231,7 @@ def test_ort_search_looks_for_fewer_float_nodes_once_an_exclusion_set_passed(tin
     from edgetl.workstation.export.formats.onnx_quantize import OrtQuantizer
 
     trunk, calib = tiny_trunk
-    quantizer = OrtQuantizer(trunk, calib, lambda p: 0.0, workdir=tmp_path / "w")
+    quantizer = OrtQuantizer(trunk, calib, lambda p: 0.0, workdir=tmp_path / "w", whole_int8=())
     configs: list = []
 
     def evaluate(path):

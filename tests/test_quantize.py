@@ -208,7 +208,7 @@ def test_search_stops_at_the_first_attempt_within_the_bar(trunk_onnx, calib, tmp
         OrtQuantizer(trunk_onnx, calib, lambda p: 0.9, workdir=tmp_path / "w"), out, baseline_top1=0.9, max_drop=1.0
     )
     assert result.passed and len(result.attempts) == 1
-    assert result.chosen.config == QuantConfig("minmax", False) and out.is_file()
+    assert result.chosen.config == QuantConfig("minmax", False, activation_type="uint8") and out.is_file()
     record = result.manifest_record(["a.png"])
     assert record["method"] == "onnxruntime static QDQ" and record["per_channel"] is False
     assert record["calibration"] == {"method": "minmax", "size": len(calib), "images": ["a.png"]}
@@ -225,11 +225,15 @@ def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_pat
 
     out = tmp_path / "int8.onnx"
     result = search_int8(
-        OrtQuantizer(trunk_onnx, calib, evaluate, workdir=tmp_path / "w"), out, baseline_top1=0.9, max_drop=1.0
+        OrtQuantizer(trunk_onnx, calib, evaluate, workdir=tmp_path / "w", whole_int8=()),
+        out,
+        baseline_top1=0.9,
+        max_drop=1.0,
     )
     configs = [a.config for a in result.attempts]
     assert not result.passed and len(configs) == len(seen)
-    assert configs[:2] == [QuantConfig("minmax", False), QuantConfig("minmax", True)]
+    u8 = {"activation_type": "uint8"}
+    assert configs[:2] == [QuantConfig("minmax", False, **u8), QuantConfig("minmax", True, **u8)]
     # Remedies continue from the better granularity (per-channel scored 0.70 > 0.50).
     assert all(c.per_channel for c in configs[2:])
     assert any(c.excluded_nodes for c in configs) and {"percentile", "entropy"} <= {c.method for c in configs}

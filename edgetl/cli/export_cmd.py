@@ -152,6 +152,17 @@ def _format_options(func):
     "recorded everywhere (speedup_vs_fp32).",
 )
 @click.option(
+    "--qat-epochs",
+    "qat_epochs",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Quantization-aware fine-tuning of the trunk (fake int8 in the forward pass, distilled from the "
+    "fp32 model on the run's training images, the head unchanged), tried as an int8 remedy by every format: "
+    "N epochs, 1..20; 0 never. Default (auto): 1 epoch, only when post-training int8 misses --max-drop "
+    "or --min-speedup. Needs the run's training images.",
+)
+@click.option(
     "--merged/--no-merged",
     default=None,
     help="Also write trunk + head as one graph per variant (one-file deployments, overhead reference).",
@@ -184,6 +195,7 @@ def export(
     calib_size,
     max_drop,
     min_speedup,
+    qat_epochs,
     merged,
     add_to,
     head,
@@ -221,11 +233,12 @@ def export(
     fmt = resolve_format(output_format, as_json)
     if add_to is not None:
         if out is not None or any(
-            v is not None for v in (export_profile, model_formats, precisions, calib_size, merged, min_speedup)
+            v is not None
+            for v in (export_profile, model_formats, precisions, calib_size, merged, min_speedup, qat_epochs)
         ):
             raise ConfigError(
                 "--add-to writes into BUNDLE with its formats and precisions: drop --out, --export-profile, "
-                "--model-format, --precision, --calib-size, --min-speedup and --merged"
+                "--model-format, --precision, --calib-size, --min-speedup, --qat-epochs and --merged"
             )
         if not head:
             raise ConfigError("--add-to BUNDLE needs --head NAME")
@@ -263,6 +276,7 @@ def export(
             max_drop=max_drop,
             merged=merged,
             min_speedup=min_speedup,
+            qat_epochs=qat_epochs,
         )
         doc = export_bundle(run, out, options, force=force, progress=not no_progress)
         variants = doc["variants"]

@@ -7,8 +7,11 @@ baseline. Without a timer the search stops at the first attempt within ``max_dro
 (the export's: :mod:`edgetl.workstation.export.speed`), every attempt that passes is also timed
 against the fp32 trunk, the search goes on for at most :data:`EXPLORE_AFTER_PASS` more attempts
 (the quantizer yields only remedies that could be faster, and none once an attempt without float
-layers has passed), and the fastest passing attempt is kept (:func:`choose`). When none passes the
-best one is kept (ties go to fewer layers in float, then to the earlier attempt). Every attempt is
+layers has passed), and the fastest passing attempt is kept (:func:`choose`). With a fidelity
+measure (:func:`features_scorer`) every attempt's trunk is also scored by its features' SQNR
+against fp32, head-independent: among equally fast attempts the most faithful trunk is kept, so
+that heads added later to the bundle see features closest to those they were trained on. When
+none passes the best one is kept (ties go to fewer layers in float, then to the earlier attempt). Every attempt is
 recorded, so the manifest says what was tried, how fast it was, and why the shipped model looks
 the way it does.
 """
@@ -27,14 +30,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgetl.core.imagefolder import Sample
-from edgetl.workstation.export.speed import Timing
+from edgetl.workstation.export.speed import Timing, thread_counts
 
 log = logging.getLogger(__name__)
 
 EXPLORE_AFTER_PASS = 4  # attempts after the first that passes, looking for a faster one (with a timer)
 # Speed-ups within this fraction of the fastest passing attempt's are a tie (about the spread of
-# interleaved p50 ratios on a shared machine); the tie goes to the higher top-1, then fewer layers
-# in float, then the earlier attempt.
+# interleaved p50 ratios on a shared machine); the tie goes to the higher feature SQNR, then the
+# higher top-1, then fewer layers in float, then the earlier attempt.
 SPEED_TIE = 0.03
 
 
@@ -85,6 +88,22 @@ class Quantizer(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
+class QatHook:
+    """Quantization-aware fine-tuning as a quantizer's last remedy (``export --qat-epochs``).
+
+    ``wanted(attempts)``: whether to try it after the post-training attempts so far (the export
+    decides: asked for, or the bar or the speed floor missed). ``source()``: the fp32 ONNX trunk
+    with QAT-trained weights (fine-tuned on first call, shared by every format), which the
+    quantizer then quantizes like the original trunk. The driver asks a quantizer that has a hook
+    for its QAT config (``qat_config(attempts)``) after its post-training remedies, so the
+    attempt is never cut off by :data:`EXPLORE_AFTER_PASS`.
+    """
+
+    wanted: Callable[[Sequence[Attempt]], bool]
+    source: Callable[[], Path]
+
+
+@dataclasses.dataclass(frozen=True)
 class Attempt:
     config: Any  # the quantizer's config (QuantConfigLike)
     val_top1: float
@@ -93,6 +112,9 @@ class Attempt:
     seconds: float
     float_layers: tuple[str, ...] = ()  # weighted layers left in float (the manifest's excluded_nodes)
     speed: Timing | None = None  # against the fp32 trunk; None: not timed (failed the bar, or no timer)
+    # The trunk's feature fidelity against fp32 on validation images, in dB: what any head sees,
+    # not only the head the bar is measured with. None: not measured; inf: identical to fp32.
+    features_sqnr_db: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         speed = self.speed.to_dict() if self.speed is not None and self.speed.finite else None
@@ -102,9 +124,16 @@ class Attempt:
             "val_top1": self.val_top1,
             "top1_drop_pp": round(self.top1_drop_pp, 4),
             "passed": self.passed,
+            "features_sqnr_db": _finite_or_none(self.features_sqnr_db),
             "speed": speed,
             "seconds": round(self.seconds, 2),
         }
+
+    @property
+    def fidelity(self) -> float:
+        """Feature SQNR for ranking: unmeasured or NaN counts as the worst, identical as the best."""
+        value = self.features_sqnr_db
+        return -math.inf if value is None or math.isnan(value) else value
 
     @property
     def speedup(self) -> float:
@@ -149,6 +178,7 @@ def search_int8(
     baseline_top1: float,
     max_drop: float,
     timer: Callable[[Any], Timing] | None = None,
+    fidelity: Callable[[Any], float] | None = None,
     explore: int = EXPLORE_AFTER_PASS,
     on_attempt: Callable[[Attempt], None] | None = None,
 ) -> QuantResult:
@@ -162,9 +192,18 @@ def search_int8(
     attempts: list[Attempt] = []
     models: list[Any] = []
     first_pass: int | None = None
-    for config in quantizer.configs(attempts):
-        if first_pass is not None and len(attempts) - first_pass >= explore:
-            break
+
+    def remedies() -> Iterator[Any]:
+        for config in quantizer.configs(attempts):
+            if first_pass is not None and len(attempts) - first_pass >= explore:
+                break
+            yield config
+        qat_config = getattr(quantizer, "qat_config", None)  # the last remedy, when the export wants it
+        config = qat_config(attempts) if qat_config is not None else None
+        if config is not None:
+            yield config
+
+    for config in remedies():
         t0 = time.perf_counter()
         done = quantizer.quantize(config, max_drop=max_drop)
         if done is None:
@@ -174,12 +213,13 @@ def search_int8(
         drop = (baseline_top1 - top1) * 100.0
         # NaN-safe: a NaN top-1 never passes.
         passed = bool(drop <= max_drop + 1e-9)
-        speed = timer(model) if passed and timer is not None else None
-        result = Attempt(config, top1, drop, passed, time.perf_counter() - t0, float_layers, speed)
+        timing = timer(model) if passed and timer is not None else None
+        sqnr = fidelity(model) if fidelity is not None else None
+        result = Attempt(config, top1, drop, passed, time.perf_counter() - t0, float_layers, timing, sqnr)
         attempts.append(result)
         models.append(model)
         log.info(
-            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s%s (%.1fs)",
+            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s%s%s (%.1fs)",
             quantizer.label,
             len(attempts),
             config.describe(),
@@ -187,7 +227,8 @@ def search_int8(
             drop,
             "" if result.passed else f" > {max_drop:g} pp",
             f", {len(float_layers)} layer(s) in float" if float_layers else "",
-            f", {speed.describe()}" if speed is not None else "",
+            f", features {sqnr:.1f} dB" if sqnr is not None else "",
+            f", {timing.describe()}" if timing is not None else "",
             result.seconds,
         )
         if on_attempt:
@@ -211,8 +252,9 @@ def choose(attempts: Sequence[Attempt]) -> int:
     """The index of the attempt to ship.
 
     Among the attempts that passed the accuracy bar, the fastest (highest timed speed-up over fp32;
-    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher top-1, then fewer
-    layers in float, then the earlier attempt). A NaN or missing timing never beats a measured one;
+    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher feature SQNR (the
+    trunk closest to fp32 serves heads added later best), then the higher top-1, then fewer layers
+    in float, then the earlier attempt). A NaN or missing timing never beats a measured one;
     when no passing attempt has one (no timer), the first that passed. When none passed, the best
     top-1 (a NaN counting as the worst; ties to fewer layers in float, then the earlier attempt).
     """
@@ -224,7 +266,7 @@ def choose(attempts: Sequence[Attempt]) -> int:
         return passed[0]
     fastest = max(attempts[i].speedup for i in timed)
     near = [i for i in timed if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
-    return max(near, key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
+    return max(near, key=lambda i: (attempts[i].fidelity, _score(attempts[i]), -len(attempts[i].float_layers), -i))
 
 
 def settled(attempts: Sequence[Attempt]) -> bool:
@@ -237,6 +279,34 @@ def settled(attempts: Sequence[Attempt]) -> bool:
 def best(attempts: Sequence[Attempt]) -> Attempt:
     """The attempt with the highest top-1 so far (the earliest on ties): where later remedies start."""
     return max(attempts, key=_score)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return round(value, 2) if value is not None and math.isfinite(value) else None
+
+
+def features_scorer(runner: Callable[[Any, int], Callable[[np.ndarray], Any]], x: np.ndarray) -> Callable[[Any], float]:
+    """The search's fidelity measure: ``runner(model, threads)`` loads a trunk (None: the fp32 one)
+    as :meth:`Quantizer.runner` does; the scorer gives an attempt's feature SQNR in dB against the
+    fp32 trunk on ``x`` (inf when identical, NaN when either output is not finite)."""
+    threads = max(thread_counts())
+    reference: list[np.ndarray] = []
+
+    def features(model: Any) -> np.ndarray:
+        run = runner(model, threads)
+        out = [run(x[i : i + 32]) for i in range(0, len(x), 32)]
+        return np.concatenate([np.asarray(o if isinstance(o, np.ndarray) else o[0]) for o in out]).astype(np.float64)
+
+    def score(model: Any) -> float:
+        if not reference:
+            reference.append(features(None))
+        ref, got = reference[0], features(model)
+        if not (np.isfinite(ref).all() and np.isfinite(got).all()):
+            return math.nan
+        noise = float(((got - ref) ** 2).sum())
+        return math.inf if noise == 0.0 else 10.0 * math.log10(max(float((ref**2).sum()), 1e-30) / noise)
+
+    return score
 
 
 def _score(attempt: Attempt) -> float:

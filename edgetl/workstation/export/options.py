@@ -24,6 +24,10 @@ MAX_CALIB_SIZE = 100_000  # images; far above any calibration set worth its time
 # the values are repeated here so that the CLI's option parsing stays light).
 DEFAULT_MIN_SPEEDUP = 1.2
 MIN_SPEEDUP_RANGE = (0.5, 10.0)
+# --qat-epochs: quantization-aware fine-tuning of the trunk (edgetl.workstation.export.qat, torch).
+# None = auto (only when post-training int8 misses the accuracy bar or the speed floor), 0 = never.
+DEFAULT_QAT_EPOCHS = 1  # what auto runs: docs/export.md has the measurement (a 2nd and 3rd epoch gained ~nothing)
+QAT_MAX_EPOCHS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +38,8 @@ class ExportProfile:
     instead of failing (the ``default`` profile: "everything available"). Naming a format on the
     command line always requires it. ``min_speedup``: the speed-up over fp32 an int8 variant should
     reach on a CPU with int8 dot-product instructions (below it the export warns; docs/export.md).
+    ``qat_epochs``: epochs of quantization-aware fine-tuning of the trunk, tried as an int8 remedy
+    (None: auto, :data:`DEFAULT_QAT_EPOCHS` epochs only when post-training int8 falls short; 0: never).
     """
 
     formats: tuple[str, ...] = ("onnx", "openvino")
@@ -43,6 +49,7 @@ class ExportProfile:
     merged: bool = False
     skip_unavailable: bool = False
     min_speedup: float = DEFAULT_MIN_SPEEDUP
+    qat_epochs: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -79,6 +86,7 @@ def resolve_options(
     max_drop: float | None = None,
     merged: bool | None = None,
     min_speedup: float | None = None,
+    qat_epochs: int | None = None,
 ) -> ExportProfile:
     """The profile (default: ``default``) with every option given (not None) on top, checked."""
     values, _ = load_profile(profile or DEFAULT_PROFILE)
@@ -89,6 +97,7 @@ def resolve_options(
         "max_drop": max_drop,
         "merged": merged,
         "min_speedup": min_speedup,
+        "qat_epochs": qat_epochs,
     }
     values.update({k: (tuple(v) if k in ("formats", "precisions") else v) for k, v in given.items() if v is not None})
     if formats is not None:
@@ -113,8 +122,10 @@ def check_options(
     merged: bool = False,
     skip_unavailable: bool = False,
     min_speedup: float = DEFAULT_MIN_SPEEDUP,
+    qat_epochs: int | None = None,
 ) -> ExportProfile:
-    """Validate formats, precisions, calibration size, accuracy gate and speed floor before any work is done."""
+    """Validate formats, precisions, calibration size, accuracy gate, speed floor and QAT epochs
+    before any work is done."""
     formats = tuple(dict.fromkeys(formats))
     precisions = tuple(dict.fromkeys(precisions))
     if not formats:
@@ -140,6 +151,12 @@ def check_options(
         or not (low <= min_speedup <= high)  # NaN fails this too
     ):
         raise ConfigError(f"--min-speedup must be a speed-up over fp32 in {low:g}..{high:g}, not {min_speedup!r}")
+    if qat_epochs is not None and (
+        isinstance(qat_epochs, bool) or not isinstance(qat_epochs, int) or not 0 <= qat_epochs <= QAT_MAX_EPOCHS
+    ):
+        raise ConfigError(
+            f"--qat-epochs must be an integer in 0..{QAT_MAX_EPOCHS} (0: never; left out: auto), not {qat_epochs!r}"
+        )
     available = []
     for fmt in formats:
         reason = missing_library(fmt, precisions)
@@ -166,4 +183,5 @@ def check_options(
         bool(merged),
         skip_unavailable,
         float(min_speedup),
+        qat_epochs,
     )

@@ -43,6 +43,8 @@ from edgetl.workstation.run import Run
 
 log = logging.getLogger(__name__)
 
+FIDELITY_IMAGES = 128  # validation images each int8 attempt's feature SQNR is measured on
+
 
 @dataclasses.dataclass
 class ExportSession:
@@ -64,6 +66,7 @@ class ExportSession:
     _calibration: tuple[list[Sample], np.ndarray] | None = None
     _training_data: dict[str, Any] | None = None
     _speed_unchecked_said: bool = False
+    _qat: Any = None  # qat_source()'s QatResult, once per export
 
     @property
     def pp(self) -> Preprocessing:
@@ -136,7 +139,7 @@ class ExportSession:
         """Run a format's int8 search (:func:`~edgetl.workstation.export.int8.search_int8`) with a
         progress line and a log line; returns the chosen variant's manifest record for ``out``."""
         from edgetl.workstation.export import speed
-        from edgetl.workstation.export.int8 import search_int8  # at call time: tests replace it
+        from edgetl.workstation.export.int8 import features_scorer, search_int8  # at call time: tests replace it
 
         calib_samples, _ = self.calibration()
         task = self.progress.add_task(f"{fmt} int8 search", total=None, status="")
@@ -149,8 +152,17 @@ class ExportSession:
         # Passing attempts are timed against the fp32 trunk (batch 1, one validation image) and the
         # fastest is kept: int8 is for speed, the accuracy bar keeps it correct.
         timer = speed.attempt_timer(quantizer.runner, self.x_val[: speed.BATCH_SIZE])
+        # Every attempt's trunk is also scored by its features' fidelity to fp32 (what heads added
+        # later will see), on the first FIDELITY_IMAGES validation images.
+        fidelity = features_scorer(quantizer.runner, self.x_val[:FIDELITY_IMAGES])
         result = search_int8(
-            quantizer, out, baseline_top1=baseline_top1, max_drop=self.max_drop, timer=timer, on_attempt=on_attempt
+            quantizer,
+            out,
+            baseline_top1=baseline_top1,
+            max_drop=self.max_drop,
+            timer=timer,
+            fidelity=fidelity,
+            on_attempt=on_attempt,
         )
         self.progress.update(task, total=1, completed=1, status=f"chose {result.chosen.config.describe()}")
         log.info(
@@ -161,6 +173,10 @@ class ExportSession:
             time.perf_counter() - t0,
         )
         record = result.manifest_record([])
+        if getattr(result.chosen.config, "source", "fp32") == "qat" and self._qat is not None:
+            # The shipped int8 trunk comes from a trunk fine-tuned for int8: its weights differ from
+            # the fp32 trunk's, and heads added later are checked on it (export --add-to).
+            record["qat"] = self._qat.record()
         # Which images calibrated, without their workstation paths: how many, and one hash of their
         # content hashes in order (the run's split and select_calibration name them again).
         calibration = {k: v for k, v in record["calibration"].items() if k != "images"}
@@ -379,3 +395,71 @@ class ExportSession:
         for folder in FORMATS:
             if (self.tmp / folder).is_dir() and not any((self.tmp / folder).iterdir()):
                 (self.tmp / folder).rmdir()
+
+    def qat_hook(self) -> Any:
+        """Quantization-aware fine-tuning as the quantizers' last remedy
+        (:class:`~edgetl.workstation.export.int8.QatHook`), or None with ``--qat-epochs 0``.
+
+        Wanted when ``--qat-epochs N`` asked for it; in auto (the default) only when no
+        post-training attempt passed the accuracy bar, or, on a CPU with int8 dot-product
+        instructions, when the fastest passing one is under ``--min-speedup`` (elsewhere the speed
+        cannot be judged, so it never triggers QAT)."""
+        from edgetl.core import envinfo
+        from edgetl.workstation.export.int8 import QatHook
+
+        epochs = self.options.qat_epochs
+        if epochs == 0:
+            return None
+
+        def wanted(attempts) -> bool:
+            if epochs is not None:
+                return True
+            passed = [a for a in attempts if a.passed]
+            if not passed:
+                return True
+            if not envinfo.int8_dot_product():
+                return False
+            fastest = max((a.speedup for a in passed if a.speedup == a.speedup), default=float("nan"))
+            return not fastest >= self.options.min_speedup  # a NaN speed-up misses the floor too
+
+        return QatHook(wanted, lambda: self.qat_source().path)
+
+    def qat_source(self) -> Any:
+        """The trunk fine-tuned for int8 (:func:`~edgetl.workstation.export.qat.qat_trunk`): an fp32
+        ONNX trunk every format's quantizer can quantize as one more remedy, made once per export
+        (``work/trunk.qat.onnx``) and shared; its ``QatResult``, or None when ``qat_epochs`` is 0.
+        With ``qat_epochs`` None (auto) it runs ``DEFAULT_QAT_EPOCHS``: the caller decides when."""
+        from edgetl.workstation.export.options import DEFAULT_QAT_EPOCHS
+
+        epochs = self.options.qat_epochs
+        if epochs == 0:
+            return None
+        if self._qat is None:
+            from edgetl.workstation.export.qat import check_images, qat_trunk
+
+            samples = self.run.train_samples
+            # split.json names the training images; the data folder may have moved since training.
+            missing = [s.path for s in samples if not Path(s.path).is_file()]
+            if missing or not samples:
+                root = (self.run.config.get("data") or {}).get("root") or "its data folder"
+                gone = (
+                    f"{len(missing)} of {len(samples)} are gone from {root} (first: {missing[0]})"
+                    if missing
+                    else "it has none"
+                )
+                raise ExportError(
+                    f"quantization-aware fine-tuning needs run {self.run.path.name}'s training images, but {gone}; "
+                    "rerun with the data in place, or pass --qat-epochs 0"
+                )
+            _, x_calib = self.calibration()
+            self._qat = qat_trunk(
+                self.model,
+                samples,
+                self.pp,
+                epochs=epochs if epochs is not None else DEFAULT_QAT_EPOCHS,
+                x_calib=x_calib,
+                x_check=check_images(self.x_val),
+                out=self.work / "trunk.qat.onnx",
+                progress=self.progress,
+            )
+        return self._qat

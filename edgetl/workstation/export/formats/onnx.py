@@ -187,7 +187,9 @@ class OnnxFormat:
         baseline = evaluate(fp32_trunk)
         return session.search_int8(
             "onnx",
-            lambda: OrtQuantizer(fp32_trunk, x_calib, evaluate, workdir=session.work / "onnx-int8"),
+            lambda: OrtQuantizer(
+                fp32_trunk, x_calib, evaluate, workdir=session.work / "onnx-int8", qat=session.qat_hook()
+            ),
             out,
             baseline,
         )

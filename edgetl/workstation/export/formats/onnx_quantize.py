@@ -1,28 +1,40 @@
-"""Static int8 quantization of an ONNX trunk with ONNX Runtime, searched until it keeps its accuracy.
+"""Static int8 quantization of an ONNX trunk, searched until it keeps its accuracy and stays fast.
 
 Only the trunk is quantized: it holds almost all weights and compute, while a head is a few
 kilobytes and stays fp32 in every variant.
 
 Plain ORT static quantization is not enough for small mobile backbones: on a digits-fine-tuned
-MobileNetV2 at 96 px its defaults lost 12.8 pp of top-1, per-channel weights still 0.6 pp, and
-the worst single noise sources sit in the first two convolutions. :class:`OrtQuantizer` therefore tries
-remedies in order of
-cost, each scored on the run's validation images (and, when it passes ``max_drop``, timed):
+MobileNetV2 at 96 px its defaults lost 15.9 pp of top-1 and per-channel weights 20.3 pp, while
+NNCF's ONNX backend with full bias correction lost 0.28 pp (benchmarks/onnx_int8_remedies.py, on an
+x86 CPU without VNNI: there ONNX Runtime's U8S8 kernels saturate 16-bit sums, and per-channel
+weights, which fill the int8 range in every channel, suffer most; the same per-channel graph
+computed as written loses nothing).
+:class:`OrtQuantizer` therefore tries remedies in order of cost, each scored on the run's
+validation images (and, when it passes ``max_drop``, timed):
 
-1. ORT's defaults (QDQ, int8 weights and activations, MinMax calibration, per-tensor weights);
+1. ORT's defaults (QDQ, int8 weights, MinMax calibration, per-tensor weights);
 2. per-channel weights (depthwise convolutions have very different ranges per channel);
-3. keeping the most sensitive nodes in float: those around the worst 1, 2, 4, 8 ... noise sources,
-   measured on calibration images by :func:`~.onnx_sensitivity.rank_noise_sources` (no per-backbone list), up to a
-   cap of a quarter of the weighted layers;
-4. other calibration methods (percentile, entropy), alone and with that exclusion set; or, when an
+3. remedies that keep every node in int8 (:data:`WHOLE_INT8`): NNCF's ONNX backend with fast,
+   then full bias correction (:mod:`.onnx_nncf`), then cross-layer equalization before ORT's
+   per-tensor and per-channel quantization (:mod:`.onnx_equalize`);
+4. keeping the most sensitive nodes in float: those around the worst 1, 2, 4, 8 ... noise sources,
+   measured on calibration images by :func:`~.onnx_sensitivity.rank_noise_sources` (no per-backbone
+   list), up to a cap of a quarter of the weighted layers;
+5. other calibration methods (percentile, entropy), alone and with that exclusion set; or, when an
    exclusion set passed and the search is timed, those methods with fewer nodes in float (fewest
-   first: every float island costs speed), looking for a faster attempt that still passes.
+   first: every float island costs speed), looking for a faster attempt that still passes;
+6. when the export wants it (``--qat-epochs``: asked for, or the bar or the speed floor missed), the
+   trunk fine-tuned for int8 (:mod:`edgetl.workstation.export.qat`), quantized whole with the
+   settings of the best whole-int8 attempt (:meth:`OrtQuantizer.qat_config`).
 
-An attempt that passes with no node in float ends the search: nothing else here changes the int8
-graph's structure, so nothing could be faster. Every attempt is recorded, so the manifest says what
-was tried and why the shipped model looks the way it does. ORT calibrates once per method: ranges
-are cached in the work folder. The search itself (scoring, timing, stopping, choosing, recording) is
-:func:`edgetl.workstation.export.int8.search_int8`.
+Activations are uint8 by default (:attr:`OrtQuantizer.activation_type`): on x86 ONNX Runtime fuses
+a QDQ residual Add into QLinearAdd only for uint8, so with int8 activations MobileNetV2's 10 residual
+Adds and the 15 convolutions around them ran in float (96 px, 1 thread: 0.91x fp32 against 1.52x
+with uint8, same top-1). An attempt that passes with no node in float ends the search: the remedies
+before float islands all give the same int8 graph structure, so none could be faster. Every attempt
+is recorded, so the manifest says what was tried and why the shipped model looks the way it does.
+ORT calibrates once per method and graph: ranges are cached in the work folder. The search itself
+(scoring, timing, stopping, choosing, recording) is :func:`edgetl.workstation.export.int8.search_int8`.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.workstation.export.formats.onnx_sensitivity import NoiseSource, exclusion_schedule, rank_noise_sources
-from edgetl.workstation.export.int8 import Attempt, best, settled
+from edgetl.workstation.export.int8 import Attempt, QatHook, best, settled
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +63,53 @@ WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """One way of quantizing the trunk."""
+    """One way of quantizing the trunk.
+
+    ``quantizer``: ONNX Runtime's ``quantize_static`` or NNCF's ONNX backend (:mod:`.onnx_nncf`;
+    ``method`` is then NNCF's activation range estimator, ``mean-minmax`` or ``minmax``).
+    ``bias_correction``: NNCF's ``fast`` or ``full`` (None: none; ONNX Runtime has none).
+    ``equalize``: cross-layer equalization first (:mod:`.onnx_equalize`; ReLU6 between equalized
+    convolutions becomes ReLU). ``activation_type``: ``int8`` or ``uint8`` activations (weights are
+    always int8). ``source``: the fp32 trunk, or the quantization-aware fine-tuned one
+    (:attr:`OrtQuantizer.qat_source`).
+    """
 
     method: str = "minmax"
     per_channel: bool = False
     excluded_nodes: tuple[str, ...] = ()
+    quantizer: str = "onnxruntime"  # onnxruntime | nncf
+    bias_correction: str | None = None  # None | fast | full (nncf only)
+    equalize: bool = False
+    activation_type: str = "int8"  # int8 | uint8
+    source: str = "fp32"  # fp32 | qat
 
     def describe(self) -> str:
         parts = [self.method, "per-channel" if self.per_channel else "per-tensor"]
+        if self.quantizer != "onnxruntime":
+            parts.insert(0, self.quantizer)
+        if self.bias_correction:
+            parts.append(f"{self.bias_correction} bias correction")
+        if self.equalize:
+            parts.append("equalized")
+        if self.activation_type != "int8":
+            parts.append(f"{self.activation_type} activations")
+        if self.source != "fp32":
+            parts.append(f"{self.source} trunk")
         if self.excluded_nodes:
             parts.append(f"{len(self.excluded_nodes)} node(s) in float")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "per_channel": self.per_channel, "excluded_nodes": list(self.excluded_nodes)}
+        return {
+            "method": self.method,
+            "per_channel": self.per_channel,
+            "excluded_nodes": list(self.excluded_nodes),
+            "quantizer": self.quantizer,
+            "bias_correction": self.bias_correction,
+            "equalize": self.equalize,
+            "activation_type": self.activation_type,
+            "source": self.source,
+        }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -156,8 +201,10 @@ def quantize_trunk(
     *,
     input_name: str,
     cache_dir: Path,
+    cache_tag: str = "",
 ) -> Path:
-    """One ``quantize_static`` call; calibration ranges are cached per method in ``cache_dir``."""
+    """One ``quantize_static`` call; calibration ranges are cached per method in ``cache_dir`` (per
+    ``cache_tag`` too: one per graph calibrated, e.g. the equalized one)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {
@@ -171,12 +218,12 @@ def quantize_trunk(
         str(out_path),
         reader,
         quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QInt8,
+        activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
         per_channel=config.per_channel,
         nodes_to_exclude=list(config.excluded_nodes),
         calibrate_method=methods[config.method],
-        calibration_cache_path=str(cache_dir / f"calibration.{config.method}.json"),
+        calibration_cache_path=str(cache_dir / f"calibration.{config.method}{cache_tag}.json"),
         extra_options={"CalibStridedMinMax": 1},
     )
     return out_path
@@ -184,13 +231,29 @@ def quantize_trunk(
 
 # --- the remedies -------------------------------------------------------------------------------
 
+# 3: remedies that keep every node in int8, most likely first and, among the NNCF ones, cheapest
+# first. benchmarks/onnx_int8_remedies.py, digits MobileNetV2 fine-tune at 96 px, uint8 activations,
+# drop on an x86 CPU without VNNI (whose U8S8 kernels saturate) / as the QDQ graph computes it:
+# NNCF fast bias correction 2.79 / 0.28 pp in 32 s, full 0.28 / 0.00 pp in 46 s; equalization +
+# ORT per-tensor 19.8 / 3.1 pp, + per-channel 73.8 / 4.2 pp, each in under 5 s. The activation
+# type is the quantizer's (:attr:`OrtQuantizer.activation_type`). One that passes ends the search.
+WHOLE_INT8 = (
+    QuantConfig("mean-minmax", True, quantizer="nncf", bias_correction="fast"),
+    QuantConfig("mean-minmax", True, quantizer="nncf", bias_correction="full"),
+    QuantConfig("minmax", False, equalize=True),
+    QuantConfig("minmax", True, equalize=True),
+)
+
 
 @dataclasses.dataclass
 class OrtQuantizer:
     """The ONNX Runtime remedies for :func:`~edgetl.workstation.export.int8.search_int8`.
 
     ``evaluate(path)`` gives an int8 trunk's validation top-1 (with the fp32 head). Attempts are
-    written to ``workdir``; calibration ranges are cached there per method.
+    written to ``workdir``; calibration ranges are cached there per method and per graph.
+    ``qat`` (:class:`~edgetl.workstation.export.int8.QatHook`): the quantization-aware fine-tuned
+    fp32 trunk for configs with ``source="qat"`` (fine-tuned on first use, prepared once) and
+    whether the export wants that remedy (:meth:`qat_config`).
     """
 
     fp32_path: Path
@@ -202,31 +265,51 @@ class OrtQuantizer:
     max_excluded_fraction: float = 0.25
     label: str = "onnx int8"
     sensitivity: list[NoiseSource] = dataclasses.field(default_factory=list)
+    whole_int8: tuple[QuantConfig, ...] = WHOLE_INT8
+    activation_type: str = "uint8"  # of every attempt: see the module docstring
+    qat: QatHook | None = None
+    equalization: dict[str, Any] = dataclasses.field(default_factory=dict)  # source -> Equalization
     _prepared: Path | None = None
+    _bases: dict[tuple[str, bool], Path | None] = dataclasses.field(default_factory=dict)
     _paths: dict[QuantConfig, Path] = dataclasses.field(default_factory=dict)
+    _saved: QuantConfig | None = None
 
     @property
     def calibration_size(self) -> int:
         return len(self.calib)
 
+    def prepare(self) -> Path:
+        """The fp32 trunk prepared for quantization (once): what every fp32-source attempt starts from."""
+        if self._prepared is None:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            with quiet_onnxruntime():
+                self._prepared = prepare_for_quantization(self.fp32_path, self.workdir / "trunk.prepared.onnx")
+        return self._prepared
+
     def configs(self, attempts: Sequence[Attempt]) -> Iterator[QuantConfig]:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        with quiet_onnxruntime():
-            self._prepared = prepare_for_quantization(self.fp32_path, self.workdir / "trunk.prepared.onnx")
+        self.prepare()
+        act = self.activation_type
         # 1-2: ORT defaults, then per-channel weights. Either passing leaves nothing faster to try.
-        yield QuantConfig("minmax", False)
+        plain = {pc: QuantConfig("minmax", pc, activation_type=act) for pc in (False, True)}
+        yield plain[False]
         if settled(attempts):
             return
-        yield QuantConfig("minmax", True)
+        yield plain[True]
         if settled(attempts):
             return
-        per_channel = best(attempts).config.per_channel
-        # 3: keep the worst noise sources in float, measured on the better of the two models.
+        per_channel = best(attempts[:2]).config.per_channel  # of the two plain ORT attempts
+        # 3: remedies that keep the int8 chain whole (NNCF with bias correction, equalization): they
+        # cost no speed, so they come before any node is kept in float.
+        for config in self.whole_int8:
+            yield dataclasses.replace(config, activation_type=act)
+            if settled(attempts):
+                return
+        # 4: keep the worst noise sources in float, measured on the better of the two ORT models.
         t0 = time.perf_counter()
         with quiet_onnxruntime():
             self.sensitivity = rank_noise_sources(
-                self._prepared,
-                self._paths[QuantConfig("minmax", per_channel)],
+                self.prepare(),
+                self._paths[plain[per_channel]],
                 self.calib[: self.sensitivity_images],
                 input_name=self.input_name,
             )
@@ -237,21 +320,21 @@ class OrtQuantizer:
         )
         import onnx
 
-        graph = onnx.load(str(self._prepared)).graph
+        graph = onnx.load(str(self.prepare())).graph
         weighted = sum(1 for n in graph.node if n.op_type in WEIGHTED_OPS)
         cap = max(3, int(weighted * self.max_excluded_fraction))  # tiny graphs still get a few nodes
         tried: list[tuple[str, ...]] = []
         for nodes in exclusion_schedule(self.sensitivity, cap):
             tried.append(nodes)
-            yield QuantConfig("minmax", per_channel, nodes)
+            yield QuantConfig("minmax", per_channel, nodes, activation_type=act)
             if any(a.passed for a in attempts):
                 break
         if any(a.passed for a in attempts):
-            # 4 (with a timer; the driver bounds how many): every float island costs speed, so try the
+            # 5 (with a timer; the driver bounds how many): every float island costs speed, so try the
             # other calibrations with fewer nodes in float, fewest first.
             candidates = [(nodes, method) for nodes in [(), *tried[:-1]] for method in ("percentile", "entropy")]
         else:
-            # 4: other calibration methods, alone and with the last exclusion set.
+            # 5: other calibration methods, alone and with the last exclusion set.
             excluded = tried[-1] if tried else ()
             sets = dict.fromkeys(((), excluded))
             candidates = [(nodes, method) for method in ("percentile", "entropy") for nodes in sets]
@@ -259,20 +342,78 @@ class OrtQuantizer:
             # Once an attempt passes, one with as many nodes in float or more cannot be faster.
             if any(a.passed and len(a.float_layers) <= len(nodes) for a in attempts):
                 continue
-            yield QuantConfig(method, per_channel, nodes)
+            yield QuantConfig(method, per_channel, nodes, activation_type=act)
 
-    def quantize(self, config: QuantConfig, *, max_drop: float) -> tuple[Path, tuple[str, ...]]:
-        assert self._prepared is not None
+    def qat_config(self, attempts: Sequence[Attempt]) -> QuantConfig | None:
+        """The QAT remedy, when the export wants it: the whole-int8 attempt (nothing in float: the
+        point of QAT) that did best, on the quantization-aware fine-tuned trunk."""
+        if self.qat is None or not attempts or not self.qat.wanted(attempts):
+            return None
+        whole = [a for a in attempts if not a.float_layers and a.config.source == "fp32"] or list(attempts)
+        top = best(whole).config
+        return dataclasses.replace(top, excluded_nodes=(), source="qat")
+
+    def base(self, config: QuantConfig) -> Path | None:
+        """The fp32 graph ``config`` quantizes: the prepared fp32 or QAT trunk, equalized if asked (each
+        made once); None when the QAT trunk was asked for and there is none."""
+        key = (config.source, config.equalize)
+        if key in self._bases:
+            return self._bases[key]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path: Path | None
+        if config.source == "qat":
+            source = self.qat.source() if self.qat is not None else None
+            if source is None:
+                path = None
+            else:
+                with quiet_onnxruntime():
+                    path = prepare_for_quantization(Path(source), self.workdir / "trunk.qat.prepared.onnx")
+        else:
+            path = self.prepare()
+        if path is not None and config.equalize:
+            from edgetl.workstation.export.formats.onnx_equalize import equalize_file
+
+            out = self.workdir / f"trunk.{config.source}.equalized.onnx"
+            self.equalization[config.source] = equalize_file(path, out)
+            path = out
+        self._bases[key] = path
+        return path
+
+    def quantize(self, config: QuantConfig, *, max_drop: float) -> tuple[Path, tuple[str, ...]] | None:
+        base = self.base(config)
+        if base is None:
+            log.info("%s: no quantization-aware trunk to quantize (%s)", self.label, config.describe())
+            return None
         path = self.workdir / f"trunk.int8.attempt{len(self._paths)}.onnx"
-        with quiet_onnxruntime():
-            quantize_trunk(self._prepared, path, self.calib, config, input_name=self.input_name, cache_dir=self.workdir)
+        if config.quantizer == "nncf":
+            import onnx
+
+            from edgetl.workstation.export.formats import onnx_nncf
+
+            if not onnx_nncf.available():
+                log.info("%s: NNCF is not installed, skipping %s", self.label, config.describe())
+                return None
+            onnx_nncf.quantize_nncf_onnx(base, path, self.calib, config, input_name=self.input_name)
+            floats = tuple(onnx_nncf.float_nodes(onnx.load(str(path))))
+        else:
+            tag = (
+                ""
+                if (config.source, config.equalize) == ("fp32", False)
+                else f".{config.source}" + (".equalized" if config.equalize else "")
+            )
+            with quiet_onnxruntime():
+                quantize_trunk(
+                    base, path, self.calib, config, input_name=self.input_name, cache_dir=self.workdir, cache_tag=tag
+                )
+            floats = config.excluded_nodes
         self._paths[config] = path
-        return path, config.excluded_nodes
+        return path, floats
 
     def evaluate(self, model: Path) -> float:
         return self.evaluate_path(model)
 
     def save(self, model: Path, out: Path) -> None:
+        self._saved = next((c for c, p in self._paths.items() if p == model), None)
         model.replace(out)
 
     def runner(self, model: Path | None, threads: int) -> Callable[[np.ndarray], Any]:
@@ -285,7 +426,25 @@ class OrtQuantizer:
         return loader(self.fp32_path if model is None else model, threads=threads)
 
     def header(self) -> dict[str, Any]:
-        return {"method": QUANT_METHOD, "activation_type": "int8", "weight_type": "int8"}
+        """The shipped model's quantizer and types (known once :meth:`save` ran)."""
+        saved = self._saved or QuantConfig(activation_type=self.activation_type)
+        types = {"activation_type": saved.activation_type, "weight_type": "int8"}
+        if saved.quantizer == "nncf":
+            import importlib.metadata
+
+            from edgetl.workstation.export.formats.onnx_nncf import QUANT_METHOD as NNCF_METHOD
+
+            return {
+                "method": NNCF_METHOD,
+                "nncf_version": importlib.metadata.version("nncf"),
+                "preset": "performance",
+                **types,
+            }
+        return {"method": QUANT_METHOD, **types}
 
     def extra(self) -> dict[str, Any]:
-        return {"sensitivity": [s.to_dict() for s in self.sensitivity[:10]]}
+        out: dict[str, Any] = {"sensitivity": [s.to_dict() for s in self.sensitivity[:10]]}
+        saved = self._saved
+        if saved is not None and saved.equalize and saved.source in self.equalization:
+            out["equalization"] = self.equalization[saved.source].to_dict()
+        return out

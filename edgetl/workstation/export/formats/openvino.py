@@ -131,7 +131,13 @@ class OpenVinoFormat:
         baseline = session.fp32_top1("openvino")
         return session.search_int8(
             "openvino",
-            lambda: OVQuantizer(fp32_trunk, x_calib, (session.x_val, session.y_val, head_logits)),
+            lambda: OVQuantizer(
+                fp32_trunk,
+                x_calib,
+                (session.x_val, session.y_val, head_logits),
+                qat=session.qat_hook(),
+                workdir=session.work / "openvino-int8",
+            ),
             out,
             baseline,
         )

@@ -13,7 +13,10 @@ int8 graph and none could be faster):
    +0.28 pp);
 3. other activation range estimators: min-max, percentile (mean quantile), histogram;
 4. NNCF's accuracy-controlled quantization: layers ranked by their contribution to the drop are
-   reverted to float until the drop is within ``max_drop``, at most a quarter of the weighted layers.
+   reverted to float until the drop is within ``max_drop``, at most a quarter of the weighted layers;
+5. when the export wants it (``--qat-epochs``: asked for, or the bar or the speed floor missed), the
+   trunk fine-tuned for int8 (:mod:`edgetl.workstation.export.qat`), quantized whole with the best
+   settings of 1-3 (:meth:`OVQuantizer.qat_config`).
 
 NNCF and OpenVINO are imported inside the functions: the rest of edgetl never needs them.
 """
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.workstation.export.formats.openvino import compile_f32
-from edgetl.workstation.export.int8 import Attempt, best, settled
+from edgetl.workstation.export.int8 import Attempt, QatHook, best, settled
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +80,14 @@ class OVQuantConfig:
     method: str = "mean-minmax"  # activations range estimator; weights are always per-channel min-max
     bias_correction: str = "fast"  # fast | full
     accuracy_control: bool = False
+    source: str = "fp32"  # the trunk quantized: "fp32" (the exported one) | "qat" (fine-tuned for int8)
 
     def describe(self) -> str:
         parts = [self.method, f"{self.bias_correction} bias correction"]
         if self.accuracy_control:
             parts.append("accuracy control")
+        if self.source == "qat":
+            parts.append("QAT trunk")
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +96,7 @@ class OVQuantConfig:
             "per_channel": True,
             "bias_correction": self.bias_correction,
             "accuracy_control": self.accuracy_control,
+            "source": self.source,
         }
 
 
@@ -175,7 +182,10 @@ class OVQuantizer:
     validation: tuple[np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]
     max_excluded_fraction: float = 0.25
     label: str = "openvino int8"
+    qat: QatHook | None = None
+    workdir: Path | None = None  # where the QAT trunk's IR is written (with ``qat``)
     _cap: int = 3
+    _qat_xml: Path | None = None
 
     @property
     def calibration_size(self) -> int:
@@ -204,10 +214,31 @@ class OVQuantizer:
         top = best(attempts).config
         yield OVQuantConfig(top.method, top.bias_correction, accuracy_control=True)
 
+    def qat_config(self, attempts: Sequence[Attempt]) -> OVQuantConfig | None:
+        """The QAT remedy, when the export wants it: NNCF's post-training settings that did best
+        without accuracy control (whole int8, the point of QAT), on the QAT trunk."""
+        if self.qat is None or not attempts or not self.qat.wanted(attempts):
+            return None
+        plain = [a for a in attempts if not a.config.accuracy_control] or list(attempts)
+        top = best(plain).config
+        return OVQuantConfig(top.method, top.bias_correction, source="qat")
+
+    def _source(self, config: OVQuantConfig) -> Path:
+        if config.source != "qat":
+            return self.fp32_xml
+        if self._qat_xml is None:
+            from edgetl.workstation.export.formats.openvino import convert_onnx
+
+            assert self.qat is not None and self.workdir is not None
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            self._qat_xml = self.workdir / "trunk.qat.xml"
+            convert_onnx(self.qat.source(), self._qat_xml)
+        return self._qat_xml
+
     def quantize(self, config: OVQuantConfig, *, max_drop: float) -> tuple[Any, tuple[str, ...]] | None:
         try:
             model = quantize_ir(
-                self.fp32_xml,
+                self._source(config),
                 self.calib,
                 config,
                 validation=self.validation,
