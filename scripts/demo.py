@@ -35,6 +35,7 @@ def main() -> None:
     data = edgetl("data", "digits", "--out", str(root / "digits"))["results"][0]
     common = ["--img-size", "96", "--seed", "0", "--val-split", "0.2", "--no-progress"]
     fe = edgetl("finetune", data["path"], "--out", str(root / "runs/feature-extraction"), "--epochs", "10", *common)
+    fe = fe["results"][0]
     ft = edgetl(
         "finetune",
         data["path"],
@@ -47,7 +48,7 @@ def main() -> None:
         "--epochs",
         "3",
         *common,
-    )
+    )["results"][0]
     exported = edgetl("export", ft["run_dir"], "--out", str(root / "bundles/digits"))
     sample = sorted((root / "digits" / "7").glob("*.png"))[0]
     pred = edgetl("predict", exported["bundle"], str(sample), "--top-k", "3")
@@ -74,8 +75,7 @@ def main() -> None:
         )
     p = pred["results"][0]
     t.add_row("predict", f"{sample.parent.name}/{sample.name} -> {p['label']} ({p['score']:.3f})")
-    results = bench.get("results", [bench])
-    for r in results:
+    for r in bench["results"]:
         lat = r["latency_ms"]
         t.add_row(
             f"bench {r['runtime']} {r['precision']} (batch {r['batch_size']})",
