@@ -9,7 +9,9 @@ For MobileNetV2 on the scikit-learn digits (seed 0, 20% validation) at each ``--
    int8 search times every passing attempt and keeps the fastest, and records each int8
    variant's speed-up measured at export;
 3. ``edgetl bench``'s timing (batch 1, every variant interleaved, no cold start) at 1 and 2
-   threads, ``--repeats`` times; the figure is the median over repeats of fp32 p50 / int8 p50.
+   threads, ``--repeats`` times; the figure is the median over repeats of fp32 p50 / int8 p50;
+4. the trunk's feature SQNR against fp32 (from the export) and a second head (odd/even, trained on
+   the bundle's trunk, added with ``export --add-to --partial``): its top-1 drop on each int8 trunk.
 
 From the manifest it also reports the search "before and after" latency-aware selection: the
 attempt the old search would have shipped (the first that passed) against the one shipped (the
@@ -37,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "int8_speed_accuracy.json"
+log = logging.getLogger("int8_speed_accuracy")
 
 
 def make_run(kind: str, work: Path, digits: Path, img_size: int) -> Path:
@@ -90,6 +93,54 @@ def search_record(q: dict) -> dict:
         "chosen": brief(chosen),
         "first_passing": brief(passing[0] if passing else None),
     }
+
+
+def second_head(bundle: Path, digits: Path | None, work: Path) -> dict[str, float | None] | None:
+    """Goal 3 of the issue: a second head (odd/even on the same digits, feature extraction on the
+    bundle's own trunk) added with ``export --add-to``; its top-1 drop on each int8 variant against
+    the same format's fp32. None without the digits (``--run``)."""
+    if digits is None:
+        return None
+    parity = work / "parity"
+    if not parity.is_dir():
+        for d in range(10):
+            dest = parity / ("even" if d % 2 == 0 else "odd")
+            dest.mkdir(parents=True, exist_ok=True)
+            for p in sorted((digits / str(d)).glob("*.png")):
+                shutil.copyfile(p, dest / p.name)
+    run = work / f"run-parity-{bundle.name}"
+    if run.exists():
+        shutil.rmtree(run)
+    edgetl = [sys.executable, "-m", "edgetl"]
+    subprocess.run(
+        [
+            *edgetl,
+            "finetune",
+            str(parity),
+            "--out",
+            str(run),
+            "--trunk-from",
+            str(bundle),
+            "--epochs",
+            "10",
+            "--seed",
+            "0",
+            "--no-progress",
+            "-q",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    # --max-drop 100: measure every variant's drop instead of leaving the head out of those over the bar.
+    add = [*edgetl, "export", str(run), "--add-to", str(bundle), "--head", "parity", "--max-drop", "100", "--json"]
+    doc = json.loads(subprocess.run([*add, "--no-progress"], check=True, capture_output=True, text=True).stdout)
+    drops: dict[str, float | None] = {
+        r["name"]: r["top1_drop_pp"] for r in doc["results"] if r["name"].endswith("-int8")
+    }
+    for name, why in (doc.get("left_out") or {}).items():
+        drops.setdefault(name, None)
+        log.warning("second head left out of %s: %s", name, why)
+    return drops
 
 
 def measure(bundle: Path, threads: list[int], iterations: int, repeats: int) -> dict[str, dict[int, list[float]]]:
@@ -162,6 +213,7 @@ def main() -> None:
             export_s = time.perf_counter() - t0
             manifest = read_manifest(bundle)
             ratios = measure(bundle, threads, args.iterations, args.repeats)
+            parity = second_head(bundle, digits, work)
             for name, var in manifest["variants"].items():
                 if var["precision"] != "int8":
                     continue
@@ -184,6 +236,8 @@ def main() -> None:
                             "by_threads": var["speed"]["by_threads"],
                             "checked": var["speed"]["checked"],
                         },
+                        "features_sqnr_db": int8.get("features_sqnr_db"),
+                        "second_head_drop_pp": None if parity is None else parity.get(name),
                         "search": search_record(var["quantization"]),
                         "run_seconds": run_s,  # null: an existing run (--run, or kept by --keep)
                         "export_seconds": round(export_s, 1),
@@ -198,7 +252,10 @@ def main() -> None:
         return
     print(f"machine: {doc['machine']['cpu']}, int8 dot product: {doc['int8_dot_product'] or 'none'}")
     head = f"{'size':>4} {'variant':<14} {'drop pp':>8} " + " ".join(f"{f'x @{t}t':>8}" for t in threads)
-    print(head + f" {'export x':>9} {'shipped (x in search)':<34} first passing (x in search)")
+    print(
+        head
+        + f" {'export x':>9} {'feat dB':>7} {'head2 pp':>8} {'shipped (x in search)':<34} first passing (x in search)"
+    )
     for r in doc["rows"]:
         s = r["search"]
 
@@ -211,9 +268,11 @@ def main() -> None:
             )
 
         speeds = " ".join(f"{r['speedup_by_threads'][str(t)]:>7.2f}x" for t in threads)
+        sqnr, head2 = r["features_sqnr_db"], r["second_head_drop_pp"]
         print(
             f"{r['img_size']:>4} {r['variant']:<14} {r['top1_drop_pp']:>8.2f} {speeds} "
-            f"{r['export_speed']['speedup_vs_fp32']:>8.2f}x {desc(s['chosen']):<34} {desc(s['first_passing'])}"
+            f"{r['export_speed']['speedup_vs_fp32']:>8.2f}x {'-' if sqnr is None else f'{sqnr:.1f}':>7} "
+            f"{'-' if head2 is None else f'{head2:.2f}':>8} {desc(s['chosen']):<34} {desc(s['first_passing'])}"
         )
     print(f"written to {args.out}")
 
