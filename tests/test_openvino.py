@@ -175,12 +175,18 @@ def test_int8_search_tries_the_remedies_in_order_and_fails_with_the_figures(expo
     record = result.manifest_record(["a.png"])
     assert [a["accuracy_control"] for a in record["attempts"]] == [False] * 5 + [True]
 
-    with pytest.raises(ExportError) as err:
-        export_bundle(run_dir, tmp_path / "b", resolve_options(formats=("openvino",), max_drop=-1.0), progress=False)
-    message = str(err.value)
-    assert "openvino-int8 loses" in message and "--max-drop -1 pp" in message and "on 12 images" in message
-    assert "best of 6 quantization attempts" in message
-    assert not (tmp_path / "b").exists()
+    # Through the export: nothing passed, so (auto) quantization-aware fine-tuning is tried last, on
+    # the same NNCF settings; with --qat-epochs 0 it is not.
+    for qat_epochs, attempts in ((None, 7), (0, 6)):
+        options = resolve_options(formats=("openvino",), max_drop=-1.0, qat_epochs=qat_epochs)
+        with pytest.raises(ExportError) as err:
+            export_bundle(run_dir, tmp_path / "b", options, progress=False)
+        message = str(err.value)
+        assert "openvino-int8 loses" in message and "--max-drop -1 pp" in message and "on 12 images" in message
+        assert f"best of {attempts} quantization attempts" in message
+        assert not (tmp_path / "b").exists()
+    sources = [c.source for c, _ in seen]
+    assert sources == ["fp32"] * 6 + ["fp32"] * 6 + ["qat"] + ["fp32"] * 6  # direct, auto, --qat-epochs 0
 
 
 def test_bf16_is_refused_when_the_cpu_does_not_run_it(run_dir, tmp_path, monkeypatch):
