@@ -209,22 +209,6 @@ def test_exploring_after_a_pass_is_bounded_and_without_a_timer_the_first_pass_wi
     assert result.manifest_record([])["selection"] == "first passing"
 
 
-@pytest.fixture(scope="module")
-def tiny_trunk(tmp_path_factory):
-    import torch
-
-    from edgetl.workstation.backbones import get_backbone
-    from edgetl.workstation.export import export_onnx
-    from edgetl.workstation.model import build_trunk
-    from tests.helpers import TINY
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("trunk") / "trunk.onnx"
-    trunk = build_trunk(get_backbone(TINY)).eval()
-    export_onnx(trunk, torch.zeros(2, 3, 32, 32), path, input_name="image", output_name="features")
-    return path, np.random.default_rng(0).normal(0, 1, (24, 3, 32, 32)).astype(np.float32)
-
-
 def test_ort_search_looks_for_fewer_float_nodes_once_an_exclusion_set_passed(tiny_trunk, tmp_path):
     """After nodes kept in float rescued the accuracy, the ONNX Runtime quantizer tries the other
     calibrations with fewer nodes in float (fewest first), and the fastest passing one ships."""

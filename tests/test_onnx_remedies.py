@@ -160,22 +160,6 @@ def test_a_middle_tensor_read_elsewhere_is_not_equalized():
 # --- uint8 activations, NNCF's ONNX backend -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_trunk(tmp_path_factory):
-    import torch
-
-    from edgetl.workstation.backbones import get_backbone
-    from edgetl.workstation.export import export_onnx
-    from edgetl.workstation.model import build_trunk
-    from tests.helpers import TINY
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("trunk") / "trunk.onnx"
-    trunk = build_trunk(get_backbone(TINY)).eval()
-    export_onnx(trunk, torch.zeros(2, 3, 32, 32), path, input_name="image", output_name="features")
-    return path, np.random.default_rng(0).normal(0, 1, (24, 3, 32, 32)).astype(np.float32)
-
-
 def test_uint8_reencoding_of_activations_is_exact(tiny_trunk, tmp_path):
     from edgetl.workstation.export.formats.onnx_nncf import to_uint8_activations
 

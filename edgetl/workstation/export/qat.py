@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ from torch.ao.quantization.observer import MinMaxObserver
 from torch.fx.experimental.optimization import fuse
 from torch.nn.utils import parametrize
 
+from edgetl.core.bundle import sha256_file
 from edgetl.core.errors import ExportError
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
@@ -266,7 +266,7 @@ def _write_onnx(trunk, x_check: np.ndarray, out: Path) -> str:
                 f"the QAT trunk exported to ONNX does not compute what it computes in PyTorch (features SQNR "
                 f"{parity} dB); this is a bug, please report it (or pass --qat-epochs 0)"
             )
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
+        digest = sha256_file(tmp)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
