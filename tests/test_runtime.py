@@ -485,6 +485,6 @@ def test_backends_are_registered_from_the_format_table():
     for runtime, b in backends.BACKENDS.items():
         row = formats.RUNTIMES[runtime]
         assert (b.format, b.module, b.install_hint) == (row.name, row.runtime_module, row.install_hint)
-        assert b.loader is not None and b.options
+        assert b.loader is not None and isinstance(b.options, tuple)
     with pytest.raises(ValueError, match="already registered"):
         backends.register(backends.BACKENDS["onnxruntime"])

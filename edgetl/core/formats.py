@@ -73,6 +73,29 @@ FORMATS: dict[str, Format] = {
             sidecars=(".bin",),
             inference_precisions=("f32", "bf16", "f16"),
         ),
+        Format(
+            name="litert",
+            runtime="litert",
+            extension=".tflite",
+            precisions=("fp32", "int8"),
+            runtime_module="ai_edge_litert",
+            extra="litert",
+            export_modules=("litert_torch", "ai_edge_litert"),
+            int8_modules=("torchao",),
+            export_extra="litert-export",
+        ),
+        Format(
+            name="ncnn",
+            runtime="ncnn",
+            extension=".param",
+            precisions=("fp32",),
+            runtime_module="ncnn",
+            extra="ncnn",
+            export_modules=("pnnx", "ncnn"),
+            export_extra="ncnn-export",
+            sidecars=(".bin",),
+            inference_precisions=("f32",),
+        ),
     )
 }
 

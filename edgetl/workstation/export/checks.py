@@ -98,15 +98,18 @@ def check_precision_pin(
 ) -> str | None:
     """What the runtime ran (None: it has no such setting); raises when it is not the pinned precision.
 
-    Without the pin OpenVINO's CPU plugin runs bf16 by itself on CPUs with bf16 support, and a CPU
-    without it answers f32 to a bf16 hint: either way the variant would be measured in another
-    precision than the one the device will run.
+    Without the pin NCNN stores fp16 by itself (and computes in fp16 on ARMv8.2), and OpenVINO's
+    CPU plugin runs bf16 by itself on CPUs with bf16 support while a CPU without it answers f32 to a
+    bf16 hint: either way the variant would be measured in another precision than the one the
+    device will run.
     """
     ran = runtime_info.get("inference_precision")
     pinned = var.get("inference_precision")
     if pinned is not None and ran != pinned:
+        fmt = var.get("format") or name.split("-")[0]
+        runtime = {"openvino": "OpenVINO", "ncnn": "NCNN"}.get(fmt, fmt)
         raise ExportError(
-            f"variant {name}: OpenVINO ran {ran} although {pinned} was pinned; "
+            f"variant {name}: {runtime} ran {ran} although {pinned} was pinned; "
             f"this CPU cannot check {var['precision']} ({remedy})"
         )
     return ran
