@@ -16,7 +16,7 @@ from edgetl.core.errors import ConfigError
 from edgetl.workstation.export import ExportProfile, check_options, load_profile, resolve_options
 from tests.schemas import validate_document
 
-SHIPPED = {"default", "onnx-int8", "openvino-int8", "fp32-only", "all"}
+SHIPPED = {"default", "onnx-int8", "openvino-int8", "fp32-only", "all", "litert", "ncnn", "pi"}
 
 
 def test_shipped_profiles_are_valid_and_documented():
@@ -35,7 +35,10 @@ def test_shipped_profiles_are_valid_and_documented():
         ("onnx-int8", ("onnx",), ("int8",)),
         ("openvino-int8", ("openvino",), ("int8",)),
         ("fp32-only", ("onnx", "openvino"), ("fp32",)),
-        ("all", ("onnx", "openvino"), ("fp32", "fp16", "bf16", "int8")),
+        ("all", ("onnx", "openvino", "litert", "ncnn"), ("fp32", "fp16", "bf16", "int8")),
+        ("litert", ("litert",), ("fp32", "int8")),
+        ("ncnn", ("ncnn",), ("fp32",)),
+        ("pi", ("onnx", "litert", "ncnn"), ("fp32", "int8")),
     ],
 )
 def test_profiles_say_what_they_export(name, formats, precisions):
@@ -58,6 +61,24 @@ def test_options_override_the_profile_and_a_named_format_is_required(monkeypatch
         resolve_options(formats=["onnx", "openvino"])
     with pytest.raises(ConfigError, match="--model-format openvino needs openvino"):
         resolve_options("openvino-int8")
+
+
+@pytest.mark.parametrize(
+    "module, fmt, extra",
+    [
+        ("litert_torch", "litert", "litert-export"),
+        ("pnnx", "ncnn", "ncnn-export"),
+        ("torchao", "litert", "litert-export"),
+    ],
+)
+def test_pi_profile_leaves_out_a_missing_converter_and_a_named_one_is_required(monkeypatch, caplog, module, fmt, extra):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    options = resolve_options("pi")  # skip_unavailable: the format is left out with a warning naming the extra
+    assert fmt not in options.formats and "onnx" in options.formats
+    assert any(f"pip install 'edgetl[{extra}]'" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ConfigError, match=rf"--model-format {fmt} needs {module}, which is not installed"):
+        resolve_options("pi", formats=["onnx", fmt])
 
 
 def test_profile_files_by_path_with_unknown_keys_and_bad_values(tmp_path):

@@ -131,7 +131,9 @@ def test_add_to_leaves_the_trunk_untouched_and_checks_every_variant(added):
         assert m["files"][rel]["sha256"] == sha == sha256_file(two / rel)
     new = set(m["files"]) - set(before)
     merged = {v["merged"]["tint"] for v in m["variants"].values()}
-    assert new == {"onnx/head.tint.onnx", "openvino/head.tint.xml"} | merged
+    heads = {"onnx/head.tint.onnx", "openvino/head.tint.xml", "litert/head.tint.tflite", "ncnn/head.tint.param"}
+    assert new == heads | merged
+    assert "litert/merged.tint.int8.tflite" in merged and "ncnn/merged.tint.fp32.param" in merged
     assert "onnx/merged.tint.int8.onnx" in merged and "openvino/merged.tint.fp32.xml" in merged
     assert set(doc["variants"]) == set(m["variants"]) and len(m["variants"]) >= 6
     assert all(v["heads"]["tint"] in new for v in m["variants"].values())
@@ -235,7 +237,7 @@ def test_a_failed_check_leaves_the_bundle_as_it_was(bundle, head_run, tmp_path):
     two = shutil.copytree(bundle, tmp_path / "b")
     before = {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()}
     with pytest.raises(
-        ExportError, match=r"variant onnx-fp16 \(head tint\) loses .* pp validation top-1 .*--max-drop -1 pp"
+        ExportError, match=r"variant \S+-(fp16|int8) \(head tint\) loses .* pp validation top-1 .*--max-drop -1 pp"
     ):
         add_head(head_run, two, "tint", max_drop=-1.0, progress=False)
     assert {p.relative_to(two).as_posix(): p.read_bytes() for p in two.rglob("*") if p.is_file()} == before
@@ -272,7 +274,8 @@ def test_partial_leaves_the_head_out_of_variants_that_miss_the_bar(bundle, head_
     doc = add_head(head_run, two, "tint", max_drop=-1.0, partial=True, progress=False)
     m = read_manifest(two)
     kept = {n for n, v in m["variants"].items() if "tint" in v["heads"]}
-    assert kept == {"onnx-fp32", "openvino-fp32"} and set(doc["left_out"]) == set(m["variants"]) - kept
+    assert kept == {"onnx-fp32", "openvino-fp32", "litert-fp32", "ncnn-fp32"}
+    assert set(doc["left_out"]) == set(m["variants"]) - kept
     assert set(m["heads"]["tint"]["left_out"]) == set(doc["left_out"])
     assert "loses" in doc["left_out"]["onnx-int8"] and "--max-drop -1 pp" in doc["left_out"]["onnx-int8"]
     assert not any(rel.startswith(("onnx/merged.tint.int8", "openvino/merged.tint.int8")) for rel in m["files"])

@@ -30,6 +30,7 @@ from edgetl.workstation.run import load_run
 from tests.run_factory import all_profile_export, cpu_runs_bf16, shared_run
 
 ALL = {"onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16", "openvino-bf16", "openvino-int8"}
+ALL |= {"litert-fp32", "litert-int8", "ncnn-fp32"}  # the all profile holds every format
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ def test_all_profile_exports_every_variant_with_its_bar(exported):
         **({"openvino-bf16": "bf16"} if bf16 else {}),
         "openvino-int8": "f32",
     }
+    assert doc["variants"]["ncnn-fp32"]["inference_precision"] == "f32"  # NCNN's fp16 default pinned off
     # bf16 runs the fp32 IR (no file of its own); fp16 weights halve the trunk files.
     if bf16:
         assert m["variants"]["openvino-bf16"]["trunk"] == "openvino/trunk.fp32.xml"
@@ -99,7 +101,13 @@ def test_openvino_fp32_matches_onnxruntime_and_pins_f32(exported, x_val):
 def test_merged_graph_computes_what_trunk_and_head_compute(exported, x_val):
     out, _ = exported
     bundle = open_bundle(out)
-    for runtime, precision in (("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "fp32")):
+    for runtime, precision in (
+        ("onnxruntime", "int8"),
+        ("openvino", "int8"),
+        ("openvino", "fp32"),
+        ("litert", "int8"),
+        ("ncnn", "fp32"),
+    ):
         split = bundle.load(runtime=runtime, precision=precision)
         merged = bundle.load(runtime=runtime, precision=precision, merged=True)
         assert merged.merged and not split.merged
