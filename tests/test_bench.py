@@ -413,11 +413,12 @@ def test_cli_bench_device_profile_rpi5_is_visible_in_json(bundle_dir):
     result = CliRunner().invoke(main, ["bench", str(bundle_dir), "--device-profile", "rpi5", "--json", *CLI_FAST])
     assert result.exit_code == 0, result.output
     (doc,) = validate_document(result.stdout, "bench")["results"]
+    # rpi5 prefers LiteRT, then NCNN, then ONNX Runtime: this bundle holds ONNX only.
     assert (doc["threads"], doc["precision"], doc["batch_size"], doc["runtime"]) == (4, "int8", 1, "onnxruntime")
     assert doc["provider"] == "cpu"
     assert doc["profile"]["name"] == "rpi5"
     assert doc["profile"]["applied"] == {
-        "runtime": "onnxruntime",
+        "runtime": ["litert", "ncnn", "onnxruntime"],
         "provider": "cpu",
         "threads": 4,
         "precision": "int8",

@@ -77,7 +77,7 @@ def test_shipped_profiles_cover_the_issue_and_load():
     assert set(list_shipped("device-profile")) >= REQUIRED
     for p in list_profiles():
         assert p.description and p.hardware and p.notes.strip(), p.name
-        assert p.runtime in ("onnxruntime", "openvino")
+        assert p.runtimes and set(p.runtimes) <= {"onnxruntime", "openvino", "litert", "ncnn"}
         assert p.match.arch, f"{p.name} must say which architecture it is for"
         assert p.settings()["batch_size"] >= 1
 
@@ -129,6 +129,10 @@ def test_profile_by_path_and_unknown_keys(tmp_path):
         ({"description": "x", "streams": 2}, "ov_device and streams apply to runtime openvino"),
         ({"description": "x", "runtime": "openvino", "provider": "cuda"}, "provider and provider_options apply"),
         ({"description": "x", "name": "y"}, "'name' is not a profile key"),
+        ({"description": "x", "runtime": []}, "runtime must name at least one runtime"),
+        ({"description": "x", "runtime": ["litert", "tflite"]}, "runtime 'tflite' is not one of"),
+        ({"description": "x", "runtime": ["litert", 3]}, "runtime must be a string or a list of strings"),
+        ({"description": "x", "runtime": ["litert", "ncnn"], "provider": "cuda"}, "provider and provider_options"),
         ({"description": "x", "match": {"cpu": "("}}, "is not a regular expression"),
     ],
 )
@@ -172,11 +176,13 @@ def test_cli_devices_list_show_and_json(tmp_path):
     for name in REQUIRED:
         assert name in table.stdout
     shown = runner.invoke(main, ["devices", "rpi4", "--format", "table"])
-    assert shown.exit_code == 0 and "Cortex-A72" in shown.stdout and "onnxruntime/cpu, 4 threads" in shown.stdout
+    assert shown.exit_code == 0 and "Cortex-A72" in shown.stdout
+    assert "litert/cpu or ncnn/cpu or onnxruntime/cpu, 4 threads" in shown.stdout
     shown_tsv = runner.invoke(main, ["devices", "rpi4"])
     pairs = [line.split("\t") for line in shown_tsv.stdout.splitlines()]
     assert pairs[0] == ["key", "value"] and {len(p) for p in pairs} == {2}
-    assert ["settings", "onnxruntime/cpu, 4 threads, fp32, batch 1"] in pairs and pairs[-1][0] == "notes"
+    assert ["settings", "litert/cpu or ncnn/cpu or onnxruntime/cpu, 4 threads, fp32, batch 1"] in pairs
+    assert pairs[-1][0] == "notes"
     doc = validate_document(runner.invoke(main, ["devices", "--json"]).stdout, "devices")
     assert {p["name"] for p in doc["results"]} >= REQUIRED
     one = validate_document(runner.invoke(main, ["devices", "x86-server", "--json"]).stdout, "devices")
@@ -201,3 +207,40 @@ def test_cli_devices_errors_and_untrusted_text(tmp_path):
     table = runner.invoke(main, ["devices", str(path), "--format", "table"])
     assert table.exit_code == 0 and "odd: tab\\x09here, \\x1b[31mred\\x1b[0m" in table.stdout
     assert "\x1b" not in table.stdout
+
+
+def test_pi_profiles_prefer_litert_then_ncnn_then_onnxruntime(tmp_path):
+    """rpi4/rpi5 name their runtimes in order of preference: the first this machine has installed
+    and the bundle holds is used; an ONNX-only bundle still runs with ONNX Runtime."""
+    from edgetl.core.errors import BackendError
+    from edgetl.device.bundle_loading import open_bundle
+    from tests.bundle_factory import build_bundle
+
+    for name in ("rpi4", "rpi5"):
+        assert load_profile(name).runtimes == ("litert", "ncnn", "onnxruntime")
+    bundle = open_bundle(build_bundle(tmp_path / "b"))  # onnx fp32 + int8 only
+    assert bundle.pick_runtime(("litert", "ncnn", "onnxruntime")) == "onnxruntime"
+    assert bundle.pick_runtime(("openvino", "onnxruntime"), "int8") == "onnxruntime"
+    with pytest.raises(BackendError, match=r"none of the runtimes litert, ncnn can run .*litert: the bundle has no"):
+        bundle.pick_runtime(("litert", "ncnn"))
+    predictor = bundle.load(runtime=("litert", "ncnn", "onnxruntime"), precision="int8", provider="cpu")
+    assert predictor.runtime == "onnxruntime" and predictor.precision == "int8"
+    # predict with the profile: ONNX Runtime for this bundle, and the JSON says the profile chose it.
+    result = CliRunner().invoke(
+        main, ["predict", str(bundle.path), str(_one_image(tmp_path)), "--device-profile", "rpi4", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["runtime"] == "onnxruntime" and doc["device_profile"]["applied"]["runtime"] == [
+        "litert",
+        "ncnn",
+        "onnxruntime",
+    ]
+
+
+def _one_image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "one.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(path)
+    return path

@@ -71,6 +71,26 @@ def test_runtimes_match_the_libraries(report):
     assert cpu["full_name"] == core.get_property("CPU", "FULL_DEVICE_NAME") and "FP32" in cpu["capabilities"]
 
 
+def test_pi_runtimes_match_the_libraries(report):
+    import importlib.metadata
+    import importlib.util
+
+    lite, nc = report.runtimes["litert"], report.runtimes["ncnn"]
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        assert lite == {"installed": False, "version": None}
+    else:
+        assert lite["installed"] and lite["version"] == importlib.metadata.version("ai-edge-litert")
+        assert lite["delegate"] == "XNNPACK (CPU)"
+    if importlib.util.find_spec("ncnn") is None:
+        assert nc == {"installed": False, "version": None}
+    else:
+        import ncnn
+
+        assert nc["installed"] and nc["version"] == importlib.metadata.version("ncnn")
+        assert nc["cpu"]["threads"] == ncnn.get_cpu_count()
+        assert nc["cpu"]["arm_fp16_arithmetic"] is bool(ncnn.cpu_support_arm_asimdhp())
+
+
 def test_profile_and_outlook_are_consistent(report):
     assert report.profiles["best"] == (report.profiles["fits"][0]["profile"] if report.profiles["fits"] else None)
     assert report.int8 == int8_outlook(report.machine["arch"], report.machine["isa"])
@@ -125,15 +145,56 @@ def test_measured_int8_slower_than_fp32_is_a_warning(bundle_dir, monkeypatch):
     assert any("int8 is slower than fp32 (0.67x" in w for w in rep.warnings)
 
 
+def test_fastest_variant_other_than_the_profiles_runtime_is_a_warning(bundle_dir, monkeypatch):
+    measured = [
+        {"variant": "onnxruntime-fp32", "runtime": "onnxruntime", "precision": "fp32", "p50_ms": 2.0},
+        {"variant": "openvino-fp32", "runtime": "openvino", "precision": "fp32", "p50_ms": 1.0},
+    ]
+    monkeypatch.setattr(doctor_mod, "measure_int8", lambda bundle: [])
+    monkeypatch.setattr(
+        doctor_mod, "measure_fastest", lambda bundle: {**measured[1], "measured": measured, "skipped": []}
+    )
+    monkeypatch.setattr(doctor_mod, "profile_runtime_for", lambda profile, bundle: "onnxruntime")
+    rep = diagnose(bundle_dir)
+    if rep.profiles["best"] is None:
+        pytest.skip("no shipped profile fits this machine")
+    assert any(
+        "fastest variant of the bundle is openvino-fp32 (1.00 ms p50)" in w and "pass --runtime openvino" in w
+        for w in rep.warnings
+    )
+    monkeypatch.setattr(doctor_mod, "profile_runtime_for", lambda profile, bundle: "openvino")
+    assert not any("fastest variant" in w for w in diagnose(bundle_dir).warnings)
+
+
+def test_fastest_never_picks_a_nan_timing(bundle_dir, monkeypatch):
+    import dataclasses
+
+    from edgetl.device import bench as bench_pkg
+
+    real = bench_pkg.run_bench
+
+    def nan_fp32(*args, **kwargs):
+        rep = real(*args, **kwargs)
+        results = [
+            dataclasses.replace(r, latency_ms={**r.latency_ms, "p50": float("nan")}) if r.precision == "fp32" else r
+            for r in rep.results
+        ]
+        return dataclasses.replace(rep, results=results)
+
+    monkeypatch.setattr(bench_pkg, "run_bench", nan_fp32)
+    out = doctor_mod.measure_fastest(bundle_dir, iterations=3, warmup=0)
+    assert out["variant"] == "onnxruntime-int8" and [m["variant"] for m in out["measured"]] == ["onnxruntime-int8"]
+
+
 def test_cli_doctor_json_is_one_envelope():
     result = CliRunner().invoke(main, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
     doc = validate_document(result.stdout, "doctor")
     assert doc["bundle"] is None and len(doc["results"]) == 1
     report = doc["results"][0]
-    assert set(report) == {"machine", "runtimes", "profiles", "int8", "warnings"}
-    assert report["machine"]["arch"] and "onnxruntime" in report["runtimes"]
-    assert "measured" not in report["int8"]
+    assert set(report) == {"machine", "runtimes", "profiles", "int8", "warnings", "fastest"}
+    assert report["machine"]["arch"] and set(report["runtimes"]) == {"onnxruntime", "openvino", "litert", "ncnn"}
+    assert "measured" not in report["int8"] and report["fastest"] is None
 
 
 def test_cli_doctor_with_bundle_json_and_lines(bundle_dir):
@@ -144,7 +205,11 @@ def test_cli_doctor_with_bundle_json_and_lines(bundle_dir):
     assert [row["runtime"] for row in doc["results"][0]["int8"]["measured"]] == ["onnxruntime"]
     lines = CliRunner().invoke(main, ["doctor", str(bundle_dir)])  # in a pipe: the same lines as on a terminal
     assert lines.exit_code == 0, lines.output
-    for word in ("machine", "CPU", "runtimes", "profile", "int8", "measured onnxruntime"):
+    fastest = doc["results"][0]["fastest"]
+    assert {m["variant"] for m in fastest["measured"]} == {"onnxruntime-fp32", "onnxruntime-int8"}
+    assert fastest["p50_ms"] == min(m["p50_ms"] for m in fastest["measured"])
+    assert fastest["variant"] == next(m["variant"] for m in fastest["measured"] if m["p50_ms"] == fastest["p50_ms"])
+    for word in ("machine", "CPU", "runtimes", "profile", "int8", "measured onnxruntime", "fastest   onnxruntime-"):
         assert word in lines.stdout
     assert "\t" not in lines.stdout
     help_ = CliRunner().invoke(main, ["doctor", "--help"])

@@ -89,7 +89,14 @@ def test_predict_load_options_go_over_the_device_profile():
     from edgetl.device.profiles import apply_profile
 
     o = apply_profile("rpi5", LoadOptions(threads=2, heads="all"))
-    assert (o.runtime, o.precision, o.threads, o.provider, o.heads) == ("onnxruntime", "int8", 2, "cpu", "all")
+    # rpi5's runtimes in order of preference: Bundle.load picks the first the bundle and machine have.
+    assert (o.runtime, o.precision, o.threads, o.provider, o.heads) == (
+        ("litert", "ncnn", "onnxruntime"),
+        "int8",
+        2,
+        "cpu",
+        "all",
+    )
     assert apply_profile(None, LoadOptions()) == LoadOptions(runtime="onnxruntime")
     # The profile's ONNX Runtime provider is dropped when --runtime openvino is given.
     assert apply_profile("rpi5", LoadOptions(runtime="openvino")).provider is None

@@ -151,6 +151,23 @@ def doctor_lines(r) -> list[str]:
         lines.append(f"          openvino {ov['version']}: devices {devs}")
     else:
         lines.append("          openvino not installed (pip install 'edgetl[openvino]')")
+    lite, nc = rt["litert"], rt["ncnn"]
+    if lite["installed"]:
+        lines.append(f"          litert {lite['version']}: {lite.get('delegate') or lite.get('error', '')}")
+    else:
+        lines.append("          litert not installed (pip install 'edgetl[litert]')")
+    if nc["installed"]:
+        cpu = nc.get("cpu") or {}
+        lines.append(
+            f"          ncnn {nc['version']}: "
+            + (
+                f"{cpu['threads']} threads, fp16 arithmetic {'yes' if cpu['arm_fp16_arithmetic'] else 'no'}"
+                if cpu
+                else nc.get("error", "")
+            )
+        )
+    else:
+        lines.append("          ncnn not installed (pip install 'edgetl[ncnn]')")
     best = r.profiles["best"]
     if best:
         first = r.profiles["fits"][0]
@@ -167,6 +184,13 @@ def doctor_lines(r) -> list[str]:
             )
         else:
             lines.append(f"          measured {row['runtime']}: {row['error']}")
+    if r.fastest is not None:
+        f = r.fastest
+        if f.get("variant"):
+            others = ", ".join(f"{m['variant']} {m['p50_ms']:.2f}" for m in f["measured"])
+            lines.append(f"fastest   {f['variant']} ({f['p50_ms']:.2f} ms p50, batch 1, measured here; {others})")
+        else:
+            lines.append(f"fastest   not measured: {f['error']}")
     lines.extend(f"warning   {w}" for w in r.warnings)
     return lines
 

@@ -8,6 +8,7 @@ the heads, and hands each file to the runtime's back-end (:mod:`edgetl.device.ba
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ class LoadOptions:
     instead of the shared trunk; each head then runs its own copy of the trunk.
     """
 
-    runtime: str | None = None
+    runtime: str | tuple[str, ...] | None = None  # a tuple: a device profile's order of preference
     precision: str | None = None
     heads: str | Sequence[str] | None = None
     threads: int | None = None
@@ -113,6 +114,29 @@ class Bundle:
             )
         return have
 
+    def pick_runtime(self, preference: Sequence[str], precision: str | Sequence[str] | None = None) -> str:
+        """The first runtime of ``preference`` (a device profile's order) whose library is installed
+        here and whose format this bundle holds, in ``precision`` (all of them, for a list) when
+        given; BackendError saying what each one lacks when none fits."""
+        wanted = [precision] if isinstance(precision, str) else list(precision or [])
+        reasons = []
+        for runtime in preference:
+            spec = backend(runtime)
+            have = self.precisions(spec.format)
+            if not have:
+                reasons.append(f"{runtime}: the bundle has no {spec.format} variant")
+            elif any(p not in have for p in wanted):
+                reasons.append(f"{runtime}: the bundle has {', '.join(have)} only")
+            elif spec.loader is None or importlib.util.find_spec(spec.module) is None:
+                reasons.append(f"{runtime}: not installed ({spec.install_hint})")
+            else:
+                return runtime
+        raise BackendError(
+            f"none of the runtimes {', '.join(preference)} can run bundle {self.path} here ("
+            + "; ".join(reasons)
+            + "); pass --runtime, or re-export with --export-profile pi"
+        )
+
     def resolve_precision(self, runtime: str, precision: str | None) -> str:
         """``None`` means fp32 when the bundle has it, else its only precision for this runtime."""
         have = self.runtime_precisions(runtime)
@@ -174,11 +198,16 @@ class Bundle:
             options = dataclasses.replace(options, **given)
         o = options
         runtime, precision, threads, merged = o.runtime or DEFAULT_RUNTIME, o.precision, o.threads, o.merged
+        preferred = not isinstance(runtime, str)
+        if preferred:  # a device profile's runtimes in order of preference
+            runtime = self.pick_runtime(runtime, precision)
         for name, value in (("threads", threads), ("streams", o.streams)):
             if value is not None:
                 limits.check(name, value)
         spec = backend(runtime)
         accel = o.accelerator_options()
+        if preferred:  # the profile's options for the runtimes it did not pick do not apply
+            accel = {k: v for k, v in accel.items() if k in spec.options}
         check_load_options(runtime, accel)
         precision = self.resolve_precision(runtime, precision)
         variant = self.variant(spec.format, precision)

@@ -229,14 +229,17 @@ def _profile_check(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str
         return _check(
             "profile", "warn", f"the device fits profile {best!r}, which this edgetl does not ship (versions differ?)"
         )
-    fmt = format_of(profile.runtime)
+    # A profile's runtimes in order of preference: the first whose format the bundle holds.
+    held = {v["format"] for v in manifest["variants"].values()}
+    runtime = next((r for r in profile.runtimes if format_of(r) in held), profile.runtimes[0])
+    fmt = format_of(runtime)
     wanted = (
         [variant_name(fmt, profile.precision)]
         if profile.precision
         else [n for n, v in manifest["variants"].items() if v["format"] == fmt]
     )
     have = [n for n in wanted if n in manifest["variants"]]
-    settings = f"{profile.runtime}" + (f" {profile.precision}" if profile.precision else "")
+    settings = f"{runtime}" + (f" {profile.precision}" if profile.precision else "")
     if have:
         return _check(
             "profile",

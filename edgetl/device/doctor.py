@@ -28,6 +28,8 @@ class DoctorReport:
     profiles: dict[str, Any]  # best: name or None, fits: [{profile, score, reasons, missing}]
     int8: dict[str, Any]  # outlook from the ISA; "measured" when a bundle was given
     warnings: list[str]
+    # With a bundle: every variant this machine runs, timed interleaved, and the fastest; else None.
+    fastest: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,6 +103,42 @@ def runtime_facts() -> dict[str, Any]:
                 "devices": [],
                 "error": _first_line(exc),
             }
+    out["litert"] = litert_facts()
+    out["ncnn"] = ncnn_facts()
+    return out
+
+
+def litert_facts() -> dict[str, Any]:
+    """LiteRT (``ai-edge-litert``): installed or not; its CPU kernels are XNNPACK's."""
+    if importlib.util.find_spec("ai_edge_litert") is None:
+        return {"installed": False, "version": None}
+    out: dict[str, Any] = {"installed": True, "version": envinfo.package_version("ai-edge-litert")}
+    try:
+        from ai_edge_litert import interpreter  # noqa: F401  (a broken install fails here)
+
+        out["delegate"] = "XNNPACK (CPU)"
+    except Exception as exc:
+        out["error"] = _first_line(exc)
+    return out
+
+
+def ncnn_facts() -> dict[str, Any]:
+    """NCNN: installed or not, and the CPU features its kernels pick by themselves (fp16
+    arithmetic on ARMv8.2, which edgetl's fp32 variants switch off)."""
+    if importlib.util.find_spec("ncnn") is None:
+        return {"installed": False, "version": None}
+    out: dict[str, Any] = {"installed": True, "version": envinfo.package_version("ncnn")}
+    try:
+        import ncnn
+
+        out["cpu"] = {
+            "threads": int(ncnn.get_cpu_count()),
+            "big_cores": int(ncnn.get_big_cpu_count()),
+            "arm_fp16_arithmetic": bool(ncnn.cpu_support_arm_asimdhp()),
+            "x86_avx2": bool(ncnn.cpu_support_x86_avx2()),
+        }
+    except Exception as exc:
+        out["error"] = _first_line(exc)
     return out
 
 
@@ -240,6 +278,38 @@ def measure_int8(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int
     return rows
 
 
+def measure_fastest(bundle: str | os.PathLike, *, iterations: int = 40, warmup: int = 5) -> dict[str, Any]:
+    """Every variant of the bundle this machine can run, timed interleaved in one run (batch 1,
+    the runtimes' default threads): the fastest by p50, and each variant's p50. ``variant`` is None
+    when nothing could run (``error`` says why)."""
+    from edgetl.device.bench import run_bench
+
+    try:
+        rep = run_bench(bundle, all_variants=True, iterations=iterations, warmup=warmup, cold_start_runs=False, block=5)
+    except EdgetlError as exc:
+        return {"variant": None, "error": str(exc)}
+    rows = [
+        {"variant": f"{r.runtime}-{r.precision}", "runtime": r.runtime, "precision": r.precision, "p50_ms": p50}
+        for r in rep.results
+        if (p50 := r.latency_ms.get("p50")) is not None and p50 == p50  # NaN never wins
+    ]
+    if not rows:
+        return {"variant": None, "error": "no variant produced a timing"}
+    best = min(rows, key=lambda r: r["p50_ms"])
+    return {**best, "measured": rows, "skipped": rep.skipped}
+
+
+def profile_runtime_for(profile_name: str, bundle: str | os.PathLike) -> str | None:
+    """The runtime device profile ``profile_name`` would run ``bundle`` with here (None: it can't)."""
+    from edgetl.device.bundle_loading import open_bundle
+    from edgetl.device.profiles import load_profile
+
+    try:
+        return open_bundle(bundle).pick_runtime(load_profile(profile_name).runtimes)
+    except EdgetlError:
+        return None
+
+
 def profile_facts(machine: dict[str, Any], runtimes: dict[str, Any]) -> dict[str, Any]:
     """What :func:`edgetl.device.profiles.fit` matches against: the machine plus its accelerators."""
     return {
@@ -277,7 +347,18 @@ def diagnose(bundle: str | os.PathLike | None = None) -> DoctorReport:
                     f"p50 {row['int8_p50_ms']:.2f} vs {row['fp32_p50_ms']:.2f} ms, batch {row['batch_size']}): "
                     "ship fp32 for this runtime, or try the other runtime"
                 )
-    if not runtimes["onnxruntime"]["installed"] and not runtimes["openvino"]["installed"]:
+    fastest = None
+    if bundle is not None:
+        fastest = measure_fastest(bundle)
+        if fastest.get("variant") and fits:
+            chosen = profile_runtime_for(fits[0].profile, bundle)
+            if chosen is not None and chosen != fastest["runtime"]:
+                warnings.append(
+                    f"measured on this machine the fastest variant of the bundle is {fastest['variant']} "
+                    f"({fastest['p50_ms']:.2f} ms p50), but profile {fits[0].profile} runs {chosen}: "
+                    f"pass --runtime {fastest['runtime']}"
+                )
+    if not any(rt["installed"] for rt in runtimes.values()):
         warnings.append("no inference runtime is installed: pip install onnxruntime (or 'edgetl[openvino]')")
     for name, rt in runtimes.items():
         if rt.get("error"):
@@ -304,4 +385,4 @@ def diagnose(bundle: str | os.PathLike | None = None) -> DoctorReport:
     for f in fits[:1]:
         for missing in f.missing:
             warnings.append(f"profile {f.profile} expects {missing}, which is not available here")
-    return DoctorReport(machine, runtimes, profiles, int8, warnings)
+    return DoctorReport(machine, runtimes, profiles, int8, warnings, fastest)

@@ -53,7 +53,9 @@ class DeviceProfile:
     path: str
     description: str
     hardware: str = ""
-    runtime: str = DEFAULT_RUNTIME
+    # One runtime, or several in order of preference (YAML list): the first that is installed and
+    # whose format the bundle holds is used (see Bundle.pick_runtime).
+    runtime: str | tuple[str, ...] = DEFAULT_RUNTIME
     provider: str | None = None  # ONNX Runtime execution provider (short name or full name)
     provider_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     ov_device: str | None = None  # OpenVINO device: CPU, GPU, NPU, AUTO ...
@@ -63,6 +65,11 @@ class DeviceProfile:
     batch_size: int = 1
     match: DeviceMatch = DeviceMatch()
     notes: str = ""
+
+    @property
+    def runtimes(self) -> tuple[str, ...]:
+        """The runtime, or the runtimes in order of preference."""
+        return (self.runtime,) if isinstance(self.runtime, str) else tuple(self.runtime)
 
     def settings(self) -> dict[str, Any]:
         """What this profile sets, only the values it gives (``None`` means "runtime default")."""
@@ -108,6 +115,10 @@ def profile_from_dict(data: dict[str, Any], *, name: str, path: str = "<dict>") 
                 raise ConfigError(
                     f"{where}: match.{k} pattern {pattern!r} is not a regular expression: {exc}"
                 ) from None
+    if isinstance(data.get("runtime"), list):
+        data["runtime"] = _str_tuple(data["runtime"], "runtime", where)
+        if not data["runtime"]:
+            raise ConfigError(f"{where}: runtime must name at least one runtime")
     profile = DeviceProfile(name=name, path=path, match=match_obj, **data)
     _validate(profile, where)
     return profile
@@ -124,8 +135,11 @@ def _str_tuple(value: Any, key: str, where: str) -> tuple[str, ...]:
 def _validate(p: DeviceProfile, where: str) -> None:
     if not isinstance(p.description, str) or not p.description.strip():
         raise ConfigError(f"{where}: 'description' must be a non-empty string")
-    if p.runtime not in RUNTIMES:
-        raise ConfigError(f"{where}: runtime {p.runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if not isinstance(p.runtime, (str, tuple)):
+        raise ConfigError(f"{where}: runtime must be a runtime name or a list of them in order of preference")
+    for runtime in p.runtimes:
+        if runtime not in RUNTIMES:
+            raise ConfigError(f"{where}: runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     if p.precision is not None and p.precision not in PRECISIONS:
         raise ConfigError(f"{where}: precision {p.precision!r} is not one of {', '.join(PRECISIONS)}")
     for key in ("threads", "streams"):
@@ -139,10 +153,12 @@ def _validate(p: DeviceProfile, where: str) -> None:
     for key, value in p.provider_options.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: provider_options {key!r} must be a finite number, not {value!r}")
-    if p.runtime == "onnxruntime" and (p.ov_device is not None or p.streams is not None):
-        raise ConfigError(f"{where}: ov_device and streams apply to runtime openvino, not onnxruntime")
-    if p.runtime == "openvino" and (p.provider is not None or p.provider_options):
-        raise ConfigError(f"{where}: provider and provider_options apply to runtime onnxruntime, not openvino")
+    if "openvino" not in p.runtimes and (p.ov_device is not None or p.streams is not None):
+        raise ConfigError(f"{where}: ov_device and streams apply to runtime openvino, not {'/'.join(p.runtimes)}")
+    if "onnxruntime" not in p.runtimes and (p.provider is not None or p.provider_options):
+        raise ConfigError(
+            f"{where}: provider and provider_options apply to runtime onnxruntime, not {'/'.join(p.runtimes)}"
+        )
     if not isinstance(p.notes, str) or not isinstance(p.hardware, str):
         raise ConfigError(f"{where}: notes and hardware must be strings")
 
@@ -160,13 +176,18 @@ def merge_settings(profile: DeviceProfile | None, given: dict[str, Any]) -> tupl
             merged[key], source[key] = from_profile[key], "profile"
         else:
             merged[key] = None
-    # An explicit runtime on the command line drops the profile's settings for the other runtime.
+    # An explicit runtime on the command line drops the profile's settings for the other runtimes.
     runtime = merged["runtime"] or DEFAULT_RUNTIME
-    other = ("ov_device", "streams") if runtime == "onnxruntime" else ("provider", "provider_options")
-    for key in other:
-        if source.get(key) == "profile":
-            merged[key] = None
-            del source[key]
+    if isinstance(runtime, str):
+        other = []
+        if runtime != "onnxruntime":
+            other += ["provider", "provider_options"]
+        if runtime != "openvino":
+            other += ["ov_device", "streams"]
+        for key in other:
+            if source.get(key) == "profile":
+                merged[key] = None
+                del source[key]
     return merged, source
 
 
@@ -179,8 +200,15 @@ class Settings:
     profile: DeviceProfile | None = None
 
     @property
-    def runtime(self) -> str:
+    def runtime(self) -> str | tuple[str, ...]:
+        """The runtime, or (from a profile) the runtimes in order of preference: see :meth:`runtime_for`."""
         return self.values["runtime"] or DEFAULT_RUNTIME
+
+    def runtime_for(self, bundle: Any) -> str:
+        """The runtime to run ``bundle`` with: the one asked for, or the profile's first preference
+        that is installed here and whose format the bundle holds."""
+        runtime = self.runtime
+        return runtime if isinstance(runtime, str) else bundle.pick_runtime(runtime, self.values["precision"])
 
     def load_options(self, runtime: str | None = None, *, strict: bool = True) -> dict[str, Any]:
         """Accelerator options for ``Bundle.load`` (provider, provider_options, device, streams).
@@ -192,8 +220,10 @@ class Settings:
         from edgetl.device.backends import LOAD_OPTIONS, backend
 
         runtime = runtime or self.runtime
+        if not isinstance(runtime, str):
+            raise TypeError("load_options needs the runtime chosen for the bundle (Settings.runtime_for)")
         options = {k: self.values[s] for k, (s, _) in LOAD_OPTIONS.items() if self.values[s] is not None}
-        if strict:
+        if strict and isinstance(self.runtime, str):
             return options
         accepted = set(backend(runtime).options)
         if runtime == "onnxruntime" and str(self.values["provider"] or "").lower() not in (
@@ -325,8 +355,8 @@ def best_fit(facts: dict[str, Any], profiles: list[DeviceProfile] | None = None)
 
 def profile_label(profile: DeviceProfile) -> str:
     """``onnxruntime/cpu, 4 threads, int8, batch 1``: a profile's settings in one line."""
-    target = (profile.provider or "cpu") if profile.runtime == "onnxruntime" else (profile.ov_device or "CPU")
-    parts = [f"{profile.runtime}/{target}"]
+    targets = {"onnxruntime": profile.provider or "cpu", "openvino": profile.ov_device or "CPU"}
+    parts = [" or ".join(f"{r}/{targets.get(r, 'cpu')}" for r in profile.runtimes)]
     parts.append(f"{profile.threads} threads" if profile.threads else "default threads")
     if profile.streams:
         parts.append(f"{profile.streams} streams")

@@ -181,7 +181,6 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
         # --all asks for every variant: the profile's precision does not narrow it (an option does).
         settings.values["precision"] = None
         del settings.source["precision"]
-    runtime = settings.runtime
     threads_list = _as_list(settings.values["threads"]) or [None]
     batch_list = _as_list(settings.values["batch_size"]) or [1]
     precision_list = _as_list(settings.values["precision"])
@@ -198,6 +197,7 @@ def run_bench(bundle_path: str | os.PathLike, options: BenchOptions | None = Non
     profile_doc = settings.profile_doc()
 
     bundle = open_bundle(bundle_path)  # verifies every file once, and leaves them in the page cache
+    runtime = settings.runtime_for(bundle)  # a profile's runtimes: the first this bundle and machine have
     pairs, skipped = _variants_to_run(bundle, runtime, precision_list, all_variants)
     configs = []
     for rt, precision in pairs:
