@@ -183,8 +183,13 @@ def build_wheel(out: Path, project: Path = PROJECT) -> Path:
     return next(out.glob("edgetl-*.whl"))
 
 
-def install_wheel(root: Path, wheel: Path) -> float:
-    """pip install the runtime-only wheel (and its aarch64 dependencies from PyPI) into the venv."""
+# The device extras installed with the wheel: LiteRT's and NCNN's runtimes (aarch64 wheels from PyPI).
+DEVICE_EXTRAS = ("litert", "ncnn")
+
+
+def install_wheel(root: Path, wheel: Path, extras: tuple[str, ...] = DEVICE_EXTRAS) -> float:
+    """pip install the runtime-only wheel with its device ``extras`` (and their aarch64 dependencies
+    from PyPI) into the venv."""
     dest = root / "opt" / "wheels"
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob("edgetl-*.whl"):
@@ -192,7 +197,8 @@ def install_wheel(root: Path, wheel: Path) -> float:
     shutil.copy2(wheel, dest / wheel.name)
     t = time.perf_counter()
     run_in(root, [f"{VENV}/bin/pip", "install", "-q", "--force-reinstall", "--no-deps", f"/opt/wheels/{wheel.name}"])
-    run_in(root, [f"{VENV}/bin/pip", "install", "-q", f"/opt/wheels/{wheel.name}"])  # deps: once, then satisfied
+    spec = f"/opt/wheels/{wheel.name}" + (f"[{','.join(extras)}]" if extras else "")
+    run_in(root, [f"{VENV}/bin/pip", "install", "-q", spec])  # deps: once, then satisfied
     return time.perf_counter() - t
 
 

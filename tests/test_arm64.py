@@ -1,9 +1,11 @@
 """A real bundle on a 64-bit Raspberry Pi OS userland: Debian bookworm arm64 under QEMU (emulated CPU).
 
-The bundle is made here on x86 from ImageNet MobileNetV2 and the digits (feature extraction, ONNX
-fp32 + int8); the runtime-only wheel of this checkout is pip-installed in the arm64 userland with
-onnxruntime's aarch64 wheel, and `edgetl predict` there must give the x86 labels. `edgetl bench`
-runs there too; its numbers are emulated (~250x slower than a real Pi) and printed as such.
+The bundle is made here on x86 from ImageNet MobileNetV2 and the digits (feature extraction; ONNX,
+LiteRT and NCNN variants, fp32 and int8 where the format has it); the runtime-only wheel of this
+checkout is pip-installed in the arm64 userland with its device extras (`edgetl[litert,ncnn]`:
+onnxruntime's, ai-edge-litert's and ncnn's aarch64 wheels), and `edgetl predict` there must give
+the x86 labels for every variant the bundle holds. `edgetl bench` runs there too; its numbers are
+emulated (~250x slower than a real Pi) and printed as such.
 
 Slow (about 8 minutes the first time: debootstrap ~4, pip ~1; the userland is then reused from
 EDGETL_ARM64_ROOT). Needs root, debootstrap, qemu-user-static and binfmt-support (`make
@@ -24,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgetl.cli import main
+from edgetl.core.formats import FORMATS, runtime_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import arm64_userland as arm64
@@ -55,7 +58,8 @@ def userland(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_bundle(tmp_path_factory):
-    """ImageNet MobileNetV2 -> digits by feature extraction, exported as ONNX fp32 + int8 (x86)."""
+    """ImageNet MobileNetV2 -> digits by feature extraction, exported (x86) with the `pi` export
+    profile: ONNX, LiteRT and NCNN, fp32 and int8 where the format has it."""
     tmp = tmp_path_factory.mktemp("x86")
     digits = json.loads(edgetl("data", "digits", "--out", tmp / "digits", "--json"))["results"][0]["path"]
     run = json.loads(
@@ -80,10 +84,10 @@ def real_bundle(tmp_path_factory):
             run["run_dir"],
             "--out",
             tmp / "digits-bundle",
+            "--export-profile",
+            "pi",
             "--model-format",
-            "onnx",
-            "--precision",
-            "fp32,int8",
+            "onnx,litert,ncnn",  # by name: every one required (the profile alone skips a missing converter)
             "--json",
         )
     )
@@ -118,23 +122,27 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
     assert no_torch.stdout.split() == ["aarch64", "True"]  # runtime-only install, really arm64
 
     summary = {"qemu_cpu": arm64.QEMU_CPU, "setup": {k: round(v, 1) for k, v in timings.items()}}
-    for precision in ("fp32", "int8"):
-        x86 = _labels(json.loads(edgetl("predict", bundle, images, "--precision", precision, "--json"))["results"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    variants = {(runtime_of(v["format"]), v["precision"]) for v in manifest["variants"].values()}
+    expected = {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("litert", "fp32"), ("litert", "int8")}
+    expected |= {("ncnn", p) for p in FORMATS["ncnn"].precisions if p in ("fp32", "int8")}
+    assert variants == expected
+    for runtime, precision in sorted(variants):
+        args = ["--runtime", runtime, "--precision", precision, "--json"]
+        x86 = _labels(json.loads(edgetl("predict", bundle, images, *args))["results"])
         t = time.perf_counter()
-        out = arm64.run_in(
-            root, ["edgetl", "predict", "/opt/work/bundle", "/opt/work/images", "--precision", precision, "--json"]
-        )
+        out = arm64.run_in(root, ["edgetl", "predict", "/opt/work/bundle", "/opt/work/images", *args])
         seconds = time.perf_counter() - t
         arm = _labels(json.loads(out.stdout)["results"])
         assert arm.keys() == x86.keys() and len(arm) == 10 * IMAGES_PER_CLASS
-        assert {k: v[0] for k, v in arm.items()} == {k: v[0] for k, v in x86.items()}, precision
+        assert {k: v[0] for k, v in arm.items()} == {k: v[0] for k, v in x86.items()}, (runtime, precision)
         max_diff = max(abs(arm[k][1] - x86[k][1]) for k in arm)
         # int8 kernels differ by CPU: the top-1 scores of x86 and arm64 stayed within 0.05 on the
         # Xeon this test was written on, and differed by 0.073 on an AMD EPYC (AVX-512 VNNI), with
         # every label identical. The labels are the contract; the scores get a bound that holds
-        # on both (fp32 stays at 1e-3).
-        assert max_diff < (1e-3 if precision == "fp32" else 0.15), (precision, max_diff)
-        summary[f"predict_{precision}"] = {
+        # on both. fp32 stays at 1e-3: NCNN's options are pinned to fp32 (its ARM default is fp16).
+        assert max_diff < (1e-3 if precision == "fp32" else 0.15), (runtime, precision, max_diff)
+        summary[f"predict_{runtime}_{precision}"] = {
             "images": len(arm),
             "labels_identical": True,
             "max_score_diff": max_diff,
@@ -148,8 +156,7 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
             "edgetl",
             "bench",
             "/opt/work/bundle",
-            "--precision",
-            "fp32,int8",
+            "--all",
             "--warmup",
             "2",
             "--iterations",
@@ -160,14 +167,16 @@ def test_bundle_runs_on_arm64_with_the_x86_labels(userland, real_bundle):
         ],
     )
     rep = json.loads(out.stdout)
-    results = {r["precision"]: r for r in rep["results"]}
-    assert set(results) == {"fp32", "int8"}
-    env = results["fp32"]["env"]
+    results = {f"{r['runtime']}-{r['precision']}": r for r in rep["results"]}
+    assert {tuple(k.split("-")) for k in results} == variants  # every runtime, one interleaved run
+    assert not rep.get("skipped")
+    env = results["onnxruntime-fp32"]["env"]
     assert env["machine"] == "aarch64"
     assert ("Cortex-A72" if arm64.QEMU_CPU == "cortex-a72" else "Cortex-A76") in env["cpu"]
     for r in results.values():
         assert r["latency_ms"]["p50"] > 0 and r["cold_start_ms"]["first_inference"] > 0
     doctor = json.loads(arm64.run_in(root, ["edgetl", "doctor", "--json"]).stdout)["results"][0]
+    assert all(doctor["runtimes"][r]["installed"] for r in ("onnxruntime", "litert", "ncnn"))
     summary["bench_emulated"] = {
         p: {
             "p50_ms": round(r["latency_ms"]["p50"], 1),
