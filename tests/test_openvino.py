@@ -84,6 +84,27 @@ def test_all_profile_exports_every_variant_with_its_bar(exported):
     assert f["openvino/merged.default.fp32.xml"]["role"] == "merged"
 
 
+def test_bench_all_interleaves_every_runtime_in_one_table(exported):
+    """`edgetl bench BUNDLE --all` on a bundle of every format: one run, all four runtimes, each
+    compared with ONNX Runtime at the same precision."""
+    out, _ = exported
+    result = CliRunner().invoke(
+        main, ["bench", str(out), "--all", "--warmup", "1", "--iterations", "3", "--no-cold-start", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {r["runtime"] for r in doc["results"]} == {"onnxruntime", "openvino", "litert", "ncnn"}
+    assert not doc["skipped"]
+    runtime_ratios = {(c["variant"], c["baseline"]) for c in doc["comparison"] if c["kind"] == "runtime"}
+    assert {("litert-int8", "onnx-int8"), ("ncnn-fp32", "onnx-fp32"), ("litert-fp32", "onnx-fp32")} <= runtime_ratios
+    table = CliRunner().invoke(
+        main, ["bench", str(out), "--all", "--warmup", "1", "--iterations", "3", "--no-cold-start"]
+    )
+    assert table.exit_code == 0, table.output
+    for variant in ("litert-fp32", "litert-int8", "ncnn-fp32", "onnx-fp32", "openvino-int8"):
+        assert variant in table.stdout
+
+
 def test_openvino_fp32_matches_onnxruntime_and_pins_f32(exported, x_val):
     out, _ = exported
     bundle = open_bundle(out)
