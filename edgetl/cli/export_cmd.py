@@ -107,8 +107,8 @@ def _format_options(func):
     "export_profile",
     default=None,
     metavar="NAME|PATH",
-    help="Export profile (export/*.yaml: default, onnx-int8, openvino-int8, fp32-only, all) or a .yaml "
-    "path; the options below override it. Default: default (every format installed, fp32 and int8).",
+    help="Export profile (export/*.yaml: default, onnx-int8, openvino-int8, fp32-only, litert, ncnn, pi, "
+    "all) or a .yaml path; the options below override it. Default: default (every format installed, fp32 and int8).",
 )
 @renamed_option("--profile", "export_profile", "--export-profile", metavar="NAME|PATH")
 @click.option(
