@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgetl.core.errors import ExportError
 from edgetl.core.formats import FORMATS
+from edgetl.device.backends.ncnn import MAGIC  # the first line of every NCNN .param text file
 from edgetl.workstation.export.common import HEAD
 
 if TYPE_CHECKING:
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAGIC = "7767517"  # the first line of every NCNN .param text file
 # What NCNN runs for each bundle precision (the device back-end pins the options that give it).
 INFERENCE_PRECISION = {"fp32": "f32"}
 PNNX_TIMEOUT_S = 600
