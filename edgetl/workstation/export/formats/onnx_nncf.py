@@ -125,8 +125,9 @@ def to_uint8_activations(model) -> int:
         zp = inits[name]
         shifted = (numpy_helper.to_array(zp).astype(np.int16) + 128).astype(np.uint8)
         zp.CopyFrom(numpy_helper.from_array(shifted, name))
-    # Stale int8 types of the re-encoded tensors would contradict the graph: drop them (ORT infers them).
-    kept = [v for v in graph.value_info if v.name not in outputs]
+    # Stale int8 types of the re-encoded tensors and zero points would contradict the graph: drop
+    # them (ORT infers them). NNCF records the zero points' types too after full bias correction.
+    kept = [v for v in graph.value_info if v.name not in outputs and v.name not in zero_points]
     del graph.value_info[:]
     graph.value_info.extend(kept)
     return len(zero_points)
