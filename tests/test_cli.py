@@ -35,11 +35,26 @@ def test_backbones_json():
     mb = next(r for r in rows if r["name"] == "mobilenet_v2")
     assert mb == {
         "name": "mobilenet_v2",
+        "source": "torchvision",
+        "architecture": "mobilenet_v2",
         "feature_dim": 1280,
         "params": 3504872,
         "input_size": 224,
+        "resize_size": 256,
+        "interpolation": "bilinear",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
         "weights": "mobilenet_v2-b0353104.pth",
+        "weights_available": "offline-package",
     }
+    lite0 = next(r for r in rows if r["name"] == "efficientnet_lite0")
+    assert (lite0["source"], lite0["architecture"], lite0["mean"], lite0["std"], lite0["weights_available"]) == (
+        "timm",
+        "tf_efficientnet_lite0",
+        [0.5, 0.5, 0.5],
+        [0.5, 0.5, 0.5],
+        "offline-package",
+    )
 
 
 def test_data_digits_json(tmp_path):

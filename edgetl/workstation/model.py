@@ -11,10 +11,10 @@ from edgetl.workstation.backbones import BackboneSpec
 class Trunk(nn.Module):
     """Image batch (N, 3, H, W) -> pooled feature vectors (N, feature_dim)."""
 
-    def __init__(self, body: nn.Module, blocks: list[nn.Module], feature_dim: int):
+    def __init__(self, body: nn.Module, blocks: list[nn.Module], feature_dim: int, pool: nn.Module | None = None):
         super().__init__()
         self.body = body
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = pool if pool is not None else nn.AdaptiveAvgPool2d(1)
         self.feature_dim = feature_dim
         # Plain list: the blocks are registered once, through ``body``.
         self._blocks = list(blocks)
@@ -50,15 +50,16 @@ class TransferModel(nn.Module):
 
 
 def build_trunk(spec: BackboneSpec, state_dict: dict | None = None) -> Trunk:
-    """Build ``spec``'s trunk; ``state_dict`` is an ImageNet checkpoint of the full torchvision model."""
+    """Build ``spec``'s trunk; ``state_dict`` is an ImageNet checkpoint of the full model (torchvision's
+    or timm's), whose classifier is not used."""
     from edgetl.core.errors import WeightsError
 
     try:
-        body, blocks = spec.builder(state_dict)
+        body, blocks, *pool = spec.builder(state_dict)
     except RuntimeError as exc:  # load_state_dict key/shape mismatch
         first = str(exc).splitlines()[0]
         raise WeightsError(f"weights do not fit backbone {spec.name}: {first}") from None
-    return Trunk(body, blocks, spec.feature_dim)
+    return Trunk(body, blocks, spec.feature_dim, pool[0] if pool else None)
 
 
 def set_trainable(trunk: Trunk, unfreeze_blocks: int | None) -> None:

@@ -49,7 +49,10 @@ class Candidate:
 
     @classmethod
     def parse(cls, text: str) -> Candidate:
-        name, sep, weights = text.strip().partition(":")
+        text = text.strip()
+        prefix = "timm:" if text.startswith("timm:") else ""  # timm:<model>[:weights]
+        name, sep, weights = text[len(prefix) :].partition(":")
+        name = prefix + name if name else ""
         if not name:
             raise ConfigError(f"--backbones entry {text!r} has no backbone name (write NAME, NAME:none or NAME:PATH)")
         if sep and not weights:
@@ -129,7 +132,7 @@ def _check_available(c: Candidate) -> None:
     if c.weights == "imagenet":
         spec = get_backbone(c.backbone)
         hint = f"in --backbones write {c.backbone}:none for random init or {c.backbone}:PATH for a weights file"
-        if spec.weights_file is None:
+        if spec.weights_file is None and spec.source != "timm":
             raise WeightsError(f"candidate {c.label}: backbone {c.backbone!r} has no ImageNet weights; {hint}")
         try:
             find_imagenet_weights(spec)

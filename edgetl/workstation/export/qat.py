@@ -204,6 +204,60 @@ def _set_submodule(root, path: str, module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
+def _fold_in_execution_order(trunk, x_check: np.ndarray):
+    """A copy of ``trunk`` with every batch norm that reads a convolution's output directly folded into
+    it, found by running the trunk once (for trunks fx cannot trace, such as timm's with TensorFlow
+    padding); None when there is none. A batch norm with a fused activation (timm's
+    ``BatchNormAct2d``) leaves its activation in its place; other batch-norm subclasses stay."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    folded = copy.deepcopy(trunk).eval()
+    paths = {m: n for n, m in folded.named_modules()}
+    produced: dict[int, tuple[torch.Tensor, Any]] = {}
+    pairs: list[tuple[Any, Any]] = []
+
+    def after_conv(module, inputs, output):
+        produced[id(output)] = (output, module)
+
+    def before_bn(module, inputs):
+        source = produced.get(id(inputs[0]))
+        if source is not None and source[0] is inputs[0]:
+            pairs.append((source[1], module))
+
+    hooks = [
+        m.register_forward_hook(after_conv)
+        if isinstance(m, torch.nn.Conv2d)
+        else m.register_forward_pre_hook(before_bn)
+        for m in folded.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.modules.batchnorm._BatchNorm))
+    ]
+    try:
+        with torch.no_grad():
+            folded(torch.from_numpy(x_check[:1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    convs = [c for c, _ in pairs]
+    count = 0
+    for conv, bn in pairs:
+        if convs.count(conv) != 1 or not bn.track_running_stats:
+            continue
+        if type(bn) is torch.nn.BatchNorm2d:
+            replacement = torch.nn.Identity()
+        elif hasattr(bn, "act") and hasattr(bn, "drop"):  # timm's BatchNormAct2d: norm, then drop, then act
+            replacement = torch.nn.Sequential(bn.drop, bn.act)
+        else:
+            continue
+        with torch.no_grad():
+            w, b = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+        conv.weight, conv.bias = w, b
+        _set_submodule(folded, paths[bn], replacement)
+        count += 1
+    return folded if count else None
+
+
 def fold_batchnorm(trunk, x_check: np.ndarray) -> tuple[Any, bool]:
     """``trunk`` (a copy) with batch norm folded into the preceding convolutions, and whether it was.
 
@@ -211,23 +265,27 @@ def fold_batchnorm(trunk, x_check: np.ndarray) -> tuple[Any, bool]:
     then put back at their paths in a copy of the trunk's own module tree (the folded batch norms
     replaced by ``Identity``), so the exported graph keeps the fp32 trunk's node names
     (``/body/body.1/conv/conv.0/conv.0.0/Conv``), which the int8 search reports and excludes by
-    name; the traced module's are flattened (``/conv.0.0/Conv`` in every block). A trunk that does
-    not trace, or whose folded copy does not compute what it computed, is returned unfolded (its
-    batch norm then stays in eval mode: frozen statistics).
+    name; the traced module's are flattened (``/conv.0.0/Conv`` in every block). A trunk that fx
+    does not trace is folded by running it once (:func:`_fold_in_execution_order`). A trunk with
+    nothing to fold that way, or whose folded copy does not compute what it computed, is returned
+    unfolded (its batch norm then stays in eval mode: frozen statistics).
     """
     try:
         fused = fuse(trunk.eval())
     except Exception as exc:  # fx raises many kinds of errors on code it cannot trace
-        log.warning("QAT: the trunk does not trace (%s): fine-tuning with batch norm frozen, not folded", exc)
-        return copy.deepcopy(trunk), False
-    folded = copy.deepcopy(trunk)
-    kept = {name for name, _ in fused.named_modules()}
-    for name, m in fused.named_modules():
-        if name and not any(True for _ in m.children()):
-            _set_submodule(folded, name, copy.deepcopy(m))
-    for name, m in list(folded.named_modules()):
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and name not in kept:
-            _set_submodule(folded, name, torch.nn.Identity())
+        folded = _fold_in_execution_order(trunk, x_check)
+        if folded is None:
+            log.warning("QAT: the trunk does not trace (%s): fine-tuning with batch norm frozen, not folded", exc)
+            return copy.deepcopy(trunk), False
+    else:
+        folded = copy.deepcopy(trunk)
+        kept = {name for name, _ in fused.named_modules()}
+        for name, m in fused.named_modules():
+            if name and not any(True for _ in m.children()):
+                _set_submodule(folded, name, copy.deepcopy(m))
+        for name, m in list(folded.named_modules()):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and name not in kept:
+                _set_submodule(folded, name, torch.nn.Identity())
     with torch.no_grad():
         x = torch.from_numpy(x_check[:8])
         fidelity = sqnr_db(folded(x).numpy(), trunk(x).numpy())
