@@ -89,6 +89,20 @@ def make_image_folder(
     return root
 
 
+def digits_subset(root: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each of scikit-learn's digits, at ``root/digits``."""
+    import shutil
+
+    from edgetl.workstation.data import write_digits
+
+    full = Path(write_digits(root / "all-digits")["path"])
+    for d in range(10):
+        (root / "digits" / str(d)).mkdir(parents=True)
+        for p in sorted((full / str(d)).glob("*.png"))[:per_class]:
+            shutil.copyfile(p, root / "digits" / str(d) / p.name)
+    return root / "digits"
+
+
 def json_paths(obj, prefix=()):
     """Every path (tuple of keys and indices) into a JSON value, the value itself first."""
     yield prefix

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, sha256_file
 from edgetl.workstation.backbones import get_backbone
-from edgetl.workstation.data import write_digits
 from edgetl.workstation.weights import resolve_weights
+from tests.helpers import digits_subset
 from tests.run_factory import make_run
 
 pytestmark = pytest.mark.slow
@@ -39,12 +39,7 @@ def root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def digits(root) -> Path:
     """80 images per digit (800; 160 for validation): the full 1,797 only make the test slower."""
-    full = Path(write_digits(root / "all-digits")["path"])
-    for d in range(10):
-        (root / "digits" / str(d)).mkdir(parents=True)
-        for p in sorted((full / str(d)).glob("*.png"))[:80]:
-            shutil.copyfile(p, root / "digits" / str(d) / p.name)
-    return root / "digits"
+    return digits_subset(root, 80)
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,12 @@ def _note(fmt: str, text: str) -> None:
     default=None,
     help="Hyperparameters from a recipe name, .yaml or run (its strategy and epochs are not used).",
 )
-@click.option("--backbone", default=_D.backbone, show_default=True, help="See `edgetl backbones`.")
+@click.option(
+    "--backbone",
+    default=_D.backbone,
+    show_default=True,
+    help="A name from `edgetl backbones` (e.g. efficientnet_lite0), or any timm classifier as timm:<name>.",
+)
 @click.option(
     "--weights",
     default=_D.weights,
@@ -273,7 +278,7 @@ PROBE_TSV_COLUMNS = (
     required=True,
     metavar="NAME[:WEIGHTS],...",
     help="Candidates; WEIGHTS is imagenet (default), none (random init) or a .pth path, "
-    "e.g. mobilenet_v2,resnet18:none,efficientnet_b0:my.pth.",
+    "e.g. mobilenet_v2,efficientnet_lite0,resnet18:none,timm:resnet18.a1_in1k:my.pth.",
 )
 @click.option(
     "--img-size",
@@ -334,6 +339,7 @@ def probe(
 
     \b
     Example:
+      edgetl probe data/digits --backbones mobilenet_v2,efficientnet_lite0 --img-size 96
       edgetl probe data/digits --backbones mobilenet_v2,mobilenet_v3_small:none,resnet18:none --img-size 96
       edgetl probe data/digits --backbones mobilenet_v2,mobilenet_v2:none --metric logme --json
     """

@@ -36,7 +36,12 @@ _D = TrainConfig()
     help="Train only a new head, on the features of this bundle's fp32 trunk (run through ONNX Runtime "
     "with its preprocessing); then `edgetl export RUN --add-to BUNDLE --head NAME`.",
 )
-@click.option("--backbone", default=_D.backbone, show_default=True, help="See `edgetl backbones`.")
+@click.option(
+    "--backbone",
+    default=_D.backbone,
+    show_default=True,
+    help="A name from `edgetl backbones` (e.g. efficientnet_lite0), or any timm classifier as timm:<name>.",
+)
 @click.option(
     "--strategy",
     type=click.Choice(STRATEGIES),

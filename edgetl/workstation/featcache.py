@@ -55,7 +55,7 @@ def model_key(
         },
         sort_keys=True,
     )
-    return f"{backbone}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    return f"{backbone.replace(':', '-')}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"  # timm:x -> timm-x
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -220,7 +221,12 @@ def _static_same_conv2d() -> type:
         """A Conv2d with TensorFlow "SAME" padding worked out in Python integers from the input size."""
 
         def forward(self, x):
-            size = [int(v) for v in x.shape[-2:]]  # Python ints: constants in a traced graph
+            if torch.jit.is_tracing():  # the sizes become constants in the graph, which is the point
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    size = [int(v) for v in x.shape[-2:]]
+            else:
+                size = [int(v) for v in x.shape[-2:]]
             return super().forward(F.pad(x, pad_same_arg(size, self.kernel_size, self.stride, self.dilation)))
 
     StaticSameConv2d.__module__ = __name__
