@@ -195,18 +195,29 @@ def test_cli_data_digits_usage_errors_exit_2(tmp_path, args, message):
 def test_cli_backbones_table_tsv_and_json():
     doc = validate_document(cli("backbones", "--json").stdout, "backbones")
     by_name = {r["name"]: r for r in doc["results"]}
-    assert by_name["mobilenet_v2"] == {
-        "name": "mobilenet_v2",
-        "feature_dim": 1280,
-        "params": 3504872,
-        "input_size": 224,
-        "weights": "mobilenet_v2-b0353104.pth",
-    }
+    mb = by_name["mobilenet_v2"]  # every field: tests/test_cli.py
+    assert (mb["feature_dim"], mb["params"], mb["input_size"], mb["weights"]) == (
+        1280,
+        3504872,
+        224,
+        "mobilenet_v2-b0353104.pth",
+    )
     tsv = cli("backbones")  # stdout is not a terminal: tab-separated lines, numbers as numbers
     assert tsv.exit_code == 0, tsv.output
     lines = [line.split("\t") for line in tsv.stdout.splitlines()]
-    assert lines[0] == ["name", "feature_dim", "params", "input_size", "weights"]
-    assert ["mobilenet_v2", "1280", "3504872", "224", "mobilenet_v2-b0353104.pth"] in lines
+    assert lines[0] == ["name", "source", "feature_dim", "params", "input", "normalisation", "available"]
+    row = [
+        "mobilenet_v2",
+        "torchvision",
+        "1280",
+        "3504872",
+        "224 (resize 256, bilinear)",
+        "imagenet",
+        "offline-package",
+    ]
+    assert row in lines
+    lite0 = next(line for line in lines if line[0] == "efficientnet_lite0")
+    assert lite0[1] == "timm" and lite0[5] == "mean 0.5/0.5/0.5 std 0.5/0.5/0.5"
     assert len(lines) == len(doc["results"]) + 1
     table = cli("backbones", "--format", "table", env={"COLUMNS": "150"})
     assert table.exit_code == 0 and "Backbones" in table.stdout and "3.5M" in table.stdout
