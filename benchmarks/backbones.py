@@ -127,6 +127,12 @@ def failing_format(message: str, formats: list[str]) -> str | None:
 def export(work: Path, run: str, prefix: str, extra: list[str]) -> dict:
     """Export ``FORMATS`` fp32+int8; on a failed format, again without it, plus an fp32-only bundle of it."""
     formats = FORMATS.split(",")
+
+    def export_to(name: str, fmts: list[str], precisions: str) -> dict:
+        out = str(work / name)
+        return cached(work, name, "export", run, "--out", out, "--model-format", ",".join(fmts), "--precision",
+                      precisions, "--no-progress", *extra)  # fmt: skip
+
     attempts: list[dict] = []
     failed: list[str] = []
     variants: list[dict] = []
@@ -134,20 +140,7 @@ def export(work: Path, run: str, prefix: str, extra: list[str]) -> dict:
     k = 0
     while formats:
         name = f"{prefix}-bundle" + (f"-{k}" if k else "")
-        kept = cached(
-            work,
-            name,
-            "export",
-            run,
-            "--out",
-            str(work / name),
-            "--model-format",
-            ",".join(formats),
-            "--precision",
-            "fp32,int8",
-            "--no-progress",
-            *extra,
-        )
+        kept = export_to(name, formats, "fp32,int8")
         seconds += kept["wall_s"]
         doc = kept["doc"]
         attempt = {"bundle": name, "formats": list(formats), "precisions": ["fp32", "int8"], "export_s": kept["wall_s"]}
@@ -166,20 +159,7 @@ def export(work: Path, run: str, prefix: str, extra: list[str]) -> dict:
     bundles = [str(work / attempts[-1]["bundle"])] if variants else []
     if failed:  # their fp32, so that latency is still measured
         name = f"{prefix}-bundle-fp32"
-        kept = cached(
-            work,
-            name,
-            "export",
-            run,
-            "--out",
-            str(work / name),
-            "--model-format",
-            ",".join(failed),
-            "--precision",
-            "fp32",
-            "--no-progress",
-            *extra,
-        )
+        kept = export_to(name, failed, "fp32")
         seconds += kept["wall_s"]
         attempts.append({"bundle": name, "formats": failed, "precisions": ["fp32"], "export_s": kept["wall_s"]})
         if "error" in kept["doc"]:

@@ -30,6 +30,9 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from edgetl.core.errors import ConfigError, WeightsError
 from edgetl.workstation.backbones import IMAGENET_MEAN, IMAGENET_STD, TIMM_PREFIX, BackboneSpec
 
@@ -211,28 +214,23 @@ def _blocks(model) -> list[Any]:
     return blocks
 
 
-@functools.cache
-def _static_same_conv2d() -> type:
-    import torch
-    import torch.nn.functional as F
+try:
     from timm.layers.padding import pad_same_arg
+except ImportError:  # without timm no timm model is built; _timm() says how to install it
+    pad_same_arg = None
 
-    class StaticSameConv2d(torch.nn.Conv2d):
-        """A Conv2d with TensorFlow "SAME" padding worked out in Python integers from the input size."""
 
-        def forward(self, x):
-            if torch.jit.is_tracing():  # the sizes become constants in the graph, which is the point
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                    size = [int(v) for v in x.shape[-2:]]
-            else:
+class StaticSameConv2d(torch.nn.Conv2d):
+    """A Conv2d with TensorFlow "SAME" padding worked out in Python integers from the input size."""
+
+    def forward(self, x):
+        if torch.jit.is_tracing():  # the sizes become constants in the graph, which is the point
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 size = [int(v) for v in x.shape[-2:]]
-            return super().forward(F.pad(x, pad_same_arg(size, self.kernel_size, self.stride, self.dilation)))
-
-    StaticSameConv2d.__module__ = __name__
-    StaticSameConv2d.__qualname__ = "StaticSameConv2d"
-    globals()["StaticSameConv2d"] = StaticSameConv2d
-    return StaticSameConv2d
+        else:
+            size = [int(v) for v in x.shape[-2:]]
+        return super().forward(F.pad(x, pad_same_arg(size, self.kernel_size, self.stride, self.dilation)))
 
 
 def _static_same_padding(model) -> int:
@@ -244,7 +242,6 @@ def _static_same_padding(model) -> int:
     Returns how many were replaced."""
     from timm.layers import Conv2dSame
 
-    StaticSameConv2d = _static_same_conv2d()
     replaced = 0
     for name, module in list(model.named_modules()):
         if type(module) is Conv2dSame:
