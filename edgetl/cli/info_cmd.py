@@ -219,6 +219,19 @@ def _bundle_screen(r: dict[str, Any]) -> None:
             how += [f"{q['float_nodes']} nodes kept in float" if q["float_nodes"] is not None else None]
             details = ", ".join(h for h in how if h)
             out.print(plain(f"{v['name']}: {q['method'] or 'quantized'}" + (f" ({details})" if details else "")))
+        if v["scored"] == "as written":
+            lost = v["int8_saturation_drop_pp"]
+            out.print(
+                plain(
+                    f"{v['name']}: top-1 as its graph is written (ARM and VNNI CPUs)"
+                    + (
+                        f"; loses {lost:.2f} pp on x86 CPUs without VNNI or AMX (int8 kernels saturate): "
+                        "there run openvino-int8 or fp32"
+                        if lost is not None
+                        else ""
+                    )
+                )
+            )
     if merged:
         kinds = {tuple(v["merged"]) for v in variants}
         if len(kinds) == 1:

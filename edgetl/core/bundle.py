@@ -205,6 +205,19 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
         if "speed" in var:
             problem = _speed_problem(var["speed"], record=True)
             _require(problem is None, bundle_dir, f"variant {vname!r}: speed record: {problem}")
+        saturation = var.get("int8_saturation")
+        _require(
+            saturation is None
+            or (isinstance(saturation, dict) and _number(saturation.get("top1_drop_pp"), 0.0, 100.0)),
+            bundle_dir,
+            f"variant {vname!r}: int8_saturation must record top1_drop_pp, a number in 0..100",
+        )
+        this_cpu = metrics.get("this_cpu")
+        _require(
+            this_cpu is None or (isinstance(this_cpu, dict) and _number(this_cpu.get("val_top1"), -1e-12, 1.0)),
+            bundle_dir,
+            f"variant {vname!r}: metrics.this_cpu must record val_top1, a fraction in 0..1",
+        )
         quantization = var.get("quantization")
         attempts = quantization.get("attempts") if isinstance(quantization, dict) else None
         for i, attempt in enumerate(attempts if isinstance(attempts, list) else []):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,8 @@ from edgetl.core.preprocess import Preprocessing
 from edgetl.device import limits
 from edgetl.device.backends import LOAD_OPTIONS, backend, check_load_options, import_backend
 from edgetl.device.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 ALL_HEADS = "all"
 
@@ -212,6 +215,7 @@ class Bundle:
         precision = self.resolve_precision(runtime, precision)
         variant = self.variant(spec.format, precision)
         head_names = self.resolve_heads(variant, o.heads)
+        warn_saturation(variant_name(spec.format, precision), variant)
         import_backend(runtime)
         assert spec.loader is not None  # import_backend refuses unimplemented back-ends
         if spec.check_options is not None:
@@ -332,3 +336,28 @@ def check_graph(
 
 
 __all__ = ["ALL_HEADS", "Bundle", "LoadOptions", "check_graph", "open_bundle"]
+
+
+_SATURATION_SAID: set[str] = set()
+
+
+def warn_saturation(name: str, variant: dict[str, Any], saturates: bool | None = None) -> str | None:
+    """The warning for an int8 variant that the export found to lose accuracy on CPUs whose int8
+    kernels saturate (``int8_saturation``: ONNX Runtime's on x86 without VNNI or AMX), when the CPU
+    is one of them: ``saturates`` says so for a device (deploy's check), None means this CPU, and
+    then the warning is also logged (once per variant and process). None when it does not apply."""
+    from edgetl.core import envinfo
+
+    record = variant.get("int8_saturation")
+    here = saturates is None
+    if not isinstance(record, dict) or not (envinfo.int8_saturates() if here else saturates):
+        return None
+    message = (
+        f"variant {name} loses {record.get('top1_drop_pp', float('nan')):.2f} pp top-1 on a CPU like this one "
+        "(x86 without VNNI or AMX: ONNX Runtime's int8 kernels saturate), as measured at export; it keeps its "
+        "accuracy on ARM and VNNI CPUs. Here run openvino-int8 or the fp32 variant (--precision fp32)"
+    )
+    if here and name not in _SATURATION_SAID:
+        _SATURATION_SAID.add(name)
+        log.warning(message)
+    return message

@@ -25,9 +25,11 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgetl.core import envinfo
 from edgetl.core.bundle import MANIFEST_NAME, read_manifest
 from edgetl.core.errors import RemoteError
 from edgetl.core.formats import format_of, runtime_of, variant_name
+from edgetl.device.bundle_loading import warn_saturation
 from edgetl.device.remote import Remote, envelope_record
 
 log = logging.getLogger(__name__)
@@ -160,6 +162,13 @@ def check_fit(manifest: dict[str, Any], doctor: dict[str, Any]) -> dict[str, Any
             )
         )
     checks.append(_precision_check(manifest, doctor, runnable))
+    machine = doctor.get("machine", {})
+    isa = machine.get("isa")
+    saturates = bool(envinfo.int8_saturates(isa, machine.get("arch"))) if isinstance(isa, list) else False
+    for name in runnable:
+        message = warn_saturation(name, variants[name], saturates)
+        if message:
+            checks.append(_check("int8 accuracy", "warn", message))
     checks.append(_profile_check(manifest, doctor))
     for warning in doctor.get("warnings", []):
         if "int8" not in warning:  # the precision check has already said it

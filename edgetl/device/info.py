@@ -199,6 +199,8 @@ def _variant(bundle: Path, manifest: dict[str, Any], name: str, var: dict[str, A
         # Only when the manifest records a measured speed-up against fp32 (export measures it for int8).
         "speedup_vs_fp32": _num(metrics.get("speedup_vs_fp32")),
         "quantization": _quantization(var.get("quantization")),
+        "scored": _str(metrics.get("scored")),
+        "int8_saturation_drop_pp": _num(_dict(var.get("int8_saturation")).get("top1_drop_pp")),
     }
 
 

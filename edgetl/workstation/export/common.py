@@ -59,15 +59,43 @@ def tensor_spec(name: str, shape: list, dtype: str = "float32") -> dict[str, Any
     return {"name": name, "shape": shape, "dtype": dtype}
 
 
-def ort_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """An ONNX Runtime session as the device runtime builds it (CPU, all graph optimizations)."""
+def ort_model(path: Path, *, as_written: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """An ONNX Runtime session as the device runtime builds it (CPU, all graph optimizations); with
+    ``as_written``, none: a QDQ graph then runs each DequantizeLinear and the float operator after
+    it, computing exactly what the graph says (what a CPU with exact int8 sums computes, up to
+    rounding), not what this CPU's fused int8 kernels compute."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL if as_written else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     return lambda x: session.run(None, {input_name: x})[0]
+
+
+def onnx_as_written(bundle_dir: Path, trunk_rel: str, head_rel: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and features of an ONNX trunk + head on ``x`` with the trunk run as written
+    (:func:`ort_model` ``as_written``): how an int8 variant is scored on a CPU whose int8 kernels
+    saturate (:func:`edgetl.core.envinfo.int8_saturates`)."""
+    trunk = ort_model(bundle_dir / trunk_rel, as_written=True)
+    head = ort_model(bundle_dir / head_rel)
+    features = np.concatenate([trunk(x[i : i + 32]) for i in range(0, len(x), 32)])
+    features = features.reshape(len(features), -1)
+    logits = np.concatenate([head(features[i : i + 64]) for i in range(0, len(features), 64)])
+    return logits, features
+
+
+def int8_as_written(fmt: str) -> bool:
+    """Whether ``fmt``'s int8 is held to the bar as its graph is written rather than as this CPU
+    runs it: ONNX Runtime's int8 kernels saturate on x86 without VNNI or AMX
+    (:func:`edgetl.core.envinfo.int8_saturates`), where a QDQ graph can lose tens of points that it
+    does not lose on a Raspberry Pi or a VNNI CPU."""
+    from edgetl.core import envinfo
+    from edgetl.core.formats import FORMATS
+
+    return FORMATS[fmt].runtime == "onnxruntime" and bool(envinfo.int8_saturates())
 
 
 def versions(formats: Sequence[str] = ("onnx",)) -> dict[str, str | None]:

@@ -68,8 +68,12 @@ class Quantizer(Protocol):
         ...
 
     def evaluate(self, model: Any) -> float:
-        """Validation top-1 of the int8 trunk with the fp32 head."""
+        """Validation top-1 of the int8 trunk with the fp32 head: what the accuracy bar is held to."""
         ...
+
+    # Optional: ``evaluate_here(model) -> float | None``, the top-1 as this CPU runs the model when
+    # that differs from what ``evaluate`` scores (ONNX Runtime's int8 kernels saturate on x86
+    # without VNNI: ``evaluate`` then scores the graph as written). See :attr:`Attempt.passed_here`.
 
     def save(self, model: Any, out: Path) -> None: ...
 
@@ -115,6 +119,10 @@ class Attempt:
     # The trunk's feature fidelity against fp32 on validation images, in dB: what any head sees,
     # not only the head the bar is measured with. None: not measured; inf: identical to fp32.
     features_sqnr_db: float | None = None
+    # When the attempt was scored as written because this CPU's kernels compute something else:
+    # the drop as run here, and whether that passes too (None: scored as run, nothing else to say).
+    top1_drop_here_pp: float | None = None
+    passed_here: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         speed = self.speed.to_dict() if self.speed is not None and self.speed.finite else None
@@ -125,6 +133,7 @@ class Attempt:
             "top1_drop_pp": round(self.top1_drop_pp, 4),
             "passed": self.passed,
             "features_sqnr_db": _finite_or_none(self.features_sqnr_db),
+            **({} if self.passed_here is None else self._this_cpu()),
             "speed": speed,
             "seconds": round(self.seconds, 2),
         }
@@ -134,6 +143,14 @@ class Attempt:
         """Feature SQNR for ranking: unmeasured or NaN counts as the worst, identical as the best."""
         value = self.features_sqnr_db
         return -math.inf if value is None or math.isnan(value) else value
+
+    def _this_cpu(self) -> dict[str, Any]:
+        return {"top1_drop_pp_this_cpu": _finite_or_none(self.top1_drop_here_pp), "passed_this_cpu": self.passed_here}
+
+    @property
+    def portable(self) -> bool:
+        """Passed, and passes as this CPU runs it too (or there was no difference to measure)."""
+        return self.passed and self.passed_here is not False
 
     @property
     def speedup(self) -> float:
@@ -192,6 +209,7 @@ def search_int8(
     attempts: list[Attempt] = []
     models: list[Any] = []
     first_pass: int | None = None
+    evaluate_here = getattr(quantizer, "evaluate_here", None)
 
     def remedies() -> Iterator[Any]:
         for config in quantizer.configs(attempts):
@@ -215,17 +233,23 @@ def search_int8(
         passed = bool(drop <= max_drop + 1e-9)
         timing = timer(model) if passed and timer is not None else None
         sqnr = fidelity(model) if fidelity is not None else None
-        result = Attempt(config, top1, drop, passed, time.perf_counter() - t0, float_layers, timing, sqnr)
+        here_top1 = evaluate_here(model) if evaluate_here is not None else None
+        drop_here = None if here_top1 is None else (baseline_top1 - here_top1) * 100.0
+        passed_here = None if drop_here is None else bool(drop_here <= max_drop + 1e-9)
+        result = Attempt(
+            config, top1, drop, passed, time.perf_counter() - t0, float_layers, timing, sqnr, drop_here, passed_here
+        )
         attempts.append(result)
         models.append(model)
         log.info(
-            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s%s%s (%.1fs)",
+            "%s attempt %d (%s): val top-1 %.4f, drop %.2f pp%s%s%s%s%s (%.1fs)",
             quantizer.label,
             len(attempts),
             config.describe(),
             top1,
             drop,
             "" if result.passed else f" > {max_drop:g} pp",
+            "" if drop_here is None else f" as written, {drop_here:.2f} pp as run on this CPU",
             f", {len(float_layers)} layer(s) in float" if float_layers else "",
             f", features {sqnr:.1f} dB" if sqnr is not None else "",
             f", {timing.describe()}" if timing is not None else "",
@@ -234,7 +258,7 @@ def search_int8(
         if on_attempt:
             on_attempt(result)
         if result.passed:
-            if timer is None:
+            if timer is None and result.portable:
                 break
             if first_pass is None:
                 first_pass = len(attempts)
@@ -252,10 +276,11 @@ def choose(attempts: Sequence[Attempt]) -> int:
     """The index of the attempt to ship.
 
     Among the attempts that passed the accuracy bar, the fastest (highest timed speed-up over fp32;
-    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher feature SQNR (the
-    trunk closest to fp32 serves heads added later best), then the higher top-1, then fewer layers
-    in float, then the earlier attempt). A NaN or missing timing never beats a measured one;
-    when no passing attempt has one (no timer), the first that passed. When none passed, the best
+    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the attempt that also passes
+    as this CPU runs it (:attr:`Attempt.portable`), then the higher feature SQNR (the trunk closest
+    to fp32 serves heads added later best), then the higher top-1, then fewer layers in float, then
+    the earlier attempt). A NaN or missing timing never beats a measured one; when no passing
+    attempt has one (no timer), the first portable one, else the first that passed. When none passed, the best
     top-1 (a NaN counting as the worst; ties to fewer layers in float, then the earlier attempt).
     """
     passed = [i for i, a in enumerate(attempts) if a.passed]
@@ -263,17 +288,26 @@ def choose(attempts: Sequence[Attempt]) -> int:
         return max(range(len(attempts)), key=lambda i: (_score(attempts[i]), -len(attempts[i].float_layers), -i))
     timed = [i for i in passed if math.isfinite(attempts[i].speedup) and attempts[i].speedup > 0]
     if not timed:
-        return passed[0]
+        return next((i for i in passed if attempts[i].portable), passed[0])
     fastest = max(attempts[i].speedup for i in timed)
     near = [i for i in timed if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
-    return max(near, key=lambda i: (attempts[i].fidelity, _score(attempts[i]), -len(attempts[i].float_layers), -i))
+    return max(
+        near,
+        key=lambda i: (
+            attempts[i].portable,
+            attempts[i].fidelity,
+            _score(attempts[i]),
+            -len(attempts[i].float_layers),
+            -i,
+        ),
+    )
 
 
 def settled(attempts: Sequence[Attempt]) -> bool:
-    """Whether an attempt with no layer kept in float has passed: no other remedy of a quantizer
-    (calibration method, bias correction, weight granularity) changes the int8 graph's structure,
-    so none can be meaningfully faster and the search need not go on."""
-    return any(a.passed and not a.float_layers for a in attempts)
+    """Whether an attempt with no layer kept in float has passed (as this CPU runs it too): no other
+    remedy of a quantizer (calibration method, bias correction, weight granularity) changes the int8
+    graph's structure, so none can be meaningfully faster and the search need not go on."""
+    return any(a.portable and not a.float_layers for a in attempts)
 
 
 def best(attempts: Sequence[Attempt]) -> Attempt:

@@ -29,7 +29,9 @@ from edgetl.workstation.export.common import (
     HEAD,
     batches,
     images_sha256,
+    int8_as_written,
     load_arrays,
+    onnx_as_written,
     run_lineage,
     run_origin,
     sqnr_db,
@@ -154,7 +156,7 @@ class ExportSession:
         timer = speed.attempt_timer(quantizer.runner, self.x_val[: speed.BATCH_SIZE])
         # Every attempt's trunk is also scored by its features' fidelity to fp32 (what heads added
         # later will see), on the first FIDELITY_IMAGES validation images.
-        fidelity = features_scorer(quantizer.runner, self.x_val[:FIDELITY_IMAGES])
+        fidelity = features_scorer(getattr(quantizer, "scoring_runner", quantizer.runner), self.x_val[:FIDELITY_IMAGES])
         result = search_int8(
             quantizer,
             out,
@@ -228,6 +230,12 @@ class ExportSession:
             source = rel
         var["merged"] = {HEAD: source}
 
+    def int8_as_written(self, fmt: str) -> bool:
+        """:func:`~edgetl.workstation.export.common.int8_as_written`: then an int8 variant is scored
+        both ways, the bar as written, and one that misses it as run here carries ``int8_saturation``
+        (the device side warns on such CPUs)."""
+        return int8_as_written(fmt)
+
     def fp32_top1(self, fmt: str) -> float:
         return self.variants[variant_name(fmt, "fp32")]["metrics"]["val_top1"]
 
@@ -295,6 +303,11 @@ class ExportSession:
         predictor = bundle.load(runtime=runtime, precision=var["precision"], heads=[HEAD])
         logits, features = self._runtime_logits(predictor, name)
         metrics = variant_metrics(logits, self.ref_logits, self.y_val)
+        here, run_logits = None, logits
+        if var["precision"] == "int8" and self.int8_as_written(var["format"]):
+            here = metrics
+            written, features = self._as_written_logits(var)
+            metrics = {**variant_metrics(written, self.ref_logits, self.y_val), "scored": "as written"}
         metrics["bytes"] = bundle.model_bytes(var, [HEAD])
         # Head-independent: how faithful the trunk's features are (what heads added later will see).
         metrics["features_sqnr_db"] = sqnr_db(features, self.ref_features)
@@ -303,6 +316,8 @@ class ExportSession:
             metrics["inference_precision"] = ran
         reference = None if var["precision"] == "fp32" else self.fp32_top1(var["format"])
         metrics = check_bar(name, var, metrics, reference, self.max_drop)
+        if here is not None:
+            self._record_saturation(name, var, metrics, here, reference)
         var["metrics"] = metrics
         log.info(
             "%s: val top-1 %.4f%s, max abs diff %.2e, agreement %.4f, %.2f MB%s (%.1fs)",
@@ -318,8 +333,44 @@ class ExportSession:
         if var["precision"] == "int8":
             self._measure_speed(name, bundle)
         if var.get("merged"):
-            self._check_merged(name, logits)
+            self._check_merged(name, run_logits)
         return metrics
+
+    def _as_written_logits(self, var: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The variant's logits and features on the validation images with its ONNX graphs run as
+        written (no graph optimization: each DequantizeLinear, then the float operator)."""
+        return onnx_as_written(self.tmp, var["trunk"], var["heads"][HEAD], self.x_val)
+
+    def _record_saturation(
+        self, name: str, var: dict[str, Any], metrics: dict[str, Any], here: dict[str, Any], reference: float
+    ) -> None:
+        """Add what this CPU computes to ``metrics`` (``this_cpu``); when that misses the bar, mark the
+        variant (``int8_saturation``) and say so: it passed as written, which is what CPUs with exact
+        int8 sums run, and loses more on CPUs like this one."""
+        from edgetl.core import envinfo
+
+        drop = (reference - here["val_top1"]) * 100.0
+        metrics["this_cpu"] = {
+            "val_top1": here["val_top1"],
+            "top1_drop_pp": round(drop, 4),
+            "top1_agreement": here["top1_agreement"],
+        }
+        if drop <= self.max_drop + 1e-9:
+            return
+        var["int8_saturation"] = {
+            "top1_drop_pp": round(drop, 4),
+            "affects": "x86 CPUs without VNNI or AMX (ONNX Runtime's U8S8 kernels sum pairs of products in 16 bits)",
+            "machine": envinfo.environment(),
+        }
+        log.warning(
+            "%s passes as its graph is written (drop %.2f pp: what a Raspberry Pi or a CPU with VNNI computes) "
+            "but loses %.2f pp as this CPU runs it: ONNX Runtime's int8 kernels saturate on x86 without VNNI or "
+            "AMX. On such devices run openvino-int8 or %s-fp32; the bundle records this (int8_saturation)",
+            name,
+            metrics["top1_drop_pp"],
+            drop,
+            var["format"],
+        )
 
     def _measure_speed(self, name: str, bundle) -> None:
         """Time int8 variant ``name`` against its format's fp32 through the device runtime; record

@@ -14,6 +14,10 @@ validation images (and, when it passes ``max_drop``, timed):
 
 1. ORT's defaults (QDQ, int8 weights, MinMax calibration, per-tensor weights);
 2. per-channel weights (depthwise convolutions have very different ranges per channel);
+   on a CPU whose int8 kernels saturate (x86 without VNNI or AMX: attempts are then held to the bar
+   as the graph is written, and also scored as run here), per-channel uint8 weights, which ONNX
+   Runtime runs on its exact U8U8 kernels; when they hold up better as run here, the ORT remedies
+   of steps 4-5 keep them;
 3. remedies that keep every node in int8 (:data:`WHOLE_INT8`): NNCF's ONNX backend with fast,
    then full bias correction (:mod:`.onnx_nncf`), then cross-layer equalization before ORT's
    per-tensor and per-channel quantization (:mod:`.onnx_equalize`);
@@ -82,6 +86,7 @@ class QuantConfig:
     equalize: bool = False
     activation_type: str = "int8"  # int8 | uint8
     source: str = "fp32"  # fp32 | qat
+    weight_type: str = "int8"  # int8 | uint8 (asymmetric: ONNX Runtime's U8U8 kernels, which do not saturate)
 
     def describe(self) -> str:
         parts = [self.method, "per-channel" if self.per_channel else "per-tensor"]
@@ -93,6 +98,8 @@ class QuantConfig:
             parts.append("equalized")
         if self.activation_type != "int8":
             parts.append(f"{self.activation_type} activations")
+        if self.weight_type != "int8":
+            parts.append(f"{self.weight_type} weights")
         if self.source != "fp32":
             parts.append(f"{self.source} trunk")
         if self.excluded_nodes:
@@ -108,8 +115,15 @@ class QuantConfig:
             "bias_correction": self.bias_correction,
             "equalize": self.equalize,
             "activation_type": self.activation_type,
+            "weight_type": self.weight_type,
             "source": self.source,
         }
+
+
+def _here_score(attempt: Attempt) -> float:
+    """How an attempt fares as run on this CPU (its drop there, lower is better), a NaN the worst."""
+    drop = attempt.top1_drop_here_pp if attempt.top1_drop_here_pp is not None else attempt.top1_drop_pp
+    return -drop if drop == drop else -float("inf")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -167,14 +181,37 @@ def quiet_onnxruntime() -> Iterator[None]:
     import onnxruntime as ort
 
     captured = io.StringIO()
+    # ORT's quantizer warns through the root logger (``logging.warning``: "Quantized bias ... exceeds
+    # the range of a int32", once per layer). With no handler on the root logger, that call would
+    # also install logging.basicConfig's, and every edgetl log line after it would print twice.
+    collector = _RootRecords()
+    root = logging.getLogger()
+    root.addHandler(collector)
     ort.set_default_logger_severity(3)
     try:
         with contextlib.redirect_stdout(captured):
             yield
     finally:
         ort.set_default_logger_severity(2)
+        root.removeHandler(collector)
         if captured.getvalue().strip():
             log.debug("onnxruntime.quantization output:\n%s", captured.getvalue().rstrip())
+        if collector.messages:
+            log.debug(
+                "onnxruntime.quantization logged %d warning(s), e.g. %s", len(collector.messages), collector.messages[0]
+            )
+
+
+class _RootRecords(logging.Handler):
+    """Collects what libraries log straight to the root logger (edgetl's own records propagate past it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "root":
+            self.messages.append(record.getMessage())
 
 
 def prepare_for_quantization(fp32_path: Path, out_path: Path) -> Path:
@@ -219,7 +256,7 @@ def quantize_trunk(
         reader,
         quant_format=QuantFormat.QDQ,
         activation_type=QuantType.QUInt8 if config.activation_type == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        weight_type=QuantType.QUInt8 if config.weight_type == "uint8" else QuantType.QInt8,
         per_channel=config.per_channel,
         nodes_to_exclude=list(config.excluded_nodes),
         calibrate_method=methods[config.method],
@@ -260,6 +297,9 @@ class OrtQuantizer:
     calib: np.ndarray
     evaluate_path: Callable[[Path], float]
     workdir: Path
+    # The top-1 as this CPU runs an attempt, when ``evaluate_path`` scores the graph as written
+    # instead (a CPU whose int8 kernels saturate: :func:`edgetl.core.envinfo.int8_saturates`).
+    evaluate_here: Callable[[Path], float] | None = None
     input_name: str = "image"
     sensitivity_images: int = 8
     max_excluded_fraction: float = 0.25
@@ -298,6 +338,19 @@ class OrtQuantizer:
         if settled(attempts):
             return
         per_channel = best(attempts[:2]).config.per_channel  # of the two plain ORT attempts
+        base = plain[per_channel]  # the ORT attempt later remedies start from
+        if self.evaluate_here is not None:
+            # 2b: this CPU's U8S8 kernels saturate (attempts are scored as written, and as run here):
+            # uint8 weights run on ONNX Runtime's U8U8 kernels, which sum in 32 bits everywhere, so
+            # the graph computes what it says on every CPU. When that holds up better as run here,
+            # the ORT remedies below (layers in float, other calibrations) keep uint8 weights.
+            u8 = QuantConfig("minmax", True, activation_type=act, weight_type="uint8")
+            yield u8
+            if settled(attempts):
+                return
+            tried = {a.config: a for a in attempts}
+            if u8 in tried and _here_score(tried[u8]) > _here_score(tried[base]):
+                base = u8
         # 3: remedies that keep the int8 chain whole (NNCF with bias correction, equalization): they
         # cost no speed, so they come before any node is kept in float.
         for config in self.whole_int8:
@@ -309,7 +362,7 @@ class OrtQuantizer:
         with quiet_onnxruntime():
             self.sensitivity = rank_noise_sources(
                 self.prepare(),
-                self._paths[plain[per_channel]],
+                self._paths[base],
                 self.calib[: self.sensitivity_images],
                 input_name=self.input_name,
             )
@@ -326,7 +379,7 @@ class OrtQuantizer:
         tried: list[tuple[str, ...]] = []
         for nodes in exclusion_schedule(self.sensitivity, cap):
             tried.append(nodes)
-            yield QuantConfig("minmax", per_channel, nodes, activation_type=act)
+            yield dataclasses.replace(base, excluded_nodes=nodes)
             if any(a.passed for a in attempts):
                 break
         if any(a.passed for a in attempts):
@@ -342,7 +395,7 @@ class OrtQuantizer:
             # Once an attempt passes, one with as many nodes in float or more cannot be faster.
             if any(a.passed and len(a.float_layers) <= len(nodes) for a in attempts):
                 continue
-            yield QuantConfig(method, per_channel, nodes, activation_type=act)
+            yield dataclasses.replace(base, method=method, excluded_nodes=nodes)
 
     def qat_config(self, attempts: Sequence[Attempt]) -> QuantConfig | None:
         """The QAT remedy, when the export wants it: the whole-int8 attempt (nothing in float: the
@@ -425,10 +478,19 @@ class OrtQuantizer:
         assert loader is not None
         return loader(self.fp32_path if model is None else model, threads=threads)
 
+    def scoring_runner(self, model: Path | None, threads: int) -> Callable[[np.ndarray], Any]:
+        """What attempts are scored with (features' fidelity): :meth:`runner`, or, when attempts are
+        scored as written (:attr:`evaluate_here` is set), the graph run without optimization."""
+        if self.evaluate_here is None:
+            return self.runner(model, threads)
+        from edgetl.workstation.export.common import ort_model
+
+        return ort_model(self.fp32_path if model is None else model, as_written=True)
+
     def header(self) -> dict[str, Any]:
         """The shipped model's quantizer and types (known once :meth:`save` ran)."""
         saved = self._saved or QuantConfig(activation_type=self.activation_type)
-        types = {"activation_type": saved.activation_type, "weight_type": "int8"}
+        types = {"activation_type": saved.activation_type, "weight_type": saved.weight_type}
         if saved.quantizer == "nncf":
             import importlib.metadata
 
