@@ -179,6 +179,18 @@ def test_speed_decides_and_portability_breaks_ties():
 
     assert choose([attempt("s8", False, 1.21), attempt("u8", True, 0.30)]) == 0
     assert choose([attempt("s8", False, 1.21), attempt("u8", True, 1.20)]) == 1
+    # Accurate on every CPU is worth up to PORTABLE_TIE (15%) of speed, not more.
+    assert choose([attempt("s8", False, 1.21), attempt("nncf", True, 1.05)]) == 1
+    assert choose([attempt("s8", False, 1.21), attempt("nncf", True, 1.00)]) == 0
+
+
+def test_a_passing_uint8_weight_attempt_does_not_end_the_ort_search():
+    """U8U8 kernels are slower on x86 than U8S8: an int8-weight attempt could still be faster."""
+    from edgetl.workstation.export.formats.onnx_quantize import _settled
+
+    u8 = Attempt(QuantConfig("minmax", True, weight_type="uint8"), 0.9, 0.0, True, 0.1, passed_here=True)
+    s8 = Attempt(QuantConfig("minmax", True), 0.9, 0.0, True, 0.1, passed_here=True)
+    assert settled([u8]) and not _settled([u8]) and _settled([u8, s8])
 
 
 def test_ort_quantizer_tries_uint8_weights_when_attempts_are_scored_both_ways(trunk_onnx, calib, tmp_path):  # noqa: F811

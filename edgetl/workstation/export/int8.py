@@ -39,6 +39,9 @@ EXPLORE_AFTER_PASS = 4  # attempts after the first that passes, looking for a fa
 # interleaved p50 ratios on a shared machine); the tie goes to the higher feature SQNR, then the
 # higher top-1, then fewer layers in float, then the earlier attempt.
 SPEED_TIE = 0.03
+# Where attempts are scored as written (a CPU whose int8 kernels saturate), one that also passes as
+# this CPU runs it is worth up to this fraction of speed: it keeps its accuracy on every CPU.
+PORTABLE_TIE = 0.15
 
 
 class QuantConfigLike(Protocol):
@@ -276,11 +279,12 @@ def choose(attempts: Sequence[Attempt]) -> int:
     """The index of the attempt to ship.
 
     Among the attempts that passed the accuracy bar, the fastest (highest timed speed-up over fp32;
-    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the attempt that also passes
-    as this CPU runs it (:attr:`Attempt.portable`), then the higher feature SQNR (the trunk closest
-    to fp32 serves heads added later best), then the higher top-1, then fewer layers in float, then
-    the earlier attempt). A NaN or missing timing never beats a measured one; when no passing
-    attempt has one (no timer), the first portable one, else the first that passed. When none passed, the best
+    speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher feature SQNR (the
+    trunk closest to fp32 serves heads added later best), then the higher top-1, then fewer layers
+    in float, then the earlier attempt). Attempts that also pass as this CPU runs them
+    (:attr:`Attempt.portable`) come first when one is within :data:`PORTABLE_TIE` of the fastest.
+    A NaN or missing timing never beats a measured one; when no passing attempt has one (no timer),
+    the first portable one, else the first that passed. When none passed, the best
     top-1 (a NaN counting as the worst; ties to fewer layers in float, then the earlier attempt).
     """
     passed = [i for i, a in enumerate(attempts) if a.passed]
@@ -290,17 +294,11 @@ def choose(attempts: Sequence[Attempt]) -> int:
     if not timed:
         return next((i for i in passed if attempts[i].portable), passed[0])
     fastest = max(attempts[i].speedup for i in timed)
-    near = [i for i in timed if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
-    return max(
-        near,
-        key=lambda i: (
-            attempts[i].portable,
-            attempts[i].fidelity,
-            _score(attempts[i]),
-            -len(attempts[i].float_layers),
-            -i,
-        ),
-    )
+    portable = [i for i in timed if attempts[i].portable and attempts[i].speedup >= fastest * (1.0 - PORTABLE_TIE)]
+    pool = portable or timed
+    fastest = max(attempts[i].speedup for i in pool)
+    near = [i for i in pool if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
+    return max(near, key=lambda i: (attempts[i].fidelity, _score(attempts[i]), -len(attempts[i].float_layers), -i))
 
 
 def settled(attempts: Sequence[Attempt]) -> bool:

@@ -120,6 +120,13 @@ class QuantConfig:
         }
 
 
+def _settled(attempts: Sequence[Attempt]) -> bool:
+    """:func:`~edgetl.workstation.export.int8.settled`, not counting uint8-weight attempts: they run on
+    ONNX Runtime's U8U8 kernels, slower on x86 than the U8S8 ones, so an int8-weight attempt with the
+    same structure could still be faster."""
+    return settled([a for a in attempts if getattr(a.config, "weight_type", "int8") != "uint8"])
+
+
 def _here_score(attempt: Attempt) -> float:
     """How an attempt fares as run on this CPU (its drop there, lower is better), a NaN the worst."""
     drop = attempt.top1_drop_here_pp if attempt.top1_drop_here_pp is not None else attempt.top1_drop_pp
@@ -332,10 +339,10 @@ class OrtQuantizer:
         # 1-2: ORT defaults, then per-channel weights. Either passing leaves nothing faster to try.
         plain = {pc: QuantConfig("minmax", pc, activation_type=act) for pc in (False, True)}
         yield plain[False]
-        if settled(attempts):
+        if _settled(attempts):
             return
         yield plain[True]
-        if settled(attempts):
+        if _settled(attempts):
             return
         per_channel = best(attempts[:2]).config.per_channel  # of the two plain ORT attempts
         base = plain[per_channel]  # the ORT attempt later remedies start from
@@ -346,7 +353,7 @@ class OrtQuantizer:
             # the ORT remedies below (layers in float, other calibrations) keep uint8 weights.
             u8 = QuantConfig("minmax", True, activation_type=act, weight_type="uint8")
             yield u8
-            if settled(attempts):
+            if _settled(attempts):
                 return
             tried = {a.config: a for a in attempts}
             if u8 in tried and _here_score(tried[u8]) > _here_score(tried[base]):
@@ -355,7 +362,7 @@ class OrtQuantizer:
         # cost no speed, so they come before any node is kept in float.
         for config in self.whole_int8:
             yield dataclasses.replace(config, activation_type=act)
-            if settled(attempts):
+            if _settled(attempts):
                 return
         # 4: keep the worst noise sources in float, measured on the better of the two ORT models.
         t0 = time.perf_counter()
