@@ -114,6 +114,7 @@ def _register() -> None:
         "predict_cmd",
         "bench_cmd",
         "device_cmds",
+        "fleet_cmds",
     )
     for name in modules:
         try:

@@ -175,10 +175,19 @@ def ssh_options(func: Callable) -> Callable:
     return func
 
 
-def make_remote(target: str, identity: str | None, ssh_config: str | None, remote_edgetl: str):
-    from edgetl.device.remote import Remote, parse_target
+def make_remote(
+    target: str,
+    identity: str | None,
+    ssh_config: str | None,
+    remote_edgetl: str,
+    *,
+    purpose: str = "bundle",
+    bundle: str | None = None,
+):
+    """The Remote for a TARGET text: an ssh target, a device name or NAME:PATH (docs/devices.md)."""
+    from edgetl.cli.fleet_cmds import make_remote_for
 
-    return Remote(parse_target(target), identity=identity, ssh_config=ssh_config, edgetl=remote_edgetl)
+    return make_remote_for(target, identity, ssh_config, remote_edgetl, purpose=purpose, bundle=bundle)
 
 
 def forwarded_args(ctx: click.Context, *, exclude: tuple[str, ...] = ()) -> list[str]:

@@ -161,7 +161,8 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     "targets",
     multiple=True,
     metavar="TARGET",
-    help="A bundle on a device (user@host:PATH or ssh://user@host:port/PATH); repeat to compare devices "
+    help="A bundle on a device (user@host:PATH, ssh://user@host:port/PATH, or a named device: NAME or "
+    "NAME:PATH); repeat to compare devices "
     "in one table. Same as giving one as BUNDLE.",
 )
 @ssh_options
@@ -217,7 +218,7 @@ def bench(
     ..., "comparison": [...], "warnings": [...], "results": [...]}; in a pipe, one tab-separated
     line per configuration. See docs/benchmarking.md.
 
-    On a device (BUNDLE or --target as user@host:PATH, after `edgetl deploy`): edgetl bench runs
+    On a device (BUNDLE or --target as user@host:PATH or a device NAME, after `edgetl deploy`): edgetl bench runs
     there over ssh with these options, its progress streams here, and the result comes back;
     --save stores it here under devices/<profile>/results/ with the device's fingerprint.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edgetl.cli._common import common_options, handle_errors, make_remote, ssh_options
+from edgetl.cli._common import common_options, handle_errors, ssh_options
 from edgetl.cli._output import console, emit_json, emit_table, envelope, format_option, plain, resolve_format
 
 # deploy in a pipe (--format tsv): a header and one line (the check's overall status: ok, warn,
@@ -54,13 +54,14 @@ def deploy(
     as_json: bool,
     no_progress: bool,
 ) -> None:
-    """Copy BUNDLE to a device and verify it there; TARGET is user@host:PATH or ssh://user@host:port/PATH.
+    """Copy BUNDLE to a device and verify it there; TARGET is user@host:PATH, ssh://user@host:port/PATH,
+    or a named device: NAME (to NAME's bundle folder) or NAME:PATH (see edgetl device list).
 
     Uses the system ssh client (your ~/.ssh/config, keys, agent and known_hosts); edgetl never
     turns host-key checking off. The bundle is packed, streamed to a temporary file beside PATH,
     unpacked by `edgetl unpack` on the device with every checksum verified, and only then renamed
     over an older bundle at PATH: an interrupted deploy leaves the old one intact. The device needs
-    the runtime-only install (pip install edgetl, no torch). PATH is absolute or relative to the
+    the runtime-only install (edgetl device setup, no torch). PATH is absolute or relative to the
     login's home.
 
     \b
@@ -70,8 +71,14 @@ def deploy(
       edgetl bench pi@raspberrypi.local:bundles/digits --device-profile rpi4 --save
     """
     fmt = resolve_format(output_format, as_json)
-    remote = make_remote(target, identity, ssh_config, remote_edgetl)
+    from edgetl.cli.fleet_cmds import resolve_remote
+
+    remote, resolved = resolve_remote(target, identity, ssh_config, remote_edgetl, purpose="deploy", bundle=bundle)
     doc = _deploy_with_progress(bundle, remote, check=check, show=not no_progress)
+    if resolved.device is not None:
+        from edgetl.device.inventory import record_deploy
+
+        record_deploy(resolved.device.name, remote.target.path)  # `bench NAME` / `predict NAME` find it
     failed = None
     if "check" in doc and not doc["check"]["ok"]:
         failed = "; ".join(c["detail"] for c in doc["check"]["checks"] if c["status"] == "fail")

@@ -101,7 +101,8 @@ def predict(
       --json                    one JSON document (docs/json.md), written record by record
       --csv                     CSV with the same columns as tsv
 
-    BUNDLE may be on a device (user@host:PATH or ssh://user@host:port/PATH, see `edgetl deploy`):
+    BUNDLE may be on a device (user@host:PATH, ssh://user@host:port/PATH, or a named device: NAME, NAME:PATH;
+    see `edgetl deploy`):
     edgetl runs there over ssh, IMAGES are paths on the device, and the output streams back.
 
     \b
@@ -110,7 +111,7 @@ def predict(
       edgetl predict bundles/parts /mnt/camera/ --precision int8 --head all --csv > results.csv
       edgetl predict pi@raspberrypi.local:bundles/parts /home/pi/camera/ --json > results.json
     """
-    from edgetl.device.remote import is_remote
+    from edgetl.device.inventory import is_device_target
 
     if as_csv:
         if as_json or output_format == "json":
@@ -120,7 +121,7 @@ def predict(
         fmt = "csv"
     else:
         fmt = resolve_format(output_format, as_json)
-    if is_remote(bundle):
+    if is_device_target(bundle):
         args = forwarded_args(ctx, exclude=(*SSH_OPTIONS, "output_format", "as_json"))
         # The device's stdout is a pipe: it prints tsv by default (a table would be drawn for 80
         # columns there); JSON and CSV are asked for by name.

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from edgetl.core.errors import ConfigError, DataError, RemoteError
-from edgetl.device.remote import Remote, Target, envelope_record, is_remote
+from edgetl.device.remote import Remote, Target, envelope_record
 
 if TYPE_CHECKING:
     from edgetl.device.bench import BenchReport
@@ -33,8 +33,10 @@ LOCAL_BENCH_OPTIONS = ("targets", "save", "save_dir", "plot", "samples", "as_jso
 def bench_targets(bundle: str | None, targets: Sequence[str]) -> list[str]:
     """The devices ``edgetl bench BUNDLE --target ...`` runs on: a remote BUNDLE, then the targets.
     Empty: bench runs here, on the local BUNDLE. Local and remote together are refused."""
-    remote = ([bundle] if bundle is not None and is_remote(bundle) else []) + list(targets)
-    if remote and bundle is not None and not is_remote(bundle):
+    from edgetl.device.inventory import is_device_target
+
+    remote = ([bundle] if bundle is not None and is_device_target(bundle) else []) + list(targets)
+    if remote and bundle is not None and not is_device_target(bundle):
         raise ConfigError(f"give a local BUNDLE or device targets, not both ({bundle} is local)")
     if not remote and bundle is None:
         raise ConfigError("give a BUNDLE (a folder here, or user@host:PATH on a device) or --target")
