@@ -98,9 +98,19 @@ def commands(lines: list[str]) -> list[str]:
     return out
 
 
+# Device names the README gives with `edgetl device setup ... --name NAME` or `edgetl device add NAME`:
+# later commands that use them (`edgetl bench pi4`, `nuc:/opt/models/digits`) need that device.
+DEVICE_NAMES: set[str] = set()
+
+
 def why_skip(command: str, work: Path) -> str | None:
     words = shlex.split(command)
-    if any("@" in w or w.startswith("ssh://") for w in words):
+    if words[1:3] in (["device", "setup"], ["device", "add"]):
+        if "--name" in words[:-1]:
+            DEVICE_NAMES.add(words[words.index("--name") + 1])
+        elif words[2] == "add" and len(words) > 3:
+            DEVICE_NAMES.add(words[3])
+    if any("@" in w or w.startswith("ssh://") or w.split(":")[0] in DEVICE_NAMES for w in words[1:]):
         return "needs a device over SSH"
     previous = ""
     for w in words[1:]:

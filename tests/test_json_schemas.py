@@ -125,12 +125,25 @@ def inputs(tmp_path_factory) -> Inputs:
     return Inputs(tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def device_inventory(monkeypatch, tmp_path_factory) -> Path:
+    """`edgetl device ...` reads and writes $EDGETL_CONFIG_HOME/devices.yaml: a fresh one per test,
+    outside tmp_path (the error cases check that nothing was written there), holding one device."""
+    from edgetl.device.inventory import Device, save_device
+
+    home = tmp_path_factory.mktemp("config")
+    monkeypatch.setenv("EDGETL_CONFIG_HOME", str(home))
+    save_device(Device(name="lab-pi", target="pi@192.0.2.10", groups=["lab"]))
+    return home
+
+
 @dataclass(frozen=True)
 class Case:
     command: str  # as typed: "data digits"
     args: Callable[[Inputs, Path, dict], list]  # (inputs, tmp_path, fixtures) -> the words after the command
     fixtures: tuple[str, ...] = ()
     code: int = 0  # the exit code expected (error cases)
+    marks: tuple = ()  # pytest marks of a case (slow, network)
 
     def argv(self, request: pytest.FixtureRequest, inputs: Inputs, tmp_path: Path) -> list[str]:
         fixtures = {name: request.getfixturevalue(name) for name in self.fixtures}
@@ -178,6 +191,27 @@ JSON_CASES: dict[str, list[Case]] = {
     ],
     "devices": [Case("devices", lambda i, t, f: []), Case("devices", lambda i, t, f: ["rpi4"])],
     "doctor": [Case("doctor", lambda i, t, f: [])],
+    "device list": [Case("device list", lambda i, t, f: [])],
+    "device show": [Case("device show", lambda i, t, f: ["lab-pi"])],
+    "device add": [
+        Case("device add", lambda i, t, f: ["pi5", "pi@192.0.2.11", "--group", "lab", "--profile", "rpi5"]),
+        Case("device add", lambda i, t, f: ["loop", ALIAS, *test_deploy.ssh_args(f["sshd"]), "--check"], ("sshd",)),
+    ],
+    "device remove": [Case("device remove", lambda i, t, f: ["lab-pi"])],
+    # An online install on the loopback device (its pip resolves from the index: about 40 s).
+    "device setup": [
+        Case(
+            "device setup",
+            lambda i, t, f: [ALIAS, "--venv", t / "venv", "--ssh-config", f["sshd"].config],
+            ("sshd",),
+            marks=(pytest.mark.slow, pytest.mark.network),
+        )
+    ],
+    "device profiles": [Case("device profiles", lambda i, t, f: []), Case("device profiles", lambda i, t, f: ["rpi4"])],
+    "device export-ansible": [
+        Case("device export-ansible", lambda i, t, f: []),
+        Case("device export-ansible", lambda i, t, f: ["--out", t / "fleet.yaml"]),
+    ],
 }
 
 # A runtime failure (a path that does not exist, an output in the way, a file that is not what it
@@ -201,6 +235,8 @@ FAILURE_CASES: list[Case] = [
     Case("bench", lambda i, t, f: ["--compare", i.not_json], code=1),
     Case("bench", lambda i, t, f: ["--compare", t / MISSING], code=1),
     Case("doctor", lambda i, t, f: [t / MISSING], code=1),
+    Case("device add", lambda i, t, f: ["loop", "ssh://nobody@127.0.0.1:1", "--check"], code=1),  # no sshd there
+    Case("device setup", lambda i, t, f: ["ssh://nobody@127.0.0.1:1"], code=1),  # no sshd there
 ]
 
 # Usage errors beyond an unknown option: a missing argument or option, an unknown name, a bad value.
@@ -222,6 +258,18 @@ USAGE_CASES: list[Case] = [
     Case("bench", lambda i, t, f: ["--compare"], code=2),
     Case("devices", lambda i, t, f: ["no-such-board"], code=2),
     Case("doctor", lambda i, t, f: [t, t], code=2),
+    Case("device list", lambda i, t, f: ["extra"], code=2),
+    Case("device show", lambda i, t, f: [], code=2),
+    Case("device show", lambda i, t, f: ["no-such-device"], code=2),
+    Case("device add", lambda i, t, f: ["pi5"], code=2),  # no TARGET
+    Case("device add", lambda i, t, f: ["lab-pi", "pi@192.0.2.12"], code=2),  # exists, no --force
+    Case("device add", lambda i, t, f: ["pi5", "pi@host:bundles"], code=2),  # a path in TARGET
+    Case("device remove", lambda i, t, f: ["no-such-device"], code=2),
+    Case("device profiles", lambda i, t, f: ["no-such-board"], code=2),
+    Case("device export-ansible", lambda i, t, f: ["extra"], code=2),
+    Case("device setup", lambda i, t, f: [], code=2),  # no TARGET
+    Case("device setup", lambda i, t, f: ["pi@rpi", "--extras", "train"], code=2),  # not a device extra
+    Case("device setup", lambda i, t, f: ["pi@rpi", "--wheelhouse", t], code=2),  # without --offline
 ]
 
 
@@ -235,7 +283,7 @@ def params(cases: list[Case], prefix: str = "") -> list:
     out = []
     for case in cases:
         n = seen[case.command] = seen.get(case.command, -1) + 1
-        out.append(pytest.param(case, id=f"{prefix}{case_id(case)}-{n}"))
+        out.append(pytest.param(case, id=f"{prefix}{case_id(case)}-{n}", marks=case.marks))
     return out
 
 

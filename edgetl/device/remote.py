@@ -238,8 +238,8 @@ class Remote:
         ):
             return (
                 f"{what} on {t.where} failed: {self.edgetl!r} is not found there. Install the runtime on the "
-                "device (python3 -m venv ~/edgetl && ~/edgetl/bin/pip install edgetl) and pass "
-                "--remote-edgetl '~/edgetl/bin/edgetl' if it is not on the device's PATH"
+                f"device with: edgetl device setup {t.destination} --name NAME (then use NAME as the target, or "
+                "pass --remote-edgetl '~/edgetl/bin/edgetl')"
             )
         message = _edgetl_error(result.stderr_tail) or (result.stderr_tail[-1] if result.stderr_tail else "")
         return f"{what} on {t.where} failed (exit {result.returncode}): {message or 'no message'}"
