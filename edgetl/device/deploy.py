@@ -30,7 +30,7 @@ from edgetl.core.bundle import MANIFEST_NAME, read_manifest
 from edgetl.core.errors import RemoteError
 from edgetl.core.formats import format_of, runtime_of, variant_name
 from edgetl.device.bundle_loading import warn_saturation
-from edgetl.device.remote import Remote, envelope_record
+from edgetl.device.remote import Remote, envelope_record, version_skew
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,16 @@ def deploy(
     target = remote.target
     t_start = time.perf_counter()
     manifest = read_manifest(bundle)
-    version = remote.version()  # connection, host key, login and edgetl there, before any work
+    version = remote.compatible_version()  # connection, host key, login and edgetl there, before any work
     log.info("%s: edgetl %s", target.where, version)
+    made_by = str(manifest.get("edgetl_version") or "")
+    problem = version_skew(version, made_by) if made_by else None
+    if problem:  # a bundle written by a newer edgetl than the device's
+        raise RemoteError(
+            f"{bundle} was written by edgetl {made_by} (bundle schema {manifest.get('schema_version')}) and "
+            f"{target.where} runs edgetl {version}, which may not read it; install this edgetl there with: "
+            f"edgetl device setup {target.destination}"
+        )
     with tempfile.TemporaryDirectory(prefix="edgetl-deploy-") as tmp:
         archive = Path(tmp) / f"{bundle.resolve().name}.tar.gz"
         packed = pack_bundle(bundle, archive)  # verifies every checksum here first

@@ -250,6 +250,22 @@ class Remote:
         text = result.stdout.decode(errors="replace").strip()
         return text.rsplit(" ", 1)[-1] if text else "unknown"
 
+    def compatible_version(self) -> str:
+        """:meth:`version`, refused with one line when the device's edgetl is too old for this one
+        (:func:`version_skew`): what deploy, bench and predict call before any work."""
+        from edgetl import __version__
+
+        version = self.version()
+        problem = version_skew(version, __version__)
+        if problem:
+            t = self.target
+            setup_target = f"ssh://{t.destination}:{t.port}" if t.port else t.destination
+            raise RemoteError(
+                f"{t.where} runs edgetl {version}, {problem}; install this edgetl there with: "
+                f"edgetl device setup {setup_target}"
+            )
+        return version
+
     def json(self, *args: str, what: str, echo_stderr: bool = True) -> Any:
         """Run ``edgetl ARGS --json`` on the device and parse its stdout."""
         import json
@@ -295,6 +311,27 @@ class Remote:
             return self.run(f"rm -f -- {shlex.quote(remote_path)}").returncode == 0
         except (RemoteError, OSError):
             return False
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    """``0.1.0`` -> (0, 1, 0); a pre-release or local suffix is ignored; None when it is not a version."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", version.strip())
+    return tuple(int(g) for g in m.groups(default="0")) if m else None
+
+
+def version_skew(device: str, here: str) -> str | None:
+    """Why a device's edgetl ``device`` cannot serve this edgetl ``here``, or None when it can.
+
+    Bundles carry their format's ``schema_version``; an edgetl reads the versions up to its own
+    (newer devices read older bundles). Before 1.0 a minor release may change the bundle format or
+    the JSON a device answers with, so a device whose major.minor is older than this edgetl's is
+    refused; a newer one, or another patch release, is fine."""
+    mine, theirs = _release(here), _release(device)
+    if theirs is None:
+        return f"which is not a version this edgetl {here} can compare ({device!r})"
+    if mine is not None and theirs[:2] < mine[:2]:
+        return f"older than this edgetl {here}: bundles and answers of {here} may not be readable there"
+    return None
 
 
 def _interactive() -> bool:

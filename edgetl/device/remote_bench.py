@@ -98,7 +98,7 @@ class RemoteBench:
 def bench_remote(remote: Remote, bench_args: Sequence[str]) -> RemoteBench:
     """Run ``edgetl bench PATH ARGS --json --samples`` on the device, its progress on stderr here."""
     t = remote.target
-    version = remote.version()
+    version = remote.compatible_version()
     doctor = envelope_record(remote.json("doctor", what="edgetl doctor", echo_stderr=False), "edgetl doctor")
     log.info("benchmarking %s on %s (edgetl %s, %s)", t.path, t.where, version, doctor["machine"].get("cpu"))
     report = remote.json("bench", t.path, *bench_args, "--samples", what="edgetl bench")
@@ -112,7 +112,7 @@ def predict_remote(
 ) -> None:
     """Run ``edgetl predict PATH IMAGES ARGS`` on the device (IMAGES are device paths); its stdout
     goes to ``on_stdout`` as it comes (a million results cost no memory here), its stderr to ours."""
-    remote.version()  # connection, host key and edgetl there, with clear errors, before streaming
+    remote.compatible_version()  # connection, host key and edgetl there, with clear errors, before streaming
     command = remote.edgetl_command("predict", remote.target.path, *images, *predict_args)
     remote.check(remote.run(command, on_stdout=on_stdout, echo_stderr=True), "edgetl predict")
 
