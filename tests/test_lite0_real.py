@@ -67,13 +67,15 @@ def test_every_strategy_trains_from_the_offline_weights(root, digits, feature_ex
 
 
 def test_export_every_format_and_int8_then_predict_and_bench(root, digits, feature_extraction):
-    """Every format in fp32, and OpenVINO's int8. ONNX Runtime's and LiteRT's int8 of Lite0 miss the
-    1 pp bar on this CI's kind of CPU, and the export refuses them: ONNX Runtime's U8S8 kernels saturate
-    on x86 without VNNI (Lite0's per-channel int8 trunk: 14.7 dB as the QDQ graph is written, 1.4 dB as
-    run here), and LiteRT's post-training int8 loses 13-20 pp (docs/backbones.md)."""
+    """Every format in fp32, and the default export (ONNX Runtime and OpenVINO, fp32 and int8).
+    LiteRT's int8 of Lite0 misses the 1 pp bar (its post-training int8 loses 13-20 pp; docs/backbones.md).
+    On a CPU whose int8 kernels saturate (x86 without VNNI, this CI's kind), ONNX Runtime's int8 is
+    held to the bar as written and says what it loses as run here (int8_saturation when over the bar)."""
+    from edgetl.core import envinfo
+
     bundles = [
-        (root / "bundle-openvino", "openvino", "fp32,int8"),
-        (root / "bundle-fp32", "onnx,litert,ncnn", "fp32"),
+        (root / "bundle-default", "onnx,openvino", "fp32,int8"),
+        (root / "bundle-fp32", "litert,ncnn", "fp32"),
     ]
     variants, manifests = {}, {}
     for out, formats, precisions in bundles:
@@ -85,12 +87,19 @@ def test_export_every_format_and_int8_then_predict_and_bench(root, digits, featu
         manifests[out] = read_manifest(out)
         assert manifests[out]["backbone"]["name"] == LITE0
         assert manifests[out]["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
-    assert set(variants) == {f"{f}-fp32" for f in FORMATS.split(",")} | {"openvino-int8"}
+    assert set(variants) == {f"{f}-fp32" for f in FORMATS.split(",")} | {"onnx-int8", "openvino-int8"}
     for name, (_, v) in variants.items():
         if name.endswith("-fp32"):
             assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] >= 0.99, v
         else:
             assert v["top1_drop_pp"] <= 1.0 and v["val_top1"] >= 0.85, v
+    onnx_int8 = manifests[root / "bundle-default"]["variants"]["onnx-int8"]
+    saturated = "int8_saturation" in onnx_int8
+    if envinfo.int8_saturates():
+        assert onnx_int8["metrics"]["scored"] == "as written" and "this_cpu" in onnx_int8["metrics"]
+        assert saturated == (onnx_int8["metrics"]["this_cpu"]["top1_drop_pp"] > 1.0)
+    else:
+        assert "scored" not in onnx_int8["metrics"] and not saturated
 
     images = [str(sorted((digits / str(d)).glob("*.png"))[-1]) for d in range(10)]
     labels = {}
@@ -100,6 +109,8 @@ def test_export_every_format_and_int8_then_predict_and_bench(root, digits, featu
         labels[name] = np.array([r["label"] for r in records["results"]])
     assert np.mean(labels["onnx-fp32"] == np.array([str(d) for d in range(10)])) >= 0.9
     for name, got in labels.items():
+        if name == "onnx-int8" and saturated:
+            continue  # as this CPU runs it, it loses more than the bar: what int8_saturation says
         assert np.mean(got == labels["onnx-fp32"]) >= (1.0 if name.endswith("fp32") else 0.8), (name, got)
 
     for out in manifests:
