@@ -137,6 +137,16 @@ def device_inventory(monkeypatch, tmp_path_factory) -> Path:
     return home
 
 
+def loop_device(server) -> str:
+    """A device named loop in the test's inventory, reached through the loopback sshd; its name."""
+    from edgetl.device.inventory import Device, save_device
+
+    save_device(
+        Device(name="loop", target=ALIAS, ssh_config=str(server.config), remote_edgetl=test_deploy.REMOTE_EDGETL)
+    )
+    return "loop"
+
+
 @dataclass(frozen=True)
 class Case:
     command: str  # as typed: "data digits"
@@ -208,6 +218,7 @@ JSON_CASES: dict[str, list[Case]] = {
         )
     ],
     "device profiles": [Case("device profiles", lambda i, t, f: []), Case("device profiles", lambda i, t, f: ["rpi4"])],
+    "device doctor": [Case("device doctor", lambda i, t, f: [loop_device(f["sshd"])], ("sshd",))],
     "device export-ansible": [
         Case("device export-ansible", lambda i, t, f: []),
         Case("device export-ansible", lambda i, t, f: ["--out", t / "fleet.yaml"]),
@@ -267,6 +278,10 @@ USAGE_CASES: list[Case] = [
     Case("device remove", lambda i, t, f: ["no-such-device"], code=2),
     Case("device profiles", lambda i, t, f: ["no-such-board"], code=2),
     Case("device export-ansible", lambda i, t, f: ["extra"], code=2),
+    Case("device doctor", lambda i, t, f: [], code=2),  # no NAME
+    Case("device doctor", lambda i, t, f: ["no-such-device"], code=2),
+    Case("device doctor", lambda i, t, f: ["@no_such_group"], code=2),
+    Case("device doctor", lambda i, t, f: ["@lab", "--parallel", "0"], code=2),
     Case("device setup", lambda i, t, f: [], code=2),  # no TARGET
     Case("device setup", lambda i, t, f: ["pi@rpi", "--extras", "train"], code=2),  # not a device extra
     Case("device setup", lambda i, t, f: ["pi@rpi", "--wheelhouse", t], code=2),  # without --offline

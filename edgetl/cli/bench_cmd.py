@@ -24,6 +24,7 @@ from edgetl.cli._runtime_options import (
     provider_option,
     runtime_option,
 )
+from edgetl.cli.group_cmds import parallel_option
 from edgetl.core.formats import PRECISIONS
 from edgetl.device.limits import (
     BOUNDS,
@@ -163,8 +164,9 @@ def _positive_ints(ctx: click.Context, param: click.Parameter, value: str | None
     metavar="TARGET",
     help="A bundle on a device (user@host:PATH, ssh://user@host:port/PATH, or a named device: NAME or "
     "NAME:PATH); repeat to compare devices "
-    "in one table. Same as giving one as BUNDLE.",
+    "in one table. Same as giving one as BUNDLE. @GROUP: every device of a group, --parallel N at a time.",
 )
+@parallel_option
 @ssh_options
 @click.option("--samples", is_flag=True, help="With --json: include every timed sample (samples_ms).")
 @click.option(
@@ -200,6 +202,7 @@ def bench(
     save_dir: str | None,
     plot: str | None,
     targets: tuple[str, ...],
+    parallel: int,
     identity: str | None,
     ssh_config: str | None,
     remote_edgetl: str,
@@ -230,6 +233,7 @@ def bench(
       edgetl bench bundles/digits --all --threads 1,2 --batch-size 1,8 --json
       edgetl bench bundles/digits --device-profile rpi5 --duration 20 --save --plot rpi5.png
       edgetl bench --target pi@rpi4.local:bundles/digits --target me@nuc:bundles/digits --precision int8
+      edgetl bench @lab --precision int8 --parallel 8
       edgetl bench --compare devices/rpi5/results/*.json --plot rpi5-history.png
     """
     fmt = resolve_format(output_format, as_json)
@@ -252,11 +256,36 @@ def bench(
 
     remote_targets = bench_targets(bundle, targets)
     plot, warnings = _check_outputs(plot=plot, save=save or save_dir is not None, save_dir=save_dir)
+    groups = [t for t in remote_targets if t.startswith("@")]
+    if groups and len(remote_targets) > 1:
+        raise click.UsageError(f"a group ({groups[0]}) is benched alone: give it as the only target")
+    if not groups and "parallel" in given:
+        raise click.UsageError("--parallel is for a group of devices (@GROUP)")
+    if groups:
+        from edgetl.cli.group_cmds import bench_group_cmd
+
+        bench_group_cmd(
+            ctx,
+            groups[0],
+            forwarded_args(ctx, exclude=(*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS, "parallel")),
+            identity=identity,
+            ssh_config=ssh_config,
+            remote_edgetl=remote_edgetl,
+            parallel=parallel,
+            fmt=fmt,
+            samples=samples,
+            save=save,
+            save_dir=save_dir,
+            plot=plot,
+            warnings=warnings,
+            show_progress=ctx.meta.get("edgetl.progress", True),
+        )
+        return
     if remote_targets:
         remotes = [make_remote(t, identity, ssh_config, remote_edgetl) for t in remote_targets]
         _bench_remote(
             remotes,
-            forwarded_args(ctx, exclude=(*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS)),
+            forwarded_args(ctx, exclude=(*SSH_OPTIONS, *LOCAL_BENCH_OPTIONS, "parallel")),
             save=save,
             save_dir=save_dir,
             plot=plot,

@@ -6,6 +6,7 @@ import click
 
 from edgetl.cli._common import common_options, handle_errors, ssh_options
 from edgetl.cli._output import console, emit_json, emit_table, envelope, format_option, plain, resolve_format
+from edgetl.cli.group_cmds import parallel_option
 
 # deploy in a pipe (--format tsv): a header and one line (the check's overall status: ok, warn,
 # fail, or empty without --check; its details go to stderr).
@@ -37,6 +38,7 @@ DEPLOY_COLUMNS = (
     help="Afterwards run `edgetl doctor` on the device: do its runtimes, int8 speed and device profile "
     "fit the bundle? Exits 1 if no runtime there can run it.",
 )
+@parallel_option
 @ssh_options
 @format_option
 @common_options
@@ -47,6 +49,7 @@ def deploy(
     bundle: str,
     target: str,
     check: bool,
+    parallel: int,
     identity: str | None,
     ssh_config: str | None,
     remote_edgetl: str,
@@ -55,7 +58,8 @@ def deploy(
     no_progress: bool,
 ) -> None:
     """Copy BUNDLE to a device and verify it there; TARGET is user@host:PATH, ssh://user@host:port/PATH,
-    or a named device: NAME (to NAME's bundle folder) or NAME:PATH (see edgetl device list).
+    or a named device: NAME (to NAME's bundle folder) or NAME:PATH (see edgetl device list), or
+    @GROUP (every device of a group, --parallel N at a time, one row each; see docs/devices.md).
 
     Uses the system ssh client (your ~/.ssh/config, keys, agent and known_hosts); edgetl never
     turns host-key checking off. The bundle is packed, streamed to a temporary file beside PATH,
@@ -69,8 +73,27 @@ def deploy(
       edgetl deploy bundles/digits pi@raspberrypi.local:bundles/digits --check
       edgetl deploy bundles/digits ssh://me@nuc:2222/opt/models/digits --remote-edgetl '~/edgetl/bin/edgetl'
       edgetl bench pi@raspberrypi.local:bundles/digits --device-profile rpi4 --save
+      edgetl deploy bundles/digits @lab --check --parallel 8
     """
     fmt = resolve_format(output_format, as_json)
+    if target.startswith("@"):
+        from edgetl.cli.group_cmds import deploy_to_group
+
+        deploy_to_group(
+            ctx,
+            bundle,
+            target,
+            check=check,
+            identity=identity,
+            ssh_config=ssh_config,
+            remote_edgetl=remote_edgetl,
+            parallel=parallel,
+            fmt=fmt,
+            show_progress=not no_progress,
+        )
+        return
+    if ctx.get_parameter_source("parallel") is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--parallel is for a group of devices (@GROUP)")
     from edgetl.cli.fleet_cmds import resolve_remote
 
     remote, resolved = resolve_remote(target, identity, ssh_config, remote_edgetl, purpose="deploy", bundle=bundle)

@@ -12,6 +12,7 @@ import click
 
 from edgetl.cli._common import common_options, handle_errors
 from edgetl.cli._output import clean, console, emit_json, emit_table, envelope, format_option, plain, resolve_format
+from edgetl.cli.group_cmds import doctor
 
 DEVICE_COLUMNS = ("name", "target", "profile", "groups", "remote_edgetl", "edgetl_version", "last_bundle")
 
@@ -519,5 +520,6 @@ def _add_setup() -> None:
 
 
 _add_setup()
+device.add_command(doctor)  # edgetl device doctor NAME|@GROUP (edgetl/cli/group_cmds.py)
 
 COMMANDS = [device]
