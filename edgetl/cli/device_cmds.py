@@ -33,13 +33,18 @@ def devices(name: str | None, output_format: str | None, as_json: bool) -> None:
       edgetl devices rpi5
       edgetl bench bundles/digits --device-profile rpi5
     """
+    show_profiles(name, resolve_format(output_format, as_json), "devices", "edgetl devices")
+
+
+def show_profiles(name: str | None, fmt: str, schema: str, command: str) -> None:
+    """The shipped device profiles (or profile ``name`` in full) in ``fmt``, as ``edgetl devices``
+    and ``edgetl device profiles`` print them (their JSON named ``edgetl.<schema>``)."""
     from edgetl.device.profiles import list_profiles, load_profile, profile_label
 
-    fmt = resolve_format(output_format, as_json)
     if name is not None:
         p = load_profile(name)
         if fmt == "json":
-            emit_json(envelope("devices", [p.to_dict()]))
+            emit_json(envelope(schema, [p.to_dict()]))
         elif fmt == "tsv":
             rows = [
                 ("name", p.name),
@@ -56,13 +61,13 @@ def devices(name: str | None, output_format: str | None, as_json: bool) -> None:
         return
     profiles = list_profiles()
     if fmt == "json":
-        emit_json(envelope("devices", [p.to_dict() for p in profiles]))
+        emit_json(envelope(schema, [p.to_dict() for p in profiles]))
         return
     emit_table(
         fmt,
         ("name", "device", "settings"),
         [(p.name, p.description, profile_label(p)) for p in profiles],
-        title="Device profiles (edgetl devices NAME for details)",
+        title=f"Device profiles ({command} NAME for details)",
     )
 
 

@@ -406,38 +406,9 @@ def profiles(name: str | None, output_format: str | None, as_json: bool) -> None
       edgetl device profiles
       edgetl device profiles rpi5
     """
-    from edgetl.cli.device_cmds import _print_profile
-    from edgetl.device.profiles import list_profiles, load_profile, profile_label
+    from edgetl.cli.device_cmds import show_profiles
 
-    fmt = resolve_format(output_format, as_json)
-    if name is not None:
-        p = load_profile(name)
-        if fmt == "json":
-            emit_json(envelope("device.profiles", [p.to_dict()]))
-        elif fmt == "tsv":
-            rows = [
-                ("name", p.name),
-                ("description", p.description),
-                ("hardware", p.hardware),
-                ("settings", profile_label(p)),
-                ("provider_options", ", ".join(f"{k}={v}" for k, v in p.provider_options.items())),
-                ("file", p.path),
-                ("notes", " ".join(p.notes.split())),
-            ]
-            emit_table(fmt, ("key", "value"), rows)
-        else:
-            _print_profile(p, profile_label(p))
-        return
-    found = list_profiles()
-    if fmt == "json":
-        emit_json(envelope("device.profiles", [p.to_dict() for p in found]))
-        return
-    emit_table(
-        fmt,
-        ("name", "device", "settings"),
-        [(p.name, p.description, profile_label(p)) for p in found],
-        title="Device profiles (edgetl device profiles NAME for details)",
-    )
+    show_profiles(name, resolve_format(output_format, as_json), "device.profiles", "edgetl device profiles")
 
 
 @device.command("export-ansible", short_help="Write the named devices as an Ansible inventory.")
@@ -489,23 +460,10 @@ def export_ansible(out: str | None, output_format: str | None, as_json: bool) ->
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import os
-    import tempfile
+    from edgetl.core.atomic import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _add_setup() -> None:

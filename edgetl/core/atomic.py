@@ -15,20 +15,26 @@ from edgetl.core.errors import OutputBusyError, OutputExistsError
 from edgetl.core.jsonio import dumps
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str, *, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it (fsync, then ``os.replace``): an
+    interruption leaves the old file or the new one. ``mode`` defaults to 0666 less the umask
+    (``mkstemp`` makes 0600; runs, bundles and config files are read by others)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; runs and bundles are read by others
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(dumps(obj, indent=2))  # strict JSON: a NaN is written as null
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, dumps(obj, indent=2) + "\n")  # strict JSON: a NaN is written as null
 
 
 # What a folder must hold to be "what this command wrote before": --force replaces only such a folder.

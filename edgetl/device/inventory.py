@@ -26,13 +26,13 @@ import dataclasses
 import fcntl
 import os
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from edgetl.core.atomic import write_text_atomic
 from edgetl.core.errors import ConfigError, EdgetlError
 from edgetl.device.remote import Target, is_remote, parse_target
 
@@ -363,20 +363,8 @@ def _write(path: Path, devices: dict[str, Device]) -> None:
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
-        mask = os.umask(0)
-        os.umask(mask)
-        mode = 0o666 & ~mask
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        mode = None
+    write_text_atomic(path, text, mode=mode)
 
 
 def _edit(path: Path | None, change: Callable[[dict[str, Device]], Any]) -> Any:
