@@ -40,7 +40,9 @@ EXPLORE_AFTER_PASS = 4  # attempts after the first that passes, looking for a fa
 # higher top-1, then fewer layers in float, then the earlier attempt.
 SPEED_TIE = 0.03
 # Where attempts are scored as written (a CPU whose int8 kernels saturate), one that also passes as
-# this CPU runs it is worth up to this fraction of speed: it keeps its accuracy on every CPU.
+# this CPU runs it keeps its accuracy on every CPU: it wins over a faster one that does not when its
+# graph is as lean (the same weight type, no more layers in float: then the measured difference is
+# noise), or when it is within this fraction of its speed.
 PORTABLE_TIE = 0.15
 
 
@@ -282,7 +284,8 @@ def choose(attempts: Sequence[Attempt]) -> int:
     speed-ups within :data:`SPEED_TIE` of it are a tie, which goes to the higher feature SQNR (the
     trunk closest to fp32 serves heads added later best), then the higher top-1, then fewer layers
     in float, then the earlier attempt). Attempts that also pass as this CPU runs them
-    (:attr:`Attempt.portable`) come first when one is within :data:`PORTABLE_TIE` of the fastest.
+    (:attr:`Attempt.portable`) come first when one is as lean as the fastest (:func:`_lean`: the same
+    kernels, no more layers in float) or within :data:`PORTABLE_TIE` of its speed.
     A NaN or missing timing never beats a measured one; when no passing attempt has one (no timer),
     the first portable one, else the first that passed. When none passed, the best
     top-1 (a NaN counting as the worst; ties to fewer layers in float, then the earlier attempt).
@@ -293,12 +296,24 @@ def choose(attempts: Sequence[Attempt]) -> int:
     timed = [i for i in passed if math.isfinite(attempts[i].speedup) and attempts[i].speedup > 0]
     if not timed:
         return next((i for i in passed if attempts[i].portable), passed[0])
-    fastest = max(attempts[i].speedup for i in timed)
-    portable = [i for i in timed if attempts[i].portable and attempts[i].speedup >= fastest * (1.0 - PORTABLE_TIE)]
+    top = max(timed, key=lambda i: attempts[i].speedup)
+    fastest = attempts[top].speedup
+    portable = [
+        i
+        for i in timed
+        if attempts[i].portable
+        and (_lean(attempts[i]) <= _lean(attempts[top]) or attempts[i].speedup >= fastest * (1.0 - PORTABLE_TIE))
+    ]
     pool = portable or timed
     fastest = max(attempts[i].speedup for i in pool)
     near = [i for i in pool if attempts[i].speedup >= fastest * (1.0 - SPEED_TIE)]
     return max(near, key=lambda i: (attempts[i].fidelity, _score(attempts[i]), -len(attempts[i].float_layers), -i))
+
+
+def _lean(attempt: Attempt) -> tuple[int, int]:
+    """How lean an attempt's graph is, lower is faster by construction: uint8 weights (ONNX Runtime's
+    slower U8U8 kernels on x86) after int8 ones, then the number of layers kept in float."""
+    return (int(getattr(attempt.config, "weight_type", "int8") == "uint8"), len(attempt.float_layers))
 
 
 def settled(attempts: Sequence[Attempt]) -> bool:
