@@ -24,6 +24,7 @@ from edgetl.core.errors import ConfigError, RemoteError
 from edgetl.device.inventory import (
     Device,
     GroupResult,
+    default_bundle_path,
     device_bundle_target,
     record_deploy,
     resolve_group,
@@ -102,10 +103,7 @@ def remote_for(device: Device, bundle_path: str, overrides: SshOverrides = SshOv
 
 def deploy_path(device: Device, bundle: str | os.PathLike, path: str | None) -> str:
     """Where deploy puts ``bundle`` on ``device``: PATH, else ``<bundles_dir>/<bundle folder name>``."""
-    if path is not None:
-        return path
-    name = Path(bundle).resolve().name
-    return f"{device.bundles_dir.rstrip('/')}/{name}"
+    return path if path is not None else default_bundle_path(device, "deploy", Path(bundle).resolve().name)
 
 
 def bench_path(device: Device, path: str | None) -> str:

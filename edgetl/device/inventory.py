@@ -516,11 +516,13 @@ def resolve_target(
             f"(known: {', '.join(devices) or 'none yet'}); add it with: edgetl device add {name} user@host"
         )
     if bundle_path is None:
-        bundle_path = _default_bundle_path(device, purpose, bundle_name)
+        bundle_path = default_bundle_path(device, purpose, bundle_name)
     return Resolved(device_bundle_target(device, bundle_path), device)
 
 
-def _default_bundle_path(device: Device, purpose: str, bundle_name: str | None) -> str:
+def default_bundle_path(device: Device, purpose: str, bundle_name: str | None) -> str:
+    """The bundle folder a device name alone means: ``<bundles_dir>/<bundle folder name>`` for deploy,
+    else the bundle last deployed there by name."""
     if purpose == "deploy":
         if not bundle_name or bundle_name in (".", "..") or "/" in bundle_name:
             raise ConfigError(
