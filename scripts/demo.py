@@ -34,7 +34,15 @@ def main() -> None:
     t0 = time.perf_counter()
     data = edgetl("data", "digits", "--out", str(root / "digits"))["results"][0]
     common = ["--img-size", "96", "--seed", "0", "--val-split", "0.2", "--no-progress"]
-    fe = edgetl("finetune", data["path"], "--out", str(root / "runs/feature-extraction"), "--epochs", "10", *common)
+    fe = edgetl(
+        "finetune",
+        data["path"],
+        "--out",
+        str(root / "runs/feature-extraction"),
+        "--strategy",
+        "feature-extraction",
+        *common,
+    )
     fe = fe["results"][0]
     ft = edgetl(
         "finetune",

@@ -49,9 +49,14 @@ def register_tiny_backbone() -> BackboneSpec:
 
 
 def count_trunk_images(monkeypatch) -> dict[str, int]:
-    """Count the images every Trunk.forward sees from now on: ``counter["images"]``."""
+    """Count the images every Trunk.forward sees from now on: ``counter["images"]``.
+
+    Frozen trunks then run in eager PyTorch (``EDGETL_FROZEN_ENGINE=eager``): through ONNX Runtime
+    they would not call ``Trunk.forward`` per image.
+    """
     from edgetl.workstation.model import Trunk
 
+    monkeypatch.setenv("EDGETL_FROZEN_ENGINE", "eager")
     seen = {"images": 0}
     original = Trunk.forward
 

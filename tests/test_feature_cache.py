@@ -59,7 +59,7 @@ def test_other_preprocessing_is_another_cache_entry(image_folder, tmp_path):
 
 def test_no_feature_cache_runs_trunk_every_epoch_with_same_result(image_folder, tmp_path, monkeypatch):
     seen = count_trunk_images(monkeypatch)
-    cached = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY), progress=False)
+    cached = finetune(image_folder, tmp_path / "a", config=TrainConfig(**TINY, head_search=False), progress=False)
     before = seen["images"]
     plain = finetune(
         image_folder,

@@ -282,8 +282,12 @@ def test_degenerate_features_rank_last_and_really_do_not_train(image_folder):
         assert scaled.candidate == "tiny_scaled_test:none" and scaled.degenerate and scaled.feature_std < 1e-8
         assert scaled.linear_top1 >= 0.9  # standardised, the features separate the classes...
         assert not result.rows[0].degenerate and result.rows[0].feature_std > 1e-3
-        cfg = TrainConfig(backbone="tiny_scaled_test", weights="none", epochs=15, lr=3e-2, batch_size=16)
+        # ...but a head trained on them by gradient steps stays near chance (1/3). (The searched head
+        # standardises its features and would learn; the export's fp16 and int8 trunks would not keep them.)
+        cfg = TrainConfig(
+            backbone="tiny_scaled_test", weights="none", epochs=15, lr=3e-2, batch_size=16, head_search=False
+        )
         fe = train_model(prepare_data(image_folder, cfg), cfg, progress=False)
-        assert fe.metrics["val_top1"] <= 0.5  # ...but a head trained on them stays near chance (1/3)
+        assert fe.metrics["val_top1"] <= 0.5
     finally:
         unregister_backbone("tiny_scaled_test")

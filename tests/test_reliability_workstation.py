@@ -18,6 +18,8 @@ from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.train import finetune, partial_dir, resume
 
 TINY = {"backbone": "tiny_test", "weights": "none", "batch_size": 16, "epochs": 2, "lr": 1e-2}
+# Runs that checkpoint every epoch (resume tests): the cached fine-tune; its resume path is the one exercised.
+CKPT = {"strategy": "fine-tune", "unfreeze": 1}
 
 
 def _train(data, out, *, force=False, **kw):
@@ -273,7 +275,7 @@ def test_resume_holds_the_output_lock_too(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _fail_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3)
+        _train(image_folder, out, epochs=3, **CKPT)
     monkeypatch.undo()
     with output_lock(out), pytest.raises(OutputBusyError):
         resume(out, progress=False)
@@ -324,7 +326,7 @@ def test_a_run_that_fails_after_a_checkpoint_keeps_its_partial_for_resume(image_
     out = tmp_path / "run"
     _fail_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3)
+        _train(image_folder, out, epochs=3, **CKPT)
     assert (partial_dir(out) / "checkpoint.pt").is_file()
     monkeypatch.undo()
     with pytest.raises(OutputExistsError, match="--resume"):
@@ -347,7 +349,7 @@ def test_an_edited_run_config_is_checked_on_resume(image_folder, tmp_path, monke
     out = tmp_path / "run"
     _fail_after_first_checkpoint(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3)
+        _train(image_folder, out, epochs=3, **CKPT)
     monkeypatch.undo()
     config = partial_dir(out) / "config.json"
     doc = json.loads(config.read_text())

@@ -39,8 +39,11 @@ def test_each_strategy_writes_a_complete_run(image_folder, tmp_path, strategy):
 
 def test_feature_extraction_runs_trunk_once_per_image(image_folder, tmp_path, monkeypatch):
     seen = count_trunk_images(monkeypatch)
-    _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=6)
+    _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=6, head_search=False)
     assert seen["images"] == 48  # train + validation, once each, for 6 epochs
+    seen["images"] = 0
+    _train(image_folder, tmp_path / "run2", strategy="feature-extraction")  # searched: the same cached features
+    assert seen["images"] == 0
 
 
 def test_feature_extraction_learns_easy_data(image_folder, tmp_path):
@@ -73,7 +76,9 @@ def test_same_seed_reproduces_the_same_numbers(image_folder, tmp_path):
 
 
 def test_early_stopping_keeps_best_epoch(image_folder, tmp_path):
-    result = _train(image_folder, tmp_path / "run", strategy="feature-extraction", epochs=40, patience=2, lr=0.5)
+    result = _train(
+        image_folder, tmp_path / "run", strategy="feature-extraction", epochs=40, patience=2, lr=0.5, head_search=False
+    )
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert result.epochs_run == len(history)
     best = max(history, key=lambda h: (h["val_top1"], -h["val_loss"]))
@@ -162,6 +167,7 @@ def test_finetune_json_is_one_envelope_and_the_summary_one_line(image_folder, tm
     from tests.schemas import validate_document
 
     args = ["--backbone", "tiny_test", "--weights", "none", "--epochs", "2", "--batch-size", "16", "--no-progress"]
+    args += ["--strategy", "feature-extraction"]  # with --epochs: the head trains 2 epochs (no head search)
     result = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(tmp_path / "run"), *args, "--json"])
     assert result.exit_code == 0, result.output
     doc = validate_document(result.stdout, "finetune")

@@ -8,7 +8,7 @@ from edgetl.cli._common import common_options, handle_errors
 from edgetl.cli._output import emit_json, emit_table, envelope, format_option, resolve_format
 from edgetl.cli._runtime_options import head_option, runtime_option
 from edgetl.core.formats import PRECISIONS
-from edgetl.workstation.options import STRATEGIES, TrainConfig
+from edgetl.workstation.options import CROP_MODES, STRATEGIES, TrainConfig
 
 # Defaults come from TrainConfig (numpy- and torch-free at import) so the CLI and the library cannot drift.
 _D = TrainConfig()
@@ -47,7 +47,34 @@ _D = TrainConfig()
     type=click.Choice(STRATEGIES),
     default=_D.strategy,
     show_default=True,
-    help="Frozen trunk + new head; last N blocks unfrozen; or everything trained.",
+    help="feature-extraction: frozen trunk + new head; fine-tune: last --unfreeze blocks too; full: everything; "
+    "auto: feature extraction or fine-tune, whichever wins on held-out training images (says why).",
+)
+@click.option(
+    "--head-search/--no-head-search",
+    default=_D.head_search,
+    show_default=True,
+    help="Choose the head's settings by --folds cross-validation on the training split (never the validation "
+    "split). Off when feature extraction is given --lr, --weight-decay, --label-smoothing, --epochs, "
+    "--patience or --dropout: the head then trains with those, early-stopped on the validation split.",
+)
+@click.option(
+    "--folds", type=int, default=_D.folds, show_default=True, help="Cross-validation folds of the head search."
+)
+@click.option(
+    "--crop",
+    type=click.Choice(CROP_MODES),
+    default=_D.crop,
+    show_default=True,
+    help="center: the backbone's resize + centre crop; none: resize the shorter side to the input size; compare: "
+    "cross-validate both; auto: compare when the images are no larger than the resize, else center.",
+)
+@click.option(
+    "--views",
+    type=int,
+    default=None,
+    help="Views of each training image, computed once: the plain one + VIEWS-1 random crops with colour "
+    "jitter (flips with --hflip). Default: 1 for the feature-extraction head, 4 for the fine-tune.",
 )
 @click.option(
     "--unfreeze", type=int, default=_D.unfreeze, show_default=True, help="Trunk blocks to unfreeze (fine-tune)."
@@ -196,10 +223,46 @@ def finetune(
         f"(best epoch {result.best_epoch}/{result.epochs_run}) in {result.train_seconds:.1f}s{cache}{resumed} "
         f"-> {result.run_dir}"
     )
+    _echo_choices(result)
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s):")
         for _path, reason in result.skipped:
             click.echo(f"  {reason}")
+
+
+def _echo_choices(result) -> None:
+    """What the run chose on its training split: the strategy (auto), the crop, the head's settings.
+
+    On stderr (stdout keeps the one summary line a script reads), and not with -q.
+    """
+    import functools
+    import logging
+
+    if logging.getLogger("edgetl").getEffectiveLevel() > logging.INFO:  # -q
+        return
+    echo = functools.partial(click.echo, err=True)
+    choice = getattr(result, "strategy_choice", None)
+    if choice:
+        echo(f"strategy auto -> {choice['chosen']}: {choice['why']}")
+    crop = getattr(result, "crop", None)
+    if crop:
+        scores = ", ".join(f"{r['crop']} {r['cv_top1']:.4f}" for r in crop["table"])
+        echo(f"crop {crop['chosen']}: {crop['why']}" + (f" (cross-validated top-1: {scores})" if scores else ""))
+    search = getattr(result, "head_search", None)
+    if search:
+        rows = search["table"][:5]
+        echo(
+            f"head search ({search['folds']}-fold cross-validation on the training split, {search['seconds']:.1f}s; "
+            f"best {min(5, len(search['table']))} of {len(search['table'])}):"
+        )
+        keys = [k for k in rows[0] if k not in ("cv_top1", "cv_top1_std", "cv_loss", "seconds")]
+        echo("  " + "  ".join([*keys, "cv top-1", "cv loss"]))
+        for r in rows:
+            values = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
+            loss = f"{r['cv_loss']:.4f}" if isinstance(r.get("cv_loss"), (int, float)) else "-"
+            echo("  " + "  ".join([*values, f"{r['cv_top1']:.4f}", loss]))
+        if search.get("fallback"):
+            echo(f"  note: {search['fallback']}")
 
 
 def _data_root(data: str | None, run_dir: str) -> str | None:

@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgetl.core.imagefolder import Sample
-from edgetl.core.preprocess import Preprocessing, load_image
+from edgetl.core.preprocess import Preprocessing, load_image, preprocess
 from edgetl.workstation.featcache import CacheStats, FeatureCache, cached_features, default_cache_dir, model_key
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Bump when the augmented views' transform changes: cached views of the old one are then not reused.
+AUGMENTATION_VERSION = 1
 # Above this many bytes the gathered training features live in a memory-mapped file, not in RAM.
 IN_MEMORY_LIMIT = 2 << 30
 
@@ -50,25 +53,40 @@ def run_trunk(
     progress=None,
     description="trunk features",
     autocast=None,
+    transforms: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
-    """One inference pass of ``trunk`` over ``samples`` -> float32 (N, D)."""
+    """One inference pass of the frozen ``trunk`` over ``samples`` -> float32 (N, D).
+
+    On the CPU the trunk runs through ONNX Runtime (:func:`edgetl.workstation.fast_trunk.frozen_runner`,
+    checked against torch, ~5x faster than eager torch for MobileNetV2 on 2 cores). ``transforms``,
+    when given, maps a sample's position to its own transform (augmented views); else ``transform``.
+    """
     import torch
+
+    from edgetl.workstation.fast_trunk import frozen_runner
+
+    def batch(start: int):
+        chunk = samples[start : start + batch_size]
+        pick = (lambda j: transforms(start + j)) if transforms else (lambda j: transform)
+        return torch.stack([pick(j)(load_image(s.path)) for j, s in enumerate(chunk)])
 
     trunk.eval()
     out = []
+    runner = None
     task = progress.add_task(description, total=len(samples), status="") if progress is not None else None
-    with torch.inference_mode():
-        for i in range(0, len(samples), batch_size):
-            chunk = samples[i : i + batch_size]
-            x = torch.stack([transform(load_image(s.path)) for s in chunk]).to(device, non_blocking=True)
-            if autocast is not None:
-                with autocast():
-                    f = trunk(x)
-            else:
-                f = trunk(x)
-            out.append(f.float().cpu().numpy())
+    starts = range(0, len(samples), batch_size)
+    # The next batch is decoded and transformed in a thread while the trunk runs on this one: both
+    # take about as long (~2 ms an image each for MobileNetV2 at 96 px on 2 cores).
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(batch, starts[0]) if len(starts) else None
+        for k in range(len(starts)):
+            x = pending.result()
+            pending = pool.submit(batch, starts[k + 1]) if k + 1 < len(starts) else None
+            if runner is None:
+                runner = frozen_runner(trunk, x[:8], device, autocast=autocast)
+            out.append(runner(x).float().cpu().numpy())
             if task is not None:
-                progress.advance(task, len(chunk))
+                progress.advance(task, len(x))
     return np.concatenate(out) if out else np.zeros((0, trunk.feature_dim), dtype=np.float32)
 
 
@@ -95,16 +113,28 @@ def cached_trunk_features(
     settings: FeatureSettings,
     progress=None,
     description: str = "trunk features",
+    view: tuple[Any, int] | None = None,
 ) -> tuple[np.ndarray, CacheStats]:
-    """Features of ``samples`` under ``pp``'s eval transform, reusing every row already in the persistent cache.
+    """Features of ``samples`` under ``pp``, reusing every row already in the persistent cache.
 
-    The transform is always ``pp``'s eval transform: the cache is keyed by ``pp``, so features of
-    augmented images must never be stored in it.
+    Without ``view`` the transform is ``pp``'s eval transform. ``view=(views, v)`` (a
+    :class:`edgetl.workstation.prefix.Views` and a view number >= 1) gives augmented view ``v`` of
+    every image instead, cached under its own key (the augmentation's settings and ``v``), so the
+    plain features are never mixed with augmented ones and a second run reuses both.
     """
-    from edgetl.workstation.prepare import eval_transform
-
     digest = weights_sha256 or trunk_digest(trunk)
-    key = model_key(backbone, digest if weights_sha256 else None, pp.to_dict(), None if weights_sha256 else digest)
+    keyed_pp = pp.to_dict()
+    transforms = None
+    if view is not None and view[1] > 0:
+        views, number = view
+        # The augmentation's settings (not the view count: view 3 of 4 is view 3 of 8) and the view's number.
+        spec = {k: v for k, v in dataclasses.asdict(views).items() if k != "count"}
+        keyed_pp = {**keyed_pp, "view": {**spec, "augmentation": AUGMENTATION_VERSION, "number": number}}
+
+        def transforms(i: int, _views=views, _number=number):
+            return _views.transform(pp, _number, i)
+
+    key = model_key(backbone, digest if weights_sha256 else None, keyed_pp, None if weights_sha256 else digest)
     cache = FeatureCache(
         settings.cache_dir or default_cache_dir(),
         key,
@@ -112,10 +142,14 @@ def cached_trunk_features(
             "backbone": backbone,
             "weights_sha256": weights_sha256,
             "trunk_digest": None if weights_sha256 else digest,
-            "preprocessing": pp.to_dict(),
+            "preprocessing": keyed_pp,
         },
     )
-    transform = eval_transform(pp)
+
+    def transform(img):  # the eval transform in numpy (tests/test_preprocess.py: equal to torchvision's)
+        import torch
+
+        return torch.from_numpy(preprocess(img, pp))
 
     def compute(indices: list[int]) -> np.ndarray:
         return run_trunk(
@@ -127,6 +161,7 @@ def cached_trunk_features(
             progress=progress,
             description=description,
             autocast=settings.autocast,
+            transforms=(lambda j: transforms(indices[j])) if transforms else None,
         )
 
     feats, stats = cached_features(cache, [s.path for s in samples], compute, trunk.feature_dim)

@@ -95,7 +95,7 @@ def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str
     from edgetl.workstation.options import TrainConfig
 
     fixed = sorted(
-        k for k in given if k in TRUNK_OPTIONS and not (k == "strategy" and given[k] == "feature-extraction")
+        k for k in given if k in TRUNK_OPTIONS and not (k == "strategy" and given[k] in ("feature-extraction", "auto"))
     )
     if resume or recipe or fixed:
         what = "--resume" if resume else "--recipe" if recipe else "--" + fixed[0].replace("_", "-")
@@ -125,6 +125,8 @@ def finetune_head(
 
     from edgetl.device.runtime import open_bundle
     from edgetl.workstation.export import progress_bar
+    from edgetl.workstation.fit import head_history
+    from edgetl.workstation.head_search import load_into, search_head
     from edgetl.workstation.loops import LoopIO, train_head
     from edgetl.workstation.model import Head
     from edgetl.workstation.options import TrainConfig
@@ -132,8 +134,9 @@ def finetune_head(
     from edgetl.workstation.run import FitRecord, run_config, run_metrics, warn_overfitting
 
     cfg = config or TrainConfig()
-    if cfg.strategy != "feature-extraction":
+    if cfg.strategy not in ("feature-extraction", "auto"):
         raise ConfigError(f"--trunk-from trains a head on a fixed trunk: --strategy {cfg.strategy} does not apply")
+    cfg = dataclasses.replace(cfg, strategy="feature-extraction")
     out = Path(out)
     # --force replaces a run folder, never the data, the validation folder or the bundle read here.
     inputs = [p for p in (data, val_dir, trunk_from) if p is not None]
@@ -176,16 +179,34 @@ def finetune_head(
         weight = class_weights(train_counts) if cfg.balance else None  # --balance, as in `finetune`
         criterion = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
         history: list[dict] = []
-        best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, io=LoopIO(bar, history))
+        search = None
+        if cfg.head_search:
+            # As `finetune` does: the head's settings cross-validated on the training split only.
+            search = search_head(ftr.numpy(), ytr.numpy(), len(labels), folds=cfg.folds, seed=cfg.seed, progress=bar)
+            if search.fallback:
+                log.warning("head search: %s", search.fallback)
+            load_into(head, search)
+            record, val_logits = head_history(
+                search, ftr.numpy(), ytr.numpy(), fval.numpy(), yval.numpy(), cfg.label_smoothing
+            )
+            history.append(record)
+            best_epoch = 1
+        else:
+            best_epoch = train_head(head, ftr, ytr, fval, yval, cfg, criterion=criterion, io=LoopIO(bar, history))
+            head.eval()
+            with torch.inference_mode():
+                val_logits = head(fval)
     train_seconds = time.perf_counter() - t_start
     head.eval()
-    with torch.inference_mode():
-        val_logits = head(fval)
     metrics = run_metrics(val_logits, yval, labels, cfg, FitRecord(history, best_epoch, train_seconds, feature_seconds))
+    if search is not None:
+        metrics["stopped_early"] = False
     warn_overfitting(metrics)
     weights = bundle.manifest["backbone"].get("weights") or {}
     config = run_config(cfg, prepared, pp, "cpu (trunk: onnxruntime)")
     config.update({"weights": weights, "pretrained": weights.get("kind") not in (None, "none"), "trunk_from": ref})
+    if search is not None:
+        config["head_search"] = search.to_dict()
     with atomic_directory(out, force=force, kind="run", inputs=inputs) as tmp:
         write_run(
             tmp,
@@ -217,4 +238,5 @@ def finetune_head(
         feature_seconds=round(feature_seconds, 3),
         trunk_from=ref,
         skipped=list(prepared.skipped),
+        head_search=search.to_dict() if search is not None else None,
     )

@@ -9,12 +9,15 @@ reproduces its numbers.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from edgetl.core import shipped as profiles
 from edgetl.core.errors import ConfigError
 from edgetl.workstation.options import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def load_recipe(name_or_path: str) -> dict[str, Any]:
@@ -35,9 +38,21 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
     return values
 
 
+# Settings of the head's own training: a feature-extraction run given any of them (on the command
+# line or in a recipe) trains the head with them, as asked, instead of searching them.
+HEAD_SETTINGS = ("lr", "weight_decay", "label_smoothing", "epochs", "patience", "dropout")
+
+
 def make_config(recipe: str | None, overrides: dict[str, Any]) -> TrainConfig:
     values = load_recipe(recipe) if recipe else {}
     values.update(overrides)
+    given = sorted(k for k in HEAD_SETTINGS if k in values)
+    if given and "head_search" not in values and values.get("strategy") == "feature-extraction":
+        log.info(
+            "feature extraction with --%s given: the head trains with the settings given (no head search)",
+            given[0].replace("_", "-"),
+        )
+        values["head_search"] = False
     try:
         return TrainConfig(**values)
     except TypeError as exc:  # wrong value types from YAML reach the dataclass as-is

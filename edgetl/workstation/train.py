@@ -19,6 +19,7 @@ computation in :mod:`edgetl.workstation.features`, multi-process training in :mo
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -79,6 +80,9 @@ class FinetuneResult:
     skipped: list[tuple[str, str]]
     feature_cache: dict | None = None
     resumed_from_epoch: int | None = None
+    head_search: dict | None = None  # the searched head: chosen settings and the cross-validation table
+    crop: dict | None = None  # the preprocessing crop: mode, chosen, why, the comparison table
+    strategy_choice: dict | None = None  # --strategy auto: chosen, why, the held-out comparison
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +100,8 @@ class TrainOutcome:
     train_seconds: float
     feature_seconds: float
     feature_cache: dict | None
+    strategy: str = ""  # the strategy that ran (auto resolved)
+    choices: dict = dataclasses.field(default_factory=dict)  # head_search, crop, strategy_choice, preprocessing
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -158,9 +164,25 @@ def train_model(
     feature_seconds, cache_info = 0.0, None
     amp_on, amp_dtype, _ = amp_settings(cfg.amp, device)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_on else None
+    if searched(cfg, dist.enabled):
+        with progress_bar(progress) as bar:
+            io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
+            settings = FeatureSettings(device, cfg.batch_size, cache_dir=cache_dir, autocast=autocast)
+            ctx = {
+                "backbone": spec.name,
+                "weights_sha256": weights_source.sha256,
+                "settings": settings,
+                "progress": bar,
+            }
+            outcome = _train_searched(model, prepared, cfg, pp, ctx, criterion=criterion, io=io, t_start=t_start)
+        if outcome is not None:
+            outcome.weights_source = weights_source
+            warn_overfitting(outcome.metrics)
+            return outcome
+        log.info("fine-tuning end to end: every epoch decodes the images and runs the whole trunk")
     with progress_bar(progress and dist.is_main) as bar:
         io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
-        if cfg.strategy == "feature-extraction":
+        if cfg.strategy in ("feature-extraction", "auto"):
             set_trainable(trunk, 0)
             trunk.to(device)
             if cfg.feature_cache:
@@ -237,7 +259,109 @@ def train_model(
     )
     if dist.is_main:
         warn_overfitting(metrics)
-    return TrainOutcome(model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info)
+    strategy = "feature-extraction" if cfg.strategy == "auto" else cfg.strategy
+    return TrainOutcome(
+        model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info, strategy
+    )
+
+
+def searched(cfg: TrainConfig, distributed: bool) -> bool:
+    """Whether ``cfg`` trains on the searched paths (:mod:`edgetl.workstation.fit`): head search on, the
+    feature cache on, one process, no image mixing, and a strategy that freezes at least the trunk's start."""
+    return (
+        cfg.head_search
+        and cfg.feature_cache
+        and not distributed
+        and cfg.strategy in ("auto", "feature-extraction", "fine-tune")
+        and not (cfg.mixup or cfg.cutmix)
+    )
+
+
+def _train_searched(
+    model, prepared: PreparedData, cfg: TrainConfig, pp, ctx, *, criterion, io, t_start
+) -> TrainOutcome | None:
+    """The searched paths: feature extraction with a cross-validated head, the cached-prefix fine-tune
+    started from it, and auto between the two. None: a fine-tune this trunk cannot cut (caller streams)."""
+    import numpy as np
+    import torch
+
+    from edgetl.workstation.fit import cache_prefix, decide_auto, fit_features, head_history, suffix_logits
+    from edgetl.workstation.head_search import load_into
+    from edgetl.workstation.model import set_trainable
+    from edgetl.workstation.prefix import finetune_cached
+
+    trunk, head = model.trunk, model.head
+    device = ctx["settings"].device
+    labels = prepared.labels
+    ytr = np.array([s.label for s in prepared.train], dtype=np.int64)
+    yval = np.array([s.label for s in prepared.val], dtype=np.int64)
+    set_trainable(trunk, 0)
+    trunk.to(device)
+    fit = fit_features(trunk, prepared, cfg, pp, ctx)
+    feature_seconds = time.perf_counter() - t_start
+    fresh_head = copy.deepcopy(head.state_dict())
+    load_into(head, fit.search)
+    choices: dict[str, Any] = {
+        "preprocessing": fit.pp.to_dict(),
+        "crop": fit.crop,
+        "head_search": fit.search.to_dict(),
+        "views": {"feature-extraction": cfg.views_for("feature-extraction"), "fine-tune": cfg.views_for("fine-tune")},
+    }
+    strategy, choice, cached = cfg.strategy, None, None
+    if strategy in ("auto", "fine-tune"):
+        cached = cache_prefix(trunk, prepared, cfg, fit.pp, ctx)
+        if cached is None and strategy == "fine-tune":
+            return None
+    if strategy == "auto":
+        choice = (io.resume or {}).get("strategy_choice") or decide_auto(trunk, prepared, cfg, fit, cached, ctx)
+        choices["strategy_choice"] = choice
+        strategy = choice["chosen"]
+    if strategy == "feature-extraction":
+        record, val_logits = head_history(fit.search, fit.ftr, ytr, fit.fval, yval, cfg.label_smoothing)
+        io.history.append(record)
+        best_epoch = 1
+    else:
+        # A fresh head, not the searched one: started from the linear probe (at the default learning
+        # rate or at 1/10 of it) the fine-tune ended 0.5-4 pp lower on the digits and the patches
+        # (docs/training.md); the probe still chose the crop and is in the run's record.
+        head.load_state_dict(fresh_head)
+        set_trainable(trunk, cfg.unfreeze)
+        head.to(device)
+        hook = io.on_epoch_end
+        if hook is not None and choice is not None:
+            io.on_epoch_end = lambda epoch, state: hook(epoch, {**state, "strategy_choice": choice})
+        finetune_cached(
+            cached.split,
+            head,
+            cached.train,
+            torch.from_numpy(ytr),
+            cached.val,
+            torch.from_numpy(yval),
+            cfg,
+            criterion=criterion.to(device),
+            io=io,
+            device=device,
+        )
+        best_epoch = cfg.epochs
+        val_logits = torch.from_numpy(suffix_logits(cached.split, head, cached.val, cfg.batch_size, device))
+        choices["prefix_seconds"] = round(cached.seconds, 3)
+    train_seconds = time.perf_counter() - t_start
+    trunk.cpu()
+    head.cpu()
+    model = type(model)(trunk, head).eval()
+    metrics = run_metrics(
+        val_logits,
+        torch.from_numpy(yval),
+        labels,
+        cfg,
+        FitRecord(io.history, best_epoch, train_seconds, feature_seconds, fit.cache),
+    )
+    metrics["stopped_early"] = False  # nothing stops early here: the validation split does not choose
+    metrics["strategy"] = strategy
+    metrics["head_search"] = {"chosen": fit.search.chosen, "cv_top1": fit.search.table[0]["cv_top1"]}
+    return TrainOutcome(
+        model, io.history, metrics, None, best_epoch, train_seconds, feature_seconds, fit.cache, strategy, choices
+    )
 
 
 # --- the run directory ----------------------------------------------------------------------------
@@ -427,6 +551,8 @@ def _train_into(
             config_update={
                 "weights": outcome.weights_source.to_dict(),
                 "pretrained": outcome.weights_source.kind != "none",
+                "strategy": outcome.strategy,
+                **outcome.choices,
             },
         )
         (partial / "checkpoint.pt").unlink(missing_ok=True)
@@ -449,7 +575,7 @@ def _train_into(
     return FinetuneResult(
         run_dir=str(out),
         backbone=spec.name,
-        strategy=cfg.strategy,
+        strategy=outcome.strategy,
         pretrained=outcome.weights_source.kind != "none",
         epochs=cfg.epochs,
         epochs_run=len(outcome.history),
@@ -460,4 +586,7 @@ def _train_into(
         feature_cache=outcome.feature_cache,
         resumed_from_epoch=resume_state["epoch"] if resume_state else None,
         skipped=list(prepared.skipped),
+        head_search=outcome.choices.get("head_search"),
+        crop=outcome.choices.get("crop"),
+        strategy_choice=outcome.choices.get("strategy_choice"),
     )

@@ -262,7 +262,7 @@ class ExportSession:
                     "labels": list(run.labels),
                     "input": head_in,
                     "output": head_out,
-                    "run": run_lineage(run, run.config.get("train", {}).get("strategy")),
+                    "run": run_lineage(run, run.config.get("strategy") or run.config.get("train", {}).get("strategy")),
                     "training_data": self.training_data(),
                     "metrics": {v: dict(rec["metrics"]) for v, rec in self.variants.items() if "metrics" in rec},
                 }

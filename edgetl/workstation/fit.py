@@ -1,0 +1,421 @@
+"""The default training paths: a searched head on cached features, preprocessing chosen for the data,
+augmented views, the cached-prefix fine-tune, and ``--strategy auto`` deciding between them.
+
+Everything that is *chosen* here is chosen on the training split only, by cross-validation
+(:mod:`edgetl.workstation.head_search`) or on a held-out part of the training split; the validation
+split is computed once at the end and reported, never used to choose.
+
+* **Crop** (``--crop``): ``center`` is the backbone's ImageNet-style resize then centre crop, ``none``
+  resizes the shorter side to the input size (a square image keeps all of its picture). ``compare``
+  cross-validates a head on the features of each (two trunk passes over the training images) and keeps
+  the better; ``auto`` compares when the training images are no larger than the resize (the crop then
+  cuts picture, not margin) and keeps ``center`` for larger photographs.
+* **Views** (``--views K``): each training image is cached as K views, the plain one and K-1 random
+  crops with mild colour jitter (flips only with ``--hflip``); the head is searched and trained on all
+  of them, folds keeping an image's views together and scoring only plain views.
+* **Fine-tune** (:mod:`edgetl.workstation.prefix`): the frozen blocks run once per view (through ONNX
+  Runtime on the CPU) and every epoch trains only the unfrozen blocks + head on their cached output,
+  from a fresh head (a start from the searched linear head, linear probe then fine-tune, ended 0.5-4 pp
+  lower on the digits and the patches).
+* **auto**: the searched feature-extraction head and a cached-prefix fine-tune (half the epochs: a
+  budgeted comparison) are both trained on 80% of the training images and scored on the other 20%;
+  fine-tune is chosen only when it wins by at least :data:`AUTO_MARGIN` (a fine-tuned trunk serves
+  one task; a frozen one can carry many heads).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from edgetl.core.imagefolder import Sample
+from edgetl.core.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+AUTO_MARGIN = 0.01  # fine-tune must beat feature extraction by 1 pp on the held-out part of the training split
+AUTO_HOLDOUT = 0.2
+AUTO_MIN_PER_CLASS = 5  # images per class below which auto does not compare (the hold-out would be 1 image)
+SIZE_SAMPLE = 200  # training images whose size decides --crop auto
+ACTIVATION_MEMORY_ENV = "EDGETL_ACTIVATION_MEMORY"  # MiB for the cached fine-tune's activations
+DEFAULT_ACTIVATION_MEMORY = 4 << 30
+
+
+def activation_memory_budget() -> int:
+    """Bytes the cached fine-tune may keep in memory: ``EDGETL_ACTIVATION_MEMORY`` (MiB) or 4 GiB."""
+    from edgetl.workstation.prefix import memory_budget
+
+    return memory_budget(ACTIVATION_MEMORY_ENV, DEFAULT_ACTIVATION_MEMORY)
+
+
+def crop_variant(pp: Preprocessing, crop: str) -> Preprocessing:
+    """``pp`` with crop ``center`` (as given) or ``none`` (resize the shorter side to the input size)."""
+    return pp if crop == "center" else dataclasses.replace(pp, resize_size=pp.input_size)
+
+
+def median_short_side(samples: list[Sample], seed: int = 0) -> int | None:
+    """Median shorter side of (up to :data:`SIZE_SAMPLE` of) the images, read from their headers."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pick = samples if len(samples) <= SIZE_SAMPLE else [samples[i] for i in rng.choice(len(samples), SIZE_SAMPLE)]
+    sides = []
+    for s in pick:
+        try:
+            with Image.open(s.path) as img:
+                sides.append(min(img.size))
+        except OSError:
+            continue
+    return int(statistics.median(sides)) if sides else None
+
+
+def crop_candidates(mode: str, pp: Preprocessing, samples: list[Sample], seed: int) -> tuple[list[str], str]:
+    """The crops to try for ``--crop mode`` and why, in one line."""
+    if mode in ("center", "none"):
+        return [mode], f"--crop {mode}"
+    if mode == "compare":
+        return ["center", "none"], "--crop compare"
+    side = median_short_side(samples, seed)
+    if side is not None and side <= pp.resize_size:
+        return ["center", "none"], (
+            f"the images' median shorter side ({side} px) is no larger than the resize ({pp.resize_size} px): "
+            "cropping would cut picture, so both are compared"
+        )
+    return ["center"], (
+        f"the images' median shorter side ({side} px) is larger than the resize ({pp.resize_size} px): "
+        "the backbone's centre crop"
+    )
+
+
+@dataclasses.dataclass
+class FeatureFit:
+    """What the searched feature-extraction path produced (the head is loaded into the caller's)."""
+
+    pp: Preprocessing
+    search: Any  # HeadSearchResult
+    crop: dict[str, Any]
+    ftr: np.ndarray  # plain training features (n, dim) under pp
+    fval: np.ndarray
+    cache: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def _features(trunk, samples, pp, ctx, *, description, view=None):
+    from edgetl.workstation.features import cached_trunk_features
+
+    return cached_trunk_features(
+        trunk,
+        samples,
+        backbone=ctx["backbone"],
+        weights_sha256=ctx["weights_sha256"],
+        pp=pp,
+        settings=ctx["settings"],
+        progress=ctx["progress"],
+        description=description,
+        view=view,
+    )
+
+
+def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -> FeatureFit:
+    """Searched feature extraction: choose the crop, cache the views, search the head (training split only)."""
+    from edgetl.workstation.head_search import search_head
+    from edgetl.workstation.prefix import Views
+
+    t0 = time.perf_counter()
+    ytr = np.array([s.label for s in prepared.train], dtype=np.int64)
+    n_classes = len(prepared.labels)
+    crops, why = crop_candidates(cfg.crop, pp, prepared.train, cfg.seed)
+    hits = misses = 0
+    per_crop: dict[str, tuple[Preprocessing, np.ndarray]] = {}
+    table = []
+    for crop in crops:
+        cpp = crop_variant(pp, crop)
+        feats, stats = _features(trunk, prepared.train, cpp, ctx, description=f"trunk features (train, crop {crop})")
+        hits, misses = hits + stats.hits, misses + stats.misses
+        per_crop[crop] = (cpp, feats)
+        if len(crops) > 1:
+            result = search_head(feats, ytr, n_classes, folds=cfg.folds, seed=cfg.seed)
+            if result.folds == 0:  # a class of one image: nothing to cross-validate
+                crops, why = ["center"], f"no crop comparison ({result.fallback}); the backbone's centre crop"
+                table = []
+                break
+            table.append(
+                {
+                    "crop": crop,
+                    "resize_size": cpp.resize_size,
+                    "cv_top1": result.table[0]["cv_top1"],
+                    "cv_loss": result.table[0].get("cv_loss"),
+                }
+            )
+    if table:
+        # Ties go to the backbone's convention (centre), which is first.
+        best = max(table, key=lambda r: (round(r["cv_top1"], 9), -crops.index(r["crop"])))
+        chosen = best["crop"]
+        log.info(
+            "crop: %s (cross-validated top-1 %s)",
+            chosen,
+            ", ".join(f"{r['crop']} {r['cv_top1']:.4f}" for r in table),
+        )
+    else:
+        chosen = crops[0]
+    pp_chosen, ftr = per_crop[chosen]
+    t_crop = time.perf_counter() - t0
+
+    n_views = cfg.views_for("feature-extraction")
+    views = Views(n_views, hflip=cfg.hflip, seed=cfg.seed)
+    rows, groups = [ftr], [np.arange(len(ftr))]
+    for v in range(1, n_views):
+        fv, stats = _features(
+            trunk,
+            prepared.train,
+            pp_chosen,
+            ctx,
+            description=f"trunk features (view {v + 1}/{n_views})",
+            view=(views, v),
+        )
+        hits, misses = hits + stats.hits, misses + stats.misses
+        rows.append(fv)
+        groups.append(np.arange(len(ftr)))
+    x = np.concatenate(rows)
+    t_views = time.perf_counter() - t0 - t_crop
+    search = search_head(
+        x,
+        np.tile(ytr, n_views),
+        n_classes,
+        groups=np.concatenate(groups),
+        scored=np.arange(len(x)) < len(ftr),
+        folds=cfg.folds,
+        seed=cfg.seed,
+        progress=ctx["progress"],
+    )
+    if search.fallback:
+        log.warning("head search: %s", search.fallback)
+    fval, stats = _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)")
+    hits, misses = hits + stats.hits, misses + stats.misses
+    return FeatureFit(
+        pp=pp_chosen,
+        search=search,
+        crop={"mode": cfg.crop, "chosen": chosen, "why": why, "table": table},
+        ftr=ftr,
+        fval=fval,
+        cache={"status": "hit" if not misses else ("miss" if not hits else "partial"), "hits": hits, "misses": misses},
+        seconds={"crop": round(t_crop, 3), "views": round(t_views, 3), "search": round(search.seconds, 3)},
+    )
+
+
+def linear_logits(weight: np.ndarray, bias: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return x @ weight.T + bias
+
+
+def head_history(search, ftr: np.ndarray, ytr: np.ndarray, fval: np.ndarray, yval: np.ndarray, label_smoothing: float):
+    """The one history record of a searched head (training and validation loss and top-1) and the
+    validation logits (a torch tensor)."""
+    import torch
+
+    train_logits = torch.from_numpy(linear_logits(search.weight, search.bias, ftr))
+    val_logits = torch.from_numpy(linear_logits(search.weight, search.bias, fval))
+    yt, yv = torch.from_numpy(ytr), torch.from_numpy(yval)
+
+    def loss(logits, y):
+        return round(float(torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)), 6)
+
+    train_top1 = float((train_logits.argmax(1) == yt).float().mean())
+    val_top1 = float((val_logits.argmax(1) == yv).float().mean()) if len(yv) else 0.0
+    record = {
+        "epoch": 1,
+        "train_loss": loss(train_logits, yt),
+        "train_top1": round(train_top1, 6),
+        "val_loss": loss(val_logits, yv),
+        "val_top1": round(val_top1, 6),
+        "gap_top1": round(train_top1 - val_top1, 6),
+        "lr": [],
+        "seconds": round(search.seconds, 3),
+    }
+    return record, val_logits
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """A stratified (train, held-out) split of positions; None when a class has too few images."""
+    rng = np.random.default_rng(seed + 17)
+    fit, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < AUTO_MIN_PER_CLASS:
+            return None
+        idx = rng.permutation(idx)
+        n_held = max(1, round(len(idx) * fraction))
+        held.extend(idx[:n_held])
+        fit.extend(idx[n_held:])
+    return np.sort(np.array(fit)), np.sort(np.array(held))
+
+
+@dataclasses.dataclass
+class CachedPrefix:
+    """The frozen prefix's activations of every training view and of the validation images."""
+
+    split: Any  # SplitTrunk
+    train: np.ndarray  # (n, K, C, H, W) float16
+    val: np.ndarray  # (m, 1, C, H, W)
+    seconds: float
+
+
+def cache_prefix(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -> CachedPrefix | None:
+    """Split the trunk before its last ``cfg.unfreeze`` blocks and run the frozen part once per view;
+    None when this trunk cannot be cut there (the caller falls back to the streaming fine-tune)."""
+    from edgetl.workstation.fast_trunk import frozen_runner
+    from edgetl.workstation.prefix import ImageStore, Views, prefix_activations, split_trunk
+
+    t0 = time.perf_counter()
+    split = split_trunk(trunk, cfg.unfreeze)
+    if split is None:
+        log.info(
+            "%s cannot be cut before its last %d blocks (its body is not a chain of blocks)", cfg.backbone, cfg.unfreeze
+        )
+        return None
+    device = ctx["settings"].device
+    example = np.zeros((2, 3, pp.input_size, pp.input_size), dtype=np.float32)
+    import torch
+
+    runner = frozen_runner(split.prefix.eval(), torch.from_numpy(example), device, autocast=ctx["settings"].autocast)
+    per_view = int(np.prod(runner(torch.from_numpy(example)).shape[1:])) * 2  # float16
+    n_views = cfg.views_for("fine-tune")
+    need = per_view * (len(prepared.train) * n_views + len(prepared.val))
+    budget = activation_memory_budget()
+    if need > budget:
+        log.info(
+            "the frozen blocks' output would take %.1f GiB (over %s=%.1f GiB): fine-tuning end to end instead",
+            need / 2**30,
+            ACTIVATION_MEMORY_ENV,
+            budget / 2**30,
+        )
+        return None
+    progress = ctx["progress"]
+    train_store = ImageStore(prepared.train, pp, progress=progress)
+    acts_train = prefix_activations(
+        runner,
+        train_store,
+        Views(n_views, hflip=cfg.hflip, seed=cfg.seed),
+        pp,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        description=f"frozen blocks (train, {n_views} view{'s' if n_views > 1 else ''})",
+    )
+    del train_store
+    val_store = ImageStore(prepared.val, pp, progress=progress)
+    acts_val = prefix_activations(
+        runner,
+        val_store,
+        Views(1, seed=cfg.seed),
+        pp,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        description="frozen blocks (val)",
+    )
+    return CachedPrefix(split, acts_train, acts_val, time.perf_counter() - t0)
+
+
+def suffix_logits(split, head, acts: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """Logits of the (plain) view 0 of cached activations through the suffix and head, in eval mode."""
+    import torch
+
+    split.suffix.eval()
+    head.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(acts), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(acts[i : i + batch_size, 0])).float().to(device)
+            out.append(head(split.suffix(x)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.fc.out_features), dtype=np.float32)
+
+
+def decide_auto(
+    trunk, prepared, cfg, fit: FeatureFit, cached: CachedPrefix | None, ctx: dict[str, Any]
+) -> dict[str, Any]:
+    """``--strategy auto``: feature extraction or fine-tune, from a comparison on the training split only."""
+    import torch
+
+    from edgetl.workstation.head_search import search_head
+    from edgetl.workstation.loops import LoopIO
+    from edgetl.workstation.model import Head, set_trainable
+    from edgetl.workstation.prefix import finetune_cached, split_trunk
+
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {
+        "requested": "auto",
+        "margin_pp": 100 * AUTO_MARGIN,
+        "holdout_fraction": AUTO_HOLDOUT,
+        "comparison_epochs": max(1, cfg.epochs // 2),
+    }
+    if cached is None:
+        return {
+            **record,
+            "chosen": "feature-extraction",
+            "why": f"{cfg.backbone} cannot be cut for the cached fine-tune",
+        }
+    ytr = np.array([s.label for s in prepared.train], dtype=np.int64)
+    parts = holdout_split(ytr, AUTO_HOLDOUT, cfg.seed)
+    if parts is None:
+        return {
+            **record,
+            "chosen": "feature-extraction",
+            "why": f"a class has fewer than {AUTO_MIN_PER_CLASS} training images: too few to compare; "
+            "the frozen trunk is the safer choice",
+        }
+    fit_idx, held_idx = parts
+    n_classes = len(prepared.labels)
+    # Feature extraction, trained on the fit part (its own search) and scored on the held-out part.
+    fe = search_head(fit.ftr[fit_idx], ytr[fit_idx], n_classes, folds=cfg.folds, seed=cfg.seed)
+    fe_top1 = float((linear_logits(fe.weight, fe.bias, fit.ftr[held_idx]).argmax(1) == ytr[held_idx]).mean())
+    # Fine-tune of a copy of the trunk (the prefix is frozen, so the cached activations are its too).
+    trunk_copy = copy.deepcopy(trunk)
+    split = split_trunk(trunk_copy, cfg.unfreeze)
+    set_trainable(trunk_copy, cfg.unfreeze)
+    torch.manual_seed(cfg.seed)
+    head = Head(trunk.feature_dim, n_classes, dropout=cfg.dropout)  # fresh, as the final fine-tune's
+    budget = dataclasses.replace(cfg, epochs=max(1, cfg.epochs // 2))  # the comparison: half the epochs
+    device = ctx["settings"].device
+    split.suffix.to(device)
+    head.to(device)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    io = LoopIO(progress=ctx["progress"], history=[])
+    finetune_cached(
+        split,
+        head,
+        cached.train[fit_idx],
+        torch.from_numpy(ytr[fit_idx]),
+        cached.train[held_idx][:, :1],
+        torch.from_numpy(ytr[held_idx]),
+        budget,
+        criterion=criterion,
+        io=io,
+        device=device,
+    )
+    ft_top1 = float(
+        (suffix_logits(split, head, cached.train[held_idx], cfg.batch_size, device).argmax(1) == ytr[held_idx]).mean()
+    )
+    del trunk_copy, split, head
+    chosen = "fine-tune" if ft_top1 >= fe_top1 + AUTO_MARGIN else "feature-extraction"
+    why = (
+        f"on {len(held_idx)} held-out training images fine-tune scored {ft_top1:.3f} against feature extraction's "
+        f"{fe_top1:.3f}: "
+        + (
+            f"fine-tune wins by >= {100 * AUTO_MARGIN:g} pp"
+            if chosen == "fine-tune"
+            else f"fine-tune does not win by {100 * AUTO_MARGIN:g} pp, so the frozen trunk (shareable by heads) stays"
+        )
+    )
+    log.info("strategy auto: %s (%s)", chosen, why)
+    return {
+        **record,
+        "chosen": chosen,
+        "why": why,
+        "holdout_images": len(held_idx),
+        "holdout_top1": {"feature-extraction": round(fe_top1, 6), "fine-tune": round(ft_top1, 6)},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
