@@ -280,6 +280,15 @@ class Placement:
     workers: int = 0
 
 
+def optimizer_step(loss, opt, scaler, sched) -> None:
+    """One step of the end-to-end loops: backward through the (possibly fp16-scaled) loss, step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, where: Placement) -> int:
     """fine-tune / full. ``model`` may be DDP-wrapped; ``train_set``/``val_set`` yield (tensor, label)."""
     import torch
@@ -341,11 +350,7 @@ def train_end_to_end(model, train_set, val_set, cfg, *, criterion, io: LoopIO, w
             value = loss.item()
             # Every rank sees its own batch; one rank's error ends the process group with it.
             check_finite(value, "training loss", epoch, cfg)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             loss_sum += value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)

@@ -396,6 +396,7 @@ def finetune_cached(split: SplitTrunk, head, acts_train, ytr, acts_val, yval, cf
         check_finite,
         cosine,
         epoch_record,
+        optimizer_step,
         seed_epoch,
     )
     from edgetl.workstation.model import freeze_batchnorm_stats
@@ -456,11 +457,7 @@ def finetune_cached(split: SplitTrunk, head, acts_train, ytr, acts_val, yval, cf
                 loss = criterion(logits, y)
             value = loss.item()
             check_finite(value, "training loss", epoch, cfg)  # before the step: a NaN step ruins every weight
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             loss_sum += value * len(idx)
             correct += int((logits.argmax(1) == y).sum())
         val_loss, val_top1 = _evaluate(split, head, acts_val, yval, cfg, device, (amp_on, amp_dtype))
