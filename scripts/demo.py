@@ -53,8 +53,6 @@ def main() -> None:
         "fine-tune",
         "--unfreeze",
         "3",
-        "--epochs",
-        "3",
         *common,
     )["results"][0]
     exported = edgetl("export", ft["run_dir"], "--out", str(root / "bundles/digits"))
@@ -71,8 +69,11 @@ def main() -> None:
     t.add_column("step")
     t.add_column("result")
     t.add_row("data", f"{data['images']} images, {len(data['classes'])} classes")
-    t.add_row("feature extraction, 10 epochs", f"val top-1 {fe['val_top1']:.4f} in {fe['train_seconds']:.0f}s")
-    t.add_row("fine-tune, last 3 blocks, 3 epochs", f"val top-1 {ft['val_top1']:.4f} in {ft['train_seconds']:.0f}s")
+    t.add_row("feature extraction, searched head", f"val top-1 {fe['val_top1']:.4f} in {fe['train_seconds']:.0f}s")
+    t.add_row(
+        f"fine-tune, last 3 blocks, {ft['epochs']} epochs",
+        f"val top-1 {ft['val_top1']:.4f} in {ft['train_seconds']:.0f}s",
+    )
     for v in exported["results"]:
         diff = v.get("max_abs_diff")
         t.add_row(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,18 @@ def test_the_demo_runs_and_prints_every_step(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout
-    for step in ("feature extraction, 10 epochs", "fine-tune, last 3 blocks", "export onnx-fp32", "export onnx-int8"):
+    for step in (
+        "feature extraction, searched head",
+        "fine-tune, last 3 blocks",
+        "export onnx-fp32",
+        "export onnx-int8",
+    ):
         assert step in table, table
     assert "predict" in table and "bench onnxruntime int8" in table and "total demo time" in table, table
     assert (tmp_path / "demo" / "bundles" / "digits" / "manifest.json").is_file()
+    # Issue 18's bar: the demo's numbers do not fall below where they were before the searched paths
+    # (feature extraction 0.972, fine-tune 0.980 on these 359 validation images, seed 0).
+    runs = tmp_path / "demo" / "runs"
+    fe = json.loads((runs / "feature-extraction" / "metrics.json").read_text())["val_top1"]
+    ft = json.loads((runs / "fine-tune" / "metrics.json").read_text())["val_top1"]
+    assert fe >= 0.972 and ft >= 0.980, (fe, ft)
