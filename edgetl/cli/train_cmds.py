@@ -255,7 +255,7 @@ def _echo_choices(result) -> None:
             f"head search ({search['folds']}-fold cross-validation on the training split, {search['seconds']:.1f}s; "
             f"best {min(5, len(search['table']))} of {len(search['table'])}):"
         )
-        keys = [k for k in rows[0] if k not in ("cv_top1", "cv_top1_std", "cv_loss", "seconds")]
+        keys = [k for k in rows[0] if k not in ("cv_top1", "cv_top1_std", "cv_loss", "seconds", "evaluations")]
         echo("  " + "  ".join([*keys, "cv top-1", "cv loss"]))
         for r in rows:
             values = [f"{r[k]:g}" if isinstance(r[k], float) else str(r[k]) for k in keys]
