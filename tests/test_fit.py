@@ -170,3 +170,10 @@ def test_cached_fine_tune_keeps_the_last_epoch_and_records_the_search(image_fold
     assert result.strategy == "fine-tune" and result.best_epoch == 3 and len(history) == 3
     assert result.val_top1 == pytest.approx(history[-1]["val_top1"], abs=1e-6)
     assert result.head_search["chosen"]["kind"] == "logistic"  # the linear probe it started from
+
+
+def test_trunk_from_head_settings_given_turn_the_search_off_too():
+    from edgetl.workstation.heads import head_config
+
+    assert head_config({"epochs": 10}).head_search is False
+    assert head_config({}).head_search is True and head_config({}).strategy == "auto"

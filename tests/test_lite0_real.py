@@ -47,8 +47,8 @@ def finetune(digits, out, *options):
 
 @pytest.fixture(scope="module")
 def feature_extraction(root, digits) -> Path:
-    """The default strategy; its export is the hard case for int8 (ImageNet trunk, fitted head)."""
-    result = finetune(digits, root / "fe")
+    """Feature extraction (searched head); its export is the hard case for int8 (ImageNet trunk, fitted head)."""
+    result = finetune(digits, root / "fe", "--strategy", "feature-extraction")
     assert result["strategy"] == "feature-extraction" and result["pretrained"] and result["val_top1"] >= 0.85, result
     return root / "fe"
 

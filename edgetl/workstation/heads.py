@@ -93,6 +93,7 @@ def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str
     ``--trunk-from``; options that shape the trunk (:data:`TRUNK_OPTIONS`), a recipe and ``--resume``
     do not apply (the trunk and its preprocessing come from the bundle) and are refused by name."""
     from edgetl.workstation.options import TrainConfig
+    from edgetl.workstation.recipes import HEAD_SETTINGS
 
     fixed = sorted(
         k for k in given if k in TRUNK_OPTIONS and not (k == "strategy" and given[k] in ("feature-extraction", "auto"))
@@ -102,6 +103,9 @@ def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str
         raise ConfigError(
             f"{what} does not apply with --trunk-from: the trunk and its preprocessing come from the bundle"
         )
+    given = dict(given)
+    if "head_search" not in given and any(k in given for k in HEAD_SETTINGS):
+        given["head_search"] = False  # as `finetune`: head settings given are used, not searched
     return TrainConfig(**given)
 
 
