@@ -68,6 +68,8 @@ def real_bundle(tmp_path_factory):
             digits,
             "--out",
             tmp / "run",
+            "--strategy",
+            "feature-extraction",
             "--epochs",
             "5",
             "--img-size",
