@@ -3,7 +3,7 @@
 For each ``--img-size`` and each ``--backbones`` entry, on the scikit-learn digits (seed 0, 20%
 validation):
 
-1. feature extraction, the default strategy (``edgetl finetune DATA --backbone B --img-size S
+1. feature extraction (``edgetl finetune DATA --strategy feature-extraction --backbone B --img-size S
    --seed 0``): validation top-1 and ``train_seconds`` from its ``--json`` (features computed, not
    read from an earlier run's cache: the script gives edgetl its own ``EDGETL_CACHE``);
 2. fine-tune, what the README does for MobileNetV2 (``--strategy fine-tune --unfreeze 3 --epochs 3``):
@@ -283,7 +283,7 @@ def main() -> None:
             bundles: dict[str, list[str]] = {}
             exports: dict[str, dict] = {}
             for backbone in backbones:
-                fe = finetune(work, digits, backbone, size, "fe", [])
+                fe = finetune(work, digits, backbone, size, "fe", ["--strategy", "feature-extraction"])
                 if args.ft_epochs > 0:
                     ft_tag = "ft" if args.ft_epochs == 3 else f"ft-e{args.ft_epochs}"
                     ft_args = ["--strategy", "fine-tune", "--unfreeze", "3", "--epochs", str(args.ft_epochs)]

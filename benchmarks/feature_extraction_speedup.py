@@ -44,8 +44,13 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=96)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    base = TrainConfig(
-        strategy="feature-extraction", epochs=args.epochs, img_size=args.img_size, patience=args.epochs, augment=False
+    base = TrainConfig(  # the same epochs on both sides: the head trains as given (no head search)
+        strategy="feature-extraction",
+        epochs=args.epochs,
+        img_size=args.img_size,
+        patience=args.epochs,
+        augment=False,
+        head_search=False,
     )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

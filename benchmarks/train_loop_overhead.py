@@ -92,6 +92,7 @@ def main() -> None:
         patience=args.epochs,
         device=args.device,
         workers=0,
+        head_search=False,  # the end-to-end loop (the cached fine-tune is benchmarks/finetune_speed.py)
     )
     device = select_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
