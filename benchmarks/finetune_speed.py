@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from edgetl.workstation.backbones import get_backbone
+from edgetl.workstation.export.common import progress_bar
 from edgetl.workstation.fast_trunk import frozen_runner
 from edgetl.workstation.loops import LoopIO, Placement, train_end_to_end
 from edgetl.workstation.model import Head, TransferModel, build_trunk, set_trainable
@@ -39,17 +40,6 @@ from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.prefix import ImageStore, Views, finetune_cached, prefix_activations, split_trunk
 from edgetl.workstation.prepare import ImageDataset, eval_transform, prepare_data, seed_everything, train_transform
 from edgetl.workstation.weights import resolve_weights
-
-
-class NoProgress:
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    def advance(self, *a, **k):
-        pass
 
 
 class EpochClock:
@@ -85,7 +75,7 @@ def end_to_end(prepared, cfg: TrainConfig) -> dict:
     train_set = ImageDataset(prepared.train, train_tf)
     val_set = ImageDataset(prepared.val, eval_transform(pp))
     clock = EpochClock()
-    io = LoopIO(progress=NoProgress(), history=[], on_epoch_end=clock)
+    io = LoopIO(progress=progress_bar(False), history=[], on_epoch_end=clock)
     t0 = time.perf_counter()
     clock.last = time.process_time()
     best = train_end_to_end(
@@ -163,7 +153,7 @@ def cached_arms(prepared, cfg: TrainConfig, ks: list[int], heads: list[str]) -> 
             else:
                 head = Head(spec.feature_dim, n_classes, dropout=cfg.dropout)
             clock = EpochClock()
-            io = LoopIO(progress=NoProgress(), history=[], on_epoch_end=clock)
+            io = LoopIO(progress=progress_bar(False), history=[], on_epoch_end=clock)
             t0 = time.perf_counter()
             clock.last = time.process_time()
             finetune_cached(

@@ -16,6 +16,7 @@ from edgetl.core.errors import ConfigError  # noqa: E402
 from edgetl.core.imagefolder import Sample  # noqa: E402
 from edgetl.core.preprocess import Preprocessing, load_image  # noqa: E402
 from edgetl.workstation import fast_trunk  # noqa: E402
+from edgetl.workstation.export.common import progress_bar  # noqa: E402
 from edgetl.workstation.fast_trunk import frozen_runner  # noqa: E402
 from edgetl.workstation.loops import LoopIO, TrainingDiverged  # noqa: E402
 from edgetl.workstation.model import Head, Trunk, build_trunk, set_trainable  # noqa: E402
@@ -31,17 +32,6 @@ from edgetl.workstation.prefix import (  # noqa: E402
 from edgetl.workstation.prepare import eval_transform  # noqa: E402
 
 PP = Preprocessing(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
-
-
-class NoProgress:
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    def advance(self, *a, **k):
-        pass
 
 
 _TRUNKS: dict[str, Trunk] = {}
@@ -335,7 +325,7 @@ def run_toy(cfg=CFG, k=1, *, resume=None, hook=None, model=None):
     split, head = model or toy_model()
     acts, y = toy(k)
     val, yv = toy(1, n=32, seed=1)
-    io = LoopIO(progress=NoProgress(), history=[], resume=resume, on_epoch_end=hook)
+    io = LoopIO(progress=progress_bar(False), history=[], resume=resume, on_epoch_end=hook)
     crit = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     epochs = finetune_cached(split, head, acts, y, val, yv, cfg, criterion=crit, io=io, device=torch.device("cpu"))
     return split, head, io.history, epochs
@@ -390,7 +380,7 @@ def test_finetune_cached_stops_at_a_non_finite_loss():
     split, head = toy_model()
     acts, y = toy(1)
     acts[5, 0, 0, 0, 0] = np.nan
-    io = LoopIO(progress=NoProgress(), history=[])
+    io = LoopIO(progress=progress_bar(False), history=[])
     crit = nn.CrossEntropyLoss()
     with pytest.raises(TrainingDiverged, match="training loss is nan in epoch 1"):
         finetune_cached(split, head, acts, y, acts[:8], y[:8], CFG, criterion=crit, io=io, device="cpu")
@@ -422,7 +412,7 @@ def test_finetune_cached_on_a_real_split_trains_the_trunk(tmp_path):
     y = torch.tensor([s.label for s in samples])
     frozen = {k: v.clone() for k, v in trunk.state_dict().items() if not k.startswith("body.2.")}
     last = {k: v.clone() for k, v in trunk.state_dict().items() if k.startswith("body.2.")}
-    io = LoopIO(progress=NoProgress(), history=[])
+    io = LoopIO(progress=progress_bar(False), history=[])
     cfg = dataclasses.replace(CFG, epochs=2, batch_size=4)
     finetune_cached(
         split, Head(spec.feature_dim, 2), acts, y, acts, y, cfg, criterion=nn.CrossEntropyLoss(), io=io, device="cpu"
