@@ -92,7 +92,8 @@ def test_export_every_format_and_int8_then_predict_and_bench(root, digits, featu
         if name.endswith("-fp32"):
             assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] >= 0.99, v
         else:
-            assert v["top1_drop_pp"] <= 1.0 and v["val_top1"] >= 0.85, v
+            # The int8 gate is relative (<= 1 pp below fp32); the floor is the fixture's fp32 bar less that 1 pp.
+            assert v["top1_drop_pp"] <= 1.0 and v["val_top1"] >= 0.84, v
     onnx_int8 = manifests[root / "bundle-default"]["variants"]["onnx-int8"]
     saturated = "int8_saturation" in onnx_int8
     if envinfo.int8_saturates():
