@@ -20,6 +20,9 @@ from tests.helpers import digits_subset
 pytestmark = pytest.mark.slow
 
 LITE0 = "efficientnet_lite0"
+# Feature extraction's bar: measured 0.85 (cross-validated 0.925) here and on CI; with 100 validation images
+# one image is 1 pp, so the bar leaves five images of margin and still fails a trunk without its weights (~0.3).
+FE_BAR = 0.80
 FORMATS = "onnx,openvino,litert,ncnn"
 
 
@@ -49,7 +52,7 @@ def finetune(digits, out, *options):
 def feature_extraction(root, digits) -> Path:
     """Feature extraction (searched head); its export is the hard case for int8 (ImageNet trunk, fitted head)."""
     result = finetune(digits, root / "fe", "--strategy", "feature-extraction")
-    assert result["strategy"] == "feature-extraction" and result["pretrained"] and result["val_top1"] >= 0.85, result
+    assert result["strategy"] == "feature-extraction" and result["pretrained"] and result["val_top1"] >= FE_BAR, result
     return root / "fe"
 
 
@@ -92,8 +95,8 @@ def test_export_every_format_and_int8_then_predict_and_bench(root, digits, featu
         if name.endswith("-fp32"):
             assert v["max_abs_diff"] <= 1e-3 and v["top1_agreement"] >= 0.99, v
         else:
-            # The int8 gate is relative (<= 1 pp below fp32); the floor is the fixture's fp32 bar less that 1 pp.
-            assert v["top1_drop_pp"] <= 1.0 and v["val_top1"] >= 0.84, v
+            # The int8 gate is relative (<= 1 pp below fp32); the floor is the fp32 bar less that 1 pp.
+            assert v["top1_drop_pp"] <= 1.0 and v["val_top1"] >= FE_BAR - 0.01, v
     onnx_int8 = manifests[root / "bundle-default"]["variants"]["onnx-int8"]
     saturated = "int8_saturation" in onnx_int8
     if envinfo.int8_saturates():
