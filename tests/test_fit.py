@@ -164,6 +164,18 @@ def test_fine_tune_over_the_activation_budget_trains_end_to_end(image_folder, tm
     assert result.strategy == "fine-tune" and result.epochs_run == 2 and result.head_search is None
 
 
+def test_end_to_end_fallback_trains_and_records_the_chosen_crop(tmp_path, monkeypatch):
+    """Over the activation budget the fine-tune streams, with the crop the search chose (here resize-only,
+    asked for), recorded in the run so that the bundle and the device do the same."""
+    monkeypatch.setenv("EDGETL_ACTIVATION_MEMORY", "0")
+    data = make_image_folder(tmp_path / "data", per_class=6, size=(24, 24))
+    result = _train(data, tmp_path / "run", strategy="fine-tune", epochs=1, unfreeze=1, crop="none")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    input_size = config["preprocessing"]["input_size"]
+    assert result.crop["chosen"] == "none" and config["crop"]["chosen"] == "none"
+    assert config["preprocessing"]["resize_size"] == input_size  # resize-only, not the backbone's resize + crop
+
+
 def test_cached_fine_tune_keeps_the_last_epoch_and_records_the_search(image_folder, tmp_path):
     result = _train(image_folder, tmp_path / "run", strategy="fine-tune", epochs=3, unfreeze=1)
     history = json.loads((tmp_path / "run" / "history.json").read_text())

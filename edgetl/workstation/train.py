@@ -33,6 +33,7 @@ from typing import Any
 from edgetl.core.atomic import check_output, output_lock, replace_directory
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import Sample, class_counts
+from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.export.common import progress_bar
 from edgetl.workstation.loops import (
@@ -162,6 +163,7 @@ def train_model(
     yval = torch.tensor([s.label for s in prepared.val])
     t_start = time.perf_counter()
     feature_seconds, cache_info = 0.0, None
+    fallback_choices: dict[str, Any] = {}
     amp_on, amp_dtype, _ = amp_settings(cfg.amp, device)
     autocast = (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)) if amp_on else None
     if searched(cfg, dist.enabled):
@@ -175,10 +177,14 @@ def train_model(
                 "progress": bar,
             }
             outcome = _train_searched(model, prepared, cfg, pp, ctx, criterion=criterion, io=io, t_start=t_start)
-        if outcome is not None:
+        if isinstance(outcome, TrainOutcome):
             outcome.weights_source = weights_source
             warn_overfitting(outcome.metrics)
             return outcome
+        # A fine-tune the cached prefix cannot take: end to end, with the preprocessing the search chose.
+        fallback_choices = outcome
+        pp = Preprocessing.from_dict(fallback_choices["preprocessing"])
+        evaluation = eval_transform(pp)
         log.info("fine-tuning end to end: every epoch decodes the images and runs the whole trunk")
     with progress_bar(progress and dist.is_main) as bar:
         io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
@@ -261,7 +267,16 @@ def train_model(
         warn_overfitting(metrics)
     strategy = "feature-extraction" if cfg.strategy == "auto" else cfg.strategy
     return TrainOutcome(
-        model, history, metrics, weights_source, best_epoch, train_seconds, feature_seconds, cache_info, strategy
+        model,
+        history,
+        metrics,
+        weights_source,
+        best_epoch,
+        train_seconds,
+        feature_seconds,
+        cache_info,
+        strategy,
+        fallback_choices,
     )
 
 
@@ -279,9 +294,11 @@ def searched(cfg: TrainConfig, distributed: bool) -> bool:
 
 def _train_searched(
     model, prepared: PreparedData, cfg: TrainConfig, pp, ctx, *, criterion, io, t_start
-) -> TrainOutcome | None:
+) -> TrainOutcome | dict[str, Any]:
     """The searched paths: feature extraction with a cross-validated head, the cached-prefix fine-tune
-    started from it, and auto between the two. None: a fine-tune this trunk cannot cut (caller streams)."""
+    started from it, and auto between the two. A dict instead of an outcome: a fine-tune whose prefix
+    cannot be cached (a trunk it cannot cut, activations over the memory budget); the caller then
+    fine-tunes end to end with what the dict records as chosen (preprocessing, crop)."""
     import numpy as np
     import torch
 
@@ -311,7 +328,8 @@ def _train_searched(
     if strategy in ("auto", "fine-tune"):
         cached = cache_prefix(trunk, prepared, cfg, fit.pp, ctx)
         if cached is None and strategy == "fine-tune":
-            return None
+            head.load_state_dict(fresh_head)
+            return {"preprocessing": choices["preprocessing"], "crop": choices["crop"]}
     if strategy == "auto":
         choice = (io.resume or {}).get("strategy_choice") or decide_auto(trunk, prepared, cfg, fit, cached, ctx)
         choices["strategy_choice"] = choice
