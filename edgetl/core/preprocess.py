@@ -225,11 +225,17 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 def preprocess(img: Image.Image, pp: Preprocessing) -> np.ndarray:
     """One RGB PIL image -> float32 array of shape (3, input_size, input_size), normalised."""
     img = center_crop(resize_shorter(to_rgb(img), pp.resize_size, pp.interpolation), pp.input_size)
-    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    # Channels first, then each plane in place: the same float32 operations as torchvision's
+    # ToTensor + Normalize ((x / 255 - mean) / std, equal to the bit), without broadcasting over a
+    # trailing axis of 3, which costs numpy 5x more (1 ms of 1.3 at 224 px).
+    arr = np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1))
+    arr /= np.float32(255.0)
     mean = np.asarray(pp.mean, dtype=np.float32)
     std = np.asarray(pp.std, dtype=np.float32)
-    arr = (arr - mean) / std
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    for c in range(arr.shape[0]):
+        arr[c] -= mean[c]
+        arr[c] /= std[c]
+    return arr
 
 
 def preprocess_batch(images, pp: Preprocessing) -> np.ndarray:
