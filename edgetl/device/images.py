@@ -146,7 +146,7 @@ class PredictionStream:
             s.preprocess_s += t1 - t0
             s.inference_s += t2 - t1
             s.images += len(names)
-            for record in self.predictor._records(names, logits, self.top_k):
+            for record in self.predictor.records(names, logits, self.top_k):
                 s.per_class[record["head"]][record["label"]] += 1
                 yield record
             s.seconds = time.perf_counter() - start

@@ -130,9 +130,12 @@ class Predictor:
         return records
 
     def _predict_loaded(self, names: list[str], images: list[Image.Image], top_k: int) -> list[dict[str, Any]]:
-        return self._records(names, self.logits(self.preprocess(images)), top_k)
+        return self.records(names, self.logits(self.preprocess(images)), top_k)
 
-    def _records(self, names: list[str], logits: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+    def records(self, names: list[str], logits: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+        """One record per image (``names``, one per row) and head of ``logits``, image-major, heads in
+        the loaded order: ``{image, head, label, score, top_k: [{label, score}]}`` with softmax scores.
+        A head that returns the wrong number of classes is a :class:`BundleError`."""
         probs = {h: softmax(v) for h, v in logits.items()}
         records = []
         for head, p in probs.items():
@@ -141,8 +144,9 @@ class Predictor:
                     f"bundle {self.bundle.path}: head {head!r} returns shape {p.shape} "
                     f"but has {len(self.labels[head])} labels; re-export the bundle"
                 )
+        heads = [h for h in self.head_names if h in probs]
         for i, name in enumerate(names):
-            for head in self.head_names:
+            for head in heads:
                 p, labels = probs[head][i], self.labels[head]
                 order = np.argsort(-p, kind="stable")[: min(top_k, len(labels))]
                 top = [{"label": labels[j], "score": float(p[j])} for j in order]
