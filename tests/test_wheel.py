@@ -111,6 +111,10 @@ def test_wheel_holds_every_module_and_yaml(installed):
         expected |= {f"{prefix}/{p.name}" for p in folder.glob("*.py")}
         if package.startswith("edgetl.shipped."):
             expected |= {f"{prefix}/{p.name}" for p in folder.glob("*.yaml")}
+    # The page `edgetl serve` shows (package data: html, js, css)
+    static = ROOT / "edgetl" / "device" / "serve" / "static"
+    assert {p.name for p in static.iterdir() if p.is_file()} >= {"index.html", "page.js", "page.css"}
+    expected |= {f"edgetl/device/serve/static/{p.name}" for p in static.iterdir() if p.is_file()}
     assert sorted(expected - names) == []
 
 

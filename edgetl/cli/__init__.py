@@ -27,6 +27,7 @@ SHORT_HELP = {
     "bench": "Measure latency, throughput, cold start and memory of a bundle.",
     "devices": "List the device profiles, or show one.",
     "doctor": "Say what this machine can run and how fast int8 is here.",
+    "serve": "Serve a bundle over HTTP: predict API, web page, metrics, hot swap.",
 }
 
 
@@ -115,6 +116,7 @@ def _register() -> None:
         "bench_cmd",
         "device_cmds",
         "fleet_cmds",
+        "serve_cmd",
     )
     for name in modules:
         try:

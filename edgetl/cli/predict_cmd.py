@@ -141,7 +141,7 @@ def predict(
         device=ov_device,
         streams=streams,
     )
-    options, profile_doc = _with_profile(device_profile, given)
+    options, profile_doc = with_profile(device_profile, given)
     predictor = open_bundle(bundle).load(options)
 
     progress = _Progress(enabled=not no_progress)
@@ -183,7 +183,7 @@ def predict(
         print_summary(summary)
 
 
-def _with_profile(device_profile: str | None, given):
+def with_profile(device_profile: str | None, given):
     """The load options with the device profile's settings under the ones given, and the JSON's
     ``device_profile`` record (``{name, path, applied, overridden}``, as bench writes it), or None."""
     from edgetl.device.backends import LOAD_OPTIONS

@@ -44,7 +44,8 @@ SETUP_COLUMNS = (
     "--extras",
     default=None,
     metavar="LIST",
-    help="Device runtimes to install besides ONNX Runtime, comma-separated: openvino, litert, ncnn.",
+    help="Device extras to install besides ONNX Runtime, comma-separated: openvino, litert, ncnn (runtimes), "
+    "serve (`edgetl serve`).",
 )
 @click.option(
     "--offline",

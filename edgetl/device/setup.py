@@ -51,8 +51,8 @@ from edgetl.device.remote import Remote, Target, envelope_record, parse_target
 
 log = logging.getLogger(__name__)
 
-# The extras that belong on a device (train, *-export and dev are workstation-only).
-DEVICE_EXTRAS = ("openvino", "litert", "ncnn")
+# The extras that belong on a device (train, *-export and dev are workstation-only); serve is `edgetl serve`.
+DEVICE_EXTRAS = ("openvino", "litert", "ncnn", "serve")
 MIN_PYTHON = (3, 11)
 MIN_GLIBC = (2, 17)  # manylinux2014; onnxruntime itself needs 2.27/2.28 (pip names it if so)
 ARCH_32BIT = ("armv7l", "armv6l", "armv8l", "armhf", "arm", "i386", "i486", "i586", "i686")

@@ -1,0 +1,155 @@
+"""Run the app under Uvicorn: the listening socket, TLS, signals, drain and exit code.
+
+The socket is bound here (so a busy port is one line, and ``--port 0`` says the port it got), then
+handed to ``uvicorn.Server.serve``. SIGTERM/SIGINT: Uvicorn stops accepting, lets the requests in
+flight finish (up to ``graceful_s``), and returns; Uvicorn >= 0.29 then raises the captured signal
+again, which lands in the Python handler installed here beforehand (it only records it), so the
+process ends with exit code 0 after the workers have stopped. SIGHUP reloads the bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from edgetl.core.errors import ConfigError, EdgetlError
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); anything else reaches other machines."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_connections: int = 64
+    graceful_s: float = 30.0
+    access_log: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def url(self, port: int | None = None) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port if port is None else port}"
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (IPv4 or IPv6), listening; a one-line error if it cannot."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"--host {host}: {exc.strerror}; give an address of this machine or a name it resolves"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise EdgetlError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port or stop what uses it"
+        ) from None
+    return sock
+
+
+def _quiet_logging(access_log: bool) -> None:
+    """Uvicorn's errors (and, with -v, its access log) on stderr through edgetl's handler."""
+    edgetl = logging.getLogger("edgetl")
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = list(edgetl.handlers) or [logging.StreamHandler()]
+        logger.propagate = False
+        logger.setLevel(logging.WARNING)
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+
+
+def serve(app: Any, settings: ServerSettings, *, on_ready: Callable[[int], None], on_reload: Callable[[], None]) -> int:
+    """Serve ``app`` until SIGTERM/SIGINT; ``on_ready(port)`` once it accepts connections,
+    ``on_reload()`` on SIGHUP. Returns the exit code (0 after a drain)."""
+    import uvicorn
+
+    _quiet_logging(settings.access_log)
+    sock = listen(settings.host, settings.port)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+        limit_concurrency=settings.max_connections,
+        timeout_graceful_shutdown=max(1, round(settings.graceful_s)),
+        log_config=None,
+        access_log=settings.access_log,
+        lifespan="off",
+        proxy_headers=False,
+        server_header=False,
+    )
+    try:
+        config.load()  # the TLS context: a bad certificate or key is one line here
+    except (OSError, ValueError) as exc:
+        sock.close()
+        raise ConfigError(f"cannot use --tls-cert/--tls-key: {exc}; give a PEM certificate and its key") from None
+    server = uvicorn.Server(config)
+    received: list[int] = []
+
+    def record(signum: int, frame: Any) -> None:  # what uvicorn re-raises after its shutdown
+        received.append(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous: dict[int, Any] = {}
+    if main_thread:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, record)
+        if hasattr(signal, "SIGHUP"):
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda signum, frame: on_reload())
+
+    async def main() -> None:
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started and not task.done():
+            await asyncio.sleep(0.01)
+        if server.started:
+            on_ready(port)
+        await task
+
+    try:
+        # Uvicorn's event loop choice (uvloop when installed, else asyncio), as `uvicorn.run` makes it.
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(main())
+    finally:
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.info("stopped on %s after finishing the requests in flight", signal.Signals(received[0]).name)
+    return 0
+
+
+__all__ = ["ServerSettings", "is_loopback", "listen", "serve"]
