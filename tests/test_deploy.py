@@ -435,3 +435,56 @@ def test_a_bundle_newer_than_the_device_s_edgetl_is_refused(sshd, tmp_path):
     assert result.exit_code == 1, result.output
     assert "was written by edgetl 9.0.0" in result.stderr and "edgetl device setup" in result.stderr
     assert not (tmp_path / "device").exists()
+
+
+# --- deploy to a device that serves ------------------------------------------------------------------
+
+
+def test_deploy_to_a_serving_device_swaps_the_model_without_a_failed_request(sshd, tmp_path):
+    """`edgetl serve` on the "device" while `edgetl deploy` replaces its bundle over SSH: clients
+    keep posting throughout, every answer is 200, and the server ends up on the new version."""
+    pytest.importorskip("uvicorn")
+    import threading
+    import time
+
+    from tests.test_serve import Server, version_of
+
+    old = build_bundle(tmp_path / "old", heads=("colour", "brightness"), precisions=("fp32",))
+    new = build_bundle(tmp_path / "new", heads=("colour",), precisions=("fp32",))
+    dest = tmp_path / "dev" / "b"
+    assert deploy(sshd, old, dest).exit_code == 0
+    old_version, new_version = version_of(dest), version_of(new)
+    assert old_version != new_version
+    red = tmp_path / "red.png"
+    Image.new("RGB", (40, 48), COLOURS["red"]).save(red)
+    data = red.read_bytes()
+    with Server(dest, "--watch-interval", "0.2") as server:
+        stop, answers = threading.Event(), []
+
+        def client() -> None:
+            with server.client() as c:
+                while not stop.is_set():
+                    a = c.post("/v1/predict", content=data)
+                    ok = a.status_code == 200
+                    answers.append((a.status_code, a.json()["model"]["version"] if ok else a.text, ok and a.json()))
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            result = deploy(sshd, new, dest)
+            assert result.exit_code == 0, result.output
+            deadline = time.monotonic() + 15
+            while server.get("/v1/model").json()["version"] != new_version and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert answers and {code for code, _, _ in answers} == {200}, [a[:2] for a in answers if a[0] != 200][:3]
+        assert {v for _, v, _ in answers} == {old_version, new_version}
+        assert all(body["records"][0]["label"] == "red" for _, _, body in answers)
+        health = server.get("/v1/health").json()
+        assert health["model"]["version"] == new_version and health["pending"] is None
+    assert server.proc.returncode == 0, server.stderr()
