@@ -1,4 +1,4 @@
-"""Options that `edgetl predict` and `edgetl bench` share (defaults are the library's, see
+"""Options that `edgetl predict`, `edgetl serve` and `edgetl bench` share (defaults are the library's, see
 edgetl.device.profiles); this module imports click and the format table only, so `--help` stays fast."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import renamed_option
-from edgetl.core.formats import DEFAULT_RUNTIME
+from edgetl.core.formats import DEFAULT_RUNTIME, PRECISIONS
 from edgetl.core.formats import RUNTIMES as _RUNTIMES
+from edgetl.device.limits import MAX_THREADS
 
 # From the format table (edgetl.core.formats imports nothing, so `--help` stays fast).
 RUNTIMES = tuple(_RUNTIMES)
@@ -19,6 +20,16 @@ runtime_option = click.option(
     type=click.Choice(RUNTIMES),
     default=None,
     help=f"Inference library; the bundle must hold files for it. Default: the profile's, else {DEFAULT_RUNTIME}.",
+)
+# One variant's precision (predict, serve; bench takes a list).
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Variant precision. Default: the profile's, else fp32 if the bundle has it.",
+)
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Intra-op threads (default: the runtime's)."
 )
 head_option = click.option(
     "--head",

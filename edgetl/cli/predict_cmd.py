@@ -12,25 +12,21 @@ from edgetl.cli._runtime_options import (
     SSH_OPTIONS,
     head_option,
     ov_device_option,
+    precision_option,
     profile_option,
     provider_option,
     runtime_option,
+    threads_option,
 )
 from edgetl.cli._tables import PREDICT_COLUMNS, clean, predict_cells, print_summary, stream_lines, stream_table
-from edgetl.core.formats import PRECISIONS
-from edgetl.device.limits import MAX_BATCH_SIZE, MAX_STREAMS, MAX_THREADS
+from edgetl.device.limits import MAX_BATCH_SIZE, MAX_STREAMS
 
 
 @click.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @runtime_option
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=None,
-    help="Variant precision. Default: the profile's, else fp32 if the bundle has it.",
-)
+@precision_option
 @click.option(
     "--top-k",
     type=click.IntRange(min=1),
@@ -46,9 +42,7 @@ from edgetl.device.limits import MAX_BATCH_SIZE, MAX_STREAMS, MAX_THREADS
     show_default=True,
     help="Images per inference call (memory holds one batch).",
 )
-@click.option(
-    "--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Intra-op threads (default: the runtime's)."
-)
+@threads_option
 @provider_option
 @ov_device_option
 @click.option("--streams", type=click.IntRange(1, MAX_STREAMS), default=None, help="OpenVINO streams.")

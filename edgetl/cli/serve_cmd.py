@@ -8,9 +8,15 @@ import click
 
 from edgetl.cli._common import common_options, handle_errors
 from edgetl.cli._output import emit_json, emit_table, envelope, format_option, resolve_format
-from edgetl.cli._runtime_options import ov_device_option, profile_option, provider_option, runtime_option
-from edgetl.core.formats import PRECISIONS
-from edgetl.device.limits import MAX_BATCH_SIZE, MAX_THREADS
+from edgetl.cli._runtime_options import (
+    ov_device_option,
+    precision_option,
+    profile_option,
+    provider_option,
+    runtime_option,
+    threads_option,
+)
+from edgetl.device.limits import MAX_BATCH_SIZE
 
 SERVE_COLUMNS = ("url", "bundle", "version", "variant", "runtime", "precision", "heads", "tls", "auth", "check")
 MIN_TOKEN_CHARS = 16
@@ -28,15 +34,8 @@ MIN_TOKEN_CHARS = 16
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port (0: any free port)."
 )
 @runtime_option
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=None,
-    help="Variant precision. Default: the profile's, else fp32 if the bundle has it.",
-)
-@click.option(
-    "--threads", type=click.IntRange(1, MAX_THREADS), default=None, help="Intra-op threads (default: the runtime's)."
-)
+@precision_option
+@threads_option
 @provider_option
 @ov_device_option
 @profile_option
