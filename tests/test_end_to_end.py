@@ -88,27 +88,22 @@ def test_serve_page_classifies_a_digit(bundle, digits, tmp_path):
     """The trained digits bundle behind `edgetl serve`, its page in a real browser (Debian's chromium
     driven by Playwright, as tests/test_serve_page.py): type the token, upload a 7, see "7" appear."""
     from tests.test_serve import Server
-    from tests.test_serve_page import CHROMIUM, _require_browser, _require_serve_extra
+    from tests.test_serve_page import _require_serve_extra, chromium
 
-    sync_api = _require_browser()
     _require_serve_extra()
     image = sorted(Path(digits, "7").glob("*.png"))[0]  # the image the test above predicts as "7"
     token = "digits-page-token-0123456789abcdef"
     (tmp_path / "token").write_text(token)
-    with Server(Path(bundle["bundle"]), "--token-file", str(tmp_path / "token")) as server:
-        args = ["--no-sandbox"] if os.geteuid() == 0 else []
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
-            page = browser.new_page()
-            page.set_default_timeout(20_000)
-            page.goto(server.url + "/")
-            page.fill("#token", token)
-            page.wait_for_function("() => document.querySelectorAll('#head option').length >= 1")
-            page.set_input_files("#file", str(image))
-            page.wait_for_function("() => { const e = document.querySelector('#result li .label'); return !!e; }")
-            label = page.locator("#result li").first.locator(".label").text_content()
-            latency = page.locator("#latency").text_content()
-            browser.close()
+    with Server(Path(bundle["bundle"]), "--token-file", str(tmp_path / "token")) as server, chromium() as browser:
+        page = browser.new_page()
+        page.set_default_timeout(20_000)
+        page.goto(server.url + "/")
+        page.fill("#token", token)
+        page.wait_for_function("() => document.querySelectorAll('#head option').length >= 1")
+        page.set_input_files("#file", str(image))
+        page.wait_for_function("() => { const e = document.querySelector('#result li .label'); return !!e; }")
+        label = page.locator("#result li").first.locator(".label").text_content()
+        latency = page.locator("#latency").text_content()
     assert label == "7" and "inference" in latency, (label, latency)
     assert server.proc.returncode == 0, server.stderr()
 

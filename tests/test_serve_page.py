@@ -7,6 +7,7 @@ string: the page must show it as text (labels are user data)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -118,14 +119,22 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = _require_browser()
-    args = ["--no-sandbox"] if os.geteuid() == 0 else []
     # A fake camera (a generated test pattern) granted without a prompt, for the live-mode test.
-    args += ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+    with chromium("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream") as browser:
         yield browser
-        browser.close()
+
+
+@contextlib.contextmanager
+def chromium(*args: str):
+    """Debian's chromium, headless, through Playwright (skips or fails as :func:`_require_browser`)."""
+    sync_api = _require_browser()
+    sandbox = ["--no-sandbox"] if os.geteuid() == 0 else []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[*sandbox, *args])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 class Watched:

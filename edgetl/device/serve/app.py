@@ -34,7 +34,7 @@ from edgetl.core.errors import DataError
 from edgetl.core.preprocess import load_image
 from edgetl.device import limits
 from edgetl.device.bundle_loading import ALL_HEADS
-from edgetl.device.serve.engine import Engine, Job, NotReady, QueueFull
+from edgetl.device.serve.engine import Engine, Job, NotReady, QueueFull, one_line
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -70,11 +70,6 @@ class AppSettings:
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 # Middlewares (pure ASGI) ------------------------------------------------------------------------
@@ -329,8 +324,7 @@ def create_app(settings: AppSettings) -> Starlette:
             slot = engine.slot
         except NotReady:
             return error(503, "the model is not loaded yet", {"Retry-After": "1"})
-        params: dict[str, str | None] = {"head": request.query_params.get("head"), "top_k": None}
-        params["top_k"] = request.query_params.get("top_k")
+        params = {"head": request.query_params.get("head"), "top_k": request.query_params.get("top_k")}
         content_type = request.headers.get("content-type", "")
         name = "upload"
         if content_type.lower().startswith("multipart/form-data"):
@@ -365,7 +359,7 @@ def create_app(settings: AppSettings) -> Starlette:
         try:
             x, decode_ms, preprocess_ms = await run_in_threadpool(_prepare, data, name, predictor)
         except DataError as exc:
-            return error(422, _one_line(exc))
+            return error(422, one_line(exc))
         del data
         job = Job(x=x, heads=heads, top_k=top_k, name=name)
         try:
@@ -382,7 +376,7 @@ def create_app(settings: AppSettings) -> Starlette:
         except NotReady as exc:  # prepared for a model swapped out since, and the new one differs
             return error(503, str(exc), {"Retry-After": "1"})
         except Exception as exc:  # the runtime failed on this batch: the server keeps serving
-            return error(500, f"inference failed: {_one_line(exc)}")
+            return error(500, f"inference failed: {one_line(exc)}")
         return JSONResponse(
             {
                 "records": result["records"],
@@ -437,7 +431,7 @@ def create_app(settings: AppSettings) -> Starlette:
         return error(413, str(exc), {"Connection": "close"})
 
     async def crashed(request: Request, exc: Exception) -> Response:
-        return error(500, f"internal error: {_one_line(exc)}")
+        return error(500, f"internal error: {one_line(exc)}")
 
     routes = [
         Route("/v1/predict", predict, methods=["POST"]),

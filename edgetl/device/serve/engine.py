@@ -201,7 +201,7 @@ class ModelSlot:
                     }
                 )
         except BaseException as exc:  # the runtime's errors: every job of the batch fails, the worker goes on
-            log.error("inference failed for a batch of %d: %s", len(live), _one_line(exc))
+            log.error("inference failed for a batch of %d: %s", len(live), one_line(exc))
             for job in live:
                 if not job.future.done():
                     job.future.set_exception(exc)
@@ -210,7 +210,8 @@ class ModelSlot:
             self.stats.on_batch(len(live), seconds)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one line of at most 300 characters (for logs and JSON errors)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -260,14 +261,12 @@ class Engine:
 
     def _load(self) -> ModelSlot:
         """Verify, load and warm up the bundle at the path now; a new started slot."""
-        import dataclasses as dc
-
         from edgetl.device.bundle_loading import LoadOptions, open_bundle
 
         before = _read_manifest_bytes(self.path)
         bundle = open_bundle(self.path)  # every file's sha256
         options = self.settings.load_options or LoadOptions()
-        predictor = bundle.load(dc.replace(options, heads="all"))
+        predictor = bundle.load(dataclasses.replace(options, heads="all"))
         if _read_manifest_bytes(self.path) != before:
             raise BundleError(f"bundle {self.path} changed while it was loaded; it is loaded again at the next change")
         self._warm_up(predictor)
@@ -362,7 +361,7 @@ class Engine:
             try:
                 new = self._load()
             except Exception as exc:  # whatever the new bundle does wrong, the old one serves on
-                reason = _one_line(exc)
+                reason = one_line(exc)
                 self.pending = {"version": version, "state": "refused", "reason": reason}
                 current = self._slot.version if self._slot is not None else None
                 log.error("refused the new bundle at %s: %s; still serving version %s", self.path, reason, current)
@@ -416,4 +415,5 @@ __all__ = [
     "Stats",
     "bundle_version",
     "job_records",
+    "one_line",
 ]
