@@ -331,16 +331,9 @@ def cache_prefix(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
 
 def suffix_logits(split, head, acts: np.ndarray, batch_size: int, device) -> np.ndarray:
     """Logits of the (plain) view 0 of cached activations through the suffix and head, in eval mode."""
-    import torch
+    from edgetl.workstation.prefix import view0_logits
 
-    split.suffix.eval()
-    head.eval()
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(acts), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(acts[i : i + batch_size, 0])).float().to(device)
-            out.append(head(split.suffix(x)).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, head.fc.out_features), dtype=np.float32)
+    return view0_logits(split, head, acts, batch_size, device).numpy()
 
 
 def decide_auto(

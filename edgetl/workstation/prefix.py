@@ -355,22 +355,30 @@ def prefix_activations(
 LOOP_NAME = "finetune_cached"
 
 
-def _evaluate(split, head, acts, y, cfg, device, amp) -> tuple[float, float]:
-    """(loss, top-1) of suffix + head on view 0 of ``acts``; loss unweighted, with label smoothing."""
+def view0_logits(split, head, acts, batch_size: int, device, amp=(False, None)):
+    """Logits (a CPU float tensor) of suffix + head, in eval mode, on the plain view 0 of cached
+    activations: the fine-tune's per-epoch validation, the run's final logits, auto's held-out score."""
     import torch
 
     split.suffix.eval()
     head.eval()
-    if len(acts) == 0:
-        return 0.0, 0.0
     logits = []
     with torch.inference_mode():
-        for i in range(0, len(acts), cfg.batch_size):
-            x = torch.from_numpy(np.asarray(acts[i : i + cfg.batch_size, 0], dtype=np.float32)).to(device)
+        for i in range(0, len(acts), batch_size):
+            x = torch.from_numpy(np.asarray(acts[i : i + batch_size, 0], dtype=np.float32)).to(device)
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
                 logits.append(head(split.suffix(x)).float().cpu())
-    all_logits = torch.cat(logits)
+    return torch.cat(logits) if logits else torch.zeros((0, head.fc.out_features))
+
+
+def _evaluate(split, head, acts, y, cfg, device, amp) -> tuple[float, float]:
+    """(loss, top-1) of suffix + head on view 0 of ``acts``; loss unweighted, with label smoothing."""
+    import torch
+
+    if len(acts) == 0:
+        return 0.0, 0.0
+    all_logits = view0_logits(split, head, acts, cfg.batch_size, device, amp)
     loss = float(torch.nn.functional.cross_entropy(all_logits, y.cpu(), label_smoothing=cfg.label_smoothing))
     return loss, float((all_logits.argmax(1) == y.cpu()).float().mean())
 
