@@ -15,16 +15,27 @@ device side names a runtime. The module implements this protocol:
   line. The callable may carry ``runtime_info`` (a dict: what the library reports it runs).
 - ``check_options(options) -> options`` (optional): validate and normalise the options once,
   before the first file is loaded (OpenVINO checks the device is present).
-- Import the inference library inside ``load``, never at module level: a device with only ONNX
-  Runtime imports this package without OpenVINO, and nothing here may import torch.
+- ``write_linear_head(weight, bias, out)``: write a linear head (features (N, D) float32 -> logits
+  (N, C) float32, ``features @ weight.T + bias``) as a graph file of this format at ``out``, with
+  its sidecars, float32 weights and the batch axis the format allows, readable by ``load``. It uses
+  only numpy and the runtime's own libraries (no torch, no ``onnx``): required for a runtime whose
+  bundles can receive heads learned on the device (:func:`head_writer`).
+- Import the inference library inside ``load`` (and ``write_linear_head``), never at module level:
+  a device with only ONNX Runtime imports this package without OpenVINO, and nothing here may
+  import torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,6 +127,48 @@ def check_load_options(runtime: str, options: dict[str, Any]) -> None:
             raise ConfigError(f"{LOAD_OPTIONS[key][1]} applies to --runtime {' or '.join(users)}, not {runtime}")
 
 
+def head_writer(runtime: str) -> Callable[[np.ndarray, np.ndarray, Path], None] | None:
+    """The runtime's ``write_linear_head(weight, bias, out)``; None when its module has none."""
+    backend(runtime)  # an unknown runtime is a ConfigError naming the known ones
+    return getattr(importlib.import_module(f"{__name__}.{runtime}"), "write_linear_head", None)
+
+
+def linear_head_arrays(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` (C, D) and ``bias`` (C,) as C-contiguous float32, checked for every writer alike.
+
+    A head needs at least two classes and one feature, and finite float32 values: a NaN or an
+    infinity (or a float64 beyond float32's range) would be written silently and give NaN logits.
+    """
+    w, b = np.asarray(weight), np.asarray(bias)
+    if w.ndim != 2 or b.ndim != 1 or b.shape[0] != w.shape[0]:
+        raise ValueError(f"a linear head takes weight (C, D) and bias (C,), not {w.shape} and {b.shape}")
+    classes, features = w.shape
+    if classes < 2 or features < 1:
+        raise ValueError(f"a linear head needs at least 2 classes and 1 feature, not weight {w.shape}")
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused just below
+        w, b = np.ascontiguousarray(w, dtype=np.float32), np.ascontiguousarray(b, dtype=np.float32)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise ValueError("a linear head's weight and bias must be finite float32 values (NaN or inf found)")
+    return w, b
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, sidecars: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A path to write ``out`` at, in a scratch folder beside it; moved to ``out`` (with its sidecar
+    files, ``out`` with each suffix) only when the block succeeds, so a failure leaves no partial file.
+    """
+    out = Path(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = work / out.name
+        yield staged
+        for suffix in sidecars:
+            os.replace(staged.with_suffix(suffix), out.with_suffix(suffix))
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 __all__ = [
     "BACKENDS",
     "LOAD_OPTIONS",
@@ -124,6 +177,9 @@ __all__ = [
     "Model",
     "backend",
     "check_load_options",
+    "head_writer",
     "import_backend",
+    "linear_head_arrays",
     "register",
+    "staged_output",
 ]

@@ -163,3 +163,141 @@ def load(path: Path, *, threads: int | None) -> Model:
     if not Path(path).is_file():
         raise BundleError(f"LiteRT cannot load {path}: no such file")
     return open_model(model_path=Path(path), threads=threads, where=str(path))
+
+
+# The TFLite schema (tensorflow/lite/schema/schema.fbs) values a linear head uses.
+_TFLITE_FILE_IDENTIFIER = b"TFL3"
+_TFLITE_SCHEMA_VERSION = 3
+_FULLY_CONNECTED = 9  # BuiltinOperator.FULLY_CONNECTED
+_FULLY_CONNECTED_OPTIONS = 8  # BuiltinOptions.FullyConnectedOptions
+_BUFFER_ALIGNMENT = 16  # weights start 16-byte aligned, as the TFLite converter writes them
+
+
+def linear_head_tflite(weight: np.ndarray, bias: np.ndarray) -> bytes:
+    """A ``.tflite`` flatbuffer of one FULLY_CONNECTED op: input ``features`` [1, D] (signature
+    [-1, D], so the interpreter resizes it to any batch), weight [C, D], bias [C], output ``logits``
+    [1, C], all float32, with a ``serving_default`` signature. Written with ``flatbuffers``' Builder
+    slot by slot (schema.fbs field order), since the device has no TFLite converter."""
+    import flatbuffers
+
+    classes, features = weight.shape
+    b = flatbuffers.Builder(weight.nbytes + bias.nbytes + 1024)
+
+    def int32_vector(values: list[int]) -> int:
+        b.StartVector(4, len(values), 4)
+        for v in reversed(values):
+            b.PrependInt32(v)
+        return b.EndVector()
+
+    def offset_vector(offsets: list[int]) -> int:
+        b.StartVector(4, len(offsets), 4)
+        for o in reversed(offsets):
+            b.PrependUOffsetTRelative(o)
+        return b.EndVector()
+
+    def buffer(data: bytes) -> int:
+        """Buffer {data (0): [ubyte]}; no data for the empty buffer 0 every model starts with."""
+        vector = None
+        if data:
+            b.StartVector(1, len(data), _BUFFER_ALIGNMENT)
+            b.head = b.Head() - len(data)
+            b.Bytes[b.Head() : b.Head() + len(data)] = data
+            vector = b.EndVector()
+        b.StartObject(3)
+        if vector is not None:
+            b.PrependUOffsetTRelativeSlot(0, vector, 0)
+        return b.EndObject()
+
+    def tensor(name: str, shape: list[int], buffer_index: int, signature: list[int] | None = None) -> int:
+        """Tensor {shape (0), type (1): FLOAT32 = 0, the default, buffer (2), name (3), shape_signature (7)}."""
+        name_offset, shape_offset = b.CreateString(name), int32_vector(shape)
+        signature_offset = int32_vector(signature) if signature is not None else None
+        b.StartObject(8)
+        b.PrependUOffsetTRelativeSlot(0, shape_offset, 0)
+        b.PrependUint32Slot(2, buffer_index, 0)
+        b.PrependUOffsetTRelativeSlot(3, name_offset, 0)
+        if signature_offset is not None:
+            b.PrependUOffsetTRelativeSlot(7, signature_offset, 0)
+        return b.EndObject()
+
+    def tensor_map(name: str, index: int) -> int:
+        """TensorMap {name (0), tensor_index (1)}."""
+        name_offset = b.CreateString(name)
+        b.StartObject(2)
+        b.PrependUOffsetTRelativeSlot(0, name_offset, 0)
+        b.PrependUint32Slot(1, index, 0)
+        return b.EndObject()
+
+    buffers = [buffer(b""), buffer(weight.astype("<f4").tobytes()), buffer(bias.astype("<f4").tobytes())]
+    tensors = [
+        tensor("features", [1, features], 0, [-1, features]),
+        tensor("weight", [classes, features], 1),
+        tensor("bias", [classes], 2),
+        tensor("logits", [1, classes], 0, [-1, classes]),
+    ]
+    # FullyConnectedOptions: every field at its default (no fused activation, default weight format,
+    # keep_num_dims false: the 2-D output FULLY_CONNECTED version 1 gives).
+    b.StartObject(5)
+    options = b.EndObject()
+    op_inputs, op_outputs = int32_vector([0, 1, 2]), int32_vector([3])
+    # Operator {opcode_index (0), inputs (1), outputs (2), builtin_options_type (3), builtin_options (4)}.
+    b.StartObject(5)
+    b.PrependUint32Slot(0, 0, 0)
+    b.PrependUOffsetTRelativeSlot(1, op_inputs, 0)
+    b.PrependUOffsetTRelativeSlot(2, op_outputs, 0)
+    b.PrependUint8Slot(3, _FULLY_CONNECTED_OPTIONS, 0)
+    b.PrependUOffsetTRelativeSlot(4, options, 0)
+    operator = b.EndObject()
+    # SubGraph {tensors (0), inputs (1), outputs (2), operators (3), name (4)}.
+    sg_tensors, sg_inputs, sg_outputs = offset_vector(tensors), int32_vector([0]), int32_vector([3])
+    sg_operators, sg_name = offset_vector([operator]), b.CreateString("main")
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, sg_tensors, 0)
+    b.PrependUOffsetTRelativeSlot(1, sg_inputs, 0)
+    b.PrependUOffsetTRelativeSlot(2, sg_outputs, 0)
+    b.PrependUOffsetTRelativeSlot(3, sg_operators, 0)
+    b.PrependUOffsetTRelativeSlot(4, sg_name, 0)
+    subgraph = b.EndObject()
+    # OperatorCode {deprecated_builtin_code (0): int8, version (2), builtin_code (3): int32}; a reader
+    # takes the larger of the two codes, so both say FULLY_CONNECTED.
+    b.StartObject(4)
+    b.PrependInt8Slot(0, min(_FULLY_CONNECTED, 127), 0)
+    b.PrependInt32Slot(2, 1, 0)
+    b.PrependInt32Slot(3, _FULLY_CONNECTED, 0)
+    opcode = b.EndObject()
+    # SignatureDef {inputs (0), outputs (1), signature_key (2), subgraph_index (4)}.
+    sig_inputs, sig_outputs = offset_vector([tensor_map("features", 0)]), offset_vector([tensor_map("logits", 3)])
+    sig_key = b.CreateString("serving_default")
+    b.StartObject(5)
+    b.PrependUOffsetTRelativeSlot(0, sig_inputs, 0)
+    b.PrependUOffsetTRelativeSlot(1, sig_outputs, 0)
+    b.PrependUOffsetTRelativeSlot(2, sig_key, 0)
+    b.PrependUint32Slot(4, 0, 0)
+    signature = b.EndObject()
+    # Model {version (0), operator_codes (1), subgraphs (2), description (3), buffers (4), signature_defs (7)}.
+    m_codes, m_subgraphs, m_buffers = offset_vector([opcode]), offset_vector([subgraph]), offset_vector(buffers)
+    m_signatures, m_description = offset_vector([signature]), b.CreateString("edgetl linear head")
+    b.StartObject(8)
+    b.PrependUint32Slot(0, _TFLITE_SCHEMA_VERSION, 0)
+    b.PrependUOffsetTRelativeSlot(1, m_codes, 0)
+    b.PrependUOffsetTRelativeSlot(2, m_subgraphs, 0)
+    b.PrependUOffsetTRelativeSlot(3, m_description, 0)
+    b.PrependUOffsetTRelativeSlot(4, m_buffers, 0)
+    b.PrependUOffsetTRelativeSlot(7, m_signatures, 0)
+    b.Finish(b.EndObject(), file_identifier=_TFLITE_FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def write_linear_head(weight: np.ndarray, bias: np.ndarray, out: Path) -> None:
+    """features (batch, D) float32 -> logits (batch, C): features @ weight.T + bias; weight (C, D), bias (C,).
+
+    A float32 FULLY_CONNECTED ``.tflite`` (:func:`linear_head_tflite`) at batch 1 with a dynamic
+    batch signature, which :func:`load` resizes to each call's batch. ValueError for a weight or
+    bias that is not a head (:func:`edgetl.device.backends.linear_head_arrays`).
+    """
+    from edgetl.device.backends import linear_head_arrays, staged_output
+
+    weight, bias = linear_head_arrays(weight, bias)
+    data = linear_head_tflite(weight, bias)
+    with staged_output(Path(out)) as staged:
+        staged.write_bytes(data)

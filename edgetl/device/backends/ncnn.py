@@ -149,3 +149,36 @@ def load(path: Path, *, threads: int | None, inference_precision: str | None = N
         "outputs": [([None, *out_dims], "float32")],
     }
     return run
+
+
+def write_linear_head(weight: np.ndarray, bias: np.ndarray, out: Path) -> None:
+    """features (batch, D) float32 -> logits (batch, C): features @ weight.T + bias; weight (C, D), bias (C,).
+
+    What pnnx writes for the workstation's head, plus the input shape edgetl adds: an ``Input``
+    layer ``in0`` declaring ``0=D`` and an ``InnerProduct`` (``0=C 1=1 2=C*D``: outputs, bias,
+    weight count) into ``out0``. The ``.bin`` beside ``out`` holds the weight as NCNN's ModelBin
+    reads it (a 4-byte tag of zeros: raw float32, then C x D row-major) followed by the raw float32
+    bias. NCNN has no batch axis; :func:`load` loops over it. ValueError for a weight or bias that
+    is not a head (:func:`edgetl.device.backends.linear_head_arrays`).
+    """
+    from edgetl.device.backends import linear_head_arrays, staged_output
+
+    weight, bias = linear_head_arrays(weight, bias)
+    out = Path(out)
+    if out.suffix != ".param":
+        raise ValueError(f"an NCNN head is a .param file (its weights go in the .bin beside it), not {out.name}")
+    classes, features = weight.shape
+    layers = [
+        ("Input", "in0", "0 1 in0", f"0={features}"),
+        ("InnerProduct", "linear_0", "1 1 in0 out0", f"0={classes} 1=1 2={classes * features}"),
+    ]
+    lines = [
+        MAGIC,
+        f"{len(layers)} 2",
+        *(f"{kind:<24} {name:<24} {blobs} {params}" for kind, name, blobs, params in layers),
+    ]
+    with staged_output(out, sidecars=(".bin",)) as staged:
+        staged.with_suffix(".bin").write_bytes(
+            np.zeros(1, "<u4").tobytes() + weight.astype("<f4").tobytes() + bias.astype("<f4").tobytes()
+        )
+        staged.write_text("\n".join(lines) + "\n", encoding="utf-8")

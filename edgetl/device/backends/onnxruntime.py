@@ -152,3 +152,99 @@ def _ort_dtype(type_name: str) -> str:
     """ONNX Runtime's ``tensor(float)`` as numpy spells it: float32."""
     inner = type_name.removeprefix("tensor(").removesuffix(")")
     return {"float": "float32", "double": "float64"}.get(inner, inner)
+
+
+# ONNX's ModelProto for a linear head, encoded here: a device has onnxruntime (and protobuf's runtime)
+# but not the ``onnx`` package and its generated classes. Field numbers are onnx.proto's.
+HEAD_IR_VERSION = 8  # what ONNX Runtime 1.18 (this package's lowest) and onnx.checker both take
+HEAD_OPSET = 17  # the workstation's ONNX_OPSET
+_FLOAT = 1  # TensorProto.DataType.FLOAT
+_ATTRIBUTE_INT = 2  # AttributeProto.AttributeType.INT
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    value &= (1 << 64) - 1  # negative int64 as two's complement, as protobuf encodes it
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _int_field(number: int, value: int) -> bytes:
+    return _varint(number << 3) + _varint(value)
+
+
+def _bytes_field(number: int, value: bytes | str) -> bytes:
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _tensor(name: str, array: np.ndarray) -> bytes:
+    """TensorProto: dims (1), data_type (2), name (8), raw_data (9, little-endian float32)."""
+    dims = b"".join(_int_field(1, d) for d in array.shape)
+    raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+    return dims + _int_field(2, _FLOAT) + _bytes_field(8, name) + _bytes_field(9, raw)
+
+
+def _value_info(name: str, dims: list[int | str]) -> bytes:
+    """ValueInfoProto name (1), type (2): TypeProto.tensor_type (1) {elem_type (1), shape (2)}, each
+    TensorShapeProto.dim (1) a dim_value (1) or a dim_param (2)."""
+    shape = b"".join(_bytes_field(1, _bytes_field(2, d) if isinstance(d, str) else _int_field(1, d)) for d in dims)
+    tensor_type = _int_field(1, _FLOAT) + _bytes_field(2, shape)
+    return _bytes_field(1, name) + _bytes_field(2, _bytes_field(1, tensor_type))
+
+
+def linear_head_onnx(weight: np.ndarray, bias: np.ndarray) -> bytes:
+    """The serialized ModelProto of ``logits = Gemm(features, weight, bias, transB=1)``, batch axis
+    ``batch`` (the workstation's head graph: input ``features`` (batch, D), output ``logits`` (batch, C))."""
+    classes, features = weight.shape
+    trans_b = _bytes_field(1, "transB") + _int_field(20, _ATTRIBUTE_INT) + _int_field(3, 1)
+    # NodeProto: input (1), output (2), name (3), op_type (4), attribute (5).
+    node = b"".join(
+        [
+            *(_bytes_field(1, n) for n in ("features", "weight", "bias")),
+            _bytes_field(2, "logits"),
+            _bytes_field(3, "/Gemm"),
+            _bytes_field(4, "Gemm"),
+            _bytes_field(5, trans_b),
+        ]
+    )
+    # GraphProto: node (1), name (2), initializer (5), input (11), output (12).
+    graph = b"".join(
+        [
+            _bytes_field(1, node),
+            _bytes_field(2, "head"),
+            _bytes_field(5, _tensor("weight", weight)),
+            _bytes_field(5, _tensor("bias", bias)),
+            _bytes_field(11, _value_info("features", ["batch", features])),
+            _bytes_field(12, _value_info("logits", ["batch", classes])),
+        ]
+    )
+    # ModelProto: ir_version (1), producer_name (2), graph (7), opset_import (8: domain (1), version (2)).
+    opset = _bytes_field(1, "") + _int_field(2, HEAD_OPSET)
+    return b"".join(
+        [
+            _int_field(1, HEAD_IR_VERSION),
+            _bytes_field(2, "edgetl"),
+            _bytes_field(7, graph),
+            _bytes_field(8, opset),
+        ]
+    )
+
+
+def write_linear_head(weight: np.ndarray, bias: np.ndarray, out: Path) -> None:
+    """features (batch, D) float32 -> logits (batch, C): features @ weight.T + bias; weight (C, D), bias (C,).
+
+    One ONNX Gemm node with float32 initializers and a dynamic batch axis, what ONNX Runtime loads as
+    the workstation's head graph. ValueError for a weight or bias that is not a head (:func:`linear_head_arrays`).
+    """
+    from edgetl.device.backends import linear_head_arrays, staged_output
+
+    weight, bias = linear_head_arrays(weight, bias)
+    data = linear_head_onnx(weight, bias)
+    with staged_output(Path(out)) as staged:
+        staged.write_bytes(data)

@@ -137,3 +137,36 @@ def _ov_port(port: Any) -> tuple[list[int | None], str]:
     dims = [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
     name = _ov_type_name(port.get_element_type())
     return dims, _OV_DTYPES.get(name, name)
+
+
+def write_linear_head(weight: np.ndarray, bias: np.ndarray, out: Path) -> None:
+    """features (batch, D) float32 -> logits (batch, C): features @ weight.T + bias; weight (C, D), bias (C,).
+
+    The IR the workstation converts its ONNX head to (a MatMul with transpose_b, then an Add of the
+    bias as [1, C]; input ``features`` with a dynamic batch, output ``logits``), built with the
+    opset functions and saved as ``out`` (``.xml``) with its ``.bin`` beside it, float32 weights.
+    Not through ``convert_model`` (which starts OpenVINO's conversion telemetry and forks) nor
+    ``read_model`` of the ONNX head (which keeps Gemm's multiplications by alpha and beta).
+    ValueError for a weight or bias that is not a head (:func:`edgetl.device.backends.linear_head_arrays`).
+    """
+    import openvino
+
+    try:
+        import openvino.opset13 as ops
+    except ImportError:  # OpenVINO 2024 (this package takes 2024.4 on) has them under openvino.runtime only
+        import openvino.runtime.opset13 as ops
+
+    from edgetl.device.backends import linear_head_arrays, staged_output
+
+    weight, bias = linear_head_arrays(weight, bias)
+    out = Path(out)
+    if out.suffix != ".xml":
+        raise ValueError(f"an OpenVINO head is an .xml file (its weights go in the .bin beside it), not {out.name}")
+    features = ops.parameter(openvino.PartialShape([-1, weight.shape[1]]), openvino.Type.f32, name="features")
+    features.output(0).set_names({"features"})
+    product = ops.matmul(features, ops.constant(weight, name="weight"), transpose_a=False, transpose_b=True)
+    logits = ops.add(product, ops.constant(bias[None, :], name="bias"), name="logits")
+    logits.output(0).set_names({"logits"})
+    model = openvino.Model([ops.result(logits)], [features], "head")
+    with staged_output(out, sidecars=(".bin",)) as staged:
+        openvino.save_model(model, str(staged), compress_to_fp16=False)
