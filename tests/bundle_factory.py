@@ -298,3 +298,15 @@ def write_colour_images(folder: Path, *, size: tuple[int, int] = (40, 48), corru
     if corrupt:
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     return out
+
+
+def colour_folder(root: Path, colours: dict[str, tuple[int, int, int]], per_class: int, *, seed: int = 0) -> Path:
+    """A labelled folder ROOT/<colour>/<i>.png: ``per_class`` noisy 40 px images of each colour."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in colours.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shift = rng.normal(0, 12, 3)
+            arr = np.clip(np.array(rgb) + shift + rng.normal(0, 8, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root

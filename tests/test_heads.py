@@ -132,7 +132,8 @@ def test_add_to_leaves_the_trunk_untouched_and_checks_every_variant(added):
     new = set(m["files"]) - set(before)
     merged = {v["merged"]["tint"] for v in m["variants"].values()}
     heads = {"onnx/head.tint.onnx", "openvino/head.tint.xml", "litert/head.tint.tflite", "ncnn/head.tint.param"}
-    assert new == heads | merged
+    assert new == heads | merged | {"stats/tint.npz"}  # its feature statistics, for learn --extend and unfamiliar
+    assert m["heads"]["tint"]["origin"]["where"] == "workstation" and m["heads"]["tint"]["familiarity"]["threshold"] > 0
     assert "litert/merged.tint.int8.tflite" in merged and "ncnn/merged.tint.fp32.param" in merged
     assert "onnx/merged.tint.int8.onnx" in merged and "openvino/merged.tint.fp32.xml" in merged
     assert set(doc["variants"]) == set(m["variants"]) and len(m["variants"]) >= 6

@@ -225,7 +225,14 @@ JSON_CASES: dict[str, list[Case]] = {
     ],
     # serve runs until stopped; --check loads, warms up and prints the ready document (tests/test_serve.py serves)
     "serve": [Case("serve", lambda i, t, f: [i.bundle, "--check"])],
+    # learn writes into the bundle: a copy per case
+    "learn": [Case("learn", lambda i, t, f: [copy_bundle(i.bundle, t / "b"), i.images, "--head", "learned"])],
 }
+
+
+def copy_bundle(bundle: Path, to: Path) -> Path:
+    shutil.copytree(bundle, to)
+    return to
 
 # A runtime failure (a path that does not exist, an output in the way, a file that is not what it
 # should be): exit 1. Usage errors (exit 2) are in USAGE_CASES and, for every command, a bogus option.
@@ -251,6 +258,8 @@ FAILURE_CASES: list[Case] = [
     Case("device add", lambda i, t, f: ["loop", "ssh://nobody@127.0.0.1:1", "--check"], code=1),  # no sshd there
     Case("device setup", lambda i, t, f: ["ssh://nobody@127.0.0.1:1"], code=1),  # no sshd there
     Case("serve", lambda i, t, f: [t / MISSING, "--check"], code=1),
+    Case("learn", lambda i, t, f: [t / MISSING, i.images, "--head", "x"], code=1),
+    Case("learn", lambda i, t, f: [i.bundle, i.images, "--head", "colour"], code=1),  # the head exists
 ]
 
 # Usage errors beyond an unknown option: a missing argument or option, an unknown name, a bad value.
@@ -289,6 +298,8 @@ USAGE_CASES: list[Case] = [
     Case("device setup", lambda i, t, f: ["pi@rpi", "--extras", "train"], code=2),  # not a device extra
     Case("device setup", lambda i, t, f: ["pi@rpi", "--wheelhouse", t], code=2),  # without --offline
     Case("serve", lambda i, t, f: [i.bundle, "--host", "0.0.0.0", "--check"], code=2),  # another host, no --token-file
+    Case("learn", lambda i, t, f: [i.bundle, i.images], code=2),  # no --head
+    Case("learn", lambda i, t, f: [i.bundle, i.images, "--head", "a.b"], code=2),  # not a head name
 ]
 
 

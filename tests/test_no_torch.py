@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bundle_factory import build_bundle, write_colour_images
+from tests.bundle_factory import build_bundle, colour_folder, write_colour_images
 
 BLOCK_TORCH = textwrap.dedent(
     """
@@ -84,6 +84,34 @@ def test_predict_and_bench_run_with_torch_blocked(device_files):
     out = json.loads(proc.stdout)
     assert len(out["predict"]["results"]) == 6  # 3 readable images x 2 heads; the corrupt one is skipped
     assert [r["precision"] for r in out["bench"]["results"]] == ["fp32", "int8"]
+
+
+def test_learn_runs_with_torch_blocked(tmp_path):
+    """`edgetl learn` on the device: numpy and the runtimes only (torch, scikit-learn and scipy blocked)."""
+    bundle = build_bundle(tmp_path / "bundle")
+    data = colour_folder(tmp_path / "data", {"yellow": (220, 210, 30), "cyan": (30, 200, 210)}, 6)
+    code = BLOCK_TORCH.replace(
+        '("torch", "torchvision")', '("torch", "torchvision", "sklearn", "scipy")'
+    ) + textwrap.dedent(
+        f"""
+        import json
+        from click.testing import CliRunner
+        from edgetl.cli import main
+
+        learned = CliRunner().invoke(main, ["learn", {str(bundle)!r}, {str(data)!r}, "--head", "tints", "--json"])
+        assert learned.exit_code == 0, learned.output
+        cyan = {str(data / "cyan")!r}
+        predict = CliRunner().invoke(main, ["predict", {str(bundle)!r}, cyan, "--head", "all", "--json"])
+        assert predict.exit_code == 0, predict.output
+        leaked = sorted(m for m in sys.modules if m.partition(".")[0] in ("torch", "torchvision", "sklearn", "scipy"))
+        assert not leaked, leaked
+        print(json.dumps(json.loads(predict.stdout)["results"]))
+        """
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    tints = [r for r in json.loads(proc.stdout) if r["head"] == "tints"]
+    assert len(tints) == 6 and {r["label"] for r in tints} == {"cyan"}
 
 
 def test_blocker_really_blocks():

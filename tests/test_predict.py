@@ -18,7 +18,7 @@ from edgetl.device.images import PredictionStream, find_images, iter_images
 from tests.bundle_factory import build_bundle, write_colour_images
 from tests.schemas import validate_document
 
-COLUMNS = ["image", "head", "label", "score", "top_k", "variant", "runtime"]
+COLUMNS = ["image", "head", "label", "score", "top_k", "variant", "runtime", "unfamiliar"]
 
 
 def predict(*args):
@@ -137,7 +137,7 @@ def test_cli_predict_json_failing_part_way_is_still_one_document(bundle_dir, tre
     """The second batch fails: what was written is closed with the error, stdout parses."""
     from edgetl.device.predictor import Predictor
 
-    real, calls = Predictor.logits, []
+    real, calls = Predictor.outputs, []
 
     def failing(self, x, heads=None):
         calls.append(len(x))
@@ -145,7 +145,7 @@ def test_cli_predict_json_failing_part_way_is_still_one_document(bundle_dir, tre
             raise BundleError("variant onnx-fp32 produced non-finite logits for head colour (NaN)")
         return real(self, x, heads)
 
-    monkeypatch.setattr(Predictor, "logits", failing)
+    monkeypatch.setattr(Predictor, "outputs", failing)
     result = predict(bundle_dir, tree, "--json", "--batch-size", "4")
     assert result.exit_code == 1 and result.stderr.splitlines()[-1].startswith("Error: variant onnx-fp32 produced")
     doc = validate_document(result.stdout, "predict")
@@ -222,7 +222,7 @@ def test_cli_predict_pipe_output_has_one_shape_for_5_and_500_images(bundle_dir, 
     for rows in (small, large):
         labels = [row[2] for row in rows[1:]]
         assert labels == [Path(sources[i % 3]).stem for i in range(len(labels))]
-        assert all(row[5:] == ["onnx-fp32", "onnxruntime"] and float(row[3]) > 0.3 for row in rows[1:])
+        assert all(row[5:] == ["onnx-fp32", "onnxruntime", ""] and float(row[3]) > 0.3 for row in rows[1:])
     explicit = _pipe_lines(predict(bundle_dir, tmp_path / "n5", "--top-k", "2", "--format", "tsv"))
     assert explicit == small
 
@@ -347,7 +347,7 @@ def test_cli_predict_remote_json_errors_stay_one_document(monkeypatch):
 def test_cli_predict_json_interrupted_is_still_one_document(bundle_dir, tree, monkeypatch):
     from edgetl.device.predictor import Predictor
 
-    real, calls = Predictor.logits, []
+    real, calls = Predictor.outputs, []
 
     def interrupted(self, x, heads=None):
         calls.append(1)
@@ -355,7 +355,7 @@ def test_cli_predict_json_interrupted_is_still_one_document(bundle_dir, tree, mo
             raise KeyboardInterrupt
         return real(self, x, heads)
 
-    monkeypatch.setattr(Predictor, "logits", interrupted)
+    monkeypatch.setattr(Predictor, "outputs", interrupted)
     result = predict(bundle_dir, tree, "--json", "--batch-size", "2")
     assert result.exit_code == 130 and "Interrupted." in result.stderr
     doc = validate_document(result.stdout, "predict")

@@ -28,6 +28,7 @@ SHORT_HELP = {
     "devices": "List the device profiles, or show one.",
     "doctor": "Say what this machine can run and how fast int8 is here.",
     "serve": "Serve a bundle over HTTP: predict API, web page, metrics, hot swap.",
+    "learn": "Teach a bundle a new head or new classes on the device (no torch).",
 }
 
 
@@ -117,6 +118,7 @@ def _register() -> None:
         "device_cmds",
         "fleet_cmds",
         "serve_cmd",
+        "learn_cmd",
     )
     for name in modules:
         try:

@@ -14,7 +14,7 @@ from edgetl.cli._output import clean, tsv_line
 TABLE_ROWS = 200  # on a terminal, predict prints a table up to this many results, then aligned lines (bounded memory)
 
 # predict's columns in a pipe (tsv) and in CSV: the same for any number of images, heads or bundles.
-PREDICT_COLUMNS = ("image", "head", "label", "score", "top_k", "variant", "runtime")
+PREDICT_COLUMNS = ("image", "head", "label", "score", "top_k", "variant", "runtime", "unfamiliar")
 
 
 def _score(value: float) -> str:
@@ -25,7 +25,8 @@ def _score(value: float) -> str:
 def predict_cells(r: dict[str, Any]) -> list[str]:
     """One prediction record as the cells of :data:`PREDICT_COLUMNS` (``top_k`` as ``label:score;...``)."""
     top = ";".join(f"{t['label']}:{_score(t['score'])}" for t in r["top_k"])
-    return [r["image"], r["head"], r["label"], _score(r["score"]), top, r["variant"], r["runtime"]]
+    unfamiliar = "" if "unfamiliar" not in r else "true" if r["unfamiliar"] else "false"
+    return [r["image"], r["head"], r["label"], _score(r["score"]), top, r["variant"], r["runtime"], unfamiliar]
 
 
 def stream_lines(records: Iterable[dict[str, Any]]) -> None:
@@ -40,7 +41,15 @@ def stream_table(records: Iterable[dict[str, Any]], predictor, top_k: int) -> No
     """predict on a terminal: a table while the results fit on a screen or two; beyond TABLE_ROWS,
     the same columns as aligned lines as they come (widths from the first rows)."""
     several_heads = len(predictor.head_names) > 1
-    columns = ("image", *(("head",) if several_heads else ()), "label", "score", f"top {top_k}")
+    flags = bool(getattr(predictor, "familiarity", None))  # a head with statistics: say which images are unfamiliar
+    columns = (
+        "image",
+        *(("head",) if several_heads else ()),
+        "label",
+        "score",
+        f"top {top_k}",
+        *(("unfamiliar",) if flags else ()),
+    )
     title = f"{predictor.variant} ({predictor.runtime})"
 
     def cells(r):
@@ -51,6 +60,7 @@ def stream_table(records: Iterable[dict[str, Any]], predictor, top_k: int) -> No
             clean(r["label"]),
             f"{r['score']:.3f}",
             top,
+            *(("yes" if r.get("unfamiliar") else "",) if flags else ()),
         )
 
     buffered = []

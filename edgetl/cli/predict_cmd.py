@@ -53,6 +53,12 @@ from edgetl.device.limits import MAX_BATCH_SIZE, MAX_STREAMS
     is_flag=True,
     help="Print CSV on stdout: " + ", ".join(PREDICT_COLUMNS) + " (instead of --format).",
 )
+@click.option(
+    "--reject-unfamiliar",
+    is_flag=True,
+    help="Label images unlike anything the head was trained on `unknown` (heads with stored statistics; "
+    "every record says `unfamiliar` either way).",
+)
 @ssh_options
 @format_option
 @common_options
@@ -73,6 +79,7 @@ def predict(
     streams: int | None,
     device_profile: str | None,
     as_csv: bool,
+    reject_unfamiliar: bool,
     identity: str | None,
     ssh_config: str | None,
     remote_edgetl: str,
@@ -90,7 +97,8 @@ def predict(
     \b
     Output (stdout), one result per image and head, the same shape for 5 images or a million:
       in a pipe (--format tsv)  a header line, then tab-separated lines:
-                                image, head, label, score, top_k, variant, runtime
+                                image, head, label, score, top_k, variant, runtime,
+                                unfamiliar (true/false; empty for a head without statistics)
       on a terminal (table)     a table, or aligned lines beyond 200 results
       --json                    one JSON document (docs/json.md), written record by record
       --csv                     CSV with the same columns as tsv
@@ -137,6 +145,7 @@ def predict(
     )
     options, profile_doc = with_profile(device_profile, given)
     predictor = open_bundle(bundle).load(options)
+    predictor.reject_unfamiliar = reject_unfamiliar
 
     progress = _Progress(enabled=not no_progress)
 

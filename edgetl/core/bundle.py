@@ -17,7 +17,7 @@ from typing import Any
 
 from edgetl.core.atomic import write_json_atomic
 from edgetl.core.errors import BundleError
-from edgetl.core.formats import FORMATS, INFERENCE_PRECISIONS, PRECISIONS, ROLES
+from edgetl.core.formats import FORMATS, INFERENCE_PRECISIONS, PRECISIONS, ROLES, STATS_FORMAT
 from edgetl.core.jsonio import read_json
 
 MANIFEST_NAME = "manifest.json"
@@ -25,7 +25,18 @@ SCHEMA = "edgetl.bundle"
 SCHEMA_VERSION = 1
 # heads.<name>.training_data.train_sha256_prefixes: 16-hex-digit sha256 prefixes of the training images
 # (edgetl.core.imagefolder.HASH_HEX), concatenated.
+# A head name becomes part of file names (head.<name>.onnx): no dots, no separators.
+HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _HASH_PREFIXES = re.compile(r"(?:[0-9a-f]{16})*")
+
+
+def check_head_name(head: str) -> str:
+    """``head``, or one ConfigError line when it cannot be a head's name (it becomes part of file names)."""
+    from edgetl.core.errors import ConfigError
+
+    if not isinstance(head, str) or not HEAD_NAME.match(head):
+        raise ConfigError(f"--head {head!r}: use letters, digits, '-' and '_' (it becomes part of file names)")
+    return head
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -149,11 +160,13 @@ def validate_manifest(m: Any, bundle_dir: Path) -> None:
             f"head {name!r} labels must be a list of >= 2 strings",
         )
         _check_lineage(head, bundle_dir, name)
+        _check_learning_records(m, head, bundle_dir, name)
     for rel, rec in m["files"].items():
         _safe_rel_path(bundle_dir, rel)
         _require(isinstance(rec, dict), bundle_dir, f"file record {rel!r} is not an object")
         _require(isinstance(rec.get("sha256"), str) and len(rec["sha256"]) == 64, bundle_dir, f"{rel}: bad sha256")
-        _require(_one_of(rec.get("format"), FORMATS), bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
+        formats = (STATS_FORMAT,) if rec.get("role") == "stats" else FORMATS
+        _require(_one_of(rec.get("format"), formats), bundle_dir, f"{rel}: unknown format {rec.get('format')!r}")
         _require(
             _one_of(rec.get("precision"), PRECISIONS), bundle_dir, f"{rel}: unknown precision {rec.get('precision')!r}"
         )
@@ -303,6 +316,38 @@ def _check_lineage(head: dict[str, Any], bundle_dir: Path, name: str) -> None:
         bundle_dir,
         f"head {name!r}: training_data.train_sha256_prefixes must be 16-digit lowercase hex sha256 prefixes",
     )
+
+
+def _check_learning_records(m: dict[str, Any], head: dict[str, Any], bundle_dir: Path, name: str) -> None:
+    """A head's optional ``stats`` (its feature statistics file), ``familiarity`` (the unfamiliar-input
+    threshold) and ``origin`` (where it was trained) records: every number bounded, NaN refused."""
+    stats = head.get("stats")
+    if stats is not None:
+        rel = stats.get("file") if isinstance(stats, dict) else None
+        _require(
+            isinstance(rel, str) and m["files"].get(rel, {}).get("role") == "stats",
+            bundle_dir,
+            f"head {name!r}: stats.file must name a listed file of role 'stats'",
+        )
+    fam = head.get("familiarity")
+    if fam is not None:
+        _require(
+            isinstance(fam, dict)
+            and _number(fam.get("threshold"), 0.0, 1e12)
+            and _number(fam.get("acceptance"), 0.0, 1.0)
+            and stats is not None,
+            bundle_dir,
+            f"head {name!r}: familiarity needs stats, a finite positive threshold and an acceptance in (0, 1]",
+        )
+    origin = head.get("origin")
+    if origin is not None:
+        _require(
+            isinstance(origin, dict) and origin.get("where") in ("workstation", "device"),
+            bundle_dir,
+            f"head {name!r}: origin.where must be 'workstation' or 'device'",
+        )
+        images = origin.get("images")
+        _require(images is None or _size(images), bundle_dir, f"head {name!r}: origin.images is not a count")
 
 
 def _check_graphs(m: dict[str, Any], bundle_dir: Path, vname: str, graphs: dict, *, unknown: str, kind: str) -> None:

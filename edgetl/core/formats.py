@@ -102,7 +102,10 @@ FORMATS: dict[str, Format] = {
 # Runtime name -> its format (one format per runtime).
 RUNTIMES: dict[str, Format] = {f.runtime: f for f in FORMATS.values()}
 DEFAULT_RUNTIME = "onnxruntime"
-ROLES: tuple[str, ...] = ("trunk", "head", "merged")
+ROLES: tuple[str, ...] = ("trunk", "head", "merged", "stats")
+# A head's feature statistics (role ``stats``: class means, exemplar and validation features, the
+# familiarity model; edgetl.device.head_stats) are numpy arrays in an ``.npz``, loaded without pickle.
+STATS_FORMAT = "npz"
 INFERENCE_PRECISIONS: tuple[str, ...] = tuple(
     dict.fromkeys(p for f in FORMATS.values() for p in f.inference_precisions)
 )

@@ -59,8 +59,11 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | None = None) -> ImageFolder:
-    """List the images of ``root``/<class>/*; ``classes`` pins the class order (for --val-dir)."""
+def scan_image_folder(
+    root: str | os.PathLike, *, classes: tuple[str, ...] | None = None, min_classes: int = 2
+) -> ImageFolder:
+    """List the images of ``root``/<class>/*; ``classes`` pins the class order (for --val-dir);
+    ``min_classes``: 1 where the folder adds classes to a head (``learn --extend``)."""
     root, found = _class_folders(root)
     if classes is not None:
         if set(found) != set(classes):
@@ -71,9 +74,10 @@ def scan_image_folder(root: str | os.PathLike, *, classes: tuple[str, ...] | Non
                 f"extra: {extra or 'none'}); both folders need the same class sub-folders"
             )
         found = list(classes)
-    if len(found) < 2:
+    if len(found) < min_classes:
         raise DataError(
-            f"{root} has {len(found)} class folder(s); a classifier needs at least 2 "
+            f"{root} has {len(found)} class folder(s); {'a classifier needs' if min_classes > 1 else 'it needs'} "
+            f"at least {min_classes} "
             "(lay the data out as DATA/<class name>/<image files>)"
         )
     samples = []

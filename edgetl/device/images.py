@@ -141,13 +141,14 @@ class PredictionStream:
             t0 = time.perf_counter()
             x = self.predictor.preprocess(images)
             t1 = time.perf_counter()
-            logits = self.predictor.logits(x)
+            logits, feats = self.predictor.outputs(x)
             t2 = time.perf_counter()
             s.preprocess_s += t1 - t0
             s.inference_s += t2 - t1
             s.images += len(names)
-            for record in self.predictor.records(names, logits, self.top_k):
-                s.per_class[record["head"]][record["label"]] += 1
+            for record in self.predictor.records(names, logits, self.top_k, features=feats):
+                per_class = s.per_class[record["head"]]
+                per_class[record["label"]] = per_class.get(record["label"], 0) + 1
                 yield record
             s.seconds = time.perf_counter() - start
         s.seconds = time.perf_counter() - start

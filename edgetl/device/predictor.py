@@ -56,6 +56,11 @@ class Predictor:
         self.labels: dict[str, tuple[str, ...]] = {h: bundle.heads[h] for h in heads}
         self._trunk = trunk
         self._heads = heads
+        # Per head with stored statistics: its familiarity model and threshold (edgetl.device.head_stats);
+        # records then say whether each image is unfamiliar. Not for merged graphs (no features).
+        self.familiarity: dict[str, tuple[Any, float]] = {} if trunk is None else _familiarity(bundle, heads)
+        # Label unfamiliar images "unknown" (predict --reject-unfamiliar).
+        self.reject_unfamiliar = False
 
     def __repr__(self) -> str:
         return f"Predictor({self.variant!r}, runtime={self.runtime!r}, heads={list(self.head_names)})"
@@ -101,6 +106,16 @@ class Predictor:
         feats = self.features(x)
         return self.head_logits(feats, heads)
 
+    def outputs(
+        self, x: np.ndarray, heads: Sequence[str] | None = None
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Trunk once, then the heads: ``(logits, features)``; features are None for merged graphs.
+        Pass both to :meth:`records` to get the unfamiliar flags."""
+        if self._trunk is None:
+            return self.logits(x, heads), None
+        feats = self.features(x)
+        return self.head_logits(feats, heads), feats
+
     def head_logits(self, features: np.ndarray, heads: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Heads only, on trunk features: {head: (N, C) logits} (bench times each head this way)."""
         if heads is None:
@@ -130,13 +145,26 @@ class Predictor:
         return records
 
     def _predict_loaded(self, names: list[str], images: list[Image.Image], top_k: int) -> list[dict[str, Any]]:
-        return self.records(names, self.logits(self.preprocess(images)), top_k)
+        logits, feats = self.outputs(self.preprocess(images))
+        return self.records(names, logits, top_k, features=feats)
 
-    def records(self, names: list[str], logits: dict[str, np.ndarray], top_k: int) -> list[dict[str, Any]]:
+    def records(
+        self, names: list[str], logits: dict[str, np.ndarray], top_k: int, *, features: np.ndarray | None = None
+    ) -> list[dict[str, Any]]:
         """One record per image (``names``, one per row) and head of ``logits``, image-major, heads in
         the loaded order: ``{image, head, label, score, top_k: [{label, score}]}`` with softmax scores.
+        With the trunk ``features`` of the same rows, a head with stored statistics adds
+        ``unfamiliar`` (its familiarity score is above the threshold calibrated at export or learn)
+        and ``unfamiliar_score`` (the score over the threshold: above 1 is unfamiliar); with
+        :attr:`reject_unfamiliar` an unfamiliar image's label is ``unknown``.
         A head that returns the wrong number of classes is a :class:`BundleError`."""
         probs = {h: softmax(v) for h, v in logits.items()}
+        ratios = {}
+        if features is not None:
+            for h in probs:
+                if h in self.familiarity:
+                    model, threshold = self.familiarity[h]
+                    ratios[h] = model.score(features) / threshold
         records = []
         for head, p in probs.items():
             if p.ndim != 2 or p.shape[1] != len(self.labels[head]):
@@ -150,10 +178,30 @@ class Predictor:
                 p, labels = probs[head][i], self.labels[head]
                 order = np.argsort(-p, kind="stable")[: min(top_k, len(labels))]
                 top = [{"label": labels[j], "score": float(p[j])} for j in order]
-                records.append(
-                    {"image": name, "head": head, "label": top[0]["label"], "score": top[0]["score"], "top_k": top}
-                )
+                record = {"image": name, "head": head, "label": top[0]["label"], "score": top[0]["score"], "top_k": top}
+                if head in ratios:
+                    ratio = float(ratios[head][i])
+                    record["unfamiliar"] = unfamiliar = not ratio <= 1.0  # a NaN score is unfamiliar
+                    record["unfamiliar_score"] = ratio if np.isfinite(ratio) else None
+                    if unfamiliar and self.reject_unfamiliar:
+                        record["label"] = UNKNOWN
+                records.append(record)
         return records
+
+
+UNKNOWN = "unknown"  # the label of an unfamiliar image with reject_unfamiliar
+
+
+def _familiarity(bundle: Bundle, heads: Iterable[str]) -> dict[str, tuple[Any, float]]:
+    """The familiarity model and threshold of each head that has them (read from its statistics file)."""
+    from edgetl.device.head_stats import load_stats
+
+    out = {}
+    for h in heads:
+        rec = bundle.manifest["heads"][h].get("familiarity")
+        if rec is not None:
+            out[h] = (load_stats(bundle, h).familiarity, float(rec["threshold"]))
+    return out
 
 
 def _image_name(image: Any, index: int) -> str:
@@ -166,4 +214,4 @@ def _check_positive(**values: int) -> None:
         limits.check(name, value)
 
 
-__all__ = ["Predictor", "softmax"]
+__all__ = ["UNKNOWN", "Predictor", "softmax"]

@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import atomic_directory
-from edgetl.core.bundle import file_record, read_manifest, sha256_file, write_manifest
-from edgetl.core.errors import ConfigError, ExportError, OutputExistsError
+from edgetl.core.bundle import check_head_name, file_record, write_manifest
+from edgetl.core.errors import ExportError, OutputExistsError
 from edgetl.core.formats import FORMATS, variant_name
+from edgetl.device.bundle_edit import drop_head_files, editing_head, leave_out
+from edgetl.device.head_stats import add_stats, origin_record
 from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
 from edgetl.workstation.export.common import (
     batches,
@@ -37,7 +38,7 @@ from edgetl.workstation.export.common import (
     training_data_record,
 )
 from edgetl.workstation.export.formats import registry
-from edgetl.workstation.heads import HEAD_NAME
+from edgetl.workstation.heads import TRUNK_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ def add_head(
     from edgetl.device.runtime import open_bundle
     from edgetl.workstation.run import load_run
 
-    if not isinstance(head, str) or not HEAD_NAME.match(head):
-        raise ConfigError(f"--head {head!r}: use letters, digits, '-' and '_' (it becomes part of file names)")
+    check_head_name(head)
     bundle_dir = Path(bundle_dir)
     run = load_run(run_dir)
     tf = run.trunk_from
@@ -96,33 +96,17 @@ def add_head(
     t0 = time.perf_counter()
     x_val, y_val = load_arrays(run.val_samples, bundle.preprocessing)
     reference = _reference_logits(bundle, run, x_val)
-    original = {
-        rel: rec["sha256"]
-        for rel, rec in manifest["files"].items()
-        if not (rec["role"] != "trunk" and rec.get("head") == head)
-    }
-    with (
-        progress_bar(progress) as bar,
-        atomic_directory(bundle_dir, force=True, kind="bundle", inputs=[run.path]) as tmp,
-    ):
-        shutil.copytree(bundle_dir, tmp, dirs_exist_ok=True)
-        m = read_manifest(tmp)
+    with progress_bar(progress) as bar, editing_head(bundle_dir, head, inputs=[run.path]) as (tmp, m):
+        drop_head_files(tmp, m, head)
         _write_head_files(tmp, m, run, head)
         write_manifest(tmp, m)
         check = _HeadCheck(x_val=x_val, y_val=y_val, reference=reference, max_drop=max_drop, partial=partial)
         results, left_out = _check_new_head(tmp, m, head, check, bar)
         m["heads"][head]["metrics"] = results
         if left_out:
-            _leave_out(tmp, m, head, left_out)
-        write_manifest(tmp, m)
-        open_bundle(tmp)  # what is renamed into place verifies
-        for rel, sha in original.items():  # the files that were there are the files that are there
-            for path, expected in [
-                (rel, sha),
-                *((p, r["sha256"]) for p, r in (m["files"][rel].get("extra_files") or {}).items()),
-            ]:
-                if sha256_file(tmp / path) != expected:
-                    raise ExportError(f"bundle file {path} changed while adding head {head!r}; this is a bug")
+            leave_out(tmp, m, head, left_out)
+        paths, labels = [s.path for s in run.train_samples], np.array([s.label for s in run.train_samples])
+        add_stats(tmp, m, head, paths, labels, x_val, y_val, progress=bar)
     log.info(
         "added head %r to %s in %.1fs%s",
         head,
@@ -131,24 +115,6 @@ def add_head(
         f" (left out of {', '.join(left_out)})" if left_out else "",
     )
     return {"bundle": str(bundle_dir), "head": head, "variants": results, "left_out": left_out}
-
-
-def _leave_out(tmp: Path, m: dict[str, Any], head: str, left_out: dict[str, str]) -> None:
-    """Take ``head`` out of the variants in ``left_out`` and delete files no variant uses any more."""
-    for name in left_out:
-        var = m["variants"][name]
-        del var["heads"][head]
-        (var.get("merged") or {}).pop(head, None)
-    m["heads"][head]["left_out"] = left_out
-    used = {
-        rel
-        for var in m["variants"].values()
-        for rel in (var["trunk"], *var["heads"].values(), *(var.get("merged") or {}).values())
-    }
-    for rel in [r for r, rec in m["files"].items() if rec.get("head") == head and r not in used]:
-        for path in (rel, *(m["files"][rel].get("extra_files") or {})):
-            (tmp / path).unlink()
-        del m["files"][rel]
 
 
 def _reference_logits(bundle, run, x_val: np.ndarray) -> np.ndarray:
@@ -206,6 +172,9 @@ def _write_head_files(tmp: Path, m: dict[str, Any], run, head: str) -> None:
         "output": head_out,
         "run": run_lineage(run, "feature-extraction (trunk from bundle)"),
         "training_data": training_data_record(run),
+        "origin": origin_record(
+            "workstation", images=len(run.train_samples), trunk_variant=TRUNK_VARIANT, run=run.path.resolve().name
+        ),
     }
     for var in m["variants"].values():
         fmt = var["format"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,6 @@ from edgetl.workstation.train import FinetuneResult
 log = logging.getLogger(__name__)
 
 TRUNK_VARIANT = "onnx-fp32"
-# A head name becomes part of file names (head.<name>.onnx): no dots, no separators.
-HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 # Training options that mean nothing when the trunk is fixed by the bundle.
 TRUNK_OPTIONS = (
     "backbone",

@@ -58,12 +58,16 @@ def _now_utc() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def job_records(predictor: Predictor, job: Job, logits: dict[str, np.ndarray], row: int) -> list[dict[str, Any]]:
+def job_records(
+    predictor: Predictor, job: Job, logits: dict[str, np.ndarray], row: int, features: np.ndarray | None = None
+) -> list[dict[str, Any]]:
     """The records ``edgetl predict --json`` prints for the job's image (row ``row`` of the batch's
-    ``logits``) and the heads it asked for: image, head, label, score, top_k, variant, runtime."""
+    ``logits`` and trunk ``features``) and the heads it asked for: image, head, label, score, top_k,
+    unfamiliar and its score (heads with statistics), variant, runtime."""
     mine = {h: logits[h][row : row + 1] for h in job.heads}
     tag = {"variant": predictor.variant, "runtime": predictor.runtime}
-    return [{**r, **tag} for r in predictor.records([job.name], mine, job.top_k)]
+    feats = None if features is None else features[row : row + 1]
+    return [{**r, **tag} for r in predictor.records([job.name], mine, job.top_k, features=feats)]
 
 
 @dataclasses.dataclass(eq=False)
@@ -188,12 +192,12 @@ class ModelSlot:
         try:
             heads = tuple(h for h in self.predictor.head_names if any(h in job.heads for job in live))
             x = live[0].x if len(live) == 1 else np.concatenate([job.x for job in live])
-            logits = self.predictor.logits(x, heads=heads)
+            logits, feats = self.predictor.outputs(x, heads=heads)
             seconds = time.perf_counter() - started
             for row, job in enumerate(live):
                 job.future.set_result(
                     {
-                        "records": job_records(self.predictor, job, logits, row),
+                        "records": job_records(self.predictor, job, logits, row, feats),
                         "queue_ms": (started - job.enqueued) * 1000.0,
                         "inference_ms": seconds * 1000.0,
                         "batch": len(live),

@@ -13,6 +13,7 @@ import numpy as np
 from edgetl import __version__
 from edgetl.core.imagefolder import Sample, hash_prefixes, image_sha256
 from edgetl.core.preprocess import Preprocessing, load_image, preprocess_batch
+from edgetl.core.progress import progress_bar  # noqa: F401  (the workstation's callers import it here)
 
 if TYPE_CHECKING:
     from edgetl.workstation.run import Run
@@ -113,26 +114,6 @@ def versions(formats: Sequence[str] = ("onnx",)) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def progress_bar(enabled: bool):
-    """The one progress bar of the workstation side (training, feature passes, probes, exports), on stderr.
-
-    It lives here, in the lowest workstation layer, so that export and training both import it.
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
 
 
 # --- lineage: what a bundle says about where it came from, without the workstation's paths ---------

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgetl.core.atomic import atomic_directory, check_output
 from edgetl.core.errors import ExportError
-from edgetl.workstation.export.common import load_arrays, progress_bar, torch_logits
+from edgetl.workstation.export.common import HEAD, load_arrays, progress_bar, torch_logits
 from edgetl.workstation.export.formats import registry
 from edgetl.workstation.export.options import ExportProfile, resolve_options
 from edgetl.workstation.export.session import ExportSession
@@ -89,6 +89,19 @@ def export_bundle(
             plugins[fmt].write(session)
         session.drop_unrequested()
         session.write_manifest()
+        _store_stats(tmp, run, x_val, y_val, bar)
         variants = {name: dict(v["metrics"]) for name, v in session.variants.items()}
     log.info("bundle written to %s in %.1fs", out, time.perf_counter() - t0)
     return {"bundle": str(out), "profile": options.to_dict(), "variants": variants}
+
+
+def _store_stats(tmp: Path, run, x_val: np.ndarray, y_val: np.ndarray, bar, head: str = HEAD) -> None:
+    """The head's feature statistics and familiarity threshold (edgetl.device.head_stats), through the
+    bundle's own reference trunk: what `edgetl learn --extend` and `predict`'s unfamiliar flag use."""
+    from edgetl.core.bundle import read_manifest, write_manifest
+    from edgetl.device.head_stats import add_stats
+
+    m = read_manifest(tmp)
+    paths, labels = [s.path for s in run.train_samples], np.array([s.label for s in run.train_samples])
+    add_stats(tmp, m, head, paths, labels, x_val, y_val, progress=bar)
+    write_manifest(tmp, m)

@@ -24,6 +24,7 @@ from edgetl.core.errors import ExportError
 from edgetl.core.formats import FORMATS, PRECISIONS, variant_name
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing
+from edgetl.device.head_stats import origin_record
 from edgetl.workstation.export.checks import check_bar, check_merged, check_precision_pin, variant_metrics
 from edgetl.workstation.export.common import (
     HEAD,
@@ -264,6 +265,9 @@ class ExportSession:
                     "output": head_out,
                     "run": run_lineage(run, run.config.get("strategy") or run.config.get("train", {}).get("strategy")),
                     "training_data": self.training_data(),
+                    "origin": origin_record(
+                        "workstation", images=len(run.train_samples), trunk_variant=None, run=run.path.resolve().name
+                    ),
                     "metrics": {v: dict(rec["metrics"]) for v, rec in self.variants.items() if "metrics" in rec},
                 }
             },
