@@ -27,7 +27,14 @@ from edgetl.workstation.run import load_run
 from tests.run_factory import shared_export, shared_run
 from tests.schemas import validate_document
 
-ONNX_LAYOUT = {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+# stats/default.npz: the head's feature statistics (learn --extend, the unfamiliar flag; docs/on-device.md)
+ONNX_LAYOUT = {
+    "manifest.json",
+    "onnx/trunk.fp32.onnx",
+    "onnx/trunk.int8.onnx",
+    "onnx/head.default.onnx",
+    "stats/default.npz",
+}
 LAYOUT = ONNX_LAYOUT | {
     f"openvino/{name}.{ext}" for name in ("trunk.fp32", "trunk.int8", "head.default") for ext in ("xml", "bin")
 }
@@ -59,7 +66,9 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     assert files_under(out) == LAYOUT
     m = read_manifest(out)
     verify_files(out, m)
-    assert set(m["files"]) == {p for p in LAYOUT if p.endswith((".onnx", ".xml"))}
+    assert set(m["files"]) == {p for p in LAYOUT if p.endswith((".onnx", ".xml", ".npz"))}
+    assert m["heads"]["default"]["stats"]["trunk_variant"] == "onnx-fp32"
+    assert m["heads"]["default"]["origin"]["where"] == "workstation"
     run = load_run(run_dir)
     weights = {"kind": "none", "file": None, "sha256": None, "origin": None}  # the run's, without its path
     assert run.config["weights"] == {"kind": "none", "path": None, "sha256": None, "origin": None}
@@ -208,7 +217,7 @@ def test_existing_bundle_is_refused_untouched_and_replaced_only_with_force(run_d
     export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), progress=False)
     (out / "extra.txt").write_text("from the old bundle")
     export_bundle(run_dir, out, resolve_options(formats=("onnx",), precisions=("fp32",)), force=True, progress=False)
-    assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx"}
+    assert files_under(out) == {"manifest.json", "onnx/trunk.fp32.onnx", "onnx/head.default.onnx", "stats/default.npz"}
     assert leftovers(tmp_path) == []
 
 
@@ -235,7 +244,8 @@ def test_int8_only_bundle_ships_no_fp32_trunk(run_dir, tmp_path):
     )
     assert set(doc["variants"]) == {"onnx-int8"} and "top1_drop_pp" in doc["variants"]["onnx-int8"]
     m = read_manifest(tmp_path / "b")
-    assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx"}
+    assert set(m["files"]) == {"onnx/trunk.int8.onnx", "onnx/head.default.onnx", "stats/default.npz"}
+    assert m["heads"]["default"]["stats"]["trunk_variant"] == "onnx-int8"  # the statistics of the trunk it ships
     assert m["files"]["onnx/trunk.int8.onnx"]["derived_from"] == f"run:{run_dir.name}/model.pt"
     assert files_under(tmp_path / "b") == {"manifest.json", *m["files"]}
 
@@ -297,7 +307,8 @@ def test_cli_json_document(run_dir, tmp_path):
         "onnxruntime",
     )
     assert fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 1.0 and fp32["top1_drop_pp"] is None
-    assert fp32["bytes"] == sum(f["bytes"] for f in read_manifest(tmp_path / "b")["files"].values())
+    models = read_manifest(tmp_path / "b")["files"].values()
+    assert fp32["bytes"] == sum(f["bytes"] for f in models if f["role"] != "stats")
 
 
 def test_cli_table_and_help(run_dir, tmp_path):

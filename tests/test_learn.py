@@ -74,6 +74,9 @@ def test_learn_adds_a_head_to_every_variant_that_predict_uses(bundle, tmp_path):
     assert m["files"]["stats/tints.npz"]["role"] == "stats"
     assert all("tints" in v["heads"] for v in m["variants"].values())
     open_bundle(bundle)  # every checksum
+    # evaluate knows the device's training images: scoring on them leaves them all out
+    scored = json.loads(run("evaluate", bundle, data, "--head", "tints", "--json").stdout)["results"][0]
+    assert scored["excluded_train"] == 24 and scored["n"] == 0
     # Held-out images of the new colours, through every variant, with --head all.
     test = colour_folder(tmp_path / "test", NEW, 2, seed=7)
     for runtime in ("onnxruntime", "openvino"):

@@ -124,7 +124,7 @@ def test_export_output_stays_off_stdout_and_pnnx_files_stay_out(run_dir, tmp_pat
     doc = export_bundle(run_dir, tmp_path / "b", resolve_options("ncnn"), progress=False)
     assert capfd.readouterr().out == ""
     assert set(doc["variants"]) == {"ncnn-fp32"}
-    assert {p.name for p in (tmp_path / "b").iterdir()} == {"manifest.json", "ncnn"}
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {"manifest.json", "ncnn", "stats"}
 
 
 @pytest.mark.parametrize(

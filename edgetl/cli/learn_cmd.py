@@ -66,7 +66,7 @@ def learn(
 
     No torch: features come from the trunk of the variant this device runs (--runtime/--precision,
     or the device profile's), the head is fitted in numpy (logistic regression with its weight decay
-    chosen by cross-validation; weight imprinting when a class has fewer images than two folds), and
+    chosen by cross-validation; weight imprinting when a class has fewer images than --folds), and
     it is written for every variant of the bundle and checked through each runtime. The bundle is
     replaced only when all of that succeeded; the trunk files never change. The new head also gets
     an unfamiliar-input threshold: `predict` then says which images look like nothing it learned.

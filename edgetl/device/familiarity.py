@@ -31,6 +31,7 @@ import math
 import numpy as np
 
 from edgetl.core.errors import BundleError, ConfigError, DataError
+from edgetl.device.learning import check_data
 
 # Rows scored at once: bounds the (rows, classes, rank) block of projections differences to ~32 MB.
 _BLOCK_ELEMENTS = 4_000_000
@@ -164,30 +165,16 @@ def fit(X, y, n_classes: int, *, rank: int = 64, shrinkage: float = 0.1) -> Fami
     ``S`` pools the rows' deviations from their class means over ``n - C`` degrees of freedom; its
     eigenvectors come from an SVD of the (n, D) deviations when n <= D, else from ``eigh`` of ``S``.
     """
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-        raise ConfigError(f"n_classes must be an integer >= 1, got {n_classes!r}")
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
         raise ConfigError(f"rank must be an integer >= 0, got {rank!r}")
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float, np.number)) or not 0 <= shrinkage <= 1:
         raise ConfigError(f"shrinkage must be a number in [0, 1], got {shrinkage!r}")
-    X = np.asarray(X)
-    y = np.asarray(y)
-    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
-        raise DataError(f"features must be a non-empty (n, D) array, got shape {X.shape}")
-    if not np.issubdtype(X.dtype, np.number) or not np.isfinite(X).all():
-        raise DataError("features must be finite numbers; re-extract them (a NaN or inf came from the trunk)")
-    if y.shape != (X.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"labels must be integers of shape ({X.shape[0]},), got {y.dtype} {y.shape}")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise DataError(f"labels must lie in 0..{n_classes - 1}, got {int(y.min())}..{int(y.max())}")
+    X, y = check_data(X, y, n_classes, min_classes=1)
     counts = np.bincount(y, minlength=n_classes)
-    if (counts == 0).any():
-        raise DataError(f"class(es) {np.flatnonzero(counts == 0).tolist()} have no images; add some or drop them")
     n, d = X.shape
     dof = n - n_classes
     if dof < 1:
         raise DataError("every class has a single image: the within-class spread is unknown; add a second image")
-    X = X.astype(np.float64)
     means = np.zeros((n_classes, d))
     np.add.at(means, y, X)
     means /= counts[:, None]

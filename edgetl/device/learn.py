@@ -135,12 +135,7 @@ def learn(
         "input": dict(bundle.manifest["heads"][next(iter(bundle.heads))]["input"]),
         "output": {"name": "logits", "shape": ["batch", len(labels)], "dtype": "float32"},
         "run": {"name": None, "strategy": f"device learn ({report['method']})", "val_top1": report.get("cv_top1")},
-        "training_data": {
-            "folder": Path(folder.root).name,
-            "classes": len(labels),
-            "train_images": len(y),
-            "val_images": 0,
-        },
+        "training_data": _training_data(bundle, folder, o.extend, len(labels), len(y)),
         "origin": {
             **origin_record("device", images=len(paths), trunk_variant=predictor.variant),
             "extends": o.extend,
@@ -214,6 +209,27 @@ def _features(predictor, paths: list[str], progress) -> np.ndarray:
         task = progress.add_task(f"features ({predictor.variant})", total=len(paths), status="")
         advance = lambda n: progress.advance(task, n)  # noqa: E731
     return image_features(predictor, paths, advance)
+
+
+def _training_data(bundle, folder, extend: str | None, n_classes: int, images: int) -> dict[str, Any]:
+    """The head's ``training_data``: what ``evaluate`` leaves out. The device's images by hash, and
+    with ``--extend`` the old head's training images too (when its record has them)."""
+    from edgetl.core.imagefolder import hash_prefixes, image_sha256, parse_hash_prefixes
+
+    record: dict[str, Any] = {
+        "folder": Path(folder.root).name,
+        "classes": n_classes,
+        "train_images": images,
+        "val_images": 0,
+    }
+    hashes = {image_sha256(s.path) for s in folder.samples}
+    if extend is not None:
+        old = bundle.manifest["heads"][extend].get("training_data", {}).get("train_sha256_prefixes")
+        if old is None:
+            return record  # the old images are unknown: no list rather than an incomplete one
+        hashes |= parse_hash_prefixes(old)
+    record["train_sha256_prefixes"] = hash_prefixes(hashes)
+    return record
 
 
 def _fit(x: np.ndarray, y: np.ndarray, labels: tuple[str, ...], o: LearnOptions):

@@ -76,10 +76,11 @@ ARMIJO = 1e-4
 # --- checks and small helpers ---------------------------------------------------------------------
 
 
-def _check_data(X, y, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Features as float64 (n, D) and labels as int64 (n,), every class present; else DataError."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
-        raise ConfigError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+def check_data(X, y, n_classes: int, *, min_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Features as float64 (n, D) and labels as int64 (n,), every class present; else DataError
+    (also :mod:`edgetl.device.familiarity`'s check, where one class is enough)."""
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < min_classes:
+        raise ConfigError(f"n_classes must be an integer >= {min_classes}, got {n_classes!r}")
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
@@ -187,7 +188,7 @@ def imprint(X, y, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
     Scale: ``T / median ||x||`` with ``T`` the leave-one-out temperature (see the module doc).
     """
-    X, y = _check_data(X, y, n_classes)
+    X, y = check_data(X, y, n_classes)
     U = _unit_rows(X)
     means = np.zeros((n_classes, X.shape[1]))
     np.add.at(means, y, U)
@@ -343,7 +344,7 @@ def fit_logistic(
     features to start from (e.g. :func:`imprint`'s); ``None`` starts from zeros. ``tol`` bounds the
     largest gradient component of the objective in standardised coordinates. Deterministic.
     """
-    X, y = _check_data(X, y, n_classes)
+    X, y = check_data(X, y, n_classes)
     wd = _check_decay(weight_decay)
     if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ConfigError(f"max_iter must be an integer >= 1, got {max_iter!r}")
@@ -402,7 +403,7 @@ def cross_validate(X, y, n_classes: int, *, folds: int = 5, weight_decays=WEIGHT
 
     See the module doc for the fold count, the choice and the warm starts along each fold's decay path.
     """
-    X, y = _check_data(X, y, n_classes)
+    X, y = check_data(X, y, n_classes)
     _check_folds(folds, seed)
     decays = [_check_decay(wd) for wd in weight_decays]
     if not decays:
