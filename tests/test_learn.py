@@ -172,6 +172,12 @@ def test_full_disk_mid_write_leaves_the_old_bundle(bundle, tmp_path, monkeypatch
     assert [p.name for p in bundle.parent.iterdir() if p.name.startswith(".bundle")] == []
 
 
+def test_export_calibrates_a_threshold_per_variant(bundle):
+    fam = read_manifest(bundle)["heads"]["colour"]["familiarity"]
+    assert set(fam["by_variant"]) == {"onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8"}
+    assert all(t > 0 for t in fam["by_variant"].values()) and fam["acceptance"] == 0.95
+
+
 def test_predict_flags_unfamiliar_images(bundle, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

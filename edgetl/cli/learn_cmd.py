@@ -108,6 +108,11 @@ def _print(doc: dict, fmt: str) -> None:
         ),
         ("cv top-1", "-" if learned.get("cv_top1") is None else f"{learned['cv_top1']:.4f}"),
     ]
+    per_class = learned.get("per_class")
+    if per_class:  # cross-validated, held-out accuracy per class (the confusion matrix is in --json)
+        rows.append(
+            ("per class", ", ".join(f"{label} {acc:.2f}" for label, acc in zip(doc["labels"], per_class, strict=True)))
+        )
     if learned.get("fallback"):
         rows.append(("note", learned["fallback"]))
     old = learned.get("old_classes")

@@ -335,9 +335,11 @@ def _check_learning_records(m: dict[str, Any], head: dict[str, Any], bundle_dir:
             isinstance(fam, dict)
             and _number(fam.get("threshold"), 0.0, 1e12)
             and _number(fam.get("acceptance"), 0.0, 1.0)
-            and stats is not None,
+            and stats is not None
+            and isinstance(fam.get("by_variant", {}), dict)
+            and all(_number(t, 0.0, 1e12) for t in fam.get("by_variant", {}).values()),
             bundle_dir,
-            f"head {name!r}: familiarity needs stats, a finite positive threshold and an acceptance in (0, 1]",
+            f"head {name!r}: familiarity needs stats, finite positive thresholds and an acceptance in (0, 1]",
         )
     origin = head.get("origin")
     if origin is not None:

@@ -58,7 +58,7 @@ class Predictor:
         self._heads = heads
         # Per head with stored statistics: its familiarity model and threshold (edgetl.device.head_stats);
         # records then say whether each image is unfamiliar. Not for merged graphs (no features).
-        self.familiarity: dict[str, tuple[Any, float]] = {} if trunk is None else _familiarity(bundle, heads)
+        self.familiarity: dict[str, tuple[Any, float]] = {} if trunk is None else _familiarity(bundle, heads, variant)
         # Label unfamiliar images "unknown" (predict --reject-unfamiliar).
         self.reject_unfamiliar = False
 
@@ -192,7 +192,7 @@ class Predictor:
 UNKNOWN = "unknown"  # the label of an unfamiliar image with reject_unfamiliar
 
 
-def _familiarity(bundle: Bundle, heads: Iterable[str]) -> dict[str, tuple[Any, float]]:
+def _familiarity(bundle: Bundle, heads: Iterable[str], variant: str) -> dict[str, tuple[Any, float]]:
     """The familiarity model and threshold of each head that has them (read from its statistics file)."""
     from edgetl.device.head_stats import load_stats
 
@@ -200,7 +200,9 @@ def _familiarity(bundle: Bundle, heads: Iterable[str]) -> dict[str, tuple[Any, f
     for h in heads:
         rec = bundle.manifest["heads"][h].get("familiarity")
         if rec is not None:
-            out[h] = (load_stats(bundle, h).familiarity, float(rec["threshold"]))
+            # The variant's own threshold when export measured one (an int8 trunk scores higher).
+            threshold = (rec.get("by_variant") or {}).get(variant, rec["threshold"])
+            out[h] = (load_stats(bundle, h).familiarity, float(threshold))
     return out
 
 
