@@ -19,6 +19,7 @@ from edgetl.device.bundle_edit import editing_head
 from edgetl.device.head_stats import add_stats
 from edgetl.device.runtime import open_bundle
 from tests.bundle_factory import COLOURS, build_bundle, colour_folder
+from tests.schemas import validate_document
 
 NEW = {"yellow": (220, 210, 30), "cyan": (30, 200, 210), "magenta": (210, 30, 200)}
 
@@ -155,6 +156,19 @@ def test_too_few_images_for_the_folds_falls_back_to_imprinting(bundle, tmp_path)
     learned = json.loads(result.stdout)["results"][0]["learn"]
     assert learned["method"] == "imprinting" and "fewer than --folds 5" in learned["fallback"]
     assert "imprinting" in result.stderr
+
+
+def test_one_image_per_class_gives_an_imprinted_head_without_the_unfamiliar_check(bundle, tmp_path):
+    data = colour_folder(tmp_path / "new", NEW, 1)
+    result = run("learn", bundle, data, "--head", "tints", "--json", "--no-progress")
+    doc = validate_document(result.stdout, "learn")["results"][0]
+    assert doc["learn"]["method"] == "imprinting" and doc["familiarity"] is None
+    assert "no unfamiliar-input check" in result.stderr
+    test = colour_folder(tmp_path / "test", NEW, 1, seed=5)
+    records = json.loads(run("predict", bundle, test, "--head", "all", "--json").stdout)["results"]
+    tints = [r for r in records if r["head"] == "tints"]
+    assert all(Path(r["image"]).parent.name == r["label"] and "unfamiliar" not in r for r in tints), tints
+    assert len(tints) == 3
 
 
 def test_full_disk_mid_write_leaves_the_old_bundle(bundle, tmp_path, monkeypatch):

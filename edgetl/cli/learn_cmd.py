@@ -127,7 +127,9 @@ def _print(doc: dict, fmt: str) -> None:
     rows += [
         (
             "unfamiliar",
-            f"threshold {doc['familiarity']['threshold']:.4g} (accepts {doc['familiarity']['acceptance']:.0%})",
+            f"threshold {doc['familiarity']['threshold']:.4g} (accepts {doc['familiarity']['acceptance']:.0%})"
+            if doc["familiarity"]
+            else "no check (every class has a single image)",
         ),
         ("variants", ", ".join(doc["variants"])),
         ("left out", "; ".join(f"{k}: {v}" for k, v in doc["left_out"].items()) or "-"),

@@ -129,7 +129,11 @@ def learn(
     t_fit = time.perf_counter() - t1
     old = _old_classes(bundle, predictor, base, weight, bias, o) if base is not None else None
 
-    stats, familiarity = _stats(feats, y_new, base, labels, o)
+    try:
+        stats, familiarity = _stats(feats, y_new, base, labels, o)
+    except DataError as exc:  # one image per class: no within-class spread to measure
+        log.warning("no unfamiliar-input check and no --extend later for head %r: %s", head, exc)
+        stats, familiarity = None, None
     record = {
         "labels": list(labels),
         "input": dict(bundle.manifest["heads"][next(iter(bundle.heads))]["input"]),
@@ -158,7 +162,8 @@ def learn(
         if left_out:
             m["heads"][head]["left_out"] = left_out
         m["heads"][head]["metrics"] = variants
-        write_stats(tmp, m, head, stats, familiarity, trunk_variant=predictor.variant)
+        if stats is not None:
+            write_stats(tmp, m, head, stats, familiarity, trunk_variant=predictor.variant)
         size = sum(_file_bytes(m, r) for r, rec in m["files"].items() if rec.get("head") == head)
     seconds = time.perf_counter() - t0
     log.info(
