@@ -328,3 +328,33 @@ def test_add_to_gives_a_bf16_merged_graph_the_variants_bar(bundle, head_run, tmp
     monkeypatch.setattr(ah, "check_precision_pin", lambda name, var, info, **kw: var.get("inference_precision"))
     with pytest.raises(ExportError, match=r"openvino-fp16 \(merged graph\) loses"):
         add_head(head_run, two, "tint", progress=False)
+
+
+def test_a_head_learned_on_the_device_then_one_from_the_workstation(bundle, head_run, data2, root):
+    """`edgetl learn` on the bundle with every format (ONNX, OpenVINO, LiteRT, NCNN; fp32 and int8;
+    merged graphs): the learned head goes into every variant (not into merged graphs, which the
+    device does not write); the workstation then adds a head to that bundle with `export --add-to`,
+    and neither the trunks nor the learned head's files change."""
+    learned_bundle = shutil.copytree(bundle, root / "learned")
+    result = CliRunner().invoke(
+        main, ["learn", str(learned_bundle), str(data2), "--head", "device-tint", "--no-progress", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    learned = validate_document(result.stdout, "learn")["results"][0]
+    m = read_manifest(learned_bundle)
+    assert set(learned["variants"]) == set(m["variants"]) and not learned["left_out"]
+    assert {v["format"] for v in m["variants"].values()} == {"onnx", "openvino", "litert", "ncnn"}
+    assert all("device-tint" not in (v.get("merged") or {}) for v in m["variants"].values())
+    before = {rel: rec["sha256"] for rel, rec in m["files"].items()}
+    CliRunner().invoke(
+        main, ["export", str(head_run), "--add-to", str(learned_bundle), "--head", "tint", "--no-progress"]
+    )
+    after = read_manifest(learned_bundle)
+    assert {"device-tint", "tint"} <= set(after["heads"]) and after["heads"]["tint"]["origin"]["where"] == "workstation"
+    assert all(after["files"][rel]["sha256"] == sha for rel, sha in before.items())
+    out = CliRunner().invoke(
+        main, ["predict", str(learned_bundle), str(data2 / "cyan"), "--head", "all", "--runtime", "ncnn", "--json"]
+    )
+    records = json.loads(out.stdout)["results"]
+    assert {r["head"] for r in records} >= {"device-tint", "tint"}
+    assert all(r["label"] == "cyan" for r in records if r["head"] == "device-tint")

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_DROP = 2.0  # pp of old-class accuracy an extension may cost (docs/on-device.md)
 HEAD_PARITY = 1e-3  # a written head file against the numpy head, max abs logit diff
+HEAD_AGREEMENT = 0.98  # the same, run in bf16/f16 (OpenVINO's reduced inference precision): top-1 agreement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,11 +402,21 @@ def _write_heads(tmp: Path, m: dict[str, Any], head: str, weight, bias, probe: n
         predictor = bundle.load(runtime=FORMATS[var["format"]].runtime, precision=var["precision"], heads=[head])
         got = predictor.head_logits(probe)[head]
         diff = float(np.abs(got - expected).max())
-        if not diff <= HEAD_PARITY:
+        agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+        reduced = var.get("inference_precision") not in (None, "f32")  # OpenVINO's bf16/f16 variants
+        # f32: the written head is the fitted one (1e-3); a variant the runtime runs in bf16 or f16
+        # rounds every logit (~1e-2 here), and is held to the same top-1 as the fitted head instead.
+        if not (agreement >= HEAD_AGREEMENT if reduced else diff <= HEAD_PARITY):
             raise ExportError(
-                f"{name}: the head written for {var['format']} differs from the fitted one by {diff:.2e}; this is a bug"
+                f"{name}: the head written for {var['format']} differs from the fitted one (max abs diff {diff:.2e}, "
+                f"top-1 agreement {agreement:.3f}); this is a bug"
             )
-        metrics[name] = {"max_abs_diff": diff, "bytes": bundle.model_bytes(var, [head])}
+        metrics[name] = {
+            "max_abs_diff": diff,
+            "top1_agreement": agreement,
+            "checked": "top-1 agreement" if reduced else "max abs diff",
+            "bytes": bundle.model_bytes(var, [head]),
+        }
     return metrics, left_out
 
 
