@@ -310,3 +310,25 @@ def colour_folder(root: Path, colours: dict[str, tuple[int, int, int]], per_clas
             arr = np.clip(np.array(rgb) + shift + rng.normal(0, 8, (40, 40, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(arr).save(root / name / f"{i}.png")
     return root
+
+
+def add_colour_stats(bundle: Path, tmp_path: Path, head: str = "colour") -> Path:
+    """Store the colour head's statistics as export does (edgetl.device.head_stats.add_stats), from
+    noisy red/green/blue images written under ``tmp_path``: the unfamiliar flag and learn --extend work."""
+    from edgetl.core.preprocess import load_image, preprocess_batch
+    from edgetl.device.bundle_edit import editing_head
+    from edgetl.device.head_stats import add_stats
+    from edgetl.device.runtime import open_bundle
+
+    train = colour_folder(tmp_path / "stats-train", COLOURS, 12, seed=1)
+    val = colour_folder(tmp_path / "stats-val", COLOURS, 6, seed=2)
+    labels = list(COLOURS)
+    paths = [str(p) for c in labels for p in sorted((train / c).iterdir())]
+    y = np.array([labels.index(Path(p).parent.name) for p in paths])
+    vpaths = [p for c in labels for p in sorted((val / c).iterdir())]
+    yv = np.array([labels.index(p.parent.name) for p in vpaths])
+    pp = open_bundle(bundle).preprocessing
+    xv = preprocess_batch([load_image(p, pp) for p in vpaths], pp)
+    with editing_head(bundle, head) as (tmp, m):
+        add_stats(tmp, m, head, paths, y, xv, yv)
+    return bundle

@@ -234,6 +234,7 @@ def copy_bundle(bundle: Path, to: Path) -> Path:
     shutil.copytree(bundle, to)
     return to
 
+
 # A runtime failure (a path that does not exist, an output in the way, a file that is not what it
 # should be): exit 1. Usage errors (exit 2) are in USAGE_CASES and, for every command, a bogus option.
 FAILURE_CASES: list[Case] = [

@@ -15,37 +15,17 @@ from PIL import Image
 
 from edgetl.cli import main
 from edgetl.core.bundle import read_manifest, sha256_file
-from edgetl.device.bundle_edit import editing_head
-from edgetl.device.head_stats import add_stats
 from edgetl.device.runtime import open_bundle
-from tests.bundle_factory import COLOURS, build_bundle, colour_folder
+from tests.bundle_factory import COLOURS, add_colour_stats, build_bundle, colour_folder
 from tests.schemas import validate_document
 
 NEW = {"yellow": (220, 210, 30), "cyan": (30, 200, 210), "magenta": (210, 30, 200)}
 
 
-def with_stats(bundle: Path, tmp_path: Path, head: str = "colour") -> Path:
-    """Store the head's statistics as export does (edgetl.device.head_stats.add_stats), from colour images."""
-    from edgetl.core.preprocess import load_image, preprocess_batch
-
-    train = colour_folder(tmp_path / "stats-train", COLOURS, 12, seed=1)
-    val = colour_folder(tmp_path / "stats-val", COLOURS, 6, seed=2)
-    labels = list(COLOURS)
-    paths = [str(p) for c in labels for p in sorted((train / c).iterdir())]
-    y = np.array([labels.index(Path(p).parent.name) for p in paths])
-    vpaths = [p for c in labels for p in sorted((val / c).iterdir())]
-    yv = np.array([labels.index(p.parent.name) for p in vpaths])
-    pp = open_bundle(bundle).preprocessing
-    xv = preprocess_batch([load_image(p, pp) for p in vpaths], pp)
-    with editing_head(bundle, head) as (tmp, m):
-        add_stats(tmp, m, head, paths, y, xv, yv)
-    return bundle
-
-
 @pytest.fixture
 def bundle(tmp_path):
     b = build_bundle(tmp_path / "bundle", formats=("onnx", "openvino"), precisions=("fp32", "int8"))
-    return with_stats(b, tmp_path)
+    return add_colour_stats(b, tmp_path)
 
 
 def run(*args, ok=True):

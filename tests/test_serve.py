@@ -29,7 +29,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.core.atomic import replace_directory
-from tests.bundle_factory import build_bundle, trunk_weight, write_colour_images
+from tests.bundle_factory import add_colour_stats, build_bundle, trunk_weight, write_colour_images
 from tests.schemas import validate_document
 
 httpx = pytest.importorskip("httpx")
@@ -227,6 +227,22 @@ def test_predict_raw_and_multipart_give_predicts_records(server, files):
         multi = server.post("/v1/predict", files={"image": ("blue.png", f, "image/png")})
     assert multi.status_code == 200, multi.text
     assert [(r["image"], r["label"]) for r in multi.json()["records"]] == [("blue.png", "blue")]
+
+
+def test_a_head_with_statistics_answers_whether_the_image_is_unfamiliar(files):
+    """The unfamiliar flag (docs/on-device.md) in serve's records, as predict prints it."""
+    import io
+
+    from PIL import Image
+
+    bundle = add_colour_stats(build_bundle(files["root"] / "with-stats"), files["root"] / "stats-images")
+    grey = io.BytesIO()
+    Image.new("RGB", (40, 40), (128, 128, 128)).save(grey, format="PNG")
+    with Server(bundle) as s:
+        red = s.post("/v1/predict", content=files["red"].read_bytes()).json()["records"][0]
+        odd = s.post("/v1/predict", content=grey.getvalue()).json()["records"][0]
+    assert red["label"] == "red" and red["unfamiliar"] is False and red["unfamiliar_score"] <= 1
+    assert odd["unfamiliar"] is True and odd["unfamiliar_score"] > 1
 
 
 def test_head_and_top_k_from_query_or_form(server, files):
