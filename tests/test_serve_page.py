@@ -252,6 +252,37 @@ def test_page_shows_an_html_label_as_text(watched, server):
     watched.check_clean()
 
 
+# The answers of /v1/predict as a head with stored statistics gives them for an image unlike its
+# training images (the flag itself: tests/test_serve.py, tests/test_learn.py).
+UNFAMILIAR_FETCH = """
+const realFetch = window.fetch;
+window.fetch = async (...args) => {
+  const response = await realFetch(...args);
+  if (!String(args[0]).includes("/v1/predict") || !response.ok) return response;
+  const body = await response.json();
+  for (const r of body.records || []) { r.unfamiliar = r.head === "colour"; r.unfamiliar_score = 3.5; }
+  return new Response(JSON.stringify(body), {status: response.status, headers: response.headers});
+};
+"""
+
+
+def test_page_says_when_an_image_is_unfamiliar(browser, server):
+    origin, images = server
+    w = Watched(browser, origin, UNFAMILIAR_FETCH)
+    try:
+        page = w.page
+        page.fill("#token", TOKEN)
+        page.wait_for_function("() => document.querySelectorAll('#head option').length === 3")
+        page.select_option("#head", "all")
+        page.set_input_files("#file", images["red"])
+        w.wait_first_label("red")
+        assert page.text_content("#result-head") == "head: colour · unfamiliar: unlike the images this head learned"
+        assert page.text_content("#more-heads h3") == "head: brightness"  # a familiar image says nothing
+        w.check_clean()
+    finally:
+        w.close()
+
+
 # Wraps the page's fetch for /v1/predict: each answer arrives 150 ms late (slower than the 20 frames/s
 # asked for, so a page that queued frames would overlap requests), call 3 is answered by a made-up
 # 503 (Retry-After: 1) and call 8 by a made-up 422. Records the start times and the most in flight.

@@ -225,6 +225,11 @@
     }
   }
 
+  // A head with stored statistics says whether the image is unlike what it learned (docs/on-device.md).
+  function unfamiliarNote(record) {
+    return record.unfamiliar === true ? "unfamiliar: unlike the images this head learned" : "";
+  }
+
   function renderResult(data) {
     const records = data.records || [];
     clear(el.moreHeads);
@@ -234,10 +239,11 @@
       el.resultHead.textContent = "";
       return;
     }
-    el.resultHead.textContent = records.length > 1 ? "head: " + records[0].head : "";
+    const first = [records.length > 1 ? "head: " + records[0].head : "", unfamiliarNote(records[0])];
+    el.resultHead.textContent = first.filter(Boolean).join(" · ");
     fillList(el.result, records[0]);
     for (const rec of records.slice(1)) {
-      el.moreHeads.appendChild(make("h3", "head: " + rec.head));
+      el.moreHeads.appendChild(make("h3", ["head: " + rec.head, unfamiliarNote(rec)].filter(Boolean).join(" · ")));
       const list = make("ol", null, "result");
       fillList(list, rec);
       el.moreHeads.appendChild(list);
