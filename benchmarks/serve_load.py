@@ -42,8 +42,19 @@ ROOT = Path(__file__).resolve().parents[1]
 EDGETL = [sys.executable, "-m", "edgetl"]
 
 
+# --pin-client: the CPUs the server and bench run on (the client gets the rest); None: not pinned.
+SERVER_CPUS: set[int] | None = None
+
+
+def _pinned() -> None:
+    if SERVER_CPUS is not None:
+        os.sched_setaffinity(0, SERVER_CPUS)
+
+
 def run_json(args: list[str]) -> dict:
-    proc = subprocess.run([*EDGETL, *args, "--json", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [*EDGETL, *args, "--json", "--no-progress"], capture_output=True, text=True, cwd=ROOT, preexec_fn=_pinned
+    )
     if proc.returncode != 0:
         raise SystemExit(f"edgetl {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout)
@@ -88,7 +99,9 @@ class Server:
         argv = [*EDGETL, "serve", str(bundle), "--port", str(self.port), "--threads", str(threads),
                 "--queue-size", str(queue_size), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms),
                 "--max-connections", "256"]  # fmt: skip
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_pinned
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -200,8 +213,23 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=1)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--overload", type=int, default=64, help="Clients for the saturation run (queue 4).")
+    ap.add_argument(
+        "--pin-client",
+        type=int,
+        default=None,
+        metavar="CPU",
+        help="Run the client threads on this CPU only and the server and bench on the others (a client "
+        "on another machine, as near as one machine gets); default: everything shares every CPU.",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    global SERVER_CPUS
+    if args.pin_client is not None:
+        others = os.sched_getaffinity(0) - {args.pin_client}
+        if args.pin_client not in os.sched_getaffinity(0) or not others:
+            raise SystemExit(f"--pin-client {args.pin_client}: needs that CPU and at least one other")
+        SERVER_CPUS = others
+        os.sched_setaffinity(0, {args.pin_client})
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or make_bundle(args.work, args.img_size)
@@ -250,6 +278,9 @@ def main() -> None:
         "bundle": str(bundle),
         "img_size": args.img_size,
         "threads": args.threads,
+        "pinning": None
+        if SERVER_CPUS is None
+        else {"client_cpu": args.pin_client, "server_and_bench_cpus": sorted(SERVER_CPUS)},
         "max_batch": args.max_batch,
         "queue_size": args.queue_size,
         "bench": {"p50_ms_per_round": bench_p50s, "p50_ms": bench_p50, "preprocess_ms": statistics.median(bench_pre)},

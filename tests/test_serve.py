@@ -29,6 +29,7 @@ from click.testing import CliRunner
 
 from edgetl.cli import main
 from edgetl.core.atomic import replace_directory
+from edgetl.device.runtime import open_bundle
 from tests.bundle_factory import add_colour_stats, build_bundle, trunk_weight, write_colour_images
 from tests.schemas import validate_document
 
@@ -380,9 +381,26 @@ def test_overload_every_request_gets_200_or_503_at_once(files):
     assert s.proc.returncode == 0
 
 
+def _call_seconds(bundle: Path) -> float:
+    """The median time of one inference of ``bundle`` on one thread, here (machines differ by 2x+)."""
+    import statistics
+
+    predictor = open_bundle(bundle).load(threads=1)
+    x = np.zeros((1, 3, predictor.preprocessing.input_size, predictor.preprocessing.input_size), np.float32)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        predictor.logits(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def test_timeout_is_504_and_skips_the_cancelled_jobs(files):
-    # ~70 ms per inference, one at a time: of 8 at once, the last ones wait past 0.25 s.
-    with Server(slow_bundle(files["root"] / "slower", matmuls=2), "--threads", "1", "--timeout", "0.25") as s:
+    # One inference at a time, the timeout three inferences long: of 8 at once, the last ones wait
+    # past it, whatever this machine's speed (the slow trunk is ~70 ms here, ~30 ms on a fast AVX-512 CPU).
+    bundle = slow_bundle(files["root"] / "slower", matmuls=2)
+    timeout = max(0.1, 3 * _call_seconds(bundle))
+    with Server(bundle, "--threads", "1", "--timeout", f"{timeout:.3f}") as s:
         answers = _post_all(s, files["red"].read_bytes(), 8, 8)
         codes = [a.status_code for a in answers]
         assert set(codes) <= {200, 504} and 504 in codes, codes
