@@ -177,22 +177,40 @@ def reference_variant(manifest: dict[str, Any]) -> str:
 
 def load_stats(bundle, head: str) -> HeadStats:
     """The verified statistics of ``head``; a bundle without them gets one line saying to re-export."""
+    arrays, where = _read_arrays(bundle, head)
+    return stats_from_arrays(arrays, len(bundle.heads[head]), int(bundle.manifest["backbone"]["feature_dim"]), where)
+
+
+def load_familiarity(bundle, head: str) -> fam.Familiarity:
+    """Only the familiarity model of ``head`` (what every predictor loads: the exemplar and validation
+    features stay on disk), checked against the head's classes and the trunk's features."""
+    arrays, where = _read_arrays(bundle, head, prefix="fam_")
+    return _familiarity_of(arrays, len(bundle.heads[head]), int(bundle.manifest["backbone"]["feature_dim"]), where)
+
+
+def _read_arrays(bundle, head: str, prefix: str = "") -> tuple[dict[str, np.ndarray], str]:
+    """The arrays of ``head``'s statistics file whose names start with ``prefix``, and how to name the file."""
     rec = bundle.manifest["heads"].get(head, {}).get("stats")
     if rec is None:
         raise BundleError(
             f"bundle {bundle.path}: head {head!r} has no stored feature statistics (bundles exported before "
             "edgetl learn, or heads added without them); re-export the bundle with `edgetl export`"
         )
-    n_classes = len(bundle.heads[head])
-    dim = int(bundle.manifest["backbone"]["feature_dim"])
-    path = bundle.path / rec["file"]
     where = f"bundle {bundle.path}: {rec['file']}"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        with np.load(bundle.path / rec["file"], allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k.startswith(prefix)}, where
     except (OSError, ValueError) as exc:
         raise BundleError(f"{where} cannot be read ({exc}); copy or export the bundle again") from None
-    return stats_from_arrays(arrays, n_classes, dim, where)
+
+
+def _familiarity_of(arrays: dict[str, np.ndarray], n_classes: int, dim: int, where: str) -> fam.Familiarity:
+    model = fam.Familiarity.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("fam_")})
+    if model.means.shape != (n_classes, dim):
+        raise BundleError(
+            f"{where}: the familiarity model does not match the head's classes and features; re-export the bundle"
+        )
+    return model
 
 
 def stats_from_arrays(arrays: dict[str, np.ndarray], n_classes: int, dim: int, where: str) -> HeadStats:
@@ -225,9 +243,7 @@ def stats_from_arrays(arrays: dict[str, np.ndarray], n_classes: int, dim: int, w
             raise bad(f"{k} holds a class outside 0..{n_classes - 1}")
     if (arrays["counts"] < 0).any() or arrays["counts"].max(initial=0) > MAX_ROWS * 1000:
         raise bad("counts must be image counts")
-    model = fam.Familiarity.from_arrays({k[4:]: v for k, v in arrays.items() if k.startswith("fam_")})
-    if model.means.shape != (n_classes, dim):
-        raise bad("the familiarity model does not match the head's classes and features")
+    model = _familiarity_of(arrays, n_classes, dim, where)
     return HeadStats(
         means=arrays["means"].astype(np.float32),
         counts=arrays["counts"].astype(np.int64),
@@ -290,17 +306,21 @@ def add_stats(
         train, train_labels, np.concatenate(val) if val else None, val_labels, len(bundle.heads[head])
     )
     if len(val_x):
-        record["by_variant"] = _variant_thresholds(bundle, head, stats, val_x, record["acceptance"])
+        known = {var["trunk"]: record["threshold"]}  # the reference trunk's, from the features above
+        record["by_variant"] = _variant_thresholds(bundle, head, stats, val_x, record["acceptance"], known)
     write_stats(bundle_dir, manifest, head, stats, record, trunk_variant=ref)
     return manifest["heads"][head]["stats"]
 
 
-def _variant_thresholds(bundle, head: str, stats: HeadStats, val_x: np.ndarray, acceptance: float) -> dict[str, float]:
+def _variant_thresholds(
+    bundle, head: str, stats: HeadStats, val_x: np.ndarray, acceptance: float, known: dict[str, float]
+) -> dict[str, float]:
     """The threshold for each variant that holds ``head``, on the validation images through that
     variant's own trunk: an int8 trunk's features score a little higher (measured on digits: 88-91%
-    of images accepted at the fp32 threshold instead of 95%), so each variant gets its own."""
+    of images accepted at the fp32 threshold instead of 95%), so each variant gets its own. ``known``:
+    trunk file -> threshold already measured (each trunk runs over the images once)."""
     out: dict[str, float] = {}
-    by_trunk: dict[str, float] = {}
+    by_trunk = dict(known)
     for name, var in bundle.manifest["variants"].items():
         if head not in var["heads"]:
             continue

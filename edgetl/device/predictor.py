@@ -194,7 +194,7 @@ UNKNOWN = "unknown"  # the label of an unfamiliar image with reject_unfamiliar
 
 def _familiarity(bundle: Bundle, heads: Iterable[str], variant: str) -> dict[str, tuple[Any, float]]:
     """The familiarity model and threshold of each head that has them (read from its statistics file)."""
-    from edgetl.device.head_stats import load_stats
+    from edgetl.device.head_stats import load_familiarity
 
     out = {}
     for h in heads:
@@ -202,7 +202,7 @@ def _familiarity(bundle: Bundle, heads: Iterable[str], variant: str) -> dict[str
         if rec is not None:
             # The variant's own threshold when export measured one (an int8 trunk scores higher).
             threshold = (rec.get("by_variant") or {}).get(variant, rec["threshold"])
-            out[h] = (load_stats(bundle, h).familiarity, float(threshold))
+            out[h] = (load_familiarity(bundle, h), float(threshold))
     return out
 
 
