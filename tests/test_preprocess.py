@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edgetl.core.preprocess import Preprocessing, preprocess, to_rgb
+from edgetl.core.preprocess import Preprocessing, preprocess, preprocess_batch, to_rgb
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.data import write_digits
 from edgetl.workstation.prepare import eval_transform
@@ -66,3 +66,23 @@ def test_torch_and_numpy_normalise_identically():
     img = _photo(8, 8, 3)
     t = eval_transform(pp)(img)
     assert torch.equal(t, torch.from_numpy(preprocess(img, pp)))
+
+
+@pytest.mark.parametrize(
+    "mean, std",
+    [
+        ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ((0.0, 0.1, 0.9), (1.0, 0.3, 2.5)),
+    ],
+)
+def test_every_byte_of_every_channel_normalises_as_torchvision_does(mean, std):
+    # The numpy side normalises through a 256-entry table per channel: every entry must equal
+    # torchvision's ToTensor + Normalize to the bit. A 16x16 image holds all 256 values in each
+    # channel (a different order per channel, so a channel mix-up shows).
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    img = Image.fromarray(np.stack([values, values.T, values[::-1]], axis=-1))
+    pp = Preprocessing(input_size=16, resize_size=16, mean=mean, std=std)
+    ours = preprocess(img, pp)
+    assert torch.equal(eval_transform(pp)(img), torch.from_numpy(ours))
+    assert torch.equal(torch.from_numpy(preprocess_batch([img, img], pp)), torch.stack([torch.from_numpy(ours)] * 2))

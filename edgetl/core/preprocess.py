@@ -9,6 +9,7 @@ agree on real images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any
@@ -224,20 +225,48 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def preprocess(img: Image.Image, pp: Preprocessing) -> np.ndarray:
     """One RGB PIL image -> float32 array of shape (3, input_size, input_size), normalised."""
-    img = center_crop(resize_shorter(to_rgb(img), pp.resize_size, pp.interpolation), pp.input_size)
-    # Channels first, then each plane in place: the same float32 operations as torchvision's
-    # ToTensor + Normalize ((x / 255 - mean) / std, equal to the bit), without broadcasting over a
-    # trailing axis of 3, which costs numpy 5x more (1 ms of 1.3 at 224 px).
-    arr = np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1))
-    arr /= np.float32(255.0)
-    mean = np.asarray(pp.mean, dtype=np.float32)
-    std = np.asarray(pp.std, dtype=np.float32)
-    for c in range(arr.shape[0]):
-        arr[c] -= mean[c]
-        arr[c] /= std[c]
-    return arr
+    out = np.empty((3, pp.input_size, pp.input_size), dtype=np.float32)
+    _normalise_into(_cropped(img, pp), pp, out)
+    return out
 
 
 def preprocess_batch(images, pp: Preprocessing) -> np.ndarray:
-    """A list of PIL images -> (N, 3, H, W) float32."""
-    return np.stack([preprocess(img, pp) for img in images]).astype(np.float32, copy=False)
+    """A list of PIL images -> (N, 3, H, W) float32 (each image written in place: no stacking copy)."""
+    images = list(images)
+    out = np.empty((len(images), 3, pp.input_size, pp.input_size), dtype=np.float32)
+    for i, img in enumerate(images):
+        _normalise_into(_cropped(img, pp), pp, out[i])
+    return out
+
+
+def _cropped(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """Resize and centre crop: (input_size, input_size, 3) uint8."""
+    return np.asarray(center_crop(resize_shorter(to_rgb(img), pp.resize_size, pp.interpolation), pp.input_size))
+
+
+def _normalise_into(pixels: np.ndarray, pp: Preprocessing, out: np.ndarray) -> None:
+    """(H, W, 3) uint8 -> ``out`` (3, H, W) float32, normalised: one table lookup per value.
+
+    Each output value depends only on its byte and channel, so a 256-entry table per channel,
+    computed with torchvision's float32 operations (ToTensor + Normalize: ``(x / 255 - mean) /
+    std``), gives the same values to the bit as computing every pixel (tests/test_preprocess.py
+    checks all 768 entries against torchvision), in about a third of the time.
+    """
+    table = _normalisation_table(tuple(pp.mean), tuple(pp.std))
+    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    for c in range(3):
+        # mode="clip": a uint8 index is always inside the table, so numpy's bounds check is skipped.
+        np.take(table[c], planes[c], out=out[c], mode="clip")
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: every byte value of every channel, normalised (read-only)."""
+    table = np.repeat(np.arange(256, dtype=np.float32)[None, :], 3, axis=0)
+    table /= np.float32(255.0)
+    m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    for c in range(3):
+        table[c] -= m[c]
+        table[c] /= s[c]
+    table.flags.writeable = False
+    return table
