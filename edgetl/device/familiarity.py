@@ -26,6 +26,7 @@ into a threshold (familiar iff ``score <= threshold``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -57,6 +58,16 @@ class Familiarity:
         inside = (1 - a) * self.eigvals.astype(np.float64) + a * self.scale
         return inside, (1 - a) * self.residual + a * self.scale
 
+    @functools.cached_property
+    def _terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """What :meth:`score` needs besides the features, computed once per model (a server scores
+        one image at a time): means and basis in float64, the means' squared norms and projections,
+        the per-direction weights and the variance outside the basis."""
+        M = self.means.astype(np.float64)
+        V = self.basis.astype(np.float64)
+        inside, outside = self._variances()
+        return M, V, np.einsum("ij,ij->i", M, M), M @ V, 1.0 / inside - 1.0 / outside, outside
+
     def score(self, X) -> np.ndarray:
         """(n,) float64: min over classes of the squared Mahalanobis distance under Sigma, divided by D."""
         X = np.asarray(X)
@@ -64,12 +75,7 @@ class Familiarity:
         if X.ndim != 2 or X.shape[1] != d:
             raise DataError(f"features must have shape (n, {d}) for this familiarity model, got {X.shape}")
         X = X.astype(np.float64)
-        M = self.means.astype(np.float64)
-        V = self.basis.astype(np.float64)
-        inside, outside = self._variances()
-        weights = 1.0 / inside - 1.0 / outside
-        m_sq = np.einsum("ij,ij->i", M, M)
-        m_proj = M @ V  # (C, k)
+        M, V, m_sq, m_proj, weights, outside = self._terms
         block = max(1, _BLOCK_ELEMENTS // max(1, M.shape[0] * V.shape[1]))
         out = np.empty(X.shape[0])
         for start in range(0, X.shape[0], block):
