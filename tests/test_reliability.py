@@ -72,10 +72,13 @@ def test_kill_9_during_export_leaves_no_half_bundle(run_dir, tmp_path, existing)
     if existing:
         assert _export(run_dir, out).exit_code == 0
         before = (out / "manifest.json").read_bytes()
+    scratch = tmp_path / "scratch"  # its temporary files: kill -9 leaves them, here and not in /tmp
+    scratch.mkdir()
     proc = subprocess.Popen(
         [sys.executable, ENTRY, "export", str(run_dir), "--out", str(out), "--force", "--no-progress"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     deadline = time.monotonic() + 120
     # Kill once the new bundle is being written (its temporary folder has model files in it).
