@@ -358,3 +358,38 @@ def test_a_head_learned_on_the_device_then_one_from_the_workstation(bundle, head
     records = json.loads(out.stdout)["results"]
     assert {r["head"] for r in records} >= {"device-tint", "tint"}
     assert all(r["label"] == "cyan" for r in records if r["head"] == "device-tint")
+
+
+def test_the_head_is_fitted_on_the_int8_trunks_features_too(bundle, data2, tmp_path):
+    """A head for a bundle with int8 variants is searched and fitted on the training images'
+    features through the fp32 trunk and through every int8 trunk (an image's views in one fold):
+    the saved head is that fit, not the fp32-only one, and the run records the views."""
+    from edgetl.core.formats import FORMATS
+    from edgetl.core.preprocess import load_image
+    from edgetl.workstation.head_search import search_head
+
+    finetune_head(data2, tmp_path / "r", trunk_from=bundle, config=TrainConfig(), progress=False)
+    run = load_run(tmp_path / "r")
+    int8 = [n for n, v in read_manifest(bundle)["variants"].items() if v["precision"] == "int8"]
+    views = run.config["trunk_views"]
+    assert views["trained_on"][0] == "onnx-fp32" and "onnx-int8" in views["trained_on"]
+    assert sorted(views["trained_on"][1:] + list(views["left_out"])) == sorted(int8)
+
+    b = open_bundle(bundle)
+    images = [load_image(s.path) for s in run.train_samples]
+
+    def features(name: str) -> np.ndarray:
+        v = b.manifest["variants"][name]
+        p = b.load(runtime=FORMATS[v["format"]].runtime, precision=v["precision"])
+        return p.features(p.preprocess(images)).astype(np.float32)
+
+    y = np.array([s.label for s in run.train_samples])
+    stacked = np.concatenate([features(n) for n in views["trained_on"]])
+    copies = len(views["trained_on"])
+    groups = np.tile(np.arange(len(y)), copies)
+    fit = search_head(stacked, np.tile(y, copies), len(TASK2), groups=groups, seed=0)
+    fp32_only = search_head(stacked[: len(y)], y, len(TASK2), seed=0)
+    saved = torch.load(tmp_path / "r" / "model.pt", weights_only=True)["head"]
+    weight = next(v for k, v in saved.items() if k.endswith("weight")).numpy()
+    np.testing.assert_allclose(weight, fit.weight, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(weight, fp32_only.weight, rtol=1e-4, atol=1e-5)

@@ -2,11 +2,13 @@
 
 ``finetune DATA2 --trunk-from BUNDLE`` (:func:`finetune_head`) computes features with the
 bundle's own fp32 ONNX trunk through ONNX Runtime and its manifest's preprocessing, exactly what
-the device runs, and trains only a head on them. The run directory records which trunk (sha256)
-the head belongs to. ``export RUN2 --add-to BUNDLE --head NAME`` (:mod:`edgetl.workstation.add_head`) then writes
-the head in every format the bundle has into a copy of the bundle, checks every variant with the
-new head through the device runtime, and replaces the bundle; the trunk files are copied byte for
-byte, so their sha256 do not change and a device that already has them needs only the new head.
+the device runs, and trains only a head on them: on the training images' features through each of
+the bundle's int8 trunks as well (:func:`int8_views`), so that the one head holds on every variant.
+The run directory records which trunk (sha256) the head belongs to. ``export RUN2 --add-to BUNDLE
+--head NAME`` (:mod:`edgetl.workstation.add_head`) then writes the head in every format the bundle
+has into a copy of the bundle, checks every variant with the new head through the device runtime,
+and replaces the bundle; the trunk files are copied byte for byte, so their sha256 do not change
+and a device that already has them needs only the new head.
 """
 
 from __future__ import annotations
@@ -83,6 +85,36 @@ def _features(predictor, samples, progress, description: str) -> np.ndarray:
         out.append(predictor.features(predictor.preprocess([load_image(s.path) for s in chunk])))
         progress.advance(task, len(chunk))
     return np.concatenate(out).astype(np.float32)
+
+
+def int8_views(bundle, samples, progress) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The training images' features through each int8 trunk of the bundle whose runtime is installed
+    here: ({variant: (N, D) features}, {variant left out: why}).
+
+    An int8 trunk's features are the fp32 trunk's plus quantization noise (14-15 dB SQNR for
+    MobileNetV2 at 224 px); a head fitted on fp32 features alone meets that noise first on the
+    device: a parity head on the digits lost 3.9 pp on ONNX Runtime int8 and 2.5 pp on OpenVINO
+    int8. Trained on these views as well (each image once per trunk, kept in one cross-validation
+    fold), the same head lost 0.56 and 0.83 pp (benchmarks/int8_speed_accuracy.py, docs/export.md).
+    """
+    from edgetl.core.errors import BackendError
+    from edgetl.core.formats import FORMATS
+
+    views: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+    for name, variant in bundle.manifest["variants"].items():
+        if variant.get("precision") != "int8":
+            continue
+        try:
+            predictor = bundle.load(
+                runtime=FORMATS[variant["format"]].runtime, precision="int8", heads=[next(iter(bundle.heads))]
+            )
+        except BackendError as exc:  # its runtime is not installed here: the head is still checked on it at --add-to
+            skipped[name] = str(exc)
+            log.info("head features: %s left out (%s)", name, exc)
+            continue
+        views[name] = _features(predictor, samples, progress, f"trunk features (train, {name})")
+    return views, skipped
 
 
 def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str | None = None):
@@ -172,9 +204,16 @@ def finetune_head(
     with progress_bar(progress) as bar:
         ftr = torch.from_numpy(_features(predictor, train, bar, "trunk features (train)"))
         fval = torch.from_numpy(_features(predictor, val, bar, "trunk features (val)"))
+        # Each training image also through the bundle's int8 trunks: one head for every variant.
+        views, views_skipped = int8_views(bundle, train, bar)
         feature_seconds = time.perf_counter() - t_start
         ytr = torch.tensor([s.label for s in train], dtype=torch.long)
         yval = torch.tensor([s.label for s in val], dtype=torch.long)
+        copies = 1 + len(views)
+        if views:
+            ftr = torch.cat([ftr, *(torch.from_numpy(v) for v in views.values())])
+            ytr = ytr.repeat(copies)
+        groups = np.tile(np.arange(len(train)), copies) if views else None  # an image's views: one fold
         torch.manual_seed(cfg.seed)
         head = Head(ref["feature_dim"], len(labels), dropout=cfg.dropout)
         weight = class_weights(train_counts) if cfg.balance else None  # --balance, as in `finetune`
@@ -183,7 +222,9 @@ def finetune_head(
         search = None
         if cfg.head_search:
             # As `finetune` does: the head's settings cross-validated on the training split only.
-            search = search_head(ftr.numpy(), ytr.numpy(), len(labels), folds=cfg.folds, seed=cfg.seed, progress=bar)
+            search = search_head(
+                ftr.numpy(), ytr.numpy(), len(labels), groups=groups, folds=cfg.folds, seed=cfg.seed, progress=bar
+            )
             if search.fallback:
                 log.warning("head search: %s", search.fallback)
             load_into(head, search)
@@ -206,6 +247,7 @@ def finetune_head(
     weights = bundle.manifest["backbone"].get("weights") or {}
     config = run_config(cfg, prepared, pp, "cpu (trunk: onnxruntime)")
     config.update({"weights": weights, "pretrained": weights.get("kind") not in (None, "none"), "trunk_from": ref})
+    config["trunk_views"] = {"trained_on": [TRUNK_VARIANT, *views], "left_out": views_skipped}
     if search is not None:
         config["head_search"] = search.to_dict()
     with atomic_directory(out, force=force, kind="run", inputs=inputs) as tmp:
