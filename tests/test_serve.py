@@ -274,6 +274,95 @@ def test_concurrent_requests_share_batches(server, files):
     assert max(a.json()["batch"] for a in answers) <= 4
 
 
+# The worker decodes when idle ---------------------------------------------------------------------
+
+
+def _engine(bundle: Path, **settings):
+    from edgetl.device.bundle_loading import LoadOptions
+    from edgetl.device.serve.engine import Engine, EngineSettings
+
+    return Engine(
+        EngineSettings(bundle=bundle, load_options=LoadOptions(threads=1), watch_interval=0, **settings)
+    ).start()
+
+
+def _undecoded(data: bytes, name: str, heads=("colour",)):
+    import functools
+
+    from edgetl.device.serve.app import _prepare
+    from edgetl.device.serve.engine import Job
+
+    return Job(x=None, prepare=functools.partial(_prepare, data, name), heads=heads, top_k=2, name=name)
+
+
+def test_an_undecoded_job_is_decoded_by_the_worker_and_a_bad_one_fails_alone(files):
+    """When the worker is idle the app hands it the image's bytes (one thread hop fewer): the
+    records are those of an image decoded first, and a bad image in the same batch fails on its own."""
+    from edgetl.core.errors import DataError
+    from edgetl.device.serve.app import _prepare
+    from edgetl.device.serve.engine import Job
+
+    engine = _engine(files["bundle"], max_batch=3, max_wait_ms=500)
+    try:
+        slot = engine.slot
+        assert slot.idle()
+        red = files["red"].read_bytes()
+        x, decode_ms, preprocess_ms = _prepare(red, "red.png", slot.predictor)
+        decoded = Job(x=x, heads=("colour",), top_k=2, name="red.png", decode_ms=decode_ms, preprocess_ms=preprocess_ms)
+        # One batch (the worker waits up to 500 ms for three): decoded, undecoded, and a bad image.
+        jobs = [decoded, _undecoded(red, "red.png"), _undecoded(b"not an image", "junk.png")]
+        futures = [engine.submit(job, slot) for job in jobs]
+        first, second = (f.result(30) for f in futures[:2])
+        with pytest.raises(DataError, match="junk.png"):
+            futures[2].result(30)
+        assert first["records"] == second["records"] and first["records"][0]["label"] == "red"
+        assert first["batch"] == second["batch"] == 2  # the bad image left the batch
+        assert second["decode_ms"] > 0 and second["preprocess_ms"] > 0
+        assert first["decode_ms"] == decode_ms and first["preprocess_ms"] == preprocess_ms
+        assert jobs[1].prepare is None and jobs[2].prepare is None  # the bytes are let go
+    finally:
+        engine.stop()
+
+
+def test_the_worker_is_not_idle_while_a_batch_runs_or_a_job_waits(files):
+    bundle = slow_bundle(files["root"] / "slow-idle", matmuls=4)
+    engine = _engine(bundle, max_batch=1, queue_size=4)
+    try:
+        slot = engine.slot
+        assert slot.idle()
+        running = engine.submit(_undecoded(files["red"].read_bytes(), "red.png"), slot)
+        deadline = time.monotonic() + 30
+        while not running.running() and not running.done() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert not slot.idle()  # its batch runs (~140 ms)
+        waiting = engine.submit(_undecoded(files["blue"].read_bytes(), "blue.png"), slot)
+        assert not slot.idle()
+        assert [f.result(30)["records"][0]["label"] for f in (running, waiting)] == ["red", "blue"]
+        deadline = time.monotonic() + 5
+        while not slot.idle() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slot.idle()
+    finally:
+        engine.stop()
+
+
+def test_a_bad_image_while_the_worker_is_busy_is_422_too(files):
+    """With the worker busy the app decodes in its thread pool: a bad image is still a 422, and the
+    requests around it are answered."""
+    bundle = slow_bundle(files["root"] / "slow-busy", matmuls=4)
+    with Server(bundle, "--threads", "1") as s:
+        red = files["red"].read_bytes()
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            slow = [pool.submit(s.post, "/v1/predict", content=red) for _ in range(3)]
+            time.sleep(0.05)
+            bad = [s.post("/v1/predict", content=b"certainly not an image") for _ in range(3)]
+            goods = [f.result() for f in slow]
+    assert [a.status_code for a in goods] == [200] * 3
+    assert [a.status_code for a in bad] == [422] * 3
+    assert all("cannot read image" in a.json()["error"] for a in bad)
+    assert s.proc.returncode == 0
+
+
 # Bad requests ------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,10 @@ queue (micro-batching), and the hot swap of a new bundle. No web framework here 
 One :class:`ModelSlot` per loaded bundle: a :class:`~edgetl.device.predictor.Predictor` with every
 head, a ``queue.Queue(maxsize=queue_size)`` and one worker thread that takes one job, then up to
 ``max_batch - 1`` more waiting at most ``max_wait_ms``, and runs one ``predictor.logits`` call for
-the batch. A full queue is refused at once (:class:`QueueFull`: the app answers 503). A request
-that gave up (its future cancelled) is skipped if its batch has not started.
+the batch. A job may come undecoded (its ``prepare`` set, when the app found the worker idle): the
+worker decodes and preprocesses it first, and a bad image fails that job alone. A full queue is
+refused at once (:class:`QueueFull`: the app answers 503). A request that gave up (its future
+cancelled) is skipped if its batch has not started.
 
 :class:`Engine` holds the current slot. A :class:`Watcher` thread polls the bundle folder (its
 inode, and manifest.json's mtime and size: ``edgetl deploy`` renames a new folder over the old);
@@ -70,14 +72,23 @@ def job_records(
     return [{**r, **tag} for r in predictor.records([job.name], mine, job.top_k, features=feats)]
 
 
+# Decode and preprocess one request's image for a predictor: ((1, 3, S, S), decode ms, preprocess ms).
+Prepare = Callable[[Predictor], tuple[np.ndarray, float, float]]
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request's image, preprocessed: (1, 3, S, S) float32, the heads asked for and top_k."""
+    """One request's image: preprocessed (``x``: (1, 3, S, S) float32), or still to be prepared by
+    the worker (``x`` None and ``prepare`` set: see :meth:`ModelSlot.idle`); the heads asked for
+    and top_k."""
 
-    x: np.ndarray
+    x: np.ndarray | None
     heads: tuple[str, ...]
     top_k: int
     name: str = "upload"
+    prepare: Prepare | None = None
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     enqueued: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -117,6 +128,7 @@ class ModelSlot:
         self.stats = stats or Stats()
         self._lock = threading.Lock()
         self._closed = False
+        self._busy = False  # the worker is running a batch
         self._thread = threading.Thread(target=self._run, name=f"edgetl-serve-worker-{version}", daemon=True)
 
     @property
@@ -129,6 +141,12 @@ class ModelSlot:
 
     def depth(self) -> int:
         return self.queue.qsize()
+
+    def idle(self) -> bool:
+        """Nothing queued and no batch running: a job submitted now starts at once, so the worker
+        may as well decode it itself (one thread hand-off fewer than decoding in the app's thread
+        pool first). When the worker is busy the app decodes in its pool, beside the inference."""
+        return not self._busy and self.queue.empty()
 
     def submit(self, job: Job) -> bool:
         """Queue ``job``; False if this slot is closed (swapped out: submit to the new one), and
@@ -162,6 +180,7 @@ class ModelSlot:
             first = self.queue.get()
             if first is _STOP:
                 break
+            self._busy = True
             batch = [first]
             deadline = time.perf_counter() + self.max_wait_s
             while len(batch) < self.max_batch:
@@ -174,13 +193,33 @@ class ModelSlot:
                     stop = True
                     break
                 batch.append(job)
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            finally:
+                self._busy = False
 
     def _fits(self, job: Job, size: int) -> bool:
         return job.x.shape[1:] == (3, size, size) and all(h in self.predictor.labels for h in job.heads)
 
+    def _prepared(self, job: Job) -> bool:
+        """Decode and preprocess a job that came undecoded; on a bad image its future gets the
+        error (the app answers 422) and the rest of the batch goes on."""
+        if job.x is not None:
+            return True
+        try:
+            assert job.prepare is not None
+            job.x, job.decode_ms, job.preprocess_ms = job.prepare(self.predictor)
+        except Exception as exc:  # DataError for a bad image; anything else fails this job only
+            job.future.set_exception(exc)
+            return False
+        finally:
+            job.prepare = None  # the request's bytes are not needed any more
+        return True
+
     def _run_batch(self, batch: list[Job]) -> None:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # skips cancelled jobs
+        picked = time.perf_counter()
+        live = [job for job in live if self._prepared(job)]
         size = self.predictor.preprocessing.input_size
         for job in [j for j in live if not self._fits(j, size)]:
             # Prepared for the model before a swap, and this one differs (heads, input size).
@@ -198,7 +237,9 @@ class ModelSlot:
                 job.future.set_result(
                     {
                         "records": job_records(self.predictor, job, logits, row, feats),
-                        "queue_ms": (started - job.enqueued) * 1000.0,
+                        "queue_ms": (picked - job.enqueued) * 1000.0,
+                        "decode_ms": job.decode_ms,
+                        "preprocess_ms": job.preprocess_ms,
                         "inference_ms": seconds * 1000.0,
                         "batch": len(live),
                         "model": {"version": self.version, "variant": self.variant},
@@ -415,6 +456,7 @@ __all__ = [
     "Job",
     "ModelSlot",
     "NotReady",
+    "Prepare",
     "QueueFull",
     "Stats",
     "bundle_version",
