@@ -233,18 +233,23 @@ class ModelSlot:
             x = live[0].x if len(live) == 1 else np.concatenate([job.x for job in live])
             logits, feats = self.predictor.outputs(x, heads=heads)
             seconds = time.perf_counter() - started
-            for row, job in enumerate(live):
-                job.future.set_result(
-                    {
-                        "records": job_records(self.predictor, job, logits, row, feats),
-                        "queue_ms": (picked - job.enqueued) * 1000.0,
-                        "decode_ms": job.decode_ms,
-                        "preprocess_ms": job.preprocess_ms,
-                        "inference_ms": seconds * 1000.0,
-                        "batch": len(live),
-                        "model": {"version": self.version, "variant": self.variant},
-                    }
-                )
+            results = [
+                {
+                    "records": job_records(self.predictor, job, logits, row, feats),
+                    "queue_ms": (picked - job.enqueued) * 1000.0,
+                    "decode_ms": job.decode_ms,
+                    "preprocess_ms": job.preprocess_ms,
+                    "inference_ms": seconds * 1000.0,
+                    "batch": len(live),
+                    "model": {"version": self.version, "variant": self.variant},
+                }
+                for row, job in enumerate(live)
+            ]
+            # Idle from here: a request answered now may send the next one before this thread has
+            # returned to the queue, and that one is then the worker's to decode.
+            self._busy = False
+            for job, result in zip(live, results, strict=True):
+                job.future.set_result(result)
         except BaseException as exc:  # the runtime's errors: every job of the batch fails, the worker goes on
             log.error("inference failed for a batch of %d: %s", len(live), one_line(exc))
             for job in live:
