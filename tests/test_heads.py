@@ -393,3 +393,21 @@ def test_the_head_is_fitted_on_the_int8_trunks_features_too(bundle, data2, tmp_p
     weight = next(v for k, v in saved.items() if k.endswith("weight")).numpy()
     np.testing.assert_allclose(weight, fit.weight, rtol=1e-4, atol=1e-5)
     assert not np.allclose(weight, fp32_only.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_an_int8_trunk_whose_runtime_is_missing_is_left_out_and_said_why(bundle, data2, tmp_path, monkeypatch):
+    from edgetl.core.errors import BackendError
+    from edgetl.device.bundle_loading import Bundle
+
+    real = Bundle.load
+
+    def without_openvino(self, options=None, /, **given):
+        if given.get("runtime") == "openvino":
+            raise BackendError("runtime 'openvino' is not installed: pip install openvino")
+        return real(self, options, **given)
+
+    monkeypatch.setattr(Bundle, "load", without_openvino)
+    finetune_head(data2, tmp_path / "r", trunk_from=bundle, config=TrainConfig(), progress=False)
+    views = load_run(tmp_path / "r").config["trunk_views"]
+    assert "openvino-int8" not in views["trained_on"] and "onnx-int8" in views["trained_on"]
+    assert "not installed" in views["left_out"]["openvino-int8"]
