@@ -131,8 +131,10 @@ def second_head(bundle: Path, digits: Path | None, work: Path) -> dict[str, floa
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    # --max-drop 100: measure every variant's drop instead of leaving the head out of those over the bar.
-    add = [*edgetl, "export", str(run), "--add-to", str(bundle), "--head", "parity", "--max-drop", "100", "--json"]
+    # --max-drop 100: measure every variant's drop instead of leaving the head out of those over the bar;
+    # --force: a kept bundle (--keep) may have the head from an earlier run.
+    add = [*edgetl, "export", str(run), "--add-to", str(bundle), "--head", "parity"]
+    add += ["--max-drop", "100", "--force", "--json"]
     doc = json.loads(subprocess.run([*add, "--no-progress"], check=True, capture_output=True, text=True).stdout)
     drops: dict[str, float | None] = {
         r["name"]: r["top1_drop_pp"] for r in doc["results"] if r["name"].endswith("-int8")
