@@ -3,7 +3,7 @@
 ``finetune DATA2 --trunk-from BUNDLE`` (:func:`finetune_head`) computes features with the
 bundle's own fp32 ONNX trunk through ONNX Runtime and its manifest's preprocessing, exactly what
 the device runs, and trains only a head on them: on the training images' features through each of
-the bundle's int8 trunks as well (:func:`int8_views`), so that the one head holds on every variant.
+the bundle's int8 trunks as well (:func:`int8_trunks`), so that the one head holds on every variant.
 The run directory records which trunk (sha256) the head belongs to. ``export RUN2 --add-to BUNDLE
 --head NAME`` (:mod:`edgetl.workstation.add_head`) then writes the head in every format the bundle
 has into a copy of the bundle, checks every variant with the new head through the device runtime,
@@ -74,47 +74,49 @@ def trunk_reference(bundle) -> dict[str, Any]:
     }
 
 
-def _features(predictor, samples, progress, description: str) -> np.ndarray:
+def _features(predictors: dict[str, Any], samples, progress, description: str) -> dict[str, np.ndarray]:
+    """Each image decoded and preprocessed once, then through every predictor's trunk: {name: (N, D)}."""
     from edgetl.core.preprocess import load_image
     from edgetl.workstation.export import BATCH
 
     task = progress.add_task(description, total=len(samples), status="")
-    out = []
+    out: dict[str, list[np.ndarray]] = {name: [] for name in predictors}
     for i in range(0, len(samples), BATCH):
         chunk = samples[i : i + BATCH]
-        out.append(predictor.features(predictor.preprocess([load_image(s.path) for s in chunk])))
+        x = next(iter(predictors.values())).preprocess([load_image(s.path) for s in chunk])
+        for name, predictor in predictors.items():
+            out[name].append(predictor.features(x))
         progress.advance(task, len(chunk))
-    return np.concatenate(out).astype(np.float32)
+    return {name: np.concatenate(parts).astype(np.float32) for name, parts in out.items()}
 
 
-def int8_views(bundle, samples, progress) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The training images' features through each int8 trunk of the bundle whose runtime is installed
-    here: ({variant: (N, D) features}, {variant left out: why}).
+def int8_trunks(bundle) -> tuple[dict[str, Any], dict[str, str]]:
+    """A predictor for each int8 variant of the bundle whose runtime is installed here:
+    ({variant: predictor}, {variant left out: why}).
 
     An int8 trunk's features are the fp32 trunk's plus quantization noise (14-15 dB SQNR for
     MobileNetV2 at 224 px); a head fitted on fp32 features alone meets that noise first on the
-    device: a parity head on the digits lost 3.9 pp on ONNX Runtime int8 and 2.5 pp on OpenVINO
-    int8. Trained on these views as well (each image once per trunk, kept in one cross-validation
-    fold), the same head lost 0.56 and 0.83 pp (benchmarks/int8_speed_accuracy.py, docs/export.md).
+    device: a parity head on the digits lost 4.18 pp on ONNX Runtime int8 and 2.51 pp on OpenVINO
+    int8. Fitted on the training images' features through these trunks as well (each image once per
+    trunk, kept in one cross-validation fold), the same head lost 0.28 and 0.56 pp
+    (benchmarks/int8_speed_accuracy.py, docs/export.md).
     """
     from edgetl.core.errors import BackendError
     from edgetl.core.formats import FORMATS
 
-    views: dict[str, np.ndarray] = {}
+    predictors: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     for name, variant in bundle.manifest["variants"].items():
         if variant.get("precision") != "int8":
             continue
         try:
-            predictor = bundle.load(
+            predictors[name] = bundle.load(
                 runtime=FORMATS[variant["format"]].runtime, precision="int8", heads=[next(iter(bundle.heads))]
             )
         except BackendError as exc:  # its runtime is not installed here: the head is still checked on it at --add-to
             skipped[name] = str(exc)
             log.info("head features: %s left out (%s)", name, exc)
-            continue
-        views[name] = _features(predictor, samples, progress, f"trunk features (train, {name})")
-    return views, skipped
+    return predictors, skipped
 
 
 def head_config(given: dict[str, Any], *, recipe: str | None = None, resume: str | None = None):
@@ -202,10 +204,11 @@ def finetune_head(
     predictor = bundle.load(runtime="onnxruntime", precision="fp32", heads=[next(iter(bundle.heads))])
     t_start = time.perf_counter()
     with progress_bar(progress) as bar:
-        ftr = torch.from_numpy(_features(predictor, train, bar, "trunk features (train)"))
-        fval = torch.from_numpy(_features(predictor, val, bar, "trunk features (val)"))
         # Each training image also through the bundle's int8 trunks: one head for every variant.
-        views, views_skipped = int8_views(bundle, train, bar)
+        int8, views_skipped = int8_trunks(bundle)
+        views = _features({TRUNK_VARIANT: predictor, **int8}, train, bar, "trunk features (train)")
+        ftr = torch.from_numpy(views.pop(TRUNK_VARIANT))
+        fval = torch.from_numpy(_features({TRUNK_VARIANT: predictor}, val, bar, "trunk features (val)")[TRUNK_VARIANT])
         feature_seconds = time.perf_counter() - t_start
         ytr = torch.tensor([s.label for s in train], dtype=torch.long)
         yval = torch.tensor([s.label for s in val], dtype=torch.long)
