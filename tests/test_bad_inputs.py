@@ -161,4 +161,70 @@ def test_symlink_loop_does_not_hang(image_folder):
     os.symlink(image_folder, image_folder / "red" / "loop")
     os.symlink(image_folder / "red" / "nowhere.png", image_folder / "red" / "dangling.png")
     folder = scan_image_folder(image_folder)
-    assert folder.counts() == [16, 16, 16]
+    assert folder.counts() == [16, 16, 17]  # the link to nothing is listed, to be reported ...
+    kept = drop_unreadable(folder)
+    assert kept.counts() == [16, 16, 16]  # ... as unreadable, not dropped unseen
+    assert [os.path.basename(p) for p, _ in kept.skipped] == ["dangling.png"]
+
+
+def test_hidden_files_and_folders_are_not_images(image_folder):
+    (image_folder / "red" / "._img.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble metadata")
+    (image_folder / "red" / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(image_folder / "red" / ".thumbs" / "t.png")
+    (image_folder / ".trash").mkdir()
+    Image.new("RGB", (8, 8)).save(image_folder / ".trash" / "x.png")
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(image_folder / "red" / "scan.tiff")
+    folder = scan_image_folder(image_folder)
+    assert folder.classes == ("blue", "green", "red") and folder.counts() == [16, 16, 17]
+    assert drop_unreadable(folder).skipped == ()
+
+
+def test_classes_that_are_one_folder_or_look_alike_are_warned(tmp_path, caplog):
+    root = tmp_path / "d"
+    for name in ("blue", "Cat", "cat", "caf\u00e9", "cafe\u0301"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "a.png")
+    os.symlink(root / "blue", root / "blue2")
+    with caplog.at_level("WARNING", logger="edgetl"):
+        folder = scan_image_folder(root)
+    assert len(folder.classes) == 6  # still separate classes: a warning, not a guess
+    text = caplog.text
+    assert "'blue', 'blue2' are the same folder" in text
+    assert "'Cat', 'cat' differ only by case or Unicode form" in text
+    assert "'cafe\\u0301', 'caf\\xe9' differ only by case or Unicode form" in text
+
+
+def test_outputs_inside_the_data_and_validation_on_training_images_are_refused(image_folder, tmp_path):
+    cases = [
+        (["--out", str(image_folder / "runs" / "r1")], 1, "inside the training data"),
+        (["--out", str(tmp_path / "r"), "--val-dir", str(image_folder)], 2, "is the training data"),
+        (["--out", str(tmp_path / "r"), "--val-dir", str(image_folder / "red")], 2, "is inside the training data"),
+    ]
+    for args, code, message in cases:
+        result = CliRunner().invoke(main, ["finetune", str(image_folder), *args, *TINY])
+        assert result.exit_code == code and message in result.stderr, result.output
+        assert "Traceback" not in result.output
+    assert sorted(p.name for p in image_folder.iterdir()) == ["blue", "green", "red"]  # nothing written there
+    assert not (tmp_path / "r").exists()
+    study = CliRunner().invoke(
+        main, ["study", str(image_folder), "--out", str(image_folder / "red" / "s"), "--strategies", "scratch"]
+    )
+    assert study.exit_code == 1 and "inside the training data" in study.stderr, study.output
+
+
+def test_ctrl_c_says_how_to_resume_once_there_is_a_checkpoint(image_folder, tmp_path, monkeypatch):
+    from edgetl.workstation import train
+
+    run = tmp_path / "run"
+
+    def interrupted(data, out, **kwargs):
+        if kwargs["config"].epochs == 2:  # as far as a checkpoint
+            train.partial_dir(out).mkdir()
+            (train.partial_dir(out) / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "finetune", interrupted)
+    early = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(run), *TINY, "--epochs", "1"])
+    assert early.exit_code == 130 and "Interrupted." in early.stderr and "--resume" not in early.stderr
+    late = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(run), *TINY])
+    assert late.exit_code == 130 and f"continue it with `edgetl finetune --resume {run}`" in late.stderr

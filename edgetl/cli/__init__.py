@@ -59,11 +59,11 @@ class EdgetlGroup(click.Group):
 
 def _usage_error(exc: click.UsageError, argv: list[str]) -> None:
     from edgetl.cli._common import command_name
-    from edgetl.cli._output import emit_json, error_document
+    from edgetl.cli._output import clean, emit_json, error_document
 
     path = exc.ctx.command_path if exc.ctx is not None else "edgetl"
     message = exc.format_message()
-    click.echo(f"Error: {message} (see '{path} --help')", err=True)
+    click.echo(f"Error: {clean(message)} (see '{path} --help')", err=True)
     wants_json = (
         "--json" in argv
         or "--format=json" in argv

@@ -22,9 +22,17 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     from rich.console import Console
     from rich.logging import RichHandler
 
+    from edgetl.cli._output import clean_log
+
+    class _Handler(RichHandler):
+        def format(self, record: logging.LogRecord) -> str:
+            # Log messages quote file and class names (untrusted): no control character reaches
+            # the terminal raw.
+            return clean_log(super().format(record))
+
     root = logging.getLogger("edgetl")
     if not any(getattr(h, "_edgetl", False) for h in root.handlers):
-        handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+        handler = _Handler(console=Console(stderr=True), show_time=False, show_path=False)
         handler._edgetl = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
@@ -49,7 +57,9 @@ def json_requested(ctx: click.Context | None) -> bool:
 def report_error(ctx: click.Context | None, exc_type: str, message: str, exit_code: int) -> None:
     """The one error line on stderr, and under --json the error document on stdout (or, when a
     streamed document is open, the error closes it: see predict)."""
-    click.echo(f"Error: {message}", err=True)
+    from edgetl.cli._output import clean
+
+    click.echo(f"Error: {clean(message)}", err=True)  # a name in the message is user data
     if json_requested(ctx):
         close = ctx.meta.get("edgetl.close_json_with_error") if ctx is not None else None
         error = {"type": exc_type, "message": message, "exit_code": exit_code}

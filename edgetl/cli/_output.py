@@ -96,10 +96,19 @@ def emit_json(obj: Any) -> None:
     click.echo(dumps(obj, indent=2, default=str))
 
 
-# Control characters shown escaped wherever untrusted text is printed; TSV also escapes the tab, the
-# line breaks and the backslash (its escape character).
-_TERMINAL_CONTROL = {i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F)}
+# Characters shown escaped wherever untrusted text is printed: the C0 and C1 control characters and
+# DEL (a terminal acts on ESC, on the 8-bit CSI U+009B, on BEL ...), and the bidirectional controls
+# (U+202E and its kin reorder what is shown: "Trojan Source"). TSV also escapes the tab, the line
+# breaks and the backslash (its escape character); log lines keep their line breaks.
+_BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+_TERMINAL_CONTROL = {
+    **{i: f"\\x{i:02x}" for i in (*range(0x20), 0x7F, *range(0x80, 0xA0))},
+    **{i: f"\\u{i:04x}" for i in _BIDI_CONTROLS},
+}
 _CONTROL = {**_TERMINAL_CONTROL, ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r", ord("\\"): "\\\\"}
+_LOG_CONTROL = {k: v for k, v in _TERMINAL_CONTROL.items() if k != ord("\n")}
+# A spreadsheet reads a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@")
 
 
 def text(value: Any) -> str:
@@ -121,9 +130,25 @@ def tsv_line(cells: Iterable[Any]) -> str:
     return "\t".join(tsv_cell(c) for c in cells)
 
 
+def csv_cell(value: Any) -> str:
+    """One CSV field (:func:`text`): control characters escaped as :func:`clean` does (the csv module
+    quotes commas and quotes), and text a spreadsheet would run as a formula (a cell starting with
+    ``= + - @``) kept as text by a leading apostrophe, as OWASP advises. Numbers are left alone."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return text(value)
+    cell = text(value).translate(_TERMINAL_CONTROL)
+    return "'" + cell if cell.startswith(_FORMULA_START) else cell
+
+
 def clean(value: Any) -> str:
     """Untrusted text (a file or label name) for a terminal line: control characters shown escaped."""
     return str(value).translate(_TERMINAL_CONTROL)
+
+
+def clean_log(value: Any) -> str:
+    """A log message for stderr: as :func:`clean`, but its line breaks kept (a message may have
+    several lines; a name inside it has its newlines escaped wherever it was quoted with ``!r``)."""
+    return str(value).translate(_LOG_CONTROL)
 
 
 def plain(value: Any) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from edgetl.cli._common import common_options, format_option, handle_errors
-from edgetl.cli._output import emit_json, envelope, resolve_format, text, tsv_line
+from edgetl.cli._output import clean, emit_json, envelope, resolve_format, text, tsv_line
 
 LABELS_ON_SCREEN = 72  # characters of label names shown per head before "... (+N more)"
 
@@ -61,9 +61,10 @@ def info(path: str, no_verify: bool, output_format: str | None, as_json: bool) -
         _run_screen(record)
     wrong = problems(kind, record)
     if wrong:
-        shown = "; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        shown = clean("; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
         if kind == "bundle":
-            click.echo(f"Error: bundle {path}: {shown} (modified or corrupted); copy or export it again", err=True)
+            where = clean(path)
+            click.echo(f"Error: bundle {where}: {shown} (modified or corrupted); copy or export it again", err=True)
         else:
             click.echo(f"Error: {shown}", err=True)
         sys.exit(1)

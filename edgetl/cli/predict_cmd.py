@@ -166,7 +166,7 @@ def predict(
                 "precision": predictor.precision,
                 "head": head or predictor.head_names[0],
                 "heads": list(predictor.head_names),
-                "top_k": top_k,
+                "top_k": min(top_k, max(len(predictor.labels[h]) for h in predictor.head_names)),
             }
             if predictor.runtime_info:
                 context["runtime_info"] = predictor.runtime_info
@@ -281,12 +281,16 @@ def _stream_json(ctx: click.Context, records, stream, out, context: dict[str, An
 
 
 def _stream_csv(records, out) -> None:
+    """CSV (RFC 4180 quoting) with the TSV's columns; names from user data have their control
+    characters escaped and cannot start a spreadsheet formula (:func:`csv_cell`)."""
     import csv
+
+    from edgetl.cli._output import csv_cell
 
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PREDICT_COLUMNS)
     for r in records:
-        writer.writerow(predict_cells(r))
+        writer.writerow([csv_cell(c) for c in predict_cells(r)])
 
 
 class _Progress:

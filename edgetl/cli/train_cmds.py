@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from edgetl.cli._common import common_options, handle_errors
-from edgetl.cli._output import emit_json, emit_table, envelope, format_option, resolve_format
+from edgetl.cli._output import clean, emit_json, emit_table, envelope, format_option, resolve_format
 from edgetl.cli._runtime_options import head_option, runtime_option
 from edgetl.core.formats import PRECISIONS
 from edgetl.workstation.options import CROP_MODES, STRATEGIES, TrainConfig
@@ -204,12 +204,20 @@ def finetune(
     elif resume_run:
         if data or recipe:
             raise ConfigError("--resume RUN takes the data and options from the run; drop DATA and --recipe")
-        result = resume(resume_run, progress=not no_progress, overrides=explicit)
+        try:
+            result = resume(resume_run, progress=not no_progress, overrides=explicit)
+        except KeyboardInterrupt:
+            _say_how_to_resume(resume_run)
+            raise
     else:
         if not data or not out:
             raise ConfigError("finetune needs DATA and --out RUN (or --resume RUN)")
         config = make_config(recipe, explicit)
-        result = run_finetune(data, out, config=config, val_dir=val_dir, force=force, progress=not no_progress)
+        try:
+            result = run_finetune(data, out, config=config, val_dir=val_dir, force=force, progress=not no_progress)
+        except KeyboardInterrupt:
+            _say_how_to_resume(out)
+            raise
     doc = result.to_dict()
     doc["skipped"] = [{"path": p, "reason": r} for p, r in result.skipped]
     if fmt == "json":
@@ -227,7 +235,23 @@ def finetune(
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} unreadable image(s):")
         for _path, reason in result.skipped:
-            click.echo(f"  {reason}")
+            click.echo(f"  {clean(reason)}")
+
+
+def _say_how_to_resume(out: str) -> None:
+    """After Ctrl-C: where the run so far is, when it got as far as a checkpoint (before one,
+    nothing is kept and the command starts afresh next time)."""
+    from pathlib import Path
+
+    from edgetl.workstation.train import partial_dir
+
+    partial = Path(out) if str(out).endswith(".partial") else partial_dir(out)
+    if (partial / "checkpoint.pt").is_file():
+        run = str(out).removesuffix(".partial")
+        click.echo(
+            f"The run so far is in {clean(partial)}; continue it with `edgetl finetune --resume {clean(run)}`.",
+            err=True,
+        )
 
 
 def _echo_choices(result) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgetl.core.errors import OutputBusyError, OutputExistsError
+from edgetl.core.errors import ConfigError, OutputBusyError, OutputExistsError
 from edgetl.core.jsonio import dumps
 
 
@@ -102,6 +102,32 @@ def check_output(
             raise OutputExistsError(
                 f"--force replaces only a {kind} folder (one with {marker}), and {target} is not one; "
                 "choose another --out or remove it yourself"
+            )
+
+
+def check_data_folders(outputs: Sequence[str | os.PathLike | None], data: str | os.PathLike, val_dir=None) -> None:
+    """Refuse, in one line, what would mix a command's outputs or validation into its training images:
+    an output inside an image folder (the next scan would read the run as a class), and a
+    validation folder that is, holds or sits inside the training folder (its score would be
+    measured on training images)."""
+    folders = [("the training data", Path(data))] + ([("--val-dir", Path(val_dir))] if val_dir is not None else [])
+    for out in outputs:
+        if out is None:
+            continue
+        resolved = Path(out).resolve()
+        for what, folder in folders:
+            if folder.resolve() in resolved.parents:
+                raise OutputExistsError(
+                    f"the output {out} is inside {what} {folder}: its files would be read as images of a "
+                    "class next time; choose an output outside the image folders"
+                )
+    if val_dir is not None:
+        train, val = Path(data).resolve(), Path(val_dir).resolve()
+        if train == val or train in val.parents or val in train.parents:
+            how = "is" if train == val else "is inside" if train in val.parents else "holds"
+            raise ConfigError(
+                f"--val-dir {val_dir} {how} the training data {data}: validation must be images the "
+                "model is not trained on; give a separate folder, or leave --val-dir out to split the data"
             )
 
 

@@ -18,7 +18,7 @@ from edgetl.core.preprocess import load_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 # A training image is recognised by the first 16 hex digits (64 bits) of the sha256 of its bytes:
 # compact in a manifest, and a chance collision between a million images on each side is ~1e-7.
 HASH_HEX = 16
@@ -45,6 +45,12 @@ class ImageFolder:
         return counts
 
 
+def hidden(name: str) -> bool:
+    """A hidden file or folder (``.DS_Store``, macOS's ``._photo.jpg`` metadata, ``.git``): never an
+    image or a class, in training folders and in the folders ``predict`` walks alike."""
+    return name.startswith(".")
+
+
 def _class_folders(root: str | os.PathLike) -> tuple[Path, list[str]]:
     root = Path(root)
     if not root.exists():
@@ -52,11 +58,46 @@ def _class_folders(root: str | os.PathLike) -> tuple[Path, list[str]]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; pass a folder with one sub-folder of images per class")
     root = root.resolve()  # runs record absolute paths: --resume and export work from any directory
-    return root, sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return root, sorted(p.name for p in root.iterdir() if p.is_dir() and not hidden(p.name))
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """The image files under a class folder, hidden ones left out. A link to nothing is kept, so
+    that it is reported with the unreadable files instead of vanishing."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and (p.is_file() or (p.is_symlink() and not p.exists()))
+        and not any(hidden(part) for part in p.relative_to(folder).parts)
+    )
+
+
+def _warn_look_alike_classes(root: Path, names: list[str]) -> None:
+    """Class folders that are one folder twice (a link to another class) or whose names differ only by
+    case or Unicode normalisation ("café" typed two ways): trained as separate classes, they split
+    one class in two and look the same in every output. Said once, as a warning."""
+    import unicodedata
+
+    by_target: dict[Path, list[str]] = {}
+    by_form: dict[str, list[str]] = {}
+    for name in names:
+        by_target.setdefault((root / name).resolve(), []).append(name)
+        by_form.setdefault(unicodedata.normalize("NFKC", name).casefold(), []).append(name)
+    for group in by_target.values():
+        if len(group) > 1:
+            log.warning(
+                "class folders %s are the same folder (a link): its images are in %d classes",
+                ", ".join(repr(n) for n in group),
+                len(group),
+            )
+    for group in by_form.values():
+        if len(group) > 1:
+            log.warning(
+                "class folders %s differ only by case or Unicode form: they are separate classes; "
+                "rename or merge them if they are one",
+                ", ".join(ascii(n) for n in group),
+            )
 
 
 def scan_image_folder(
@@ -74,6 +115,7 @@ def scan_image_folder(
                 f"extra: {extra or 'none'}); both folders need the same class sub-folders"
             )
         found = list(classes)
+    _warn_look_alike_classes(root, found)
     if len(found) < min_classes:
         raise DataError(
             f"{root} has {len(found)} class folder(s); {'a classifier needs' if min_classes > 1 else 'it needs'} "

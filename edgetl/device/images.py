@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from edgetl.core.errors import DataError
-from edgetl.core.imagefolder import IMAGE_EXTENSIONS
+from edgetl.core.imagefolder import IMAGE_EXTENSIONS, hidden
 from edgetl.core.preprocess import load_image
 from edgetl.device.predictor import Predictor, _check_positive
 
@@ -81,10 +81,15 @@ def _walk_images(folder: Path) -> Iterator[Path]:
     except OSError as exc:
         raise DataError(f"cannot list folder {folder}: {exc.strerror or exc}") from None
     for entry in entries:
-        if entry.is_dir():
+        if hidden(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
             yield from _walk_images(Path(entry.path))
-        elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS:
-            yield Path(entry.path)
+        elif Path(entry.name).suffix.lower() in IMAGE_EXTENSIONS and (entry.is_file() or entry.is_symlink()):
+            yield Path(entry.path)  # a link to nothing too: reported as unreadable, not dropped unseen
+
+
+MAX_LISTED_SKIPS = 100
 
 
 @dataclasses.dataclass
@@ -93,6 +98,9 @@ class PredictSummary:
 
     images: int = 0
     skipped: int = 0
+    # The first MAX_LISTED_SKIPS skipped files, {"path", "reason"} each (a folder of a million bad
+    # files must not fill memory); ``skipped`` counts them all.
+    skipped_files: list[dict[str, str]] = dataclasses.field(default_factory=list)
     seconds: float = 0.0  # wall time from the first file opened to the last record
     decode_s: float = 0.0  # reading and decoding image files
     preprocess_s: float = 0.0  # resize, crop, normalise (numpy/pillow)
@@ -166,6 +174,8 @@ class PredictionStream:
                 image = load_image(path, self.predictor.preprocessing)
             except DataError as exc:
                 self.summary.skipped += 1
+                if len(self.summary.skipped_files) < MAX_LISTED_SKIPS:
+                    self.summary.skipped_files.append({"path": str(path), "reason": str(exc)})
                 if self.on_skip is not None:
                     self.on_skip(str(path), str(exc))
                 continue

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import output_lock, write_json_atomic
+from edgetl.core.atomic import check_data_folders, output_lock, write_json_atomic
 from edgetl.core.errors import ConfigError, OutputExistsError
 from edgetl.core.imagefolder import Sample
 from edgetl.workstation.options import (
@@ -266,6 +266,7 @@ def run_study(
         )
     out_dir = Path(out) if out is not None else None
     plot_path = Path(plot) if plot is not None else (out_dir / "study.png" if out_dir is not None else None)
+    check_data_folders([out_dir, plot_path], data, val_dir)
     _check_outputs(out_dir, plot_path, force)
     progress, cache_dir = opts.progress, opts.cache_dir
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgetl.core.atomic import check_output, output_lock, replace_directory
+from edgetl.core.atomic import check_data_folders, check_output, output_lock, replace_directory
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import Sample, class_counts
 from edgetl.core.preprocess import Preprocessing
@@ -141,6 +141,14 @@ def train_model(
     state_dict, weights_source = resolve_weights(spec, cfg.weights)
     trunk = build_trunk(spec, state_dict)
     del state_dict
+    if dist.is_main and cfg.strategy in ("fine-tune", "auto") and cfg.unfreeze > len(trunk.blocks):
+        log.warning(
+            "--unfreeze %d is more than %s's %d blocks: the fine-tune trains all %d",
+            cfg.unfreeze,
+            spec.name,
+            len(trunk.blocks),
+            len(trunk.blocks),
+        )
     head = Head(spec.feature_dim, len(labels), dropout=cfg.dropout)
     model = TransferModel(trunk, head)
     weight = class_weights(train_counts) if cfg.balance else None
@@ -418,6 +426,7 @@ def finetune(
     partial = partial_dir(out)
     inputs = [p for p in (data, val_dir) if p is not None]
     # Fail before minutes of training, not after.
+    check_data_folders([out], data, val_dir)
     _check_outputs(out, partial, force=force, inputs=inputs)
     with _held(out):
         _check_outputs(out, partial, force=force, inputs=inputs)  # again, now that the output is ours
