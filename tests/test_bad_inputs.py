@@ -228,3 +228,30 @@ def test_ctrl_c_says_how_to_resume_once_there_is_a_checkpoint(image_folder, tmp_
     assert early.exit_code == 130 and "Interrupted." in early.stderr and "--resume" not in early.stderr
     late = CliRunner().invoke(main, ["finetune", str(image_folder), "--out", str(run), *TINY])
     assert late.exit_code == 130 and f"continue it with `edgetl finetune --resume {run}`" in late.stderr
+
+
+def test_validation_copies_of_training_images_are_warned(image_folder, tmp_path, caplog):
+    import shutil
+
+    from edgetl.workstation.options import TrainConfig
+    from edgetl.workstation.prepare import prepare_data
+    from tests.helpers import make_image_folder
+
+    val = make_image_folder(tmp_path / "val", per_class=4, seed=7)
+    with caplog.at_level("WARNING", logger="edgetl"):
+        prepare_data(image_folder, TrainConfig(), val_dir=val)
+    assert "copies of training images" not in caplog.text  # distinct images: no warning
+    shutil.copyfile(image_folder / "red" / "red_003.png", val / "red" / "renamed.png")
+    shutil.copyfile(image_folder / "blue" / "blue_000.png", val / "green" / "mislabelled.png")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgetl"):
+        prepare_data(image_folder, TrainConfig(), val_dir=val)
+    assert "2 validation image(s) are byte-for-byte copies of training images" in caplog.text
+    shutil.copyfile(image_folder / "green" / "green_001.png", image_folder / "green" / "dup.png")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="edgetl"):  # a copy inside DATA can land on both sides of the split
+        prepared = prepare_data(image_folder, TrainConfig(val_split=0.5, seed=3))
+    names = {os.path.basename(s.path) for s in prepared.val}
+    both = {"dup.png", "green_001.png"}
+    assert len(names & both) == 1  # seed 3 splits the pair (checked): the copy is on both sides
+    assert "1 validation image(s) are byte-for-byte copies" in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.core.errors import ConfigError
-from edgetl.core.imagefolder import Sample, drop_unreadable, scan_image_folder
+from edgetl.core.imagefolder import Sample, drop_unreadable, scan_image_folder, shared_images
 from edgetl.core.preprocess import Preprocessing, load_image
 from edgetl.workstation.data import stratified_split
 from edgetl.workstation.options import TrainConfig
@@ -41,6 +41,14 @@ def prepare_data(data: str | Path, cfg: TrainConfig, *, val_dir: str | Path | No
     else:
         train, val = stratified_split(folder, cfg.val_split, cfg.seed)
         skipped = list(folder.skipped)
+    shared = shared_images(train, val)
+    if shared:
+        log.warning(
+            "%d validation image(s) are byte-for-byte copies of training images (e.g. %r = %r): the "
+            "validation top-1 counts them as unseen; remove the copies for an honest score",
+            len(shared),
+            *shared[0],
+        )
     return PreparedData(
         list(folder.classes),
         train,
