@@ -189,3 +189,25 @@ def test_trunk_from_head_settings_given_turn_the_search_off_too():
 
     assert head_config({"epochs": 10}).head_search is False
     assert head_config({}).head_search is True and head_config({}).strategy == "auto"
+
+
+def test_the_validation_images_go_through_the_whole_trunk_only_for_feature_extraction(
+    image_folder, tmp_path, monkeypatch
+):
+    from edgetl.workstation import fit
+
+    passes = []
+    real = fit._features
+
+    def counted(trunk, samples, pp, ctx, *, description, view=None):
+        passes.append(description)
+        return real(trunk, samples, pp, ctx, description=description, view=view)
+
+    monkeypatch.setattr(fit, "_features", counted)
+    tuned = _train(image_folder, tmp_path / "ft", strategy="fine-tune", epochs=1, unfreeze=1)
+    # A fine-tune scores its validation images through the cached prefix: no whole-trunk pass for them.
+    assert passes == ["trunk features (train, crop center)"] and tuned.val_top1 > 0
+    passes.clear()
+    frozen = _train(image_folder, tmp_path / "fe", strategy="feature-extraction")
+    assert passes == ["trunk features (train, crop center)", "trunk features (val)"]
+    assert frozen.feature_cache["hits"] + frozen.feature_cache["misses"] == 48  # train and val counted

@@ -102,9 +102,24 @@ class FeatureFit:
     search: Any  # HeadSearchResult
     crop: dict[str, Any]
     ftr: np.ndarray  # plain training features (n, dim) under pp
-    fval: np.ndarray
     cache: dict[str, Any]
     seconds: dict[str, float]
+    # The validation images' trunk pass, run only when the run ends as feature extraction (a
+    # fine-tune scores its validation images through the cached prefix instead): val_features().
+    val_pass: Any = dataclasses.field(default=None, repr=False)
+    fval: np.ndarray | None = None
+
+    def val_features(self) -> np.ndarray:
+        """The validation images' features under ``pp`` (computed on the first call); the feature
+        cache's record counts them from then on."""
+        if self.fval is None:
+            self.fval, stats = self.val_pass()
+            self.cache = _cache_record(self.cache["hits"] + stats.hits, self.cache["misses"] + stats.misses)
+        return self.fval
+
+
+def _cache_record(hits: int, misses: int) -> dict[str, Any]:
+    return {"status": "hit" if not misses else ("miss" if not hits else "partial"), "hits": hits, "misses": misses}
 
 
 def _features(trunk, samples, pp, ctx, *, description, view=None):
@@ -205,16 +220,14 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
         )
     if search.fallback:
         log.warning("head search: %s", search.fallback)
-    fval, stats = _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)")
-    hits, misses = hits + stats.hits, misses + stats.misses
     return FeatureFit(
         pp=pp_chosen,
         search=search,
         crop={"mode": cfg.crop, "chosen": chosen, "why": why, "table": table},
         ftr=ftr,
-        fval=fval,
-        cache={"status": "hit" if not misses else ("miss" if not hits else "partial"), "hits": hits, "misses": misses},
+        cache=_cache_record(hits, misses),
         seconds={"crop": round(t_crop, 3), "views": round(t_views, 3), "search": round(search.seconds, 3)},
+        val_pass=lambda: _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)"),
     )
 
 

@@ -343,7 +343,8 @@ def _train_searched(
         choices["strategy_choice"] = choice
         strategy = choice["chosen"]
     if strategy == "feature-extraction":
-        record, val_logits = head_history(fit.search, fit.ftr, ytr, fit.fval, yval, cfg.label_smoothing)
+        fval = fit.val_features()
+        record, val_logits = head_history(fit.search, fit.ftr, ytr, fval, yval, cfg.label_smoothing)
         io.history.append(record)
         best_epoch = 1
     else:
