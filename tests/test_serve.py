@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -374,6 +375,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server, file
         (400, {"content": b""}, "no image"),
         (422, {"content": b"certainly not an image"}, "cannot read image"),
         (422, {"content": png_claiming(20_000, 20_000)}, "decompression bomb"),
+        (422, {"content": png_claiming(8_000, 6_000)}, "more than 40,000,000"),  # a file predict would read
         (422, {"files": {"image": ("strip.png", png_claiming(10, 5000))}}, "strip.png"),
         (413, {"content": os.urandom(60_000)}, "--max-body-mb"),
     ]
@@ -438,6 +440,63 @@ def test_security_headers_health_model_and_metrics(server, files):
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert page.headers["content-security-policy"] == health.headers["content-security-policy"]
         assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_json_answers_are_ascii():
+    from edgetl.device.serve.app import AsciiJSONResponse
+
+    body = AsciiJSONResponse({"label": "c\x9b31m\u202e\x1bx caf\u00e9"}).body
+    assert body == b'{"label":"c\\u009b31m\\u202e\\u001bx caf\\u00e9"}'
+    assert json.loads(body)["label"] == "c\x9b31m\u202e\x1bx caf\u00e9"
+
+
+def _stalled(url: str, payload: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(payload)
+    return sock
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closed the connection within ``seconds``, and what it sent before."""
+    sock.settimeout(seconds)
+    received = b""
+    try:
+        while chunk := sock.recv(4096):
+            received += chunk
+        return True, received
+    except TimeoutError:
+        return False, received
+    finally:
+        sock.close()
+
+
+def test_clients_that_stall_cannot_hold_the_server(files):
+    """Slowloris: connections that never finish their headers are closed after --header-timeout, a
+    body that stalls gets 408 after --timeout, and the server answers others all along."""
+    with Server(files["bundle"], "--max-connections", "2", "--header-timeout", "1", "--timeout", "2") as s:
+        heads = [_stalled(s.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n") for _ in range(6)]
+        started = time.monotonic()
+        closed = [_closed_within(sock, 6.0) for sock in heads]
+        assert all(done for done, _ in closed), closed
+        assert time.monotonic() - started < 6.0
+        body = _stalled(s.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10)
+        done, answer = _closed_within(body, 6.0)
+        assert done and answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
+        ok = s.post("/v1/predict", content=files["red"].read_bytes())
+        assert ok.status_code == 200 and ok.json()["records"][0]["label"] == "red"
+    assert s.proc.returncode == 0, s.stderr()
+
+
+def test_past_max_connections_the_answer_is_json_503(files):
+    with Server(files["slow"], "--max-connections", "2", "--queue-size", "64", "--threads", "1") as s:
+        answers = _post_all(s, files["red"].read_bytes(), 12, 12)
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        for busy in (a for a in answers if a.status_code == 503):
+            assert busy.headers["content-type"] == "application/json" and busy.headers["retry-after"] == "1"
+            assert "--max-connections" in busy.json()["error"]
+    assert s.proc.returncode == 0
 
 
 # Under load --------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ MIN_TOKEN_CHARS = 16
     help="Seconds a request may wait for its result (queue + inference); then 504.",
 )
 @click.option(
+    "--header-timeout",
+    "header_timeout_s",
+    type=click.FloatRange(0, 3600, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds a connection may take to send a request's headers (from opening, or from its last "
+    "answer); then it is closed, so clients that stall cannot hold the connections. The body must "
+    "arrive within --timeout (408).",
+)
+@click.option(
     "--max-body-mb",
     type=click.FloatRange(0, 1024, min_open=True),
     default=10.0,
@@ -80,7 +90,7 @@ MIN_TOKEN_CHARS = 16
     type=click.IntRange(1, 100_000),
     default=64,
     show_default=True,
-    help="Open connections at most; beyond, 503 (memory: about this x --max-body-mb).",
+    help="Requests answered at once; beyond, 503 with Retry-After (memory: about this x --max-body-mb).",
 )
 @click.option(
     "--token-file",
@@ -123,6 +133,7 @@ def serve(
     max_wait_ms: float,
     queue_size: int,
     timeout_s: float,
+    header_timeout_s: float,
     max_body_mb: float,
     max_connections: int,
     token_file: str | None,
@@ -190,7 +201,11 @@ def serve(
     try:
         app = web.create_app(
             web.AppSettings(
-                engine=engine, token=token, max_body_bytes=int(max_body_mb * 1_000_000), timeout_s=timeout_s
+                engine=engine,
+                token=token,
+                max_body_bytes=int(max_body_mb * 1_000_000),
+                timeout_s=timeout_s,
+                max_in_flight=max_connections,
             )
         )
         settings = ServerSettings(
@@ -201,6 +216,7 @@ def serve(
             max_connections=max_connections,
             graceful_s=timeout_s + 5.0,
             access_log=_verbose(),
+            header_timeout_s=header_timeout_s,
         )
 
         def ready(actual_port: int) -> None:

@@ -154,7 +154,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path, pp: Preprocessing | None = None) -> Image.Image:
+def load_image(path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file fully (decode now, so corrupt files fail here) and convert it to RGB.
 
     EXIF orientation is applied (a phone's portrait photo is upright, as every viewer shows it) on
@@ -165,13 +165,14 @@ def load_image(path, pp: Preprocessing | None = None) -> Image.Image:
     and bit depth, aspect ratio). With ``pp``, the image is reduced to the model's resize size as
     soon as it is decoded (the first step of :func:`preprocess`, so the result is the same to the
     bit): a caller holding many images then holds small ones, whatever the files' sizes.
+    ``max_pixels`` lowers the pixel limit (``edgetl serve`` decodes uploads up to 40M pixels).
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(path)
         with img:
-            _check_decoded_size(path, img)
+            _check_decoded_size(path, img, min(max_pixels, MAX_PIXELS))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
             rgb = to_rgb(img)
@@ -182,20 +183,21 @@ def load_image(path, pp: Preprocessing | None = None) -> Image.Image:
         raise DataError(f"cannot read image {path}: {_short(exc)}") from None
 
 
-def _check_decoded_size(path, img: Image.Image) -> None:
+def _check_decoded_size(path, img: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
     w, h = img.width, img.height
     if w < 1 or h < 1:
         raise DataError(f"cannot read image {path}: it is {w}x{h} pixels")
-    if w * h > MAX_PIXELS:
+    if w * h > max_pixels:
         raise DataError(
-            f"cannot read image {path}: {w}x{h} pixels is more than {MAX_PIXELS:,} "
+            f"cannot read image {path}: {w}x{h} pixels is more than {max_pixels:,} "
             "(a decompression bomb, or an image to downscale first)"
         )
     decoded = w * h * len(img.getbands()) * _bytes_per_band(img.mode)
-    if decoded > MAX_DECODED_BYTES:
+    max_bytes = MAX_DECODED_BYTES * max_pixels // MAX_PIXELS  # 3 bytes a pixel at the limit
+    if decoded > max_bytes:
         raise DataError(
             f"cannot read image {path}: {w}x{h} {img.mode} would take {decoded / 1e9:.1f} GB decoded "
-            f"(limit {MAX_DECODED_BYTES / 1e9:.2f} GB); downscale it first"
+            f"(limit {max_bytes / 1e9:.2f} GB); downscale it first"
         )
     if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         raise DataError(

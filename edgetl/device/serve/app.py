@@ -61,6 +61,14 @@ MAX_NAME = 255  # an upload's file name, as records show it
 BUSY = "the server is busy (its queue is full); retry shortly"
 
 
+# An upload is decoded only up to this many pixels (a 493 kB PNG can claim 13000 x 13000: 507 MB
+# decoded, where predict's file limit allows 178M pixels), and at most DECODE_SLOTS uploads are
+# decoded at once beside the worker's own: decoded images never take more than a few times
+# MAX_UPLOAD_PIXELS x 3 bytes, whatever the clients send.
+MAX_UPLOAD_PIXELS = 40_000_000
+DECODE_SLOTS = 2
+
+
 @dataclasses.dataclass
 class AppSettings:
     """What the app needs: the started engine, the token (None: no auth), the limits."""
@@ -69,17 +77,28 @@ class AppSettings:
     token: str | None = None
     max_body_bytes: int = 10 * 1024 * 1024
     timeout_s: float = 10.0
+    max_in_flight: int = 64  # requests being answered at once; past it, 503 at once (--max-connections)
+    max_pixels: int = MAX_UPLOAD_PIXELS
+    decode_slots: int = DECODE_SLOTS
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped (``\\u009b``): a label or file name from user data
+    then reaches a terminal running curl as text, never as a control character."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    return AsciiJSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
 
 
 # Middlewares (pure ASGI) ------------------------------------------------------------------------
 
 
 async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message, "status": status}).encode()
+    body = json.dumps({"error": message, "status": status}, ensure_ascii=True).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -159,6 +178,31 @@ class BearerToken:
                     await _send_error(send, 401, message, {"WWW-Authenticate": "Bearer"})
                     return
         await self.app(scope, receive, send)
+
+
+class InFlightLimit:
+    """At most ``limit`` requests answered at once: past it, 503 with Retry-After at once, as JSON,
+    before the body is read (Uvicorn's own connection limit answers in plain text; it is set
+    higher and only bounds idle connections)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.open = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.open >= self.limit:
+            message = f"the server is answering {self.limit} requests (its --max-connections); retry shortly"
+            await _send_error(send, 503, message, {"Retry-After": "1"})
+            return
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
 
 
 class BodyTooLarge(Exception):
@@ -274,10 +318,11 @@ class _Upload(io.BytesIO):
     __repr__ = __str__
 
 
-def _prepare(data: bytes, name: str, predictor) -> tuple[Any, float, float]:
-    """Decode (with predict's guards) and preprocess one image: ((1, 3, S, S), decode ms, preprocess ms)."""
+def _prepare(data: bytes, name: str, predictor, max_pixels: int = MAX_UPLOAD_PIXELS) -> tuple[Any, float, float]:
+    """Decode (with predict's guards, and at most ``max_pixels``) and preprocess one image:
+    ((1, 3, S, S), decode ms, preprocess ms)."""
     t0 = time.perf_counter()
-    image = load_image(_Upload(data, name), predictor.preprocessing)
+    image = load_image(_Upload(data, name), predictor.preprocessing, max_pixels=max_pixels)
     t1 = time.perf_counter()
     x = predictor.preprocess([image])
     return x, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
@@ -318,6 +363,7 @@ def create_app(settings: AppSettings) -> Starlette:
     """The Starlette app for a started :class:`Engine` (see the module's docstring)."""
     engine = settings.engine
     metrics = ServeMetrics(engine)
+    decoding = asyncio.Semaphore(settings.decode_slots)
     engine.stats.on_batch = metrics.on_batch
     engine.on_swap = lambda old, new: metrics.set_model(new)
 
@@ -330,25 +376,33 @@ def create_app(settings: AppSettings) -> Starlette:
         params = {"head": request.query_params.get("head"), "top_k": request.query_params.get("top_k")}
         content_type = request.headers.get("content-type", "")
         name = "upload"
-        if content_type.lower().startswith("multipart/form-data"):
-            try:
-                form = await request.form(max_files=1, max_fields=4)
-            except HTTPException as exc:
-                return error(400, f"bad multipart body: {exc.detail}")
-            try:
-                upload = form.get("image")
-                if not isinstance(upload, UploadFile):
-                    return error(400, "the multipart body needs a file field named image")
-                for key in ("head", "top_k"):
-                    value = form.get(key)
-                    if isinstance(value, str):
-                        params[key] = value
-                data = await upload.read()
-                name = (upload.filename or "upload")[:MAX_NAME]
-            finally:
-                await form.close()
-        else:
-            data = await request.body()
+        try:
+            # The body must arrive within the request's time: a client that stalls mid-body would
+            # otherwise hold its slot for ever.
+            async with asyncio.timeout(settings.timeout_s):
+                if content_type.lower().startswith("multipart/form-data"):
+                    try:
+                        form = await request.form(max_files=1, max_fields=4)
+                    except HTTPException as exc:
+                        return error(400, f"bad multipart body: {exc.detail}")
+                    try:
+                        upload = form.get("image")
+                        if not isinstance(upload, UploadFile):
+                            return error(400, "the multipart body needs a file field named image")
+                        for key in ("head", "top_k"):
+                            value = form.get(key)
+                            if isinstance(value, str):
+                                params[key] = value
+                        data = await upload.read()
+                        name = (upload.filename or "upload")[:MAX_NAME]
+                    finally:
+                        await form.close()
+                else:
+                    data = await request.body()
+        except TimeoutError:
+            return error(
+                408, f"the request body did not arrive within {settings.timeout_s:g} s", {"Connection": "close"}
+            )
         if not data:
             return error(400, "the request has no image: send the image's bytes, or multipart with a file field image")
         predictor = slot.predictor
@@ -359,13 +413,14 @@ def create_app(settings: AppSettings) -> Starlette:
             return error(400, str(exc))
         if slot.queue.full():  # refused before the decoding work, not after it
             return error(503, BUSY, {"Retry-After": "1"})
-        prepare = functools.partial(_prepare, data, name)
+        prepare = functools.partial(_prepare, data, name, max_pixels=settings.max_pixels)
         del data
         if slot.idle():  # the worker would start it at once: it decodes it too (one hand-off fewer)
             job = Job(x=None, prepare=prepare, heads=heads, top_k=top_k, name=name)
         else:  # decode here, in the thread pool, while the worker runs the model
             try:
-                x, decode_ms, preprocess_ms = await run_in_threadpool(prepare, predictor)
+                async with decoding:  # a few at a time: decoded images are the big memory
+                    x, decode_ms, preprocess_ms = await run_in_threadpool(prepare, predictor)
             except DataError as exc:
                 return error(422, one_line(exc))
             job = Job(x=x, heads=heads, top_k=top_k, name=name, decode_ms=decode_ms, preprocess_ms=preprocess_ms)
@@ -387,7 +442,7 @@ def create_app(settings: AppSettings) -> Starlette:
             return error(422, one_line(exc))
         except Exception as exc:  # the runtime failed on this batch: the server keeps serving
             return error(500, f"inference failed: {one_line(exc)}")
-        return JSONResponse(
+        return AsciiJSONResponse(
             {
                 "records": result["records"],
                 "latency_ms": {
@@ -404,9 +459,9 @@ def create_app(settings: AppSettings) -> Starlette:
 
     async def health(request: Request) -> Response:
         if not engine.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
+            return AsciiJSONResponse({"status": "starting"}, status_code=503)
         slot = engine.slot
-        return JSONResponse(
+        return AsciiJSONResponse(
             {
                 "status": "ready",
                 "model": {"version": slot.version, "variant": slot.variant, "loaded_at": slot.loaded_at},
@@ -419,7 +474,7 @@ def create_app(settings: AppSettings) -> Starlette:
             slot = engine.slot
         except NotReady:
             return error(503, "the model is not loaded yet", {"Retry-After": "1"})
-        return JSONResponse(model_summary(engine, slot))
+        return AsciiJSONResponse(model_summary(engine, slot))
 
     async def metrics_text(request: Request) -> Response:
         body, media_type = metrics.text()
@@ -456,6 +511,7 @@ def create_app(settings: AppSettings) -> Starlette:
             Middleware(SecurityHeaders),
             Middleware(Metrics, metrics=metrics),
             Middleware(BearerToken, token=settings.token),
+            Middleware(InFlightLimit, limit=settings.max_in_flight),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
         ],
         exception_handlers={HTTPException: http_error, BodyTooLarge: too_large, Exception: crashed},

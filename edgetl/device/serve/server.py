@@ -34,6 +34,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# A connection must have sent a request's headers within this long of opening, or of its last
+# answer; else it is closed. Uvicorn times out only idle keep-alive connections: a client that sends
+# half a request line and waits (slowloris) held a connection slot for ever, and 64 of them, without
+# any token, locked everyone out. The body has its own limit in the app (the request's --timeout).
+HEADER_TIMEOUT_S = 10.0
+
+
+# Connections Uvicorn keeps open at most (4 x --max-connections + 64), past which it answers 503 in
+# plain text: the app answers JSON 503 with Retry-After at --max-connections requests in flight;
+# this only backstops idle keep-alive connections and ones still sending their headers.
+def connection_limit(max_connections: int) -> int:
+    return 4 * max_connections + 64
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     host: str = "127.0.0.1"
@@ -43,6 +57,7 @@ class ServerSettings:
     max_connections: int = 64
     graceful_s: float = 30.0
     access_log: bool = False
+    header_timeout_s: float = HEADER_TIMEOUT_S
 
     @property
     def scheme(self) -> str:
@@ -78,6 +93,50 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def guarded_h11(header_timeout_s: float) -> type:
+    """Uvicorn's h11 protocol with a deadline on request headers (:data:`HEADER_TIMEOUT_S`): armed
+    when the connection opens and whenever data arrives with no request under way, cleared when a
+    request's headers are complete; at the deadline the connection is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _in_request(self) -> bool:
+            return self.cycle is not None and not self.cycle.response_complete
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if not self._in_request() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._in_request():
+                self._disarm()
+            else:  # part of a request's head, or the start of the next one on a kept-alive connection
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
 def _quiet_logging(access_log: bool) -> None:
     """Uvicorn's errors (and, with -v, its access log) on stderr through edgetl's handler."""
     edgetl = logging.getLogger("edgetl")
@@ -104,7 +163,8 @@ def serve(app: Any, settings: ServerSettings, *, on_ready: Callable[[int], None]
         port=port,
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
-        limit_concurrency=settings.max_connections,
+        http=guarded_h11(settings.header_timeout_s),
+        limit_concurrency=connection_limit(settings.max_connections),
         timeout_graceful_shutdown=max(1, round(settings.graceful_s)),
         log_config=None,
         access_log=settings.access_log,
