@@ -210,6 +210,10 @@ def test_outputs_inside_the_data_and_validation_on_training_images_are_refused(i
         main, ["study", str(image_folder), "--out", str(image_folder / "red" / "s"), "--strategies", "scratch"]
     )
     assert study.exit_code == 1 and "inside the training data" in study.stderr, study.output
+    head = CliRunner().invoke(  # refused before the bundle is even opened
+        main, ["finetune", str(image_folder), "--out", str(image_folder / "heads"), "--trunk-from", str(tmp_path / "b")]
+    )
+    assert head.exit_code == 1 and "inside the training data" in head.stderr, head.output
 
 
 def test_ctrl_c_says_how_to_resume_once_there_is_a_checkpoint(image_folder, tmp_path, monkeypatch):

@@ -247,10 +247,29 @@ def test_run_values_of_the_wrong_type_are_null_not_a_traceback(run, tmp_path):
     (copy / "config.json").write_text(json.dumps({"backbone": 3, "train": [], "weights": "imagenet", "data": 1}))
     (copy / "split.json").write_text(json.dumps({"train": {}, "val": None}))
     (copy / "labels.json").write_text(json.dumps({"a": 1}))
-    rec = info_json(copy)["results"][0]
+    rec = info_json(copy, exit_code=1)["results"][0]  # described (nulls), and refused as damaged
     assert rec["backbone"] is None and rec["weights"] is None and rec["data"]["train_images"] is None
     assert rec["labels"] == [] and rec["strategy"] is None
-    assert info(copy, "--format", "table").exit_code == 0
+    assert rec["problems"] == [f"run {copy} is damaged or was edited: config.json: 'train' must be an object, not []"]
+    table = info(copy, "--format", "table")
+    assert table.exit_code == 1 and "Traceback" not in table.output and "damaged or was edited" in table.stderr
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"preprocessing": {"input_size": -5}}, "config.json: invalid preprocessing record"),
+        ({"train": {"dropout": 5.0}}, "train.dropout must be a number in [0, 1)"),
+    ],
+)
+def test_a_run_with_impossible_values_is_refused(run, tmp_path, edit, words):
+    copy = shutil.copytree(run, tmp_path / "run")
+    config = json.loads((copy / "config.json").read_text())
+    for key, value in edit.items():
+        config[key] = {**config[key], **value}
+    (copy / "config.json").write_text(json.dumps(config))
+    result = info(copy)
+    assert result.exit_code == 1 and words in result.stderr and "Traceback" not in result.output, result.output
 
 
 # --- anything else ---------------------------------------------------------------------------------------

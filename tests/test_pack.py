@@ -284,3 +284,17 @@ def test_the_positional_output_still_works_with_a_warning(bundle, archive, tmp_p
         assert "--out" in result.stderr and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
         result = runner.invoke(main, [command, *args, "--json"])
         assert validate_document(result.stdout, command)["error"]["exit_code"] == 2
+
+
+def test_pack_force_replaces_only_an_archive_pack_wrote(bundle, archive, tmp_path):
+    notes = tmp_path / "notes.tar.gz"
+    notes.write_text("precious, not an archive")
+    result = CliRunner().invoke(main, ["pack", str(bundle), "--out", str(notes), "--force"])
+    assert result.exit_code == 1 and "replaces only an archive `edgetl pack` wrote" in result.stderr, result.output
+    assert notes.read_text() == "precious, not an archive"
+    again = tmp_path / "again.tar.gz"
+    shutil.copyfile(archive, again)
+    assert CliRunner().invoke(main, ["pack", str(bundle), "--out", str(again), "--force"]).exit_code == 0
+    folder = CliRunner().invoke(main, ["pack", str(bundle), "--out", str(tmp_path)])
+    assert folder.exit_code == 2 and "is a folder; give the archive's file name" in folder.stderr, folder.output
+    assert ".tmp" not in folder.stderr

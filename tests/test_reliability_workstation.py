@@ -358,3 +358,63 @@ def test_an_edited_run_config_is_checked_on_resume(image_folder, tmp_path, monke
     with pytest.raises((ConfigError, RunError), match="--lr"):
         resume(out, progress=False)
     shutil.rmtree(partial_dir(out))
+
+
+# Edited or damaged run files: one line naming the file, never a traceback or a silent wrong answer.
+RUN_EDITS = {
+    "config.json is a list": ("config.json", lambda c: [1, 2, 3], "config.json must hold an object"),
+    "train is null": ("config.json", lambda c: {**c, "train": None}, "'train' must be an object"),
+    "dropout is text": ("config.json", lambda c: {**c, "train": {**c["train"], "dropout": "abc"}}, "train.dropout"),
+    "dropout out of range": ("config.json", lambda c: {**c, "train": {**c["train"], "dropout": 5.0}}, "train.dropout"),
+    "preprocessing is a list": ("config.json", lambda c: {**c, "preprocessing": [1, 2]}, "'preprocessing' must be"),
+    "a label of -1": ("split.json", lambda s: {**s, "val": [[s["val"][0][0], -1], *s["val"][1:]]}, "as -1"),
+    "a label of 1.5": ("split.json", lambda s: {**s, "val": [[s["val"][0][0], 1.5], *s["val"][1:]]}, "as 1.5"),
+    "a label of 99": ("split.json", lambda s: {**s, "train": [[s["train"][0][0], 99]]}, "as 99"),
+    "val is not a list": ("split.json", lambda s: {**s, "val": {"a": 1}}, "'val' must be a list"),
+    "labels are numbers": ("labels.json", lambda labels: [1, 2, 3], "labels.json must be a list of class names"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RUN_EDITS))
+def test_an_edited_run_is_one_line_for_evaluate_export_and_info(tmp_path_factory, tmp_path, case):
+    from tests.run_factory import shared_run
+
+    name, edit, words = RUN_EDITS[case]
+    run = tmp_path / "run"
+    shutil.copytree(shared_run(tmp_path_factory), run)
+    path = run / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    data = json.loads((shared_run(tmp_path_factory) / "config.json").read_text())["data"]["root"]
+    for args in (["evaluate", str(run), data, "--json"], ["export", str(run), "--out", str(tmp_path / "b")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, (args, result.output)
+        assert f"run {run} is damaged or was edited" in result.stderr and words in result.stderr, result.stderr
+        if "--json" in args:
+            assert json.loads(result.stdout)["error"]["message"].startswith(f"run {run} is damaged")
+    info = CliRunner().invoke(main, ["info", str(run), "--json"])
+    assert info.exit_code == 1 and words in info.stderr and "Traceback" not in info.output, info.output
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_damaged_interrupted_run_is_one_line_on_resume(image_folder, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _fail_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(image_folder, out, epochs=3, **CKPT)
+    monkeypatch.undo()
+    partial = partial_dir(out)
+    kept = {name: (partial / name).read_bytes() for name in ("config.json", "split.json", "checkpoint.pt")}
+    damage = {
+        "config.json": (b"[]", "config.json must hold an object"),
+        "split.json": (json.dumps({"train": [["x.png", -1]], "val": []}).encode(), "as -1"),
+        "checkpoint.pt": (kept["checkpoint.pt"][:200], "truncated or not a PyTorch checkpoint"),
+    }
+    for name, (broken, words) in damage.items():
+        (partial / name).write_bytes(broken)
+        result = CliRunner().invoke(main, ["finetune", "--resume", str(out), "--json", "--no-progress"])
+        assert result.exit_code == 1 and "Traceback" not in result.output, (name, result.output)
+        assert words in result.stderr and "--force" in result.stderr, (name, result.stderr)
+        assert json.loads(result.stdout)["error"]["exit_code"] == 1
+        (partial / name).write_bytes(kept[name])
+    # Repaired, it resumes.
+    assert resume(out, progress=False).epochs_run == 3

@@ -107,3 +107,12 @@ def test_predict_walks_no_hidden_files_reports_dangling_links_and_lists_skips(bu
     skipped = doc["summary"]["skipped_files"]
     assert doc["summary"]["skipped"] == 1 and [os.path.basename(s["path"]) for s in skipped] == ["dangling.png"]
     assert skipped[0]["reason"]
+
+
+def test_table_headers_from_user_data_are_escaped_and_not_markup(capsys, monkeypatch):
+    from edgetl.cli import _output
+
+    monkeypatch.setattr(_output, "stdout_is_terminal", lambda: True)
+    _output.emit_table("table", ["true", "a\x1b[31mRED", "[bold]b[/bold]", "c\x9bd"], [["x", 1, 2, 3]])
+    out = capsys.readouterr().out
+    assert _raw(out) == [] and "\\x1b[31mRED" in out and "[bold]b[/bold]" in out and "\\x9bd" in out, out

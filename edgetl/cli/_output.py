@@ -177,7 +177,8 @@ def emit_table(
 ) -> None:
     """A table on stdout: rich on ``table``, else a header line and one tab-separated line per row.
 
-    Cells are shown as text (never as rich markup), so names from user data print as they are.
+    Cells and headers are shown as text (never as rich markup), control characters escaped, so
+    names from user data print as they are.
     Columns in ``whole`` (names a user copies, such as variant names) are never broken across
     lines on a narrow terminal; the others give way.
     """
@@ -190,7 +191,9 @@ def emit_table(
 
     table = Table(title=plain(title) if title else None)
     for col in columns:
-        table.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col in whole)
+        # A header can be a name from user data too (evaluate's confusion columns are class names).
+        header = plain(col)
+        table.add_column(header, justify="right" if col in right else "left", overflow="fold", no_wrap=col in whole)
     for row in rows:
         table.add_row(*(plain(c) for c in row))
     console().print(table)

@@ -43,6 +43,17 @@ def bundle_files(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(rels))
 
 
+def _is_pack_archive(path: Path) -> bool:
+    """Whether ``path`` is a gzip tar as :func:`pack_bundle` writes it: a top folder, then its
+    manifest.json (only the first two members are read)."""
+    try:
+        with tarfile.open(path, "r|gz") as tar:
+            first, second = next(iter(tar), None), tar.next()
+    except (OSError, tarfile.TarError, EOFError):
+        return False
+    return first is not None and second is not None and first.isdir() and second.name == f"{first.name}/{MANIFEST_NAME}"
+
+
 def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Verify ``bundle`` and write it to the gzip tar ``out`` under one top folder (the bundle's name).
 
@@ -57,8 +68,16 @@ def pack_bundle(bundle: str | os.PathLike, out: str | os.PathLike, *, force: boo
     bundle, out = Path(bundle), Path(out)
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
+    if out.is_dir():
+        example = out / f"{bundle.name}.tar.gz"
+        raise ConfigError(f"--out {out} is a folder; give the archive's file name, e.g. {example}")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not _is_pack_archive(out):
+        raise OutputExistsError(
+            f"--force replaces only an archive `edgetl pack` wrote, and {out} is not one; choose another --out "
+            "or remove it yourself"
+        )
     if out.resolve().is_relative_to(bundle.resolve()):
         raise ConfigError(f"the archive {out} must not be written inside the bundle {bundle}")
     top = bundle.resolve().name

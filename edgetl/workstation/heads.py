@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.core.atomic import atomic_directory, check_output
+from edgetl.core.atomic import atomic_directory, check_data_folders, check_output
 from edgetl.core.errors import BundleError, ConfigError
 from edgetl.core.imagefolder import class_counts
 from edgetl.core.preprocess import Preprocessing
@@ -175,6 +175,7 @@ def finetune_head(
     out = Path(out)
     # --force replaces a run folder, never the data, the validation folder or the bundle read here.
     inputs = [p for p in (data, val_dir, trunk_from) if p is not None]
+    check_data_folders([out], data, val_dir)
     check_output(out, force=force, kind="run", inputs=inputs)
     bundle = open_bundle(trunk_from)  # checksums verified: the features come from exactly this trunk
     ref = trunk_reference(bundle)

@@ -30,6 +30,7 @@ from edgetl.core.errors import RunError
 from edgetl.core.imagefolder import Sample, class_counts
 from edgetl.core.metrics import classification_report
 from edgetl.core.preprocess import Preprocessing
+from edgetl.core.runfiles import run_files_problem
 from edgetl.workstation.backbones import BackboneSpec, get_backbone
 
 if TYPE_CHECKING:
@@ -83,9 +84,9 @@ class Run:
             state = torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
             head.load_state_dict(state["head"])
         except Exception as exc:
-            raise RunError(
-                f"run {self.path}: cannot load the head from model.pt ({str(exc).splitlines()[0]})"
-            ) from None
+            from edgetl.workstation.weights import load_failure
+
+            raise RunError(f"run {self.path}: cannot load the head from model.pt ({load_failure(exc)})") from None
         return head.eval()
 
     def build_model(self):
@@ -106,11 +107,14 @@ class Run:
             trunk.load_state_dict(state["trunk"])
             head.load_state_dict(state["head"])
         except Exception as exc:
-            raise RunError(f"run {self.path}: cannot load model.pt ({str(exc).splitlines()[0]})") from None
+            from edgetl.workstation.weights import load_failure
+
+            raise RunError(f"run {self.path}: cannot load model.pt ({load_failure(exc)})") from None
         return TransferModel(trunk, head).eval()
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A run file's JSON; a file that cannot be read or parsed is one-line :class:`RunError`."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -121,6 +125,14 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "model.pt").is_file()
 
 
+def split_samples(split: dict[str, Any]) -> tuple[list[Sample], list[Sample]]:
+    """The train and validation samples of a split.json checked by :func:`run_files_problem`."""
+    return (
+        [Sample(path, label) for path, label in split["train"]],
+        [Sample(path, label) for path, label in split["val"]],
+    )
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
     if not path.is_dir():
@@ -128,18 +140,21 @@ def load_run(path: str | Path) -> Run:
     missing = [f for f in RUN_FILES if not (path / f).is_file()]
     if missing:
         raise RunError(f"{path} is not a complete run: missing {', '.join(missing)}")
-    config = _read_json(path / "config.json")
-    labels = _read_json(path / "labels.json")
-    split = _read_json(path / "split.json")
+    config = read_json(path / "config.json")
+    labels = read_json(path / "labels.json")
+    split = read_json(path / "split.json")
+    problem = run_files_problem(config, labels, split)
+    if problem:
+        raise RunError(f"run {path} is damaged or was edited: {problem}; train it again")
+    train, val = split_samples(split)
     try:
-        train = [Sample(str(p), int(label)) for p, label in split["train"]]
-        val = [Sample(str(p), int(label)) for p, label in split["val"]]
         if not config.get("trunk_from"):  # a head-only run needs no registered backbone
             get_backbone(config["backbone"])
         Preprocessing.from_dict(config["preprocessing"])
     except Exception as exc:
-        raise RunError(f"run {path} is inconsistent: {exc}") from None
-    return Run(path, config, list(labels), train, val, _read_json(path / "metrics.json"))
+        reason = str(exc).removesuffix("; re-export the bundle")  # said for bundles; a run is trained again
+        raise RunError(f"run {path} is inconsistent: {reason}; train it again") from None
+    return Run(path, config, list(labels), train, val, read_json(path / "metrics.json"))
 
 
 # --- the one writer ---------------------------------------------------------------------------------
@@ -175,7 +190,7 @@ def finish_run(
 
     folder = Path(folder)
     if config_update:
-        config = _read_json(folder / "config.json")
+        config = read_json(folder / "config.json")
         config.update(config_update)
         write_json_atomic(folder / "config.json", config)
     torch.save(model_state, folder / "model.pt")

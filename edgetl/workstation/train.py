@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from typing import Any
 
 from edgetl.core.atomic import check_data_folders, check_output, output_lock, replace_directory
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
-from edgetl.core.imagefolder import Sample, class_counts
+from edgetl.core.imagefolder import class_counts
 from edgetl.core.preprocess import Preprocessing
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.export.common import progress_bar
@@ -58,7 +57,17 @@ from edgetl.workstation.prepare import (
     train_transform,
     warn_imbalance,
 )
-from edgetl.workstation.run import FitRecord, finish_run, run_config, run_metrics, start_run, warn_overfitting
+from edgetl.workstation.run import (
+    FitRecord,
+    finish_run,
+    read_json,
+    run_config,
+    run_files_problem,
+    run_metrics,
+    split_samples,
+    start_run,
+    warn_overfitting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -464,6 +473,20 @@ def _held(out: Path) -> Iterator[None]:
         yield
 
 
+def _data_problem(data: Any) -> str | None:
+    """What is wrong with config.json's ``data`` record, which --resume reads back (None: nothing)."""
+    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+        return "config.json: 'data' must be an object with the data folder's root"
+    if data.get("val_dir") is not None and not isinstance(data["val_dir"], str):
+        return "config.json: data.val_dir must be a folder or null"
+    skipped = data.get("skipped", [])
+    if not isinstance(skipped, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("reason"), str) for d in skipped
+    ):
+        return "config.json: data.skipped must be a list of {path, reason}"
+    return None
+
+
 def resume(
     out: str | Path,
     *,
@@ -482,21 +505,26 @@ def resume(
         if (out / "model.pt").is_file():
             raise RunError(f"run {out} is already complete; nothing to resume")
         raise RunError(f"no interrupted run at {partial} (it is created when `edgetl finetune --out {out}` starts)")
-    saved = json.loads((partial / "config.json").read_text())
+    saved, labels, split = (read_json(partial / name) for name in ("config.json", "labels.json", "split.json"))
+    damaged = f"the interrupted run {partial} is damaged or was edited"
+    problem = run_files_problem(saved, labels, split) or _data_problem(saved.get("data"))
+    if problem:
+        raise RunError(f"{damaged}: {problem}; start over with `edgetl finetune ... --force`")
+    try:
+        TrainConfig(**saved["train"])  # checked again: config.json may have been edited since
+    except (TypeError, ConfigError) as exc:
+        raise RunError(f"{damaged}: config.json's training options: {exc}; start over with --force") from None
     values = dict(saved["train"])
     for key, value in (overrides or {}).items():
         if key not in _RESUMABLE_OVERRIDES:
             raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming (it changes what is learned)")
         values[key] = value
-    try:
-        cfg = TrainConfig(**values)  # checked again: config.json may have been edited since
-    except TypeError as exc:
-        raise RunError(f"{partial / 'config.json'}: unknown training options ({exc})") from None
-    split = json.loads((partial / "split.json").read_text())
+    cfg = TrainConfig(**values)
+    train, val = split_samples(split)
     prepared = PreparedData(
-        labels=json.loads((partial / "labels.json").read_text()),
-        train=[Sample(p, int(label)) for p, label in split["train"]],
-        val=[Sample(p, int(label)) for p, label in split["val"]],
+        labels=labels,
+        train=train,
+        val=val,
         skipped=[(d["path"], d["reason"]) for d in saved["data"]["skipped"]],
         root=saved["data"]["root"],
         val_dir=saved["data"]["val_dir"],
@@ -508,8 +536,17 @@ def resume(
         check_output(out, force=True, kind="run", inputs=inputs)
         checkpoint = None
         if (partial / "checkpoint.pt").is_file():
-            checkpoint = torch.load(partial / "checkpoint.pt", map_location="cpu", weights_only=True)
-            log.info("resuming %s after epoch %d", out, checkpoint["epoch"])
+            try:
+                checkpoint = torch.load(partial / "checkpoint.pt", map_location="cpu", weights_only=True)
+                epoch = int(checkpoint["epoch"])
+            except Exception as exc:
+                from edgetl.workstation.weights import load_failure
+
+                raise RunError(
+                    f"cannot read {partial / 'checkpoint.pt'}: {load_failure(exc)}; start over with "
+                    "`edgetl finetune ... --force`"
+                ) from None
+            log.info("resuming %s after epoch %d", out, epoch)
         return _train_into(
             out,
             partial,

@@ -204,6 +204,18 @@ def find_imagenet_weights(spec: BackboneSpec, *, allow_download: bool | None = N
     raise WeightsError(f"ImageNet weights for {spec.name} are not on this machine; " + _how_to_get(spec))
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words of our own: PyTorch's
+    message suggests retrying with ``weights_only=False``, which would run code from the file."""
+    text = str(exc)
+    if "weights_only" in text or "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
+        return "it holds more than tensors (a pickle that could run code), so it is refused unread"
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError | KeyError):
+        return "it is truncated or not a PyTorch checkpoint"
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(exc).__name__
+    return first
+
+
 def load_state_dict(path: Path) -> dict:
     """Load a checkpoint as data only (``weights_only=True``, or safetensors); unwraps
     ``{"state_dict": ...}`` and ``{"model": ...}``."""
@@ -216,7 +228,7 @@ def load_state_dict(path: Path) -> dict:
             return load_file(str(path), device="cpu")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot load weights file {path} as a weights-only checkpoint: {exc}") from None
+        raise WeightsError(f"cannot load weights file {path}: {load_failure(exc)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -1,0 +1,43 @@
+"""A run folder's JSON files as ``finetune`` writes them, checked as untrusted data.
+
+The workstation loads runs (:mod:`edgetl.workstation.run`) and the device describes them
+(``edgetl info``, :mod:`edgetl.device.info`); both refuse an edited or damaged config.json,
+labels.json or split.json with the same one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_files_problem(config: Any, labels: Any, split: Any) -> str | None:
+    """What is wrong with a run's config.json, labels.json and split.json as read (None: nothing):
+    the shapes and types everything downstream relies on, and every label index in 0..n-1 (a
+    label of -1 would be scored as the last class, 1.5 as class 1). One line, naming the file."""
+    if not isinstance(config, dict):
+        return f"config.json must hold an object, not {type(config).__name__}"
+    for key, kind in (("train", dict), ("preprocessing", dict), ("backbone", str)):
+        if not isinstance(config.get(key), kind):
+            what = "an object" if kind is dict else "a name"
+            return f"config.json: {key!r} must be {what}, not {config.get(key)!r:.60}"
+    dropout = config["train"].get("dropout")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        return f"config.json: train.dropout must be a number in [0, 1), not {dropout!r:.60}"
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        return "labels.json must be a list of class names (strings)"
+    if not isinstance(split, dict):
+        return f"split.json must hold an object with train and val lists, not {type(split).__name__}"
+    for part in ("train", "val"):
+        items = split.get(part)
+        if not isinstance(items, list):
+            return f"split.json: {part!r} must be a list of [path, label] pairs"
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                return f"split.json: {part!r} holds {item!r:.80}, not a [path, label] pair"
+            label = item[1]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(labels):
+                return (
+                    f"split.json: {part!r} labels {item[0]!r:.80} as {label!r:.20}; a label is a class index "
+                    f"in 0..{len(labels) - 1}"
+                )
+    return None
