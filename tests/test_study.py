@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import edgetl.workstation.study as study_mod
 from edgetl.cli import main
@@ -166,6 +167,21 @@ def test_study_refuses_bad_options_before_training(image_folder, tiny_weights, t
     (tmp_path / "out" / "study.json").write_text("{}")
     with pytest.raises(OutputExistsError, match="--force"):
         _study(image_folder, config=_config(tiny_weights), out=tmp_path / "out", progress=False)
+    photo = tmp_path / "holiday.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    with pytest.raises(OutputExistsError, match="replaces only a plot a study wrote"):
+        _study(image_folder, config=_config(tiny_weights), plot=photo, force=True, progress=False)
+    assert Image.open(photo).getpixel((0, 0)) == (200, 10, 10)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".svg", ".pdf", ".jpg"])
+def test_force_replaces_a_plot_a_study_wrote(tmp_path, suffix):
+    from edgetl.workstation.study_result import is_study_plot, plot_study
+
+    path = plot_study(_fake_result(), tmp_path / f"s{suffix}")
+    assert is_study_plot(path) and not is_study_plot(tmp_path / "missing.png")
+    (tmp_path / f"other{suffix}").write_bytes(path.read_bytes().replace(b"edgetl study", b"someone else"))
+    assert not is_study_plot(tmp_path / f"other{suffix}")
 
 
 def _fake_result(**kw):

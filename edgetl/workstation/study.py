@@ -52,6 +52,7 @@ from edgetl.workstation.study_result import (
     StudyRow,
     budget_sort_key,
     budget_text,
+    is_study_plot,
     plot_format,
     plot_study,
     samples_digest,
@@ -175,6 +176,11 @@ def _check_outputs(out: Path | None, plot: Path | None, force: bool) -> None:
             raise OutputExistsError(
                 f"{path} already exists; pass --force to replace it, or choose another --out/--plot"
             )
+    if plot is not None and (plot.exists() or plot.is_symlink()) and not is_study_plot(plot):
+        raise OutputExistsError(
+            f"--force replaces only a plot a study wrote, and {plot} is not one; choose another --plot or "
+            "remove it yourself"
+        )
     if out is not None and out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; it must be a folder (study.json and study.png go in it)")
 

@@ -124,6 +124,35 @@ def plot_format(path: str | Path) -> str:
     return suffix or "png"
 
 
+PLOT_MARK = "edgetl study"  # written into every study plot, so that --force replaces only one of them
+
+
+def _plot_mark_options(fmt: str) -> dict:
+    if fmt in ("jpg", "jpeg"):
+        return {"pil_kwargs": {"comment": PLOT_MARK.encode()}}
+    return {"metadata": {"Software" if fmt == "png" else "Creator": PLOT_MARK}}
+
+
+def is_study_plot(path: str | Path) -> bool:
+    """Whether ``path`` is a plot ``study`` wrote (it carries :data:`PLOT_MARK`): PNG text, JPEG
+    comment, or the SVG's or PDF's creator (found in the file's first 64 kB)."""
+    path = Path(path)
+    if not path.is_file() or path.is_symlink():
+        return False
+    fmt = plot_format(path)
+    try:
+        if fmt in ("png", "jpg", "jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as img:
+                found = img.text.get("Software") if fmt == "png" else img.info.get("comment")
+            return found in (PLOT_MARK, PLOT_MARK.encode())
+        with open(path, "rb") as f:
+            return PLOT_MARK.encode() in f.read(1 << 16)
+    except Exception:  # not an image at all, unreadable: not ours
+        return False
+
+
 def plot_study(result: StudyResult, path: str | Path) -> Path:
     """Validation top-1 against images per class (log scale), one line per strategy."""
     import matplotlib
@@ -170,7 +199,8 @@ def plot_study(result: StudyResult, path: str | Path) -> Path:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a plot is read by others
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, dpi=100, format=plot_format(path))
+            fmt = plot_format(path)
+            fig.savefig(f, dpi=100, format=fmt, **_plot_mark_options(fmt))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
