@@ -86,6 +86,8 @@ def test_parse_target(text, expected):
         ("bad user@rpi:b", "not a device target"),
         ("rpi:/", "bundle's own folder"),
         ("rpi:b\nrm -rf", "control characters"),
+        ("file:///tmp/deployed", "file:// URL, which edgetl does not copy to"),
+        ("https://host/b", "https:// URL"),
     ],
 )
 def test_parse_target_rejects(text, message):

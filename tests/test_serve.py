@@ -686,6 +686,30 @@ def _wait_for(condition, seconds: float = 15.0) -> bool:
     return False
 
 
+def test_a_bundle_copied_in_file_by_file_is_served_once_complete(files, tmp_path):
+    """A copy into the served folder (manifest first, the rest after) is refused while incomplete;
+    the later files' changes trigger another reload, so the server does not stay on "refused"."""
+    from edgetl.device.bundle_loading import LoadOptions
+    from edgetl.device.serve.engine import Engine, EngineSettings
+
+    served = tmp_path / "served"
+    shutil.copytree(files["bundle"], served)
+    other = build_bundle(tmp_path / "other", heads=("colour",), feature_dim=6)  # other trunk and head files
+    engine = Engine(EngineSettings(bundle=served, load_options=LoadOptions(threads=1), watch_interval=0.05)).start()
+    try:
+        before = engine.slot.version
+        shutil.copyfile(other / "manifest.json", served / "manifest.json")  # the rest not yet copied
+        assert _wait_for(lambda: (engine.pending or {}).get("state") == "refused"), engine.pending
+        assert engine.slot.version == before
+        for path in sorted(other.rglob("*")):
+            if path.is_file() and path.name != "manifest.json":
+                (served / path.relative_to(other)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, served / path.relative_to(other))
+        assert _wait_for(lambda: engine.slot.version == version_of(other) and engine.pending is None), engine.pending
+    finally:
+        engine.stop()
+
+
 def test_hot_swap_under_load_drops_nothing_and_refuses_a_bad_bundle(files, tmp_path):
     served = tmp_path / "served"
     shutil.copytree(files["bundle"], served)

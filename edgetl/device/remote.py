@@ -74,6 +74,12 @@ def parse_target(text: str) -> Target:
     forms = "expected user@host:/path or ssh://user@host[:port]/path"
     if any(c in text for c in "\0\n\r"):
         raise ConfigError(f"target {text!r} contains control characters; {forms}")
+    scheme, sep, _ = text.partition("://")
+    if sep and scheme.lower() != "ssh":
+        raise ConfigError(
+            f"target {text!r} is a {scheme}:// URL, which edgetl does not copy to; {forms} (on this machine, "
+            "`edgetl pack` then `edgetl unpack`, or cp -r)"
+        )
     if text.startswith("ssh://"):
         authority, slash, path = text[len("ssh://") :].partition("/")
         if not slash or not path:

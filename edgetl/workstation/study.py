@@ -122,7 +122,7 @@ def parse_epochs(value: int | str | Mapping[str, int] | None) -> dict[str, int]:
         if name not in STUDY_STRATEGIES:
             raise ConfigError(f"--epochs names unknown strategy {name!r}; choose from {', '.join(STUDY_STRATEGIES)}")
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EPOCHS:
-            _bad_epochs(value)
+            _bad_epochs(f"{name}={n}")
         epochs[name] = n
     return epochs
 

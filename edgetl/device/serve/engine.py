@@ -446,13 +446,26 @@ def _version_or_none(path: Path) -> str | None:
 
 
 def _signature(path: Path) -> tuple | None:
-    """What changes when a bundle is replaced: the folder's inode and manifest.json's mtime and size."""
+    """What changes when a bundle is replaced or edited in place: the folder's inode, and every
+    file's inode, mtime and size (a bundle holds a few dozen files at most). Files copied in one by
+    one (``cp good/* bundle/``) may trigger a reload that is refused half-way; the last file's
+    change triggers another, so the server does not stay on "refused" once the copy is complete."""
     try:
         folder = os.stat(path)
-        manifest = os.stat(path / "manifest.json")
+        os.stat(path / "manifest.json")
+        files = []
+        stack = [path]
+        while stack and len(files) <= 10_000:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(Path(entry.path))
+                    else:
+                        st = entry.stat(follow_symlinks=False)
+                        files.append((entry.path, st.st_ino, st.st_mtime_ns, st.st_size))
     except OSError:
         return None
-    return (folder.st_dev, folder.st_ino, manifest.st_ino, manifest.st_mtime_ns, manifest.st_size)
+    return (folder.st_dev, folder.st_ino, tuple(sorted(files)))
 
 
 __all__ = [

@@ -147,6 +147,10 @@ def _quiet_logging(access_log: bool) -> None:
         logger.setLevel(logging.WARNING)
     if access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    # python-multipart logs a malformed body as a bare warning line (Python's last-resort handler);
+    # the client already gets a 400 saying so.
+    for name in ("python_multipart", "multipart"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def serve(app: Any, settings: ServerSettings, *, on_ready: Callable[[int], None], on_reload: Callable[[], None]) -> int:
