@@ -206,7 +206,7 @@ def find_imagenet_weights(spec: BackboneSpec, *, allow_download: bool | None = N
 
 def load_failure(exc: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, in a few words of our own: PyTorch's
-    message suggests retrying with ``weights_only=False``, which would run code from the file."""
+    message suggests retrying without ``weights_only``, which would run code from the file."""
     text = str(exc)
     if "weights_only" in text or "Weights only load failed" in text or "Unpickl" in type(exc).__name__:
         return "it holds more than tensors (a pickle that could run code), so it is refused unread"
