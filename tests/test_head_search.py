@@ -94,6 +94,42 @@ def test_rows_of_one_group_never_straddle_folds():
     assert grouped.table[0]["cv_top1"] < 0.75  # ...and grouped folds have none (chance is 0.5)
 
 
+def test_folds_are_stratified_group_whole_and_seeded():
+    from edgetl.workstation.head_search import _splits
+
+    rng = np.random.default_rng(1)
+    per_class = {0: 7, 1: 5, 2: 23}  # uneven classes, 3 views per image
+    labels = np.concatenate([np.full(n, c) for c, n in per_class.items()])
+    y = np.repeat(labels, 3)
+    groups = np.repeat(rng.permutation(len(labels)) + 1000, 3)  # group ids need not be 0..n-1
+    folds = _splits(y, groups, 5, seed=3)
+    rows = np.sort(np.concatenate(folds))
+    assert np.array_equal(rows, np.arange(len(y)))  # every row held out exactly once
+    for held in folds:
+        assert set(np.unique(y[held])) == {0, 1, 2}  # every class in every fold
+        for c, n in per_class.items():  # as even as the counts allow
+            assert n // 5 <= len(np.unique(groups[held][y[held] == c])) <= -(-n // 5)
+    fold_of = {g: f for f, held in enumerate(folds) for g in groups[held]}
+    assert all(len({fold_of[g] for g in groups[groups == g]}) == 1 for g in np.unique(groups))
+    same = _splits(y, groups, 5, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(folds, same, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(folds, _splits(y, groups, 5, seed=4), strict=True))
+    plain = _splits(labels, None, 5, seed=0)  # no groups: each row its own
+    assert sorted(np.concatenate(plain).tolist()) == list(range(len(labels)))
+
+
+def test_the_search_does_not_import_scikit_learn():
+    code = (
+        "import sys, numpy as np\n"
+        "from edgetl.workstation.head_search import search_head\n"
+        "x = np.random.default_rng(0).normal(size=(60, 8)).astype('float32'); y = np.arange(60) % 3\n"
+        "search_head(x, y, 3)\n"
+        "print(any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # 0.8-1.0 s of every run's start-up
+
+
 def test_only_scored_rows_count():
     # Clean rows are separable; the extra ("augmented") rows are noise near the origin with labels
     # of their own: scoring every held-out row counts about two thirds of them wrong, scoring the
