@@ -273,10 +273,7 @@ def test_a_second_finetune_to_the_same_out_fails_at_once(image_folder, tmp_path)
 
 def test_resume_holds_the_output_lock_too(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _fail_after_first_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3, **CKPT)
-    monkeypatch.undo()
+    _interrupted_after_epoch_1(image_folder, out, monkeypatch)
     with output_lock(out), pytest.raises(OutputBusyError):
         resume(out, progress=False)
     assert resume(out, progress=False).resumed_from_epoch == 1
@@ -299,6 +296,14 @@ def test_data_digits_takes_the_lock_and_leaves_other_folders_alone(tmp_path):
 
 
 # --- a run that fails at start leaves nothing that blocks a retry -------------------------------------
+
+
+def _interrupted_after_epoch_1(image_folder, out, monkeypatch) -> None:
+    """A 3-epoch fine-tune to ``out`` stopped by Ctrl-C right after epoch 1's checkpoint."""
+    _fail_after_first_checkpoint(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(image_folder, out, epochs=3, **CKPT)
+    monkeypatch.undo()
 
 
 def _fail_after_first_checkpoint(monkeypatch):
@@ -347,10 +352,7 @@ def test_a_partial_that_is_not_a_run_is_not_deleted_by_force(image_folder, tmp_p
 
 def test_an_edited_run_config_is_checked_on_resume(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _fail_after_first_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3, **CKPT)
-    monkeypatch.undo()
+    _interrupted_after_epoch_1(image_folder, out, monkeypatch)
     config = partial_dir(out) / "config.json"
     doc = json.loads(config.read_text())
     doc["train"]["lr"] = "fast"
@@ -398,10 +400,7 @@ def test_an_edited_run_is_one_line_for_evaluate_export_and_info(tmp_path_factory
 
 def test_a_damaged_interrupted_run_is_one_line_on_resume(image_folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    _fail_after_first_checkpoint(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(image_folder, out, epochs=3, **CKPT)
-    monkeypatch.undo()
+    _interrupted_after_epoch_1(image_folder, out, monkeypatch)
     partial = partial_dir(out)
     kept = {name: (partial / name).read_bytes() for name in ("config.json", "split.json", "checkpoint.pt")}
     damage = {

@@ -192,32 +192,29 @@ def finetune(
         for k, v in options.items()
         if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
-    if trunk_from:
-        from edgetl.workstation.heads import finetune_head, head_config
+    try:
+        if trunk_from:
+            from edgetl.workstation.heads import finetune_head, head_config
 
-        config = head_config(explicit, recipe=recipe, resume=resume_run)
-        if not data or not out:
-            raise ConfigError("finetune --trunk-from BUNDLE needs DATA and --out RUN")
-        result = finetune_head(
-            data, out, trunk_from=trunk_from, config=config, val_dir=val_dir, force=force, progress=not no_progress
-        )
-    elif resume_run:
-        if data or recipe:
-            raise ConfigError("--resume RUN takes the data and options from the run; drop DATA and --recipe")
-        try:
+            config = head_config(explicit, recipe=recipe, resume=resume_run)
+            if not data or not out:
+                raise ConfigError("finetune --trunk-from BUNDLE needs DATA and --out RUN")
+            result = finetune_head(
+                data, out, trunk_from=trunk_from, config=config, val_dir=val_dir, force=force, progress=not no_progress
+            )
+        elif resume_run:
+            if data or recipe:
+                raise ConfigError("--resume RUN takes the data and options from the run; drop DATA and --recipe")
             result = resume(resume_run, progress=not no_progress, overrides=explicit)
-        except KeyboardInterrupt:
-            _say_how_to_resume(resume_run)
-            raise
-    else:
-        if not data or not out:
-            raise ConfigError("finetune needs DATA and --out RUN (or --resume RUN)")
-        config = make_config(recipe, explicit)
-        try:
+        else:
+            if not data or not out:
+                raise ConfigError("finetune needs DATA and --out RUN (or --resume RUN)")
+            config = make_config(recipe, explicit)
             result = run_finetune(data, out, config=config, val_dir=val_dir, force=force, progress=not no_progress)
-        except KeyboardInterrupt:
-            _say_how_to_resume(out)
-            raise
+    except KeyboardInterrupt:
+        if resume_run or out:
+            _say_how_to_resume(resume_run or out)
+        raise
     doc = result.to_dict()
     doc["skipped"] = [{"path": p, "reason": r} for p, r in result.skipped]
     if fmt == "json":

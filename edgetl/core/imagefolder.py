@@ -205,33 +205,6 @@ def image_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def shared_images(train: Iterable[Sample], val: Iterable[Sample]) -> list[tuple[str, str]]:
-    """(validation path, training path) for each validation image whose bytes are also a training
-    image's: a copy under another name inflates the validation score. Files are compared by size
-    first, and only sizes found on both sides are hashed (usually none)."""
-    by_size: dict[int, list[str]] = {}
-    for s in train:
-        try:
-            by_size.setdefault(os.stat(s.path).st_size, []).append(s.path)
-        except OSError:
-            continue
-    hashes: dict[int, dict[str, str]] = {}
-    found = []
-    for s in val:
-        try:
-            size = os.stat(s.path).st_size
-            if size not in by_size:
-                continue
-            if size not in hashes:
-                hashes[size] = {image_sha256(p): p for p in by_size[size]}
-            twin = hashes[size].get(image_sha256(s.path))
-        except OSError:
-            continue
-        if twin is not None:
-            found.append((s.path, twin))
-    return found
-
-
 def hash_prefixes(hashes: Iterable[str]) -> str:
     """The :data:`HASH_HEX`-digit prefixes of ``hashes``, sorted and without duplicates, as one string."""
     return "".join(sorted({h[:HASH_HEX] for h in hashes}))

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgetl.core.errors import EdgetlError
+from edgetl.core.preprocess import Preprocessing
+
 
 def run_files_problem(config: Any, labels: Any, split: Any) -> str | None:
     """What is wrong with a run's config.json, labels.json and split.json as read (None: nothing):
-    the shapes and types everything downstream relies on, and every label index in 0..n-1 (a
-    label of -1 would be scored as the last class, 1.5 as class 1). One line, naming the file."""
+    the shapes and types everything downstream relies on, every label index in 0..n-1 (a label of
+    -1 would be scored as the last class, 1.5 as class 1), and the preprocessing record. One line,
+    naming the file."""
     if not isinstance(config, dict):
         return f"config.json must hold an object, not {type(config).__name__}"
     for key, kind in (("train", dict), ("preprocessing", dict), ("backbone", str)):
@@ -40,4 +44,22 @@ def run_files_problem(config: Any, labels: Any, split: Any) -> str | None:
                     f"split.json: {part!r} labels {item[0]!r:.80} as {label!r:.20}; a label is a class index "
                     f"in 0..{len(labels) - 1}"
                 )
+    try:
+        Preprocessing.from_dict(config["preprocessing"])
+    except EdgetlError as exc:  # its advice is for bundles; the callers say what to do with a run
+        return f"config.json: {str(exc).removesuffix('; re-export the bundle')}"
+    return None
+
+
+def data_record_problem(data: Any) -> str | None:
+    """What is wrong with config.json's ``data`` record, which --resume reads back (None: nothing)."""
+    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+        return "config.json: 'data' must be an object with the data folder's root"
+    if data.get("val_dir") is not None and not isinstance(data["val_dir"], str):
+        return "config.json: data.val_dir must be a folder or null"
+    skipped = data.get("skipped", [])
+    if not isinstance(skipped, list) or not all(
+        isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("reason"), str) for d in skipped
+    ):
+        return "config.json: data.skipped must be a list of {path, reason}"
     return None

@@ -22,7 +22,6 @@ from edgetl.core.bundle import MANIFEST_NAME, read_manifest, sha256_file
 from edgetl.core.errors import EdgetlError, RunError
 from edgetl.core.formats import runtime_of
 from edgetl.core.jsonio import read_json
-from edgetl.core.preprocess import Preprocessing
 from edgetl.core.runfiles import run_files_problem
 
 # A run folder as `finetune` writes it (edgetl.workstation.run, which the device side may not import).
@@ -280,14 +279,6 @@ def _read(run: Path, name: str, problems: list[str]) -> Any:
         return None
 
 
-def _preprocessing_problem(config: dict[str, Any]) -> str | None:
-    try:
-        Preprocessing.from_dict(config["preprocessing"])
-    except EdgetlError as exc:
-        return f"config.json: {str(exc).removesuffix('; re-export the bundle')}"
-    return None
-
-
 def _split_counts(split: Any) -> tuple[int | None, int | None]:
     split = _dict(split)
     counts = [len(split[k]) if isinstance(split.get(k), list) else None for k in ("train", "val")]
@@ -320,7 +311,7 @@ def run_info(run: str | os.PathLike) -> dict[str, Any]:
     labels = _read(run, "labels.json", issues)
     split = _read(run, "split.json", issues)
     if not issues:
-        damaged = run_files_problem(raw_config, labels, split) or _preprocessing_problem(config)
+        damaged = run_files_problem(raw_config, labels, split)
         if damaged:
             issues.append(f"run {run} is damaged or was edited: {damaged}")
     metrics = _dict(_read(run, "metrics.json", issues))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgetl.core.errors import ConfigError
-from edgetl.core.imagefolder import Sample, drop_unreadable, scan_image_folder, shared_images
+from edgetl.core.imagefolder import Sample, drop_unreadable, scan_image_folder
 from edgetl.core.preprocess import Preprocessing, load_image
 from edgetl.workstation.data import stratified_split
 from edgetl.workstation.options import TrainConfig
@@ -41,14 +41,7 @@ def prepare_data(data: str | Path, cfg: TrainConfig, *, val_dir: str | Path | No
     else:
         train, val = stratified_split(folder, cfg.val_split, cfg.seed)
         skipped = list(folder.skipped)
-    shared = shared_images(train, val)
-    if shared:
-        log.warning(
-            "%d validation image(s) are byte-for-byte copies of training images (e.g. %r = %r): the "
-            "validation top-1 counts them as unseen; remove the copies for an honest score",
-            len(shared),
-            *shared[0],
-        )
+    _warn_copies(train, val)
     return PreparedData(
         list(folder.classes),
         train,
@@ -57,6 +50,23 @@ def prepare_data(data: str | Path, cfg: TrainConfig, *, val_dir: str | Path | No
         str(Path(data).resolve()),
         str(Path(val_dir).resolve()) if val_dir else None,
     )
+
+
+def _warn_copies(train: list[Sample], val: list[Sample]) -> None:
+    """Warn when validation images are byte-for-byte copies of training images (a copy in --val-dir,
+    or two copies in DATA that the split put on both sides): the validation top-1 would count them
+    as unseen. The check is evaluate's (files compared by size first; only same-size ones hashed)."""
+    from edgetl.device.evaluate import TrainingImages
+
+    flags = TrainingImages.from_split([s.path for s in train], []).flags([s.path for s in val])
+    copies = [s.path for s, copy in zip(val, flags, strict=True) if copy]
+    if copies:
+        log.warning(
+            "%d validation image(s) are byte-for-byte copies of training images (e.g. %r): the "
+            "validation top-1 counts them as unseen; remove the copies for an honest score",
+            len(copies),
+            copies[0],
+        )
 
 
 def subsample_per_class(samples: list[Sample], n: int | None, seed: int) -> list[Sample]:

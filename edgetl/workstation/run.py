@@ -147,13 +147,11 @@ def load_run(path: str | Path) -> Run:
     if problem:
         raise RunError(f"run {path} is damaged or was edited: {problem}; train it again")
     train, val = split_samples(split)
-    try:
-        if not config.get("trunk_from"):  # a head-only run needs no registered backbone
+    if not config.get("trunk_from"):  # a head-only run needs no registered backbone
+        try:
             get_backbone(config["backbone"])
-        Preprocessing.from_dict(config["preprocessing"])
-    except Exception as exc:
-        reason = str(exc).removesuffix("; re-export the bundle")  # said for bundles; a run is trained again
-        raise RunError(f"run {path} is inconsistent: {reason}; train it again") from None
+        except Exception as exc:
+            raise RunError(f"run {path} is inconsistent: {exc}") from None
     return Run(path, config, list(labels), train, val, read_json(path / "metrics.json"))
 
 

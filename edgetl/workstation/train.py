@@ -33,6 +33,7 @@ from edgetl.core.atomic import check_data_folders, check_output, output_lock, re
 from edgetl.core.errors import ConfigError, OutputExistsError, RunError
 from edgetl.core.imagefolder import class_counts
 from edgetl.core.preprocess import Preprocessing
+from edgetl.core.runfiles import data_record_problem, run_files_problem
 from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.export.common import progress_bar
 from edgetl.workstation.loops import (
@@ -62,7 +63,6 @@ from edgetl.workstation.run import (
     finish_run,
     read_json,
     run_config,
-    run_files_problem,
     run_metrics,
     split_samples,
     start_run,
@@ -473,20 +473,6 @@ def _held(out: Path) -> Iterator[None]:
         yield
 
 
-def _data_problem(data: Any) -> str | None:
-    """What is wrong with config.json's ``data`` record, which --resume reads back (None: nothing)."""
-    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
-        return "config.json: 'data' must be an object with the data folder's root"
-    if data.get("val_dir") is not None and not isinstance(data["val_dir"], str):
-        return "config.json: data.val_dir must be a folder or null"
-    skipped = data.get("skipped", [])
-    if not isinstance(skipped, list) or not all(
-        isinstance(d, dict) and isinstance(d.get("path"), str) and isinstance(d.get("reason"), str) for d in skipped
-    ):
-        return "config.json: data.skipped must be a list of {path, reason}"
-    return None
-
-
 def resume(
     out: str | Path,
     *,
@@ -507,19 +493,17 @@ def resume(
         raise RunError(f"no interrupted run at {partial} (it is created when `edgetl finetune --out {out}` starts)")
     saved, labels, split = (read_json(partial / name) for name in ("config.json", "labels.json", "split.json"))
     damaged = f"the interrupted run {partial} is damaged or was edited"
-    problem = run_files_problem(saved, labels, split) or _data_problem(saved.get("data"))
+    problem = run_files_problem(saved, labels, split) or data_record_problem(saved.get("data"))
     if problem:
         raise RunError(f"{damaged}: {problem}; start over with `edgetl finetune ... --force`")
     try:
-        TrainConfig(**saved["train"])  # checked again: config.json may have been edited since
+        saved_cfg = TrainConfig(**saved["train"])  # checked again: config.json may have been edited since
     except (TypeError, ConfigError) as exc:
         raise RunError(f"{damaged}: config.json's training options: {exc}; start over with --force") from None
-    values = dict(saved["train"])
-    for key, value in (overrides or {}).items():
+    for key in overrides or {}:
         if key not in _RESUMABLE_OVERRIDES:
             raise ConfigError(f"--{key.replace('_', '-')} cannot change when resuming (it changes what is learned)")
-        values[key] = value
-    cfg = TrainConfig(**values)
+    cfg = dataclasses.replace(saved_cfg, **(overrides or {}))
     train, val = split_samples(split)
     prepared = PreparedData(
         labels=labels,
