@@ -72,7 +72,7 @@ def test_bundle_layout_and_manifest_validate(exported, run_dir):
     run = load_run(run_dir)
     weights = {"kind": "none", "file": None, "sha256": None, "origin": None}  # the run's, without its path
     assert run.config["weights"] == {"kind": "none", "path": None, "sha256": None, "origin": None}
-    assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "weights": weights}
+    assert m["backbone"] == {"name": "tiny_test", "feature_dim": 16, "features": "last", "weights": weights}
     assert m["preprocessing"] == run.preprocessing.to_dict()
     assert m["trunk"]["input"] == {"name": "image", "shape": ["batch", 3, 32, 32], "dtype": "float32"}
     assert m["trunk"]["output"] == {"name": "features", "shape": ["batch", 16], "dtype": "float32"}

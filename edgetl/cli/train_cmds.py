@@ -8,7 +8,7 @@ from edgetl.cli._common import common_options, handle_errors
 from edgetl.cli._output import clean, emit_json, emit_table, envelope, format_option, resolve_format
 from edgetl.cli._runtime_options import head_option, runtime_option
 from edgetl.core.formats import PRECISIONS
-from edgetl.workstation.options import CROP_MODES, STRATEGIES, TrainConfig
+from edgetl.workstation.options import CROP_MODES, FEATURE_MODES, STRATEGIES, TrainConfig
 
 # Defaults come from TrainConfig (numpy- and torch-free at import) so the CLI and the library cannot drift.
 _D = TrainConfig()
@@ -68,6 +68,15 @@ _D = TrainConfig()
     show_default=True,
     help="center: the backbone's resize + centre crop; none: resize the shorter side to the input size; compare: "
     "cross-validate both; auto: compare when the images are no larger than the resize, else center.",
+)
+@click.option(
+    "--features",
+    type=click.Choice(FEATURE_MODES),
+    default=_D.features,
+    show_default=True,
+    help="What a feature-extraction head sees. blocks: every trunk block's output, pooled and concatenated "
+    "(multi-layer features); last: the last feature map only; auto: blocks for the searched feature-extraction "
+    "head, last otherwise. A fine-tune always uses last.",
 )
 @click.option(
     "--views",

@@ -5,6 +5,7 @@ Torch-free: the device evaluates a bundle on such a folder, the workstation trai
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from edgetl.core.errors import DataError
-from edgetl.core.preprocess import load_image
+from edgetl.core.preprocess import check_image
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,26 @@ def scan_image_folder(
     return ImageFolder(str(root), tuple(found), tuple(samples))
 
 
+def _problem(path: str) -> str | None:
+    try:
+        check_image(path)
+    except DataError as exc:
+        return str(exc)
+    return None
+
+
 def drop_unreadable(folder: ImageFolder, *, on_bad_image: str = "skip", min_per_class: int = 1) -> ImageFolder:
-    """Decode every image once; skip (and report) or fail on those that cannot be read."""
+    """Decode every image once (:func:`edgetl.core.preprocess.check_image`, a few at a time: the
+    decoders release the GIL); skip (and report) or fail on those that cannot be read."""
     good, skipped = [], []
-    for s in folder.samples:
-        try:
-            load_image(s.path)
-        except DataError as exc:
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        problems = list(pool.map(_problem, [s.path for s in folder.samples], chunksize=16))
+    for s, problem in zip(folder.samples, problems, strict=True):
+        if problem is not None:
             if on_bad_image == "fail":
-                raise DataError(f"{exc} (use --on-bad-image skip to leave such files out)") from None
-            skipped.append((s.path, str(exc)))
+                raise DataError(f"{problem} (use --on-bad-image skip to leave such files out)") from None
+            skipped.append((s.path, problem))
             continue
         good.append(s)
     for _path, reason in skipped:

@@ -183,6 +183,27 @@ def load_image(path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_P
         raise DataError(f"cannot read image {path}: {_short(exc)}") from None
 
 
+def check_image(path) -> None:
+    """Raise :class:`DataError` if :func:`load_image` would: open, bound and decode ``path``, then
+    orient and convert it. A JPEG is decoded at 1/8 scale (libjpeg's DCT scaling still reads every
+    coefficient, so a truncated file fails as it does at full size) for a fraction of the time."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            _check_decoded_size(path, img)
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            to_rgb(img)
+    except DataError:
+        raise
+    except Exception as exc:  # as load_image: the decoders' own errors are one unreadable image
+        raise DataError(f"cannot read image {path}: {_short(exc)}") from None
+
+
 def _check_decoded_size(path, img: Image.Image, max_pixels: int = MAX_PIXELS) -> None:
     w, h = img.width, img.height
     if w < 1 or h < 1:

@@ -48,6 +48,32 @@ def run_files_problem(config: Any, labels: Any, split: Any) -> str | None:
         Preprocessing.from_dict(config["preprocessing"])
     except EdgetlError as exc:  # its advice is for bundles; the callers say what to do with a run
         return f"config.json: {str(exc).removesuffix('; re-export the bundle')}"
+    return features_problem(config.get("features"))
+
+
+MAX_TAPS = 1000  # far above any backbone's blocks
+MAX_FEATURE_DIM = 1 << 20
+
+
+def features_problem(features: Any) -> str | None:
+    """What is wrong with config.json's ``features`` record (None: nothing, or no record: the last
+    feature map): ``{"mode": "last"}`` or ``{"mode": "blocks", "taps": [increasing positions], "dim": n}``."""
+    if features is None:
+        return None
+    if not isinstance(features, dict) or features.get("mode") not in ("last", "blocks"):
+        return f"config.json: 'features' must be an object with mode last or blocks, not {features!r:.60}"
+    if features["mode"] == "last":
+        return None
+    taps, dim = features.get("taps"), features.get("dim")
+    if (
+        not isinstance(taps, list)
+        or not 0 < len(taps) <= MAX_TAPS
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_TAPS for t in taps)
+        or taps != sorted(set(taps))
+    ):
+        return f"config.json: features.taps must be increasing block positions in 0..{MAX_TAPS - 1}, not {taps!r:.60}"
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= MAX_FEATURE_DIM:
+        return f"config.json: features.dim must be an integer in 1..{MAX_FEATURE_DIM}, not {dim!r:.60}"
     return None
 
 

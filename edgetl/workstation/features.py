@@ -134,6 +134,8 @@ def cached_trunk_features(
         def transforms(i: int, _views=views, _number=number):
             return _views.transform(pp, _number, i)
 
+    if getattr(trunk, "taps", ()):  # multi-layer features: keyed apart (the last-map key is as before)
+        keyed_pp = {**keyed_pp, "taps": list(trunk.taps)}
     key = model_key(backbone, digest if weights_sha256 else None, keyed_pp, None if weights_sha256 else digest)
     cache = FeatureCache(
         settings.cache_dir or default_cache_dir(),
@@ -177,18 +179,29 @@ def cached_trunk_features(
 
 
 def backbone_features(
-    spec, weights: str, samples: list[Sample], pp: Preprocessing, settings: FeatureSettings, *, progress, description
+    spec,
+    weights: str,
+    samples: list[Sample],
+    pp: Preprocessing,
+    settings: FeatureSettings,
+    *,
+    progress,
+    description,
+    blocks: bool = False,
 ) -> tuple[np.ndarray, CacheStats, WeightsSource]:
-    """Build ``spec``'s trunk with ``weights`` (imagenet, none or a file) and return its cached features.
+    """Build ``spec``'s trunk with ``weights`` (imagenet, none or a file) and return its cached features
+    (``blocks``: every block's, as ``--features blocks``, where the trunk can be tapped).
 
     The trunk is dropped before returning; the probe and the study's shared trunk pass use this.
     """
-    from edgetl.workstation.model import build_trunk
+    from edgetl.workstation.model import build_trunk, tap_positions
     from edgetl.workstation.weights import resolve_weights
 
     state_dict, source = resolve_weights(spec, weights)
     trunk = build_trunk(spec, state_dict).to(settings.device)
     del state_dict
+    if blocks:
+        trunk.set_taps(tap_positions(trunk) or ())
     feats, stats = cached_trunk_features(
         trunk,
         samples,

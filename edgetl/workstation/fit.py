@@ -5,11 +5,17 @@ Everything that is *chosen* here is chosen on the training split only, by cross-
 (:mod:`edgetl.workstation.head_search`) or on a held-out part of the training split; the validation
 split is computed once at the end and reported, never used to choose.
 
+* **Features** (``--features``, :func:`edgetl.workstation.train.use_features`): the head sees every
+  trunk block's output, pooled and concatenated (``blocks``, multi-layer features), not only the last
+  feature map. Early blocks carry strokes, edges and textures that ImageNet's last layer has pooled
+  away; on small images unlike ImageNet's the searched head gains 2-3 pp from them (docs/training.md).
+  The trunk pass costs the same; the head is wider (2,816 features for MobileNetV2, not 1,280).
 * **Crop** (``--crop``): ``center`` is the backbone's ImageNet-style resize then centre crop, ``none``
   resizes the shorter side to the input size (a square image keeps all of its picture). ``compare``
-  cross-validates a head on the features of each (two trunk passes over the training images) and keeps
-  the better; ``auto`` compares when the training images are no larger than the resize (the crop then
-  cuts picture, not margin) and keeps ``center`` for larger photographs.
+  cross-validates a head on the features of each, on up to :data:`CROP_SAMPLE` training images (the
+  second crop's trunk pass covers only those), and keeps the better; ``auto`` compares when the
+  training images are no larger than the resize (the crop then cuts picture, not margin) and keeps
+  ``center`` for larger photographs.
 * **Views** (``--views K``): each training image is cached as K views, the plain one and K-1 random
   crops with mild colour jitter (flips only with ``--hflip``); the head is searched and trained on all
   of them, folds keeping an image's views together and scoring only plain views.
@@ -17,10 +23,11 @@ split is computed once at the end and reported, never used to choose.
   Runtime on the CPU) and every epoch trains only the unfrozen blocks + head on their cached output,
   from a fresh head (a start from the searched linear head, linear probe then fine-tune, ended 0.5-4 pp
   lower on the digits and the patches).
-* **auto**: the searched feature-extraction head and a cached-prefix fine-tune (half the epochs: a
-  budgeted comparison) are both trained on 80% of the training images and scored on the other 20%;
-  fine-tune is chosen only when it wins by at least :data:`AUTO_MARGIN` (a fine-tuned trunk serves
-  one task; a frozen one can carry many heads).
+* **auto**: a budgeted comparison on up to :data:`AUTO_SAMPLE` training images: the searched
+  feature-extraction head and a cached-prefix fine-tune (one view, half the epochs) are both trained
+  on 80% of them and scored on the other 20%; fine-tune is chosen only when it wins by at least
+  :data:`AUTO_MARGIN` (a fine-tuned trunk serves one task; a frozen one can carry many heads). When
+  feature extraction's held-out score leaves less than the margin to 100%, no fine-tune runs.
 """
 
 from __future__ import annotations
@@ -41,9 +48,11 @@ log = logging.getLogger(__name__)
 
 AUTO_MARGIN = 0.01  # fine-tune must beat feature extraction by 1 pp on the held-out part of the training split
 AUTO_HOLDOUT = 0.2
+AUTO_SAMPLE = 600  # training images auto compares the two strategies on (its budget)
 AUTO_MIN_PER_CLASS = 5  # images per class below which auto does not compare (the hold-out would be 1 image)
 SIZE_SAMPLE = 200  # training images whose size decides --crop auto
 CROP_MARGIN = 0.01  # resize-only must beat the centre crop by 1 pp cross-validated top-1
+CROP_SAMPLE = 600  # training images the crops are compared on (the second crop's trunk pass covers only these)
 ACTIVATION_MEMORY_ENV = "EDGETL_ACTIVATION_MEMORY"  # MiB for the cached fine-tune's activations
 DEFAULT_ACTIVATION_MEMORY = 4 << 30
 
@@ -58,6 +67,21 @@ def activation_memory_budget() -> int:
 def crop_variant(pp: Preprocessing, crop: str) -> Preprocessing:
     """``pp`` with crop ``center`` (as given) or ``none`` (resize the shorter side to the input size)."""
     return pp if crop == "center" else dataclasses.replace(pp, resize_size=pp.input_size)
+
+
+def stratified_sample(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of about ``size`` rows drawn per class in proportion (at least 2 of a class
+    that has them); every position when there are no more than ``size`` rows."""
+    n = len(labels)
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(seed + 31)
+    pick = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        take = min(len(idx), max(2, round(size * len(idx) / n)))
+        pick.extend(rng.choice(idx, take, replace=False))
+    return np.sort(np.array(pick, dtype=np.int64))
 
 
 def median_short_side(samples: list[Sample], seed: int = 0) -> int | None:
@@ -151,13 +175,18 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
     per_crop: dict[str, tuple[Preprocessing, np.ndarray]] = {}
     searches: dict[str, Any] = {}  # crop -> its head search on the plain views (reused with one view)
     table = []
+    # The crops are compared on (up to) CROP_SAMPLE training images; only the first crop's features
+    # cover every image from the start.
+    sample = stratified_sample(ytr, CROP_SAMPLE, cfg.seed) if len(crops) > 1 else np.arange(len(ytr))
     for crop in crops:
         cpp = crop_variant(pp, crop)
-        feats, stats = _features(trunk, prepared.train, cpp, ctx, description=f"trunk features (train, crop {crop})")
+        rows = prepared.train if crop == crops[0] else [prepared.train[i] for i in sample]
+        feats, stats = _features(trunk, rows, cpp, ctx, description=f"trunk features (train, crop {crop})")
         hits, misses = hits + stats.hits, misses + stats.misses
         per_crop[crop] = (cpp, feats)
         if len(crops) > 1:
-            result = search_head(feats, ytr, n_classes, folds=cfg.folds, seed=cfg.seed)
+            compared = feats[sample] if crop == crops[0] else feats
+            result = search_head(compared, ytr[sample], n_classes, folds=cfg.folds, seed=cfg.seed)
             searches[crop] = result
             if result.folds == 0:  # a class of one image: nothing to cross-validate
                 crops, why = ["center"], f"no crop comparison ({result.fallback}); the backbone's centre crop"
@@ -169,6 +198,7 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
                     "resize_size": cpp.resize_size,
                     "cv_top1": result.table[0]["cv_top1"],
                     "cv_loss": result.table[0].get("cv_loss"),
+                    "images": len(sample),
                 }
             )
     if table:
@@ -184,6 +214,13 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
     else:
         chosen = crops[0]
     pp_chosen, ftr = per_crop[chosen]
+    if len(ftr) < len(ytr):  # a crop compared on the sample wins: its features of every image
+        ftr, stats = _features(
+            trunk, prepared.train, pp_chosen, ctx, description=f"trunk features (train, crop {chosen})"
+        )
+        hits, misses = hits + stats.hits, misses + stats.misses
+    if len(sample) < len(ytr):
+        searches.clear()  # searched on the sample: the head is searched again on every image
     t_crop = time.perf_counter() - t0
 
     n_views = cfg.views_for("feature-extraction")
@@ -287,9 +324,12 @@ class CachedPrefix:
     seconds: float
 
 
-def cache_prefix(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -> CachedPrefix | None:
-    """Split the trunk before its last ``cfg.unfreeze`` blocks and run the frozen part once per view;
-    None when this trunk cannot be cut there (the caller falls back to the streaming fine-tune)."""
+def cache_prefix(
+    trunk, train: list[Sample], val: list[Sample], cfg, pp: Preprocessing, ctx: dict[str, Any], *, views: int
+) -> CachedPrefix | None:
+    """Split the trunk before its last ``cfg.unfreeze`` blocks and run the frozen part once per view
+    of ``train`` (``views`` views) and once over ``val``; None when this trunk cannot be cut there
+    (the caller falls back to the streaming fine-tune)."""
     from edgetl.workstation.fast_trunk import frozen_runner
     from edgetl.workstation.prefix import ImageStore, Views, prefix_activations, split_trunk
 
@@ -306,8 +346,7 @@ def cache_prefix(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
 
     runner = frozen_runner(split.prefix.eval(), torch.from_numpy(example), device, autocast=ctx["settings"].autocast)
     per_view = int(np.prod(runner(torch.from_numpy(example)).shape[1:])) * 2  # float16
-    n_views = cfg.views_for("fine-tune")
-    need = per_view * (len(prepared.train) * n_views + len(prepared.val))
+    need = per_view * (len(train) * views + len(val))
     budget = activation_memory_budget()
     if need > budget:
         log.info(
@@ -318,28 +357,22 @@ def cache_prefix(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
         )
         return None
     progress = ctx["progress"]
-    train_store = ImageStore(prepared.train, pp, progress=progress)
-    acts_train = prefix_activations(
-        runner,
-        train_store,
-        Views(n_views, hflip=cfg.hflip, seed=cfg.seed),
-        pp,
-        batch_size=cfg.batch_size,
-        progress=progress,
-        description=f"frozen blocks (train, {n_views} view{'s' if n_views > 1 else ''})",
-    )
-    del train_store
-    val_store = ImageStore(prepared.val, pp, progress=progress)
-    acts_val = prefix_activations(
-        runner,
-        val_store,
-        Views(1, seed=cfg.seed),
-        pp,
-        batch_size=cfg.batch_size,
-        progress=progress,
-        description="frozen blocks (val)",
-    )
-    return CachedPrefix(split, acts_train, acts_val, time.perf_counter() - t0)
+    parts = []
+    for samples, k, what in ((train, views, "train"), (val, 1, "val")):
+        store = ImageStore(samples, pp, progress=progress)
+        parts.append(
+            prefix_activations(
+                runner,
+                store,
+                Views(k, hflip=cfg.hflip, seed=cfg.seed),
+                pp,
+                batch_size=cfg.batch_size,
+                progress=progress,
+                description=f"frozen blocks ({what}, {k} view{'s' if k > 1 else ''})",
+            )
+        )
+        del store
+    return CachedPrefix(split, parts[0], parts[1], time.perf_counter() - t0)
 
 
 def suffix_logits(split, head, acts: np.ndarray, batch_size: int, device) -> np.ndarray:
@@ -349,16 +382,15 @@ def suffix_logits(split, head, acts: np.ndarray, batch_size: int, device) -> np.
     return view0_logits(split, head, acts, batch_size, device).numpy()
 
 
-def decide_auto(
-    trunk, prepared, cfg, fit: FeatureFit, cached: CachedPrefix | None, ctx: dict[str, Any]
-) -> dict[str, Any]:
-    """``--strategy auto``: feature extraction or fine-tune, from a comparison on the training split only."""
+def decide_auto(trunk, prepared, cfg, fit: FeatureFit, ctx: dict[str, Any]) -> dict[str, Any]:
+    """``--strategy auto``: feature extraction or fine-tune, from a budgeted comparison on the training
+    split only: up to :data:`AUTO_SAMPLE` training images, one view each, half the epochs."""
     import torch
 
     from edgetl.workstation.head_search import search_head
     from edgetl.workstation.loops import LoopIO
     from edgetl.workstation.model import Head, set_trainable
-    from edgetl.workstation.prefix import finetune_cached, split_trunk
+    from edgetl.workstation.prefix import finetune_cached
 
     t0 = time.perf_counter()
     record: dict[str, Any] = {
@@ -366,14 +398,11 @@ def decide_auto(
         "margin_pp": 100 * AUTO_MARGIN,
         "holdout_fraction": AUTO_HOLDOUT,
         "comparison_epochs": max(1, cfg.epochs // 2),
+        "comparison_views": 1,
     }
-    if cached is None:
-        return {
-            **record,
-            "chosen": "feature-extraction",
-            "why": f"{cfg.backbone} cannot be cut for the cached fine-tune",
-        }
-    ytr = np.array([s.label for s in prepared.train], dtype=np.int64)
+    ytr_all = np.array([s.label for s in prepared.train], dtype=np.int64)
+    sample = stratified_sample(ytr_all, AUTO_SAMPLE, cfg.seed)
+    ytr = ytr_all[sample]
     parts = holdout_split(ytr, AUTO_HOLDOUT, cfg.seed)
     if parts is None:
         return {
@@ -385,14 +414,40 @@ def decide_auto(
     fit_idx, held_idx = parts
     n_classes = len(prepared.labels)
     # Feature extraction, trained on the fit part (its own search) and scored on the held-out part.
-    fe = search_head(fit.ftr[fit_idx], ytr[fit_idx], n_classes, folds=cfg.folds, seed=cfg.seed)
-    fe_top1 = float((linear_logits(fe.weight, fe.bias, fit.ftr[held_idx]).argmax(1) == ytr[held_idx]).mean())
-    # Fine-tune of a copy of the trunk (the prefix is frozen, so the cached activations are its too).
+    ftr = fit.ftr[sample]
+    fe = search_head(ftr[fit_idx], ytr[fit_idx], n_classes, folds=cfg.folds, seed=cfg.seed)
+    fe_top1 = float((linear_logits(fe.weight, fe.bias, ftr[held_idx]).argmax(1) == ytr[held_idx]).mean())
+    if fe_top1 > 1 - AUTO_MARGIN:  # even a perfect score would not win by the margin: no fine-tune to run
+        why = (
+            f"on {len(held_idx)} held-out training images feature extraction scored {fe_top1:.3f}: fine-tune "
+            f"cannot win by {100 * AUTO_MARGIN:g} pp, so the frozen trunk (shareable by heads) stays"
+        )
+        log.info("strategy auto: feature-extraction (%s)", why)
+        return {
+            **record,
+            "chosen": "feature-extraction",
+            "why": why,
+            "compared_images": len(sample),
+            "holdout_images": len(held_idx),
+            "holdout_top1": {"feature-extraction": round(fe_top1, 6), "fine-tune": None},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    # Fine-tune of a copy of the trunk (the prefix is frozen, so its activations are the trunk's too).
     trunk_copy = copy.deepcopy(trunk)
-    split = split_trunk(trunk_copy, cfg.unfreeze)
+    trunk_copy.set_taps(())
+    train = [prepared.train[i] for i in sample[fit_idx]]
+    held = [prepared.train[i] for i in sample[held_idx]]
+    cached = cache_prefix(trunk_copy, train, held, cfg, fit.pp, ctx, views=1)
+    if cached is None:
+        return {
+            **record,
+            "chosen": "feature-extraction",
+            "why": f"{cfg.backbone} cannot be cut for the cached fine-tune",
+        }
+    split = cached.split
     set_trainable(trunk_copy, cfg.unfreeze)
     torch.manual_seed(cfg.seed)
-    head = Head(trunk.feature_dim, n_classes, dropout=cfg.dropout)  # fresh, as the final fine-tune's
+    head = Head(trunk_copy.last_dim, n_classes, dropout=cfg.dropout)  # fresh, as the final fine-tune's
     budget = dataclasses.replace(cfg, epochs=max(1, cfg.epochs // 2))  # the comparison: half the epochs
     device = ctx["settings"].device
     split.suffix.to(device)
@@ -402,19 +457,17 @@ def decide_auto(
     finetune_cached(
         split,
         head,
-        cached.train[fit_idx],
+        cached.train,
         torch.from_numpy(ytr[fit_idx]),
-        cached.train[held_idx][:, :1],
+        cached.val,
         torch.from_numpy(ytr[held_idx]),
         budget,
         criterion=criterion,
         io=io,
         device=device,
     )
-    ft_top1 = float(
-        (suffix_logits(split, head, cached.train[held_idx], cfg.batch_size, device).argmax(1) == ytr[held_idx]).mean()
-    )
-    del trunk_copy, split, head
+    ft_top1 = float((suffix_logits(split, head, cached.val, cfg.batch_size, device).argmax(1) == ytr[held_idx]).mean())
+    del trunk_copy, split, head, cached
     chosen = "fine-tune" if ft_top1 >= fe_top1 + AUTO_MARGIN else "feature-extraction"
     why = (
         f"on {len(held_idx)} held-out training images fine-tune scored {ft_top1:.3f} against feature extraction's "
@@ -430,6 +483,7 @@ def decide_auto(
         **record,
         "chosen": chosen,
         "why": why,
+        "compared_images": len(sample),
         "holdout_images": len(held_idx),
         "holdout_top1": {"feature-extraction": round(fe_top1, 6), "fine-tune": round(ft_top1, 6)},
         "seconds": round(time.perf_counter() - t0, 3),

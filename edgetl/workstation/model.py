@@ -9,22 +9,113 @@ from edgetl.workstation.backbones import BackboneSpec
 
 
 class Trunk(nn.Module):
-    """Image batch (N, 3, H, W) -> pooled feature vectors (N, feature_dim)."""
+    """Image batch (N, 3, H, W) -> pooled feature vectors (N, feature_dim).
+
+    By default the features are the last feature map, pooled. With taps (:meth:`set_taps`) they are
+    the pooled output of every block, last one included, concatenated (multi-layer features: what a
+    linear head needs on images unlike ImageNet's, see docs/training.md).
+    """
 
     def __init__(self, body: nn.Module, blocks: list[nn.Module], feature_dim: int, pool: nn.Module | None = None):
         super().__init__()
         self.body = body
         self.pool = pool if pool is not None else nn.AdaptiveAvgPool2d(1)
         self.feature_dim = feature_dim
+        self.last_dim = feature_dim  # the last feature map's pooled size, with or without taps
         # Plain list: the blocks are registered once, through ``body``.
         self._blocks = list(blocks)
+        self.taps: tuple[int, ...] = ()  # positions in body_atoms(self)[0] whose pooled output is tapped
+        self._chain: tuple[list, list] | None = None
 
     @property
     def blocks(self) -> list[nn.Module]:
         return self._blocks
 
+    def set_taps(self, taps: list[int] | tuple[int, ...]) -> None:
+        """Tap the body's modules at ``taps`` (positions from :func:`tap_positions`; empty: the last
+        feature map only); ``feature_dim`` becomes the concatenated size."""
+        taps = tuple(int(t) for t in taps)
+        if not taps:
+            self.taps, self._chain, self.feature_dim = (), None, self.last_dim
+            return
+        chain = body_atoms(self)
+        if chain is None:
+            raise ValueError(f"a {type(self.body).__name__} body is not a chain of modules: it cannot be tapped")
+        if sorted(set(taps)) != list(taps) or taps[0] < 0 or taps[-1] >= len(chain[0]) - 1:
+            raise ValueError(f"taps {list(taps)} are not increasing positions below {len(chain[0]) - 1}")
+        self.taps, self._chain = taps, chain
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():  # not through forward: counting its calls counts images
+                self.feature_dim = int(self._tapped(torch.zeros(1, 3, 64, 64)).shape[1])
+        finally:
+            self.train(was_training)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.pool(self.body(x)), 1)
+        if not self.taps:
+            return torch.flatten(self.pool(self.body(x)), 1)
+        return self._tapped(x)
+
+    def _tapped(self, x: torch.Tensor) -> torch.Tensor:
+        atoms, tail = self._chain
+        tapped = []
+        for i, module in enumerate(atoms):
+            x = module(x)
+            if i in self.taps:
+                tapped.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        for module in tail:  # a timm body's forward_head; its dropout is registered nowhere else
+            x = nn.functional.dropout(x, module.p, self.training) if isinstance(module, nn.Dropout) else module(x)
+        tapped.append(torch.flatten(self.pool(x), 1))
+        return torch.cat(tapped, 1)
+
+
+def body_atoms(trunk: Trunk) -> tuple[list[nn.Module], list[nn.Module]] | None:
+    """The trunk body as a sequence of modules applied one after the other, and the modules that map
+    the last one's output to the body's output (empty for a plain Sequential); None when the body is
+    not such a sequence."""
+    body = trunk.body
+    if type(body) is nn.Sequential:
+        return list(body), []
+    if _timm_efficientnet(body) and type(body.blocks) is nn.Sequential:
+        # forward_features: conv_stem, bn1, blocks (stages of blocks), conv_head, bn2; forward_head:
+        # global_pool, dropout (drop_rate, train mode only), classifier (Identity once reset).
+        stages = [list(stage) if type(stage) is nn.Sequential else [stage] for stage in body.blocks]
+        atoms = [body.conv_stem, body.bn1, *(b for stage in stages for b in stage), body.conv_head, body.bn2]
+        tail = [body.global_pool, nn.Dropout(float(body.drop_rate)), body.classifier]
+        return atoms, tail
+    return None
+
+
+def _timm_efficientnet(body) -> bool:
+    try:
+        from timm.models.efficientnet import EfficientNet
+    except ImportError:
+        return False
+    kind = type(body)
+    # A subclass that computes its features or head otherwise cannot be cut by the same rule.
+    return (
+        isinstance(body, EfficientNet)
+        and kind.forward is EfficientNet.forward
+        and kind.forward_features is EfficientNet.forward_features
+        and kind.forward_head is EfficientNet.forward_head
+    )
+
+
+def tap_positions(trunk: Trunk) -> list[int] | None:
+    """Where multi-layer features tap ``trunk``: after every module of the body that holds
+    parameters, except the last (its output is the last feature map, always in the features) and
+    those a batch norm follows (the normalised output is tapped instead). None: the body is not a
+    chain of modules (it cannot be tapped)."""
+    chain = body_atoms(trunk)
+    if chain is None:
+        return None
+    atoms = chain[0]
+    return [
+        i
+        for i in range(len(atoms) - 1)
+        if any(True for _ in atoms[i].parameters()) and not isinstance(atoms[i + 1], nn.modules.batchnorm._BatchNorm)
+    ]
 
 
 class Head(nn.Module):
@@ -49,9 +140,9 @@ class TransferModel(nn.Module):
         return self.head(self.trunk(x))
 
 
-def build_trunk(spec: BackboneSpec, state_dict: dict | None = None) -> Trunk:
+def build_trunk(spec: BackboneSpec, state_dict: dict | None = None, taps: list[int] | None = None) -> Trunk:
     """Build ``spec``'s trunk; ``state_dict`` is an ImageNet checkpoint of the full model (torchvision's
-    or timm's), whose classifier is not used."""
+    or timm's), whose classifier is not used; ``taps``: see :meth:`Trunk.set_taps`."""
     from edgetl.core.errors import WeightsError
 
     try:
@@ -59,7 +150,10 @@ def build_trunk(spec: BackboneSpec, state_dict: dict | None = None) -> Trunk:
     except RuntimeError as exc:  # load_state_dict key/shape mismatch
         first = str(exc).splitlines()[0]
         raise WeightsError(f"weights do not fit backbone {spec.name}: {first}") from None
-    return Trunk(body, blocks, spec.feature_dim, pool[0] if pool else None)
+    trunk = Trunk(body, blocks, spec.feature_dim, pool[0] if pool else None)
+    if taps:
+        trunk.set_taps(taps)
+    return trunk
 
 
 def set_trainable(trunk: Trunk, unfreeze_blocks: int | None) -> None:

@@ -20,6 +20,10 @@ STRATEGIES = ("auto", "feature-extraction", "fine-tune", "full")
 # than the resize (cropping them cuts picture, not margin), else centre.
 CROP_MODES = ("auto", "center", "none", "compare")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+# What the head sees: last = the last feature map, pooled; blocks = every block's output, pooled and
+# concatenated (multi-layer features, feature extraction only: a fine-tune trains the last blocks, whose
+# output is the feature); auto = blocks for feature extraction on the searched path, else last.
+FEATURE_MODES = ("auto", "last", "blocks")
 
 # The input-size bounds of edgetl.core.preprocess (MIN/MAX_INPUT_SIZE), repeated because that module
 # needs numpy and this one must not; tests/test_reliability_workstation.py checks that they agree.
@@ -91,6 +95,7 @@ class TrainConfig:
     workers: int | None = None  # None: 4 on CUDA, 0 on the CPU
     on_bad_image: str = "skip"
     crop: str = "auto"
+    features: str = "auto"
     views: int | None = None  # views of each training image: the plain one + views-1 augmented (None: see below)
     head_search: bool = True  # cross-validate the head's settings on the training split (no val early stopping)
     folds: int = 5
@@ -135,6 +140,13 @@ class TrainConfig:
             return f"--amp must be one of {', '.join(AMP_MODES)}, not {self.amp!r}"
         if self.crop not in CROP_MODES:
             return f"--crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}"
+        if self.features not in FEATURE_MODES:
+            return f"--features must be one of {', '.join(FEATURE_MODES)}, not {self.features!r}"
+        if self.features == "blocks" and self.strategy in ("fine-tune", "full"):
+            return (
+                f"--features blocks is for feature extraction; --strategy {self.strategy} trains the last blocks, "
+                "whose output is the feature (drop --features, or use --strategy feature-extraction or auto)"
+            )
         if self.on_bad_image not in ("skip", "fail"):
             return f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}"
         return None

@@ -69,42 +69,9 @@ class SplitTrunk:
     depth: int  # number of trailing trunk blocks in the suffix (== unfreeze)
 
 
-def _timm_efficientnet(body) -> bool:
-    try:
-        from timm.models.efficientnet import EfficientNet
-    except ImportError:
-        return False
-    kind = type(body)
-    # A subclass that computes its features or head otherwise cannot be cut by the same rule.
-    return (
-        isinstance(body, EfficientNet)
-        and kind.forward is EfficientNet.forward
-        and kind.forward_features is EfficientNet.forward_features
-        and kind.forward_head is EfficientNet.forward_head
-    )
-
-
-def _atoms(trunk) -> tuple[list, list] | None:
-    """The trunk body as a sequence of modules applied one after the other, and the modules that map
-    the last one's output to the body's output (empty for a plain Sequential); None when the body is
-    not such a sequence."""
-    import torch.nn as nn
-
-    body = trunk.body
-    if type(body) is nn.Sequential:
-        return list(body), []
-    if _timm_efficientnet(body) and type(body.blocks) is nn.Sequential:
-        # forward_features: conv_stem, bn1, blocks (stages of blocks), conv_head, bn2; forward_head:
-        # global_pool, dropout (drop_rate, train mode only), classifier (Identity once reset).
-        stages = [list(stage) if type(stage) is nn.Sequential else [stage] for stage in body.blocks]
-        atoms = [body.conv_stem, body.bn1, *(b for stage in stages for b in stage), body.conv_head, body.bn2]
-        tail = [body.global_pool, nn.Dropout(float(body.drop_rate)), body.classifier]
-        return atoms, tail
-    return None
-
-
 def split_trunk(trunk, unfreeze: int) -> SplitTrunk | None:
-    """``trunk`` cut before its last ``unfreeze`` blocks: ``trunk(x) == suffix(prefix(x))``.
+    """``trunk`` cut before its last ``unfreeze`` blocks: ``trunk(x) == suffix(prefix(x))`` (the
+    suffix ends in the last feature map's pooled features: a trunk's taps are not in it).
 
     Works for bodies that are a plain ``nn.Sequential`` (torchvision's MobileNets and EfficientNets,
     the ResNet body of backbones.py) and timm EfficientNet-family models (EfficientNet-Lite0
@@ -113,7 +80,7 @@ def split_trunk(trunk, unfreeze: int) -> SplitTrunk | None:
     """
     import torch.nn as nn
 
-    from edgetl.workstation.model import Trunk
+    from edgetl.workstation.model import Trunk, body_atoms
 
     if not isinstance(trunk, Trunk) or type(trunk).forward is not Trunk.forward:
         log.debug("no prefix cache: %s is not a plain edgetl Trunk", type(trunk).__name__)
@@ -122,7 +89,7 @@ def split_trunk(trunk, unfreeze: int) -> SplitTrunk | None:
     if not blocks or unfreeze < 1:
         log.debug("no prefix cache: the trunk has %d blocks, unfreeze %d", len(blocks), unfreeze)
         return None
-    found = _atoms(trunk)
+    found = body_atoms(trunk)
     if found is None:
         log.debug("no prefix cache: cannot cut a %s body into a sequence", type(trunk.body).__name__)
         return None

@@ -9,7 +9,7 @@
                        ({"head": state_dict} only for a head trained with ``finetune --trunk-from BUNDLE``)
     RUN/history.json   one record per epoch (losses, accuracies, train/val gap, learning rate, seconds)
     RUN/metrics.json   best-epoch validation metrics (top-1, per class, confusion matrix)
-    RUN/history.png    loss and accuracy curves
+    RUN/history.png    loss and accuracy curves (runs of two epochs or more: a searched head is one fit)
 
 :func:`write_run` is the one writer of this layout (training, ``finetune --trunk-from`` and the test
 fixtures all go through it); training writes it in two steps, :func:`start_run` before the first
@@ -53,7 +53,18 @@ class Run:
 
     @property
     def spec(self) -> BackboneSpec:
-        return get_backbone(self.config["backbone"])
+        """The run's backbone; its ``feature_dim`` is what the run's head sees (the tapped size for a
+        run on multi-layer features)."""
+        spec = get_backbone(self.config["backbone"])
+        if self.taps:
+            spec = dataclasses.replace(spec, feature_dim=int(self.config["features"]["dim"]))
+        return spec
+
+    @property
+    def taps(self) -> list[int]:
+        """The trunk's taps (multi-layer features; empty: the last feature map), see Trunk.set_taps."""
+        features = self.config.get("features") or {}
+        return list(features.get("taps") or []) if features.get("mode") == "blocks" else []
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -100,8 +111,17 @@ class Run:
                 f"run {self.path} holds only a head, trained on the trunk of bundle {self.trunk_from['bundle']}; "
                 f"use that bundle (`edgetl export {self.path} --add-to BUNDLE --head NAME` adds the head to it)"
             )
-        trunk = build_trunk(self.spec)
-        head = Head(self.spec.feature_dim, len(self.labels), dropout=self.dropout)
+        spec = self.spec
+        try:
+            trunk = build_trunk(spec, taps=self.taps)
+        except ValueError as exc:  # taps that do not fit this backbone: an edited config.json
+            raise RunError(f"run {self.path} is damaged or was edited: config.json's features: {exc}") from None
+        if trunk.feature_dim != spec.feature_dim:
+            raise RunError(
+                f"run {self.path} is damaged or was edited: config.json's features.dim is {spec.feature_dim}, "
+                f"its taps give {trunk.feature_dim}"
+            )
+        head = Head(spec.feature_dim, len(self.labels), dropout=self.dropout)
         try:
             state = torch.load(self.path / "model.pt", map_location="cpu", weights_only=True)
             trunk.load_state_dict(state["trunk"])
@@ -194,7 +214,7 @@ def finish_run(
     torch.save(model_state, folder / "model.pt")
     write_json_atomic(folder / "history.json", history)
     write_json_atomic(folder / "metrics.json", metrics)
-    if plot:
+    if plot and len(history) > 1:  # one point is not a curve (and matplotlib costs a searched run ~1.5 s)
         plot_history(history, folder / "history.png")
     return folder
 

@@ -213,15 +213,26 @@ def _warm_feature_cache(prepared: PreparedData, cfg: TrainConfig, *, progress: b
     from edgetl.workstation.export.common import progress_bar
     from edgetl.workstation.features import FeatureSettings, backbone_features
     from edgetl.workstation.prepare import select_device
+    from edgetl.workstation.train import searched
 
     spec = get_backbone(cfg.backbone)
     pp = spec.preprocessing(cfg.img_size)
     settings = FeatureSettings(select_device(cfg.device), cfg.batch_size, cache_dir=cache_dir)
     samples = list(prepared.train) + list(prepared.val)
+    # The features the rows' heads will see (train.use_features): every block's on the searched path.
+    row = row_config(cfg, "feature-extraction", epochs=cfg.epochs, batch_size=cfg.batch_size)
+    blocks = row.features == "blocks" or (row.features == "auto" and searched(row, False))
     t0 = time.perf_counter()
     with progress_bar(progress) as bar:
         _, stats, _ = backbone_features(
-            spec, cfg.weights, samples, pp, settings, progress=bar, description="trunk features (all images)"
+            spec,
+            cfg.weights,
+            samples,
+            pp,
+            settings,
+            progress=bar,
+            description="trunk features (all images)",
+            blocks=blocks,
         )
     return {"images": len(samples), "seconds": round(time.perf_counter() - t0, 3), "cache": stats.to_dict()}
 

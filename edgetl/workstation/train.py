@@ -19,7 +19,6 @@ computation in :mod:`edgetl.workstation.features`, multi-process training in :mo
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
@@ -93,6 +92,7 @@ class FinetuneResult:
     head_search: dict | None = None  # the searched head: chosen settings and the cross-validation table
     crop: dict | None = None  # the preprocessing crop: mode, chosen, why, the comparison table
     strategy_choice: dict | None = None  # --strategy auto: chosen, why, the held-out comparison
+    features: dict | None = None  # what the head sees: mode (last | blocks), taps, dim, why
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,6 +207,9 @@ def train_model(
         io = LoopIO(progress=bar, history=history, resume=resume, on_epoch_end=on_epoch_end)
         if cfg.strategy in ("feature-extraction", "auto"):
             set_trainable(trunk, 0)
+            fallback_choices["features"] = use_features(trunk, cfg, searched=False)
+            if trunk.taps:
+                head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
             trunk.to(device)
             if cfg.feature_cache:
                 settings = FeatureSettings(device, cfg.batch_size, cache_dir=cache_dir, autocast=autocast)
@@ -297,6 +300,30 @@ def train_model(
     )
 
 
+def use_features(trunk, cfg: TrainConfig, *, searched: bool) -> dict[str, Any]:
+    """Tap ``trunk`` for what ``cfg.features`` asks a feature-extraction head to see (``auto``: every
+    block's output on the searched path, the last feature map elsewhere) -> the run's record of it."""
+    from edgetl.workstation.model import tap_positions
+
+    mode = cfg.features
+    if mode == "auto":
+        mode = "blocks" if searched and cfg.strategy in ("auto", "feature-extraction") else "last"
+    if mode == "last":
+        trunk.set_taps(())
+        return {"mode": "last", "dim": trunk.feature_dim}
+    taps = tap_positions(trunk)
+    if not taps:
+        if cfg.features == "blocks":
+            raise ConfigError(
+                f"--features blocks: {cfg.backbone}'s body is not a chain of blocks, so it cannot be tapped; "
+                "use --features last"
+            )
+        log.info("%s's body is not a chain of blocks: the head sees the last feature map only", cfg.backbone)
+        return {"mode": "last", "dim": trunk.feature_dim}
+    trunk.set_taps(taps)
+    return {"mode": "blocks", "taps": taps, "dim": trunk.feature_dim, "last_dim": trunk.last_dim}
+
+
 def searched(cfg: TrainConfig, distributed: bool) -> bool:
     """Whether ``cfg`` trains on the searched paths (:mod:`edgetl.workstation.fit`): head search on, the
     feature cache on, one process, no image mixing, and a strategy that freezes at least the trunk's start."""
@@ -321,46 +348,51 @@ def _train_searched(
 
     from edgetl.workstation.fit import cache_prefix, decide_auto, fit_features, head_history, suffix_logits
     from edgetl.workstation.head_search import load_into
-    from edgetl.workstation.model import set_trainable
+    from edgetl.workstation.model import Head, set_trainable
     from edgetl.workstation.prefix import finetune_cached
 
-    trunk, head = model.trunk, model.head
+    trunk, head = model.trunk, model.head  # head: a fresh one on the last feature map (the fine-tune's)
     device = ctx["settings"].device
     labels = prepared.labels
     ytr = np.array([s.label for s in prepared.train], dtype=np.int64)
     yval = np.array([s.label for s in prepared.val], dtype=np.int64)
     set_trainable(trunk, 0)
+    features = use_features(trunk, cfg, searched=True)
     trunk.to(device)
     fit = fit_features(trunk, prepared, cfg, pp, ctx)
     feature_seconds = time.perf_counter() - t_start
-    fresh_head = copy.deepcopy(head.state_dict())
-    load_into(head, fit.search)
+    fe_head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
+    load_into(fe_head, fit.search)
     choices: dict[str, Any] = {
         "preprocessing": fit.pp.to_dict(),
         "crop": fit.crop,
         "head_search": fit.search.to_dict(),
         "views": {"feature-extraction": cfg.views_for("feature-extraction"), "fine-tune": cfg.views_for("fine-tune")},
+        "features": features,
     }
     strategy, choice, cached = cfg.strategy, None, None
-    if strategy in ("auto", "fine-tune"):
-        cached = cache_prefix(trunk, prepared, cfg, fit.pp, ctx)
-        if cached is None and strategy == "fine-tune":
-            head.load_state_dict(fresh_head)
-            return {"preprocessing": choices["preprocessing"], "crop": choices["crop"]}
     if strategy == "auto":
-        choice = (io.resume or {}).get("strategy_choice") or decide_auto(trunk, prepared, cfg, fit, cached, ctx)
+        choice = (io.resume or {}).get("strategy_choice") or decide_auto(trunk, prepared, cfg, fit, ctx)
         choices["strategy_choice"] = choice
         strategy = choice["chosen"]
+    if strategy == "fine-tune":
+        cached = cache_prefix(trunk, prepared.train, prepared.val, cfg, fit.pp, ctx, views=cfg.views_for("fine-tune"))
+        if cached is None:
+            return {"preprocessing": choices["preprocessing"], "crop": choices["crop"]}
     if strategy == "feature-extraction":
         fval = fit.val_features()
         record, val_logits = head_history(fit.search, fit.ftr, ytr, fval, yval, cfg.label_smoothing)
         io.history.append(record)
         best_epoch = 1
+        head = fe_head
     else:
         # A fresh head, not the searched one: started from the linear probe (at the default learning
         # rate or at 1/10 of it) the fine-tune ended 0.5-4 pp lower on the digits and the patches
-        # (docs/training.md); the probe still chose the crop and is in the run's record.
-        head.load_state_dict(fresh_head)
+        # (docs/training.md); the probe still chose the crop and is in the run's record. The fine-tuned
+        # trunk's feature is its last feature map (the cached suffix ends there).
+        if trunk.taps:
+            trunk.set_taps(())
+            choices["features"] = {"mode": "last", "why": "a fine-tune's feature is its last feature map"}
         set_trainable(trunk, cfg.unfreeze)
         head.to(device)
         hook = io.on_epoch_end
@@ -638,4 +670,5 @@ def _train_into(
         head_search=outcome.choices.get("head_search"),
         crop=outcome.choices.get("crop"),
         strategy_choice=outcome.choices.get("strategy_choice"),
+        features=outcome.choices.get("features"),
     )

@@ -254,6 +254,8 @@ class ExportSession:
             backbone={
                 "name": run.spec.name,
                 "feature_dim": run.spec.feature_dim,
+                # last: the last feature map, pooled; blocks: every block's output pooled and concatenated
+                "features": "blocks" if run.taps else "last",
                 "weights": weights_lineage(run.config.get("weights")),
             },
             preprocessing=self.pp.to_dict(),
