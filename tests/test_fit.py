@@ -176,12 +176,17 @@ def test_end_to_end_fallback_trains_and_records_the_chosen_crop(tmp_path, monkey
     assert config["preprocessing"]["resize_size"] == input_size  # resize-only, not the backbone's resize + crop
 
 
-def test_cached_fine_tune_keeps_the_last_epoch_and_records_the_search(image_folder, tmp_path):
+def test_cached_fine_tune_keeps_the_last_epoch_and_searches_only_to_choose_the_crop(image_folder, tmp_path):
     result = _train(image_folder, tmp_path / "run", strategy="fine-tune", epochs=3, unfreeze=1)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert result.strategy == "fine-tune" and result.best_epoch == 3 and len(history) == 3
     assert result.val_top1 == pytest.approx(history[-1]["val_top1"], abs=1e-6)
-    assert result.head_search["chosen"]["kind"] == "logistic"  # the linear probe it started from
+    # A fresh head trains: no head search for these images (40x48 > the resize: no crop comparison either).
+    assert result.head_search is None and result.crop["table"] == []
+    small = make_image_folder(tmp_path / "small", per_class=12, size=(24, 24))
+    compared = _train(small, tmp_path / "run2", strategy="fine-tune", epochs=1, unfreeze=1)
+    # Small images: the crop comparison's search of the chosen crop is the record.
+    assert len(compared.crop["table"]) == 2 and compared.head_search["chosen"]["kind"] == "logistic"
 
 
 def test_trunk_from_head_settings_given_turn_the_search_off_too():

@@ -123,7 +123,7 @@ class FeatureFit:
     """What the searched feature-extraction path produced (the head is loaded into the caller's)."""
 
     pp: Preprocessing
-    search: Any  # HeadSearchResult
+    search: Any  # HeadSearchResult (None: fit_features(head=False) without a crop comparison)
     crop: dict[str, Any]
     ftr: np.ndarray  # plain training features (n, dim) under pp
     cache: dict[str, Any]
@@ -162,8 +162,10 @@ def _features(trunk, samples, pp, ctx, *, description, view=None):
     )
 
 
-def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -> FeatureFit:
-    """Searched feature extraction: choose the crop, cache the views, search the head (training split only)."""
+def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *, head: bool = True) -> FeatureFit:
+    """Searched feature extraction: choose the crop, cache the views, search the head (training split
+    only). ``head=False`` (a fine-tune): only the crop is chosen; ``search`` is the crop comparison's
+    search of the chosen crop, or None when there was no comparison."""
     from edgetl.workstation.head_search import search_head
     from edgetl.workstation.prefix import Views
 
@@ -219,9 +221,20 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any]) -
             trunk, prepared.train, pp_chosen, ctx, description=f"trunk features (train, crop {chosen})"
         )
         hits, misses = hits + stats.hits, misses + stats.misses
+    compared = searches.get(chosen)  # the crop comparison's search of the chosen crop, if any
     if len(sample) < len(ytr):
         searches.clear()  # searched on the sample: the head is searched again on every image
     t_crop = time.perf_counter() - t0
+    if not head:  # a fine-tune trains a fresh head: the features only chose the crop
+        return FeatureFit(
+            pp=pp_chosen,
+            search=compared,
+            crop={"mode": cfg.crop, "chosen": chosen, "why": why, "table": table},
+            ftr=ftr,
+            cache=_cache_record(hits, misses),
+            seconds={"crop": round(t_crop, 3)},
+            val_pass=lambda: _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)"),
+        )
 
     n_views = cfg.views_for("feature-extraction")
     views = Views(n_views, hflip=cfg.hflip, seed=cfg.seed)

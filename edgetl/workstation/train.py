@@ -359,14 +359,16 @@ def _train_searched(
     set_trainable(trunk, 0)
     features = use_features(trunk, cfg, searched=True)
     trunk.to(device)
-    fit = fit_features(trunk, prepared, cfg, pp, ctx)
+    fit = fit_features(trunk, prepared, cfg, pp, ctx, head=cfg.strategy != "fine-tune")
     feature_seconds = time.perf_counter() - t_start
-    fe_head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
-    load_into(fe_head, fit.search)
+    fe_head = None
+    if cfg.strategy != "fine-tune":
+        fe_head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
+        load_into(fe_head, fit.search)
     choices: dict[str, Any] = {
         "preprocessing": fit.pp.to_dict(),
         "crop": fit.crop,
-        "head_search": fit.search.to_dict(),
+        "head_search": fit.search.to_dict() if fit.search is not None else None,
         "views": {"feature-extraction": cfg.views_for("feature-extraction"), "fine-tune": cfg.views_for("fine-tune")},
         "features": features,
     }
@@ -426,7 +428,8 @@ def _train_searched(
     )
     metrics["stopped_early"] = False  # nothing stops early here: the validation split does not choose
     metrics["strategy"] = strategy
-    metrics["head_search"] = {"chosen": fit.search.chosen, "cv_top1": fit.search.table[0]["cv_top1"]}
+    if fit.search is not None:
+        metrics["head_search"] = {"chosen": fit.search.chosen, "cv_top1": fit.search.table[0]["cv_top1"]}
     return TrainOutcome(
         model, io.history, metrics, None, best_epoch, train_seconds, feature_seconds, fit.cache, strategy, choices
     )
