@@ -204,9 +204,9 @@ def test_the_validation_images_go_through_the_whole_trunk_only_for_feature_extra
     passes = []
     real = fit._features
 
-    def counted(trunk, samples, pp, ctx, *, description, view=None):
+    def counted(trunk, samples, pp, ctx, *, description, **kw):
         passes.append(description)
-        return real(trunk, samples, pp, ctx, description=description, view=view)
+        return real(trunk, samples, pp, ctx, description=description, **kw)
 
     monkeypatch.setattr(fit, "_features", counted)
     tuned = _train(image_folder, tmp_path / "ft", strategy="fine-tune", epochs=1, unfreeze=1)

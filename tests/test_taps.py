@@ -203,3 +203,58 @@ def test_unreadable_images_are_found_in_parallel_and_reported_in_order(tmp_path)
     assert len(folder.samples) == 18 - 2
     with pytest.raises(DataError, match="a_truncated.jpg.*--on-bad-image skip"):
         drop_unreadable(scan_image_folder(data), on_bad_image="fail")
+
+
+@pytest.mark.parametrize("name", ["tiny_test", "mobilenet_v2"])
+def test_the_trunk_with_its_prefix_gives_the_features_and_the_prefix_output_in_one_pass(name):
+    from edgetl.workstation.model import TrunkWithPrefix
+    from edgetl.workstation.prefix import split_trunk
+
+    torch.manual_seed(0)
+    trunk = build_trunk(get_backbone(name), taps=None).eval()
+    split = split_trunk(trunk, 1)
+    both = TrunkWithPrefix(trunk, len(split.prefix), 64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want_features, want_prefix = trunk(x), split.prefix(x)
+    assert both.prefix_shape == tuple(want_prefix.shape[1:])
+    runner = frozen_runner(both, x, "cpu")  # what the feature pass runs (ONNX Runtime on the CPU)
+    got = runner(x)
+    assert got.shape == (2, trunk.feature_dim + want_prefix[0].numel())
+    scale = max(1.0, float(want_prefix.abs().max()))
+    assert torch.allclose(got[:, : trunk.feature_dim], want_features, atol=1e-3 * scale)
+    assert torch.allclose(got[:, trunk.feature_dim :], torch.flatten(want_prefix, 1), atol=1e-3 * scale)
+    with pytest.raises(ValueError, match="cannot keep"):
+        TrunkWithPrefix(trunk, 0, 64)
+
+
+def test_auto_compares_on_the_prefix_kept_by_the_feature_pass_and_recomputes_it_only_on_a_warm_cache(
+    tmp_path, monkeypatch
+):
+    import edgetl.workstation.fit as fit
+
+    monkeypatch.setattr(fit, "AUTO_MARGIN", 0.0)  # the comparison always runs
+    kept, recomputed = [], []
+    real_cached_prefix, real_cache_prefix = fit.CachedPrefix, fit.cache_prefix
+
+    def spy_kept(split, train, val, seconds):
+        kept.append(np.concatenate([train, val]))
+        return real_cached_prefix(split, train, val, seconds)
+
+    def spy_recomputed(*args, **kwargs):
+        out = real_cache_prefix(*args, **kwargs)
+        recomputed.append(np.concatenate([out.train, out.val]))
+        return out
+
+    monkeypatch.setattr(fit, "CachedPrefix", spy_kept)
+    monkeypatch.setattr(fit, "cache_prefix", spy_recomputed)
+    data = make_image_folder(tmp_path / "data", per_class=16)
+    first = _train(data, tmp_path / "cold", epochs=2, unfreeze=1)
+    assert isinstance(first.strategy_choice["holdout_top1"]["fine-tune"], float)
+    assert len(kept) == 1 and not recomputed  # cold cache: the feature pass kept the sample's prefix
+    _train(data, tmp_path / "warm", epochs=2, unfreeze=1)  # every feature a cache hit: nothing kept
+    assert len(recomputed) == 1 and len(kept) == 2  # the second one built inside cache_prefix
+    # The same images in the same order (the sample, fit part then held-out part), the same activations.
+    assert kept[0].shape == recomputed[0].shape and kept[0].dtype == np.float16
+    scale = max(1.0, float(np.abs(recomputed[0]).max()))
+    assert np.allclose(kept[0].astype(np.float32), recomputed[0].astype(np.float32), atol=2e-3 * scale)

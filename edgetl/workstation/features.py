@@ -22,6 +22,7 @@ import numpy as np
 from edgetl.core.imagefolder import Sample
 from edgetl.core.preprocess import Preprocessing, load_image, preprocess
 from edgetl.workstation.featcache import CacheStats, FeatureCache, cached_features, default_cache_dir, model_key
+from edgetl.workstation.prefix import FP16_MAX  # the prefix's activations are kept in float16
 
 if TYPE_CHECKING:
     from edgetl.workstation.weights import WeightsSource
@@ -54,8 +55,13 @@ def run_trunk(
     description="trunk features",
     autocast=None,
     transforms: Callable[[int], Any] | None = None,
+    per_batch: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """One inference pass of the frozen ``trunk`` over ``samples`` -> float32 (N, D).
+
+    ``per_batch(start, output)``, when given, maps each batch's output (its first sample at
+    ``start``) to the rows kept (a :class:`PrefixCapture` takes the prefix's part out of each batch,
+    so the pass never holds every image's activations).
 
     On the CPU the trunk runs through ONNX Runtime (:func:`edgetl.workstation.fast_trunk.frozen_runner`,
     checked against torch, ~5x faster than eager torch for MobileNetV2 on 2 cores). ``transforms``,
@@ -84,10 +90,23 @@ def run_trunk(
             pending = pool.submit(batch, starts[k + 1]) if k + 1 < len(starts) else None
             if runner is None:
                 runner = frozen_runner(trunk, x[:8], device, autocast=autocast)
-            out.append(runner(x).float().cpu().numpy())
+            y = runner(x).float().cpu().numpy()
+            out.append(per_batch(starts[k], y) if per_batch is not None else y)
             if task is not None:
                 progress.advance(task, len(x))
     return np.concatenate(out) if out else np.zeros((0, trunk.feature_dim), dtype=np.float32)
+
+
+@dataclasses.dataclass
+class PrefixCapture:
+    """Keep, while features are computed, the frozen prefix's output for some images: ``module`` is
+    an :class:`edgetl.workstation.model.TrunkWithPrefix` of the trunk; ``wanted`` are positions in the
+    samples of the pass; ``acts`` (filled) maps each wanted position the pass computed (not a cache
+    hit) to its activation, float16 (C, H, W)."""
+
+    module: Any
+    wanted: set[int]
+    acts: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +133,12 @@ def cached_trunk_features(
     progress=None,
     description: str = "trunk features",
     view: tuple[Any, int] | None = None,
+    prefix: PrefixCapture | None = None,
 ) -> tuple[np.ndarray, CacheStats]:
     """Features of ``samples`` under ``pp``, reusing every row already in the persistent cache.
+
+    ``prefix``: the images computed (cache misses) also give their frozen prefix's output (one pass
+    for both; ``--strategy auto``'s comparison reads it).
 
     Without ``view`` the transform is ``pp``'s eval transform. ``view=(views, v)`` (a
     :class:`edgetl.workstation.prefix.Views` and a view number >= 1) gives augmented view ``v`` of
@@ -153,9 +176,18 @@ def cached_trunk_features(
 
         return torch.from_numpy(preprocess(img, pp))
 
+    def keep_prefix(indices: list[int], start: int, out: np.ndarray) -> np.ndarray:
+        shape = prefix.module.prefix_shape
+        for j in range(len(out)):
+            i = indices[start + j]
+            if i in prefix.wanted:
+                act = np.clip(out[j, trunk.feature_dim :], -FP16_MAX, FP16_MAX)
+                prefix.acts[i] = act.astype(np.float16).reshape(shape)
+        return out[:, : trunk.feature_dim]
+
     def compute(indices: list[int]) -> np.ndarray:
         return run_trunk(
-            trunk,
+            trunk if prefix is None else prefix.module,
             [samples[i] for i in indices],
             transform,
             device=settings.device,
@@ -164,6 +196,7 @@ def cached_trunk_features(
             description=description,
             autocast=settings.autocast,
             transforms=(lambda j: transforms(indices[j])) if transforms else None,
+            per_batch=(lambda start, out: keep_prefix(indices, start, out)) if prefix is not None else None,
         )
 
     feats, stats = cached_features(cache, [s.path for s in samples], compute, trunk.feature_dim)

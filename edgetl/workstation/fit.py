@@ -132,6 +132,9 @@ class FeatureFit:
     # fine-tune scores its validation images through the cached prefix instead): val_features().
     val_pass: Any = dataclasses.field(default=None, repr=False)
     fval: np.ndarray | None = None
+    # auto: the frozen prefix's output of (some of) the comparison's sample under pp, by training
+    # position, kept by the feature pass (images that were cache hits are missing)
+    prefix_acts: dict[int, np.ndarray] | None = dataclasses.field(default=None, repr=False)
 
     def val_features(self) -> np.ndarray:
         """The validation images' features under ``pp`` (computed on the first call); the feature
@@ -146,7 +149,7 @@ def _cache_record(hits: int, misses: int) -> dict[str, Any]:
     return {"status": "hit" if not misses else ("miss" if not hits else "partial"), "hits": hits, "misses": misses}
 
 
-def _features(trunk, samples, pp, ctx, *, description, view=None):
+def _features(trunk, samples, pp, ctx, *, description, view=None, prefix=None):
     from edgetl.workstation.features import cached_trunk_features
 
     return cached_trunk_features(
@@ -159,13 +162,30 @@ def _features(trunk, samples, pp, ctx, *, description, view=None):
         progress=ctx["progress"],
         description=description,
         view=view,
+        prefix=prefix,
     )
+
+
+def _prefix_module(trunk, cfg, pp: Preprocessing):
+    """The trunk with its frozen prefix's output appended (:class:`~edgetl.workstation.model.TrunkWithPrefix`),
+    for ``--strategy auto``'s comparison to read from the feature pass; None when it cannot be cut."""
+    from edgetl.workstation.model import TrunkWithPrefix
+    from edgetl.workstation.prefix import split_trunk
+
+    split = split_trunk(trunk, cfg.unfreeze)
+    if split is None or len(split.prefix) == 0:
+        return None
+    try:
+        return TrunkWithPrefix(trunk, len(split.prefix), pp.input_size)
+    except ValueError:
+        return None
 
 
 def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *, head: bool = True) -> FeatureFit:
     """Searched feature extraction: choose the crop, cache the views, search the head (training split
     only). ``head=False`` (a fine-tune): only the crop is chosen; ``search`` is the crop comparison's
     search of the chosen crop, or None when there was no comparison."""
+    from edgetl.workstation.features import PrefixCapture
     from edgetl.workstation.head_search import search_head
     from edgetl.workstation.prefix import Views
 
@@ -177,13 +197,25 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *
     per_crop: dict[str, tuple[Preprocessing, np.ndarray]] = {}
     searches: dict[str, Any] = {}  # crop -> its head search on the plain views (reused with one view)
     table = []
+    # auto's comparison fine-tunes on its sample's prefix activations: the feature passes keep them.
+    module = _prefix_module(trunk, cfg, pp) if cfg.strategy == "auto" else None
+    auto_sample = set(stratified_sample(ytr, AUTO_SAMPLE, cfg.seed).tolist())
+    prefix_acts: dict[str, dict[int, np.ndarray]] = {}
     # The crops are compared on (up to) CROP_SAMPLE training images; only the first crop's features
     # cover every image from the start.
     sample = stratified_sample(ytr, CROP_SAMPLE, cfg.seed) if len(crops) > 1 else np.arange(len(ytr))
     for crop in crops:
         cpp = crop_variant(pp, crop)
-        rows = prepared.train if crop == crops[0] else [prepared.train[i] for i in sample]
-        feats, stats = _features(trunk, rows, cpp, ctx, description=f"trunk features (train, crop {crop})")
+        positions = np.arange(len(ytr)) if crop == crops[0] else sample
+        rows = [prepared.train[i] for i in positions]
+        capture = None
+        if module is not None:
+            capture = PrefixCapture(module, {j for j, i in enumerate(positions.tolist()) if i in auto_sample})
+        feats, stats = _features(
+            trunk, rows, cpp, ctx, description=f"trunk features (train, crop {crop})", prefix=capture
+        )
+        if capture is not None:
+            prefix_acts[crop] = {int(positions[j]): act for j, act in capture.acts.items()}
         hits, misses = hits + stats.hits, misses + stats.misses
         per_crop[crop] = (cpp, feats)
         if len(crops) > 1:
@@ -221,6 +253,11 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *
             trunk, prepared.train, pp_chosen, ctx, description=f"trunk features (train, crop {chosen})"
         )
         hits, misses = hits + stats.hits, misses + stats.misses
+
+    def val_pass():  # through the same runner as the training passes (one export), nothing kept
+        keep = PrefixCapture(module, set()) if module is not None else None
+        return _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)", prefix=keep)
+
     compared = searches.get(chosen)  # the crop comparison's search of the chosen crop, if any
     if len(sample) < len(ytr):
         searches.clear()  # searched on the sample: the head is searched again on every image
@@ -233,7 +270,7 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *
             ftr=ftr,
             cache=_cache_record(hits, misses),
             seconds={"crop": round(t_crop, 3)},
-            val_pass=lambda: _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)"),
+            val_pass=val_pass,
         )
 
     n_views = cfg.views_for("feature-extraction")
@@ -277,7 +314,8 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *
         ftr=ftr,
         cache=_cache_record(hits, misses),
         seconds={"crop": round(t_crop, 3), "views": round(t_views, 3), "search": round(search.seconds, 3)},
-        val_pass=lambda: _features(trunk, prepared.val, pp_chosen, ctx, description="trunk features (val)"),
+        val_pass=val_pass,
+        prefix_acts=prefix_acts.get(chosen),
     )
 
 
@@ -448,9 +486,16 @@ def decide_auto(trunk, prepared, cfg, fit: FeatureFit, ctx: dict[str, Any]) -> d
     # Fine-tune of a copy of the trunk (the prefix is frozen, so its activations are the trunk's too).
     trunk_copy = copy.deepcopy(trunk)
     trunk_copy.set_taps(())
-    train = [prepared.train[i] for i in sample[fit_idx]]
-    held = [prepared.train[i] for i in sample[held_idx]]
-    cached = cache_prefix(trunk_copy, train, held, cfg, fit.pp, ctx, views=1)
+    acts = fit.prefix_acts or {}
+    if all(int(i) in acts for i in sample):  # kept by the feature pass: no second pass over them
+        from edgetl.workstation.prefix import split_trunk
+
+        both = np.stack([acts[int(i)] for i in sample])[:, None]  # (n, 1 view, C, H, W)
+        cached = CachedPrefix(split_trunk(trunk_copy, cfg.unfreeze), both[fit_idx], both[held_idx], 0.0)
+    else:
+        train = [prepared.train[i] for i in sample[fit_idx]]
+        held = [prepared.train[i] for i in sample[held_idx]]
+        cached = cache_prefix(trunk_copy, train, held, cfg, fit.pp, ctx, views=1)
     if cached is None:
         return {
             **record,

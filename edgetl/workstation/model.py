@@ -58,16 +58,49 @@ class Trunk(nn.Module):
         return self._tapped(x)
 
     def _tapped(self, x: torch.Tensor) -> torch.Tensor:
-        atoms, tail = self._chain
-        tapped = []
-        for i, module in enumerate(atoms):
-            x = module(x)
-            if i in self.taps:
-                tapped.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-        for module in tail:  # a timm body's forward_head; its dropout is registered nowhere else
-            x = nn.functional.dropout(x, module.p, self.training) if isinstance(module, nn.Dropout) else module(x)
-        tapped.append(torch.flatten(self.pool(x), 1))
-        return torch.cat(tapped, 1)
+        return _walk(self, self._chain, x)[0]
+
+
+def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | None = None):
+    """``trunk``'s features computed module by module along ``chain`` (its :func:`body_atoms`), and the
+    output of module ``keep`` (None: not kept)."""
+    atoms, tail = chain
+    tapped, kept = [], None
+    for i, module in enumerate(atoms):
+        x = module(x)
+        if i in trunk.taps:
+            tapped.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        if i == keep:
+            kept = x
+    for module in tail:  # a timm body's forward_head; its dropout is registered nowhere else
+        x = nn.functional.dropout(x, module.p, trunk.training) if isinstance(module, nn.Dropout) else module(x)
+    tapped.append(torch.flatten(trunk.pool(x), 1))
+    return torch.cat(tapped, 1), kept
+
+
+class TrunkWithPrefix(nn.Module):
+    """``trunk``'s features with, appended, the flattened output of its body's first ``cut`` modules
+    (the frozen prefix a cached fine-tune starts from): one pass, one output, gives both."""
+
+    def __init__(self, trunk: Trunk, cut: int, input_size: int):
+        super().__init__()
+        chain = body_atoms(trunk)
+        if chain is None or not 0 < cut < len(chain[0]):
+            raise ValueError(f"cannot keep the output of the first {cut} modules of this trunk")
+        self.trunk, self.cut, self._chain = trunk, cut, chain
+        was_training = trunk.training
+        trunk.eval()
+        try:
+            with torch.no_grad():
+                prefix = _walk(trunk, chain, torch.zeros(1, 3, input_size, input_size), cut - 1)[1]
+        finally:
+            trunk.train(was_training)
+        self.prefix_shape = tuple(prefix.shape[1:])
+        self.feature_dim = trunk.feature_dim + int(prefix[0].numel())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features, prefix = _walk(self.trunk, self._chain, x, self.cut - 1)
+        return torch.cat([features, torch.flatten(prefix, 1)], 1)
 
 
 def body_atoms(trunk: Trunk) -> tuple[list[nn.Module], list[nn.Module]] | None:
