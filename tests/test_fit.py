@@ -176,16 +176,17 @@ def test_end_to_end_fallback_trains_and_records_the_chosen_crop(tmp_path, monkey
     assert config["preprocessing"]["resize_size"] == input_size  # resize-only, not the backbone's resize + crop
 
 
-def test_cached_fine_tune_keeps_the_last_epoch_and_searches_only_to_choose_the_crop(image_folder, tmp_path):
+def test_cached_fine_tune_keeps_the_last_epoch_then_searches_its_head_again(image_folder, tmp_path):
     result = _train(image_folder, tmp_path / "run", strategy="fine-tune", epochs=3, unfreeze=1)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert result.strategy == "fine-tune" and result.best_epoch == 3 and len(history) == 3
-    assert result.val_top1 == pytest.approx(history[-1]["val_top1"], abs=1e-6)
-    # A fresh head trains: no head search for these images (40x48 > the resize: no crop comparison either).
-    assert result.head_search is None and result.crop["table"] == []
+    # The head trained with the blocks is scored every epoch; the run's head is searched after the last.
+    assert config["head_refit"]["finetune_head_val_top1"] == pytest.approx(history[-1]["val_top1"], abs=1e-6)
+    assert result.head_search == config["head_search"] and result.head_search["chosen"]["kind"] == "logistic"
+    assert result.crop["table"] == []  # 40x48 > the resize: no crop comparison
     small = make_image_folder(tmp_path / "small", per_class=12, size=(24, 24))
     compared = _train(small, tmp_path / "run2", strategy="fine-tune", epochs=1, unfreeze=1)
-    # Small images: the crop comparison's search of the chosen crop is the record.
     assert len(compared.crop["table"]) == 2 and compared.head_search["chosen"]["kind"] == "logistic"
 
 
@@ -216,3 +217,33 @@ def test_the_validation_images_go_through_the_whole_trunk_only_for_feature_extra
     frozen = _train(image_folder, tmp_path / "fe", strategy="feature-extraction")
     assert passes == ["trunk features (train, crop center)", "trunk features (val)"]
     assert frozen.feature_cache["hits"] + frozen.feature_cache["misses"] == 48  # train and val counted
+
+
+def test_the_sign_test_is_exact_and_one_sided():
+    from edgetl.workstation.fit import sign_test
+
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(1 / 32)
+    assert sign_test(5, 1) == pytest.approx(7 / 64)
+    assert sign_test(0, 5) == 1.0 and sign_test(8, 1) == pytest.approx(10 / 512)
+
+
+def test_auto_chooses_fine_tune_only_when_it_wins_by_the_margin_significantly():
+    from edgetl.workstation.fit import auto_choice
+
+    def right(n_wrong, n=120):
+        return np.arange(n) >= n_wrong
+
+    # 4 fewer errors out of 120 (3.3 pp): past the margin, but 4-0 is p = 0.0625.
+    chosen, test = auto_choice(right(8), right(4))
+    assert chosen == "feature-extraction" and test == {
+        "fine_tune_only_right": 4,
+        "feature_extraction_only_right": 0,
+        "p_value": 0.0625,
+    }
+    assert auto_choice(right(8), right(2))[0] == "fine-tune"  # 6-0: p = 0.016
+    assert auto_choice(right(8), right(8))[0] == "feature-extraction"
+    # Significant but below the margin (1,000 images, 8 fewer errors = 0.8 pp).
+    assert auto_choice(right(20, 1000), right(12, 1000))[0] == "feature-extraction"
+    swapped = np.roll(right(8), 60)  # as many errors, on other images: 8 wins, 8 losses
+    assert auto_choice(swapped, right(8))[1]["p_value"] > 0.5

@@ -74,9 +74,9 @@ _D = TrainConfig()
     type=click.Choice(FEATURE_MODES),
     default=_D.features,
     show_default=True,
-    help="What a feature-extraction head sees. blocks: every trunk block's output, pooled and concatenated "
+    help="What a searched head sees. blocks: every trunk block's output, pooled and concatenated "
     "(multi-layer features); last: the last feature map only; auto: blocks for the searched feature-extraction "
-    "head, last otherwise. A fine-tune always uses last.",
+    "head and for the head a cached fine-tune searches again after training its blocks, last otherwise.",
 )
 @click.option(
     "--views",

@@ -61,13 +61,14 @@ class Trunk(nn.Module):
         return _walk(self, self._chain, x)[0]
 
 
-def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | None = None):
-    """``trunk``'s features computed module by module along ``chain`` (its :func:`body_atoms`), and the
-    output of module ``keep`` (None: not kept)."""
+def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | None = None, start: int = 0):
+    """``trunk``'s features computed module by module along ``chain`` (its :func:`body_atoms`) from
+    module ``start`` on (``x``: the output of the modules before it; taps before it are left out),
+    and the output of module ``keep`` (None: not kept)."""
     atoms, tail = chain
     tapped, kept = [], None
-    for i, module in enumerate(atoms):
-        x = module(x)
+    for i in range(start, len(atoms)):
+        x = atoms[i](x)
         if i in trunk.taps:
             tapped.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
         if i == keep:
@@ -76,6 +77,48 @@ def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | N
         x = nn.functional.dropout(x, module.p, trunk.training) if isinstance(module, nn.Dropout) else module(x)
     tapped.append(torch.flatten(trunk.pool(x), 1))
     return torch.cat(tapped, 1), kept
+
+
+def features_after(trunk: Trunk, cut: int, act: torch.Tensor) -> torch.Tensor:
+    """The part of ``trunk``'s features computed after its body's first ``cut`` modules, from their
+    output ``act``: the pooled output of the taps at or after ``cut``, then the last feature map's.
+    With :class:`PrefixWithTaps`'s taps before it: ``trunk(x)``."""
+    chain = body_atoms(trunk)
+    if chain is None:
+        raise ValueError(f"a {type(trunk.body).__name__} body is not a chain of modules")
+    return _walk(trunk, chain, act, start=cut)[0]
+
+
+class PrefixWithTaps(nn.Module):
+    """A cached fine-tune's frozen prefix (``prefix``: the body's first modules) -> its output,
+    flattened, followed by the pooled output of the trunk's ``taps`` inside it: one pass gives the
+    activation the fine-tune trains from and the frozen part of the multi-layer features."""
+
+    def __init__(self, prefix: nn.Sequential, taps: tuple[int, ...], input_size: int):
+        super().__init__()
+        self.prefix = prefix
+        self.taps = tuple(t for t in taps if t < len(prefix))
+        was_training = prefix.training
+        prefix.eval()
+        try:
+            with torch.no_grad():
+                act, pooled = self._run(torch.zeros(1, 3, input_size, input_size))
+        finally:
+            prefix.train(was_training)
+        self.act_shape = tuple(act.shape[1:])
+        self.taps_dim = sum(int(p.shape[1]) for p in pooled)
+
+    def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        pooled = []
+        for i, module in enumerate(self.prefix):
+            x = module(x)
+            if i in self.taps:
+                pooled.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return x, pooled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act, pooled = self._run(x)
+        return torch.cat([torch.flatten(act, 1), *pooled], 1)
 
 
 class TrunkWithPrefix(nn.Module):

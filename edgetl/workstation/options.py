@@ -21,8 +21,8 @@ STRATEGIES = ("auto", "feature-extraction", "fine-tune", "full")
 CROP_MODES = ("auto", "center", "none", "compare")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 # What the head sees: last = the last feature map, pooled; blocks = every block's output, pooled and
-# concatenated (multi-layer features, feature extraction only: a fine-tune trains the last blocks, whose
-# output is the feature); auto = blocks for feature extraction on the searched path, else last.
+# concatenated (multi-layer features: the searched feature-extraction head, and the head a cached
+# fine-tune searches again after training its blocks); auto = blocks on the searched paths, else last.
 FEATURE_MODES = ("auto", "last", "blocks")
 
 # The input-size bounds of edgetl.core.preprocess (MIN/MAX_INPUT_SIZE), repeated because that module
@@ -142,11 +142,27 @@ class TrainConfig:
             return f"--crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}"
         if self.features not in FEATURE_MODES:
             return f"--features must be one of {', '.join(FEATURE_MODES)}, not {self.features!r}"
-        if self.features == "blocks" and self.strategy in ("fine-tune", "full"):
+        if self.features == "blocks" and self.strategy == "full":
             return (
-                f"--features blocks is for feature extraction; --strategy {self.strategy} trains the last blocks, "
-                "whose output is the feature (drop --features, or use --strategy feature-extraction or auto)"
+                "--features blocks is for heads searched on a trunk's features; --strategy full trains every "
+                "block end to end (drop --features, or use --strategy fine-tune, feature-extraction or auto)"
             )
+        if self.features == "blocks" and self.strategy == "fine-tune":
+            off = [
+                flag
+                for flag, on in (
+                    ("--no-head-search", not self.head_search),
+                    ("--no-feature-cache", not self.feature_cache),
+                    ("--mixup", bool(self.mixup)),
+                    ("--cutmix", bool(self.cutmix)),
+                )
+                if on
+            ]
+            if off:
+                return (
+                    f"--features blocks with a fine-tune needs the cached fine-tune, whose head is searched again "
+                    f"on every block's output; {', '.join(off)} fine-tunes end to end (drop --features or {off[0]})"
+                )
         if self.on_bad_image not in ("skip", "fail"):
             return f"--on-bad-image must be skip or fail, not {self.on_bad_image!r}"
         return None

@@ -18,6 +18,9 @@ The pieces, in the order a run uses them:
 * :func:`prefix_activations` runs the prefix once over every view (through
   :func:`edgetl.workstation.fast_trunk.frozen_runner`: ONNX Runtime on the CPU) into float16.
 * :func:`finetune_cached` trains suffix + head on those activations, one view per image per epoch.
+* :func:`edgetl.workstation.fit.refit_head` then searches the run's head again on the fine-tuned
+  trunk's features of the plain views (the pooled taps inside the prefix come from the same prefix
+  pass: :class:`edgetl.workstation.model.PrefixWithTaps`).
 
 What differs from the end-to-end loop (:func:`edgetl.workstation.loops.train_end_to_end`): the
 augmentation is a fixed set of K views instead of a fresh draw every epoch; mixup/CutMix (which mix
@@ -281,13 +284,27 @@ def _random_view(img, pp, rng: np.random.Generator, hflip: bool):
 
 
 def prefix_activations(
-    runner, store: ImageStore, views: Views, pp, *, batch_size=64, progress=None, description="frozen blocks"
+    runner,
+    store: ImageStore,
+    views: Views,
+    pp,
+    *,
+    batch_size=64,
+    progress=None,
+    description="frozen blocks",
+    act_shape: tuple[int, ...] | None = None,
+    taps: np.ndarray | None = None,
 ) -> np.ndarray:
     """(n_images, K, C, H, W) float16 activations of the frozen prefix for every view of every image
-    (``runner`` from ``frozen_runner(split.prefix, ...)``)."""
+    (``runner`` from ``frozen_runner(split.prefix, ...)``).
+
+    ``taps``, an (n_images, F) float32 array to fill: the runner is a
+    :class:`edgetl.workstation.model.PrefixWithTaps`'s, whose output is the activation flattened
+    (``act_shape``) then F pooled taps; those of the plain view 0 are written into ``taps``."""
     import torch
 
     n, k = len(store), views.count
+    width = 0 if taps is None else taps.shape[1]
     out: np.ndarray | None = None
     task = progress.add_task(description, total=n * k, status="") if progress is not None and n else None
     clipped = 0
@@ -301,6 +318,10 @@ def prefix_activations(
             else:
                 x = torch.stack([views.transform(pp, view, i)(store.get(i)) for i in idx])
             y = runner(x).numpy()
+            if taps is not None:
+                if view == 0:
+                    taps[start : start + len(idx)] = y[:, y.shape[1] - width :]
+                y = y[:, : y.shape[1] - width].reshape(len(idx), *act_shape)
             if out is None:
                 out = np.empty((n, k, *y.shape[1:]), dtype=np.float16)
             big = np.abs(y) > FP16_MAX

@@ -4,7 +4,8 @@
   kept in a persistent on-disk cache, :mod:`edgetl.workstation.featcache`) and the head is trained on those.
   ``--no-feature-cache`` runs the trunk on every batch instead (needed when augmenting).
 * ``fine-tune``: the last ``unfreeze`` blocks of the trunk train with a lower learning rate than the
-  head; frozen blocks keep their batch-norm statistics.
+  head; frozen blocks keep their batch-norm statistics. On the searched path the head is then
+  searched again on the fine-tuned trunk's features (:func:`edgetl.workstation.fit.refit_head`).
 * ``full``: everything trains (trunk at the lower learning rate).
 
 All strategies use AdamW, a cosine schedule, weight decay, head dropout, label smoothing and early
@@ -301,13 +302,13 @@ def train_model(
 
 
 def use_features(trunk, cfg: TrainConfig, *, searched: bool) -> dict[str, Any]:
-    """Tap ``trunk`` for what ``cfg.features`` asks a feature-extraction head to see (``auto``: every
-    block's output on the searched path, the last feature map elsewhere) -> the run's record of it."""
+    """Tap ``trunk`` for what ``cfg.features`` asks a searched head to see (``auto``: every block's
+    output on the searched paths, the last feature map elsewhere) -> the run's record of it."""
     from edgetl.workstation.model import tap_positions
 
     mode = cfg.features
     if mode == "auto":
-        mode = "blocks" if searched and cfg.strategy in ("auto", "feature-extraction") else "last"
+        mode = "blocks" if searched and cfg.strategy in ("auto", "feature-extraction", "fine-tune") else "last"
     if mode == "last":
         trunk.set_taps(())
         return {"mode": "last", "dim": trunk.feature_dim}
@@ -346,7 +347,15 @@ def _train_searched(
     import numpy as np
     import torch
 
-    from edgetl.workstation.fit import cache_prefix, decide_auto, fit_features, head_history, suffix_logits
+    from edgetl.workstation.fit import (
+        cache_prefix,
+        decide_auto,
+        fit_features,
+        head_history,
+        linear_logits,
+        refit_head,
+        suffix_logits,
+    )
     from edgetl.workstation.head_search import load_into
     from edgetl.workstation.model import Head, set_trainable
     from edgetl.workstation.prefix import finetune_cached
@@ -379,8 +388,13 @@ def _train_searched(
         strategy = choice["chosen"]
     if strategy == "fine-tune":
         cached = cache_prefix(trunk, prepared.train, prepared.val, cfg, fit.pp, ctx, views=cfg.views_for("fine-tune"))
-        if cached is None:
-            return {"preprocessing": choices["preprocessing"], "crop": choices["crop"]}
+        if cached is None:  # end to end instead: the head trains on the last feature map
+            trunk.set_taps(())
+            return {
+                "preprocessing": choices["preprocessing"],
+                "crop": choices["crop"],
+                "features": {"mode": "last", "dim": trunk.feature_dim, "why": "a fine-tune end to end"},
+            }
     if strategy == "feature-extraction":
         fval = fit.val_features()
         record, val_logits = head_history(fit.search, fit.ftr, ytr, fval, yval, cfg.label_smoothing)
@@ -390,11 +404,9 @@ def _train_searched(
     else:
         # A fresh head, not the searched one: started from the linear probe (at the default learning
         # rate or at 1/10 of it) the fine-tune ended 0.5-4 pp lower on the digits and the patches
-        # (docs/training.md); the probe still chose the crop and is in the run's record. The fine-tuned
-        # trunk's feature is its last feature map (the cached suffix ends there).
-        if trunk.taps:
-            trunk.set_taps(())
-            choices["features"] = {"mode": "last", "why": "a fine-tune's feature is its last feature map"}
+        # (docs/training.md). It trains along with the blocks, on the last feature map (the cached
+        # suffix ends there); then the head is searched again on the fine-tuned trunk's features,
+        # taps included, and replaces it (refit_head).
         set_trainable(trunk, cfg.unfreeze)
         head.to(device)
         hook = io.on_epoch_end
@@ -413,7 +425,27 @@ def _train_searched(
             device=device,
         )
         best_epoch = cfg.epochs
-        val_logits = torch.from_numpy(suffix_logits(cached.split, head, cached.val, cfg.batch_size, device))
+        trained_top1 = float(
+            (suffix_logits(cached.split, head, cached.val, cfg.batch_size, device).argmax(1) == yval).mean()
+        )
+        refit, _, fval = refit_head(trunk, cached, ytr, len(labels), cfg, ctx)
+        head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
+        load_into(head, refit)
+        val_logits = torch.from_numpy(linear_logits(refit.weight, refit.bias, fval))
+        choices["head_search"] = refit.to_dict()  # the run's head comes from this search
+        choices["head_refit"] = {
+            "features_dim": trunk.feature_dim,
+            # reported, never used to choose: the head trained along with the blocks, on the validation split
+            "finetune_head_val_top1": round(trained_top1, 6),
+        }
+        log.info(
+            "head searched again on the fine-tuned trunk's %d features: val top-1 %.4f (the head trained with "
+            "the blocks: %.4f)",
+            trunk.feature_dim,
+            float((val_logits.argmax(1).numpy() == yval).mean()),
+            trained_top1,
+        )
+        fit.search = refit  # the run's head search is the one its head comes from
         choices["prefix_seconds"] = round(cached.seconds, 3)
     train_seconds = time.perf_counter() - t_start
     trunk.cpu()
