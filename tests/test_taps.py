@@ -282,12 +282,13 @@ def test_auto_compares_on_the_prefix_kept_by_the_feature_pass_and_recomputes_it_
 
     monkeypatch.setattr(fit, "AUTO_MARGIN", 0.0)  # the comparison always runs
     monkeypatch.setattr(fit, "AUTO_ALPHA", 1.5)
-    kept, recomputed, inside = [], [], []
+    kept, recomputed, inside, kept_taps, recomputed_taps = [], [], [], [], []
     real_cached_prefix, real_cache_prefix = fit.CachedPrefix, fit.cache_prefix
 
     def spy_kept(split, train, val, seconds, **taps):
         if not inside:  # built from the kept activations, not by cache_prefix
             kept.append(np.concatenate([train, val]))
+            kept_taps.append(np.concatenate([taps["train_taps"], taps["val_taps"]]))
         return real_cached_prefix(split, train, val, seconds, **taps)
 
     def spy_recomputed(*args, views, **kwargs):
@@ -298,6 +299,7 @@ def test_auto_compares_on_the_prefix_kept_by_the_feature_pass_and_recomputes_it_
             inside.pop()
         if views == 1:  # the comparison's (a final fine-tune's has 4 views)
             recomputed.append(np.concatenate([out.train, out.val]))
+            recomputed_taps.append(np.concatenate([out.train_taps, out.val_taps]))
         return out
 
     monkeypatch.setattr(fit, "CachedPrefix", spy_kept)
@@ -312,3 +314,6 @@ def test_auto_compares_on_the_prefix_kept_by_the_feature_pass_and_recomputes_it_
     assert kept[0].shape == recomputed[0].shape and kept[0].dtype == np.float16
     scale = max(1.0, float(np.abs(recomputed[0]).max()))
     assert np.allclose(kept[0].astype(np.float32), recomputed[0].astype(np.float32), atol=2e-3 * scale)
+    # The taps inside the prefix: the first columns of the feature pass's features = the prefix pass's.
+    assert kept_taps[0].shape == recomputed_taps[0].shape and kept_taps[0].shape[1] > 0
+    assert np.allclose(kept_taps[0], recomputed_taps[0], atol=1e-3 * max(1.0, float(np.abs(kept_taps[0]).max())))

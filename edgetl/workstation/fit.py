@@ -171,7 +171,7 @@ def _features(trunk, samples, pp, ctx, *, description, view=None, prefix=None):
     )
 
 
-def _prefix_module(trunk, cfg, pp: Preprocessing):
+def _capture_module(trunk, cfg, pp: Preprocessing):
     """The trunk with its frozen prefix's output appended (:class:`~edgetl.workstation.model.TrunkWithPrefix`),
     for ``--strategy auto``'s comparison to read from the feature pass; None when it cannot be cut."""
     from edgetl.workstation.model import TrunkWithPrefix
@@ -203,7 +203,7 @@ def fit_features(trunk, prepared, cfg, pp: Preprocessing, ctx: dict[str, Any], *
     searches: dict[str, Any] = {}  # crop -> its head search on the plain views (reused with one view)
     table = []
     # auto's comparison fine-tunes on its sample's prefix activations: the feature passes keep them.
-    module = _prefix_module(trunk, cfg, pp) if cfg.strategy == "auto" else None
+    module = _capture_module(trunk, cfg, pp) if cfg.strategy == "auto" else None
     auto_sample = set(stratified_sample(ytr, AUTO_SAMPLE, cfg.seed).tolist())
     prefix_acts: dict[str, dict[int, np.ndarray]] = {}
     # The crops are compared on (up to) CROP_SAMPLE training images; only the first crop's features
