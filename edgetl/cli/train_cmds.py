@@ -48,7 +48,8 @@ _D = TrainConfig()
     default=_D.strategy,
     show_default=True,
     help="feature-extraction: frozen trunk + new head; fine-tune: last --unfreeze blocks too; full: everything; "
-    "auto: feature extraction or fine-tune, whichever wins on held-out training images (says why).",
+    "auto: feature extraction, or fine-tune when it wins on held-out training images by 1 pp and significantly "
+    "(sign test p < 0.05; says why).",
 )
 @click.option(
     "--head-search/--no-head-search",
@@ -56,7 +57,9 @@ _D = TrainConfig()
     show_default=True,
     help="Choose the head's settings by --folds cross-validation on the training split (never the validation "
     "split). Off when feature extraction is given --lr, --weight-decay, --label-smoothing, --epochs, "
-    "--patience or --dropout: the head then trains with those, early-stopped on the validation split.",
+    "--patience or --dropout: the head then trains with those, early-stopped on the validation split. A "
+    "fine-tune searches its head again after its last epoch, on the tuned trunk's features; without the "
+    "search it fine-tunes end to end.",
 )
 @click.option(
     "--folds", type=int, default=_D.folds, show_default=True, help="Cross-validation folds of the head search."
