@@ -137,7 +137,7 @@ def test_a_fine_tune_searches_its_head_again_on_every_block_of_the_tuned_trunk(t
     assert scored["top1"] == pytest.approx(result.val_top1)
 
 
-@pytest.mark.parametrize("name", ["tiny_test", "mobilenet_v2"])
+@pytest.mark.parametrize("name", ["tiny_test", "mobilenet_v2", "efficientnet_lite0", "resnet18"])
 def test_prefix_taps_and_the_features_after_the_cut_are_the_trunks_features(name):
     from edgetl.workstation.model import PrefixWithTaps, features_after
     from edgetl.workstation.prefix import split_trunk
