@@ -167,7 +167,11 @@ JSON_CASES: dict[str, list[Case]] = {
         Case(
             "finetune",
             lambda i, t, f: [i.images, "--out", t / "run", *TINY_FINETUNE],
-        )
+        ),
+        Case(  # a cached fine-tune: its head searched again (head_refit)
+            "finetune",
+            lambda i, t, f: [i.images, "--out", t / "ft", *TINY_FINETUNE, "--strategy", "fine-tune", "--unfreeze", "1"],
+        ),
     ],
     "evaluate": [
         Case("evaluate", lambda i, t, f: [i.run, i.run.parent / "images"]),  # the run's own folder

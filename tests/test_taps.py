@@ -125,6 +125,7 @@ def test_a_fine_tune_searches_its_head_again_on_every_block_of_the_tuned_trunk(t
     assert result.strategy == "fine-tune" and result.features["mode"] == "blocks"
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     refit = config["head_refit"]
+    assert result.head_refit == refit
     assert refit["features_dim"] == result.features["dim"] and 0 <= refit["finetune_head_val_top1"] <= 1
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert config["head_search"]["chosen"] == metrics["head_search"]["chosen"] == result.head_search["chosen"]

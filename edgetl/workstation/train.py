@@ -94,6 +94,7 @@ class FinetuneResult:
     crop: dict | None = None  # the preprocessing crop: mode, chosen, why, the comparison table
     strategy_choice: dict | None = None  # --strategy auto: chosen, why, the held-out comparison
     features: dict | None = None  # what the head sees: mode (last | blocks), taps, dim, why
+    head_refit: dict | None = None  # a cached fine-tune: its head searched again; the replaced head's val top-1
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -706,4 +707,5 @@ def _train_into(
         crop=outcome.choices.get("crop"),
         strategy_choice=outcome.choices.get("strategy_choice"),
         features=outcome.choices.get("features"),
+        head_refit=outcome.choices.get("head_refit"),
     )
