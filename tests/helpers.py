@@ -48,6 +48,24 @@ def register_tiny_backbone() -> BackboneSpec:
         return register_backbone(tiny_spec(TINY, _build_tiny))
 
 
+def branchy_trunk():
+    """A trunk whose body adds two branches: not a chain of modules (it cannot be cut or tapped)."""
+    import torch.nn as nn
+
+    from edgetl.workstation.model import Trunk
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    body = Branchy()
+    return Trunk(body, [body.a, body.b], 4)
+
+
 def count_trunk_images(monkeypatch) -> dict[str, int]:
     """Count the images every Trunk.forward sees from now on: ``counter["images"]``.
 

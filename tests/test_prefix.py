@@ -30,6 +30,7 @@ from edgetl.workstation.prefix import (  # noqa: E402
     split_trunk,
 )
 from edgetl.workstation.prepare import eval_transform  # noqa: E402
+from tests.helpers import branchy_trunk  # noqa: E402
 
 PP = Preprocessing(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -101,16 +102,7 @@ def test_training_the_suffix_trains_the_trunk(name):
 
 
 def test_unsplittable_body_is_none(caplog):
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
-    body = Branchy()
-    trunk = Trunk(body, [body.a, body.b], 4)
+    trunk = branchy_trunk()
     with caplog.at_level(logging.DEBUG, logger="edgetl.workstation.prefix"):
         assert split_trunk(trunk, 1) is None
     assert "no prefix cache" in caplog.text

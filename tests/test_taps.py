@@ -17,7 +17,7 @@ from edgetl.workstation.model import Trunk, build_trunk, tap_positions
 from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.run import load_run
 from edgetl.workstation.train import finetune
-from tests.helpers import make_image_folder
+from tests.helpers import branchy_trunk, make_image_folder
 
 TINY = {"backbone": "tiny_test", "weights": "none", "batch_size": 16}
 
@@ -56,16 +56,7 @@ def test_taps_concatenate_every_block_and_end_with_the_last_feature_map(name, ta
 
 
 def test_a_body_that_is_not_a_chain_cannot_be_tapped():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
-
-        def forward(self, x):
-            return self.a(x) + self.b(x)
-
-    body = Branchy()
-    trunk = Trunk(body, [body.a, body.b], 4)
+    trunk = branchy_trunk()
     assert tap_positions(trunk) is None
     with pytest.raises(ValueError, match="not a chain"):
         trunk.set_taps([0])

@@ -27,10 +27,11 @@ split is computed once at the end and reported, never used to choose.
   (:func:`refit_head`), and replaces the one trained with the blocks.
 * **auto**: a budgeted comparison on up to :data:`AUTO_SAMPLE` training images: the searched
   feature-extraction head and a cached-prefix fine-tune (one view, half the epochs, its head searched
-  again after) are both trained
-  on 80% of them and scored on the other 20%; fine-tune is chosen only when it wins by at least
-  :data:`AUTO_MARGIN` (a fine-tuned trunk serves one task; a frozen one can carry many heads). When
-  feature extraction's held-out score leaves less than the margin to 100%, no fine-tune runs.
+  again after) are both trained on 80% of them and scored on the other 20%; fine-tune is chosen only
+  when it wins by at least :data:`AUTO_MARGIN` and a sign test on the images only one of them got
+  right gives p < :data:`AUTO_ALPHA` (a fine-tuned trunk serves one task; a frozen one can carry many
+  heads). When feature extraction got so few held-out images wrong that no fine-tune could win that
+  way, none runs.
 """
 
 from __future__ import annotations
@@ -448,20 +449,19 @@ def cache_prefix(
     return CachedPrefix(split, parts[0], parts[1], time.perf_counter() - t0, train_taps=taps[0], val_taps=taps[1])
 
 
-def cached_features(trunk, cached: CachedPrefix, acts: np.ndarray, taps: np.ndarray, batch_size: int, device):
+def tuned_features(trunk, cached: CachedPrefix, acts: np.ndarray, taps: np.ndarray, batch_size: int, device):
     """The (fine-tuned) trunk's features of the plain view 0 of cached activations: the prefix's
     pooled taps, then what the suffix computes (its taps and the last feature map), in eval mode."""
     import torch
 
     from edgetl.workstation.model import features_after
+    from edgetl.workstation.prefix import view0_batches
 
     cut = len(cached.split.prefix)
     trunk.eval()
     rows = []
     with torch.inference_mode():
-        for i in range(0, len(acts), batch_size):
-            x = torch.from_numpy(np.asarray(acts[i : i + batch_size, 0], dtype=np.float32)).to(device)
-            x = x.contiguous(memory_format=torch.channels_last)
+        for x in view0_batches(acts, batch_size, device):
             rows.append(features_after(trunk, cut, x).float().cpu().numpy())
     after = np.concatenate(rows) if rows else np.zeros((0, trunk.feature_dim - taps.shape[1]), dtype=np.float32)
     return np.concatenate([taps, after], 1)
@@ -475,19 +475,12 @@ def refit_head(trunk, cached: CachedPrefix, ytr: np.ndarray, n_classes: int, cfg
     from edgetl.workstation.head_search import search_head
 
     device = ctx["settings"].device
-    ftr = cached_features(trunk, cached, cached.train, cached.train_taps, cfg.batch_size, device)
-    fval = cached_features(trunk, cached, cached.val, cached.val_taps, cfg.batch_size, device)
+    ftr = tuned_features(trunk, cached, cached.train, cached.train_taps, cfg.batch_size, device)
+    fval = tuned_features(trunk, cached, cached.val, cached.val_taps, cfg.batch_size, device)
     search = search_head(ftr, ytr, n_classes, folds=cfg.folds, seed=cfg.seed, progress=ctx["progress"])
     if search.fallback:
         log.warning("head search after the fine-tune: %s", search.fallback)
     return search, ftr, fval
-
-
-def suffix_logits(split, head, acts: np.ndarray, batch_size: int, device) -> np.ndarray:
-    """Logits of the (plain) view 0 of cached activations through the suffix and head, in eval mode."""
-    from edgetl.workstation.prefix import view0_logits
-
-    return view0_logits(split, head, acts, batch_size, device).numpy()
 
 
 def sign_test(wins: int, losses: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -44,13 +46,8 @@ class Trunk(nn.Module):
         if sorted(set(taps)) != list(taps) or taps[0] < 0 or taps[-1] >= len(chain[0]) - 1:
             raise ValueError(f"taps {list(taps)} are not increasing positions below {len(chain[0]) - 1}")
         self.taps, self._chain = taps, chain
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():  # not through forward: counting its calls counts images
-                self.feature_dim = int(self._tapped(torch.zeros(1, 3, 64, 64)).shape[1])
-        finally:
-            self.train(was_training)
+        with _evaluating(self):  # not through forward: counting its calls counts images
+            self.feature_dim = int(self._tapped(torch.zeros(1, 3, 64, 64)).shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.taps:
@@ -59,6 +56,23 @@ class Trunk(nn.Module):
 
     def _tapped(self, x: torch.Tensor) -> torch.Tensor:
         return _walk(self, self._chain, x)[0]
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module):
+    """``module`` in eval mode without gradients (a dry run to learn output shapes), then as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _pooled(x: torch.Tensor) -> torch.Tensor:
+    """A feature map (N, C, H, W) -> its global average (N, C): what a tap contributes."""
+    return torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)
 
 
 def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | None = None, start: int = 0):
@@ -70,7 +84,7 @@ def _walk(trunk: Trunk, chain: tuple[list, list], x: torch.Tensor, keep: int | N
     for i in range(start, len(atoms)):
         x = atoms[i](x)
         if i in trunk.taps:
-            tapped.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+            tapped.append(_pooled(x))
         if i == keep:
             kept = x
     for module in tail:  # a timm body's forward_head; its dropout is registered nowhere else
@@ -98,13 +112,8 @@ class PrefixWithTaps(nn.Module):
         super().__init__()
         self.prefix = prefix
         self.taps = tuple(t for t in taps if t < len(prefix))
-        was_training = prefix.training
-        prefix.eval()
-        try:
-            with torch.no_grad():
-                act, pooled = self._run(torch.zeros(1, 3, input_size, input_size))
-        finally:
-            prefix.train(was_training)
+        with _evaluating(prefix):
+            act, pooled = self._run(torch.zeros(1, 3, input_size, input_size))
         self.act_shape = tuple(act.shape[1:])
         self.taps_dim = sum(int(p.shape[1]) for p in pooled)
 
@@ -113,7 +122,7 @@ class PrefixWithTaps(nn.Module):
         for i, module in enumerate(self.prefix):
             x = module(x)
             if i in self.taps:
-                pooled.append(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+                pooled.append(_pooled(x))
         return x, pooled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,13 +140,8 @@ class TrunkWithPrefix(nn.Module):
         if chain is None or not 0 < cut < len(chain[0]):
             raise ValueError(f"cannot keep the output of the first {cut} modules of this trunk")
         self.trunk, self.cut, self._chain = trunk, cut, chain
-        was_training = trunk.training
-        trunk.eval()
-        try:
-            with torch.no_grad():
-                prefix = _walk(trunk, chain, torch.zeros(1, 3, input_size, input_size), cut - 1)[1]
-        finally:
-            trunk.train(was_training)
+        with _evaluating(trunk):
+            prefix = _walk(trunk, chain, torch.zeros(1, 3, input_size, input_size), cut - 1)[1]
         self.prefix_shape = tuple(prefix.shape[1:])
         self.feature_dim = trunk.feature_dim + int(prefix[0].numel())
 

@@ -343,18 +343,26 @@ def prefix_activations(
 LOOP_NAME = "finetune_cached"
 
 
+def view0_batches(acts, batch_size: int, device):
+    """The plain view 0 of cached activations as float32 channels-last batches on ``device``, for
+    inference (call it under ``torch.inference_mode``)."""
+    import torch
+
+    for i in range(0, len(acts), batch_size):
+        x = torch.from_numpy(np.asarray(acts[i : i + batch_size, 0], dtype=np.float32)).to(device)
+        yield x.contiguous(memory_format=torch.channels_last)
+
+
 def view0_logits(split, head, acts, batch_size: int, device, amp=(False, None)):
     """Logits (a CPU float tensor) of suffix + head, in eval mode, on the plain view 0 of cached
-    activations: the fine-tune's per-epoch validation, the run's final logits, auto's held-out score."""
+    activations: the fine-tune's per-epoch validation and the run's record of it."""
     import torch
 
     split.suffix.eval()
     head.eval()
     logits = []
     with torch.inference_mode():
-        for i in range(0, len(acts), batch_size):
-            x = torch.from_numpy(np.asarray(acts[i : i + batch_size, 0], dtype=np.float32)).to(device)
-            x = x.contiguous(memory_format=torch.channels_last)
+        for x in view0_batches(acts, batch_size, device):
             with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
                 logits.append(head(split.suffix(x)).float().cpu())
     return torch.cat(logits) if logits else torch.zeros((0, head.fc.out_features))

@@ -355,7 +355,6 @@ def _train_searched(
         head_history,
         linear_logits,
         refit_head,
-        suffix_logits,
     )
     from edgetl.workstation.head_search import load_into
     from edgetl.workstation.model import Head, set_trainable
@@ -426,9 +425,7 @@ def _train_searched(
             device=device,
         )
         best_epoch = cfg.epochs
-        trained_top1 = float(
-            (suffix_logits(cached.split, head, cached.val, cfg.batch_size, device).argmax(1) == yval).mean()
-        )
+        trained_top1 = float(io.history[-1]["val_top1"])  # the loop scored the last epoch's head
         refit, _, fval = refit_head(trunk, cached, ytr, len(labels), cfg, ctx)
         head = Head(trunk.feature_dim, len(labels), dropout=cfg.dropout)
         load_into(head, refit)
