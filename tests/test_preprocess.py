@@ -86,3 +86,34 @@ def test_every_byte_of_every_channel_normalises_as_torchvision_does(mean, std):
     ours = preprocess(img, pp)
     assert torch.equal(eval_transform(pp)(img), torch.from_numpy(ours))
     assert torch.equal(torch.from_numpy(preprocess_batch([img, img], pp)), torch.stack([torch.from_numpy(ours)] * 2))
+
+
+@pytest.mark.parametrize("interp", ["nearest", "bilinear", "bicubic", "lanczos"])
+def test_grayscale_is_resized_as_l_to_the_same_bytes_as_rgb(tmp_path, interp):
+    """Grayscale images are resized before they are made RGB (a third of the resampling); the bytes
+    must be those of converting first: load_image, preprocess and torchvision's transform agree to
+    the bit, for images smaller and larger than the model's input; kept gray (``gray_ok``, one plane
+    for the three channels), they give the same numbers too."""
+    from edgetl.core.preprocess import load_image, resize_shorter
+
+    pp = Preprocessing(input_size=96, resize_size=110, interpolation=interp)
+    transform = eval_transform(pp)
+    for i, (w, h) in enumerate([(8, 8), (13, 40), (96, 96), (111, 300), (640, 97)]):
+        gray = _photo(w, h, seed=i).convert("L")
+        path = tmp_path / f"g{i}.png"
+        if i % 2:  # a 16-bit grayscale file too
+            Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257).save(path)
+        else:
+            gray.save(path)
+        expected = resize_shorter(gray.convert("RGB"), pp.resize_size, interp)
+        loaded = load_image(path, pp)
+        assert loaded.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(loaded), np.asarray(expected))
+        np.testing.assert_array_equal(preprocess(gray, pp), transform(gray.convert("RGB")).numpy())
+        np.testing.assert_array_equal(preprocess(loaded, pp), preprocess(gray.convert("RGB"), pp))
+        kept = load_image(path, pp, gray_ok=True)  # what the device's predict and serve load
+        assert kept.mode == "L"
+        np.testing.assert_array_equal(preprocess_batch([kept, loaded], pp), preprocess_batch([loaded, loaded], pp))
+    assert load_image(tmp_path / "g0.png", gray_ok=True).mode == "L"
+    _photo(20, 20, 0).save(tmp_path / "rgb.png")
+    assert load_image(tmp_path / "rgb.png", pp, gray_ok=True).mode == "RGB"

@@ -139,12 +139,24 @@ def _short(exc: BaseException) -> str:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode (L, P, RGBA, CMYK, I;16 ...) to RGB; transparency is composited on black."""
-    if img.mode == "RGB":
+    img = _rgb_or_gray(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _rgb_or_gray(img: Image.Image) -> Image.Image:
+    """:func:`to_rgb`, except that a grayscale image (L, or 16/32-bit integer) comes back as L.
+
+    Resizing an L image and then converting it to RGB gives the same bytes as converting first and
+    resizing the RGB image (Pillow resamples each band alike; tests/test_preprocess.py checks it for
+    every filter), for a third of the resampling work: grayscale images (scanners, IR and mono
+    cameras, digits) are resized as L and made RGB afterwards.
+    """
+    if img.mode in ("RGB", "L"):
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -154,7 +166,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(
+    path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_PIXELS, gray_ok: bool = False
+) -> Image.Image:
     """Open an image file fully (decode now, so corrupt files fail here) and convert it to RGB.
 
     EXIF orientation is applied (a phone's portrait photo is upright, as every viewer shows it) on
@@ -166,6 +180,8 @@ def load_image(path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_P
     soon as it is decoded (the first step of :func:`preprocess`, so the result is the same to the
     bit): a caller holding many images then holds small ones, whatever the files' sizes.
     ``max_pixels`` lowers the pixel limit (``edgetl serve`` decodes uploads up to 40M pixels).
+    ``gray_ok``: a grayscale image comes back as L, not RGB (for :func:`preprocess`, which gives it
+    the same numbers as its RGB conversion, with less work).
     """
     try:
         with warnings.catch_warnings():
@@ -175,8 +191,10 @@ def load_image(path, pp: Preprocessing | None = None, *, max_pixels: int = MAX_P
             _check_decoded_size(path, img, min(max_pixels, MAX_PIXELS))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
-            rgb = to_rgb(img)
-        return resize_shorter(rgb, pp.resize_size, pp.interpolation) if pp is not None else rgb
+            img = _rgb_or_gray(img)
+        if pp is not None:
+            img = resize_shorter(img, pp.resize_size, pp.interpolation)
+        return img if gray_ok and img.mode == "L" else to_rgb(img)
     except DataError:
         raise
     except Exception as exc:  # the decoders' own errors, MemoryError included: one image, not the run
@@ -247,7 +265,8 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def preprocess(img: Image.Image, pp: Preprocessing) -> np.ndarray:
-    """One RGB PIL image -> float32 array of shape (3, input_size, input_size), normalised."""
+    """One PIL image -> float32 array of shape (3, input_size, input_size), normalised; any mode
+    :func:`to_rgb` converts gives the numbers of its RGB conversion."""
     out = np.empty((3, pp.input_size, pp.input_size), dtype=np.float32)
     _normalise_into(_cropped(img, pp), pp, out)
     return out
@@ -263,12 +282,15 @@ def preprocess_batch(images, pp: Preprocessing) -> np.ndarray:
 
 
 def _cropped(img: Image.Image, pp: Preprocessing) -> np.ndarray:
-    """Resize and centre crop: (input_size, input_size, 3) uint8."""
-    return np.asarray(center_crop(resize_shorter(to_rgb(img), pp.resize_size, pp.interpolation), pp.input_size))
+    """Resize and centre crop: (input_size, input_size, 3) uint8, or (input_size, input_size) for a
+    grayscale image (its three RGB channels are that one plane)."""
+    resized = resize_shorter(_rgb_or_gray(img), pp.resize_size, pp.interpolation)
+    return np.asarray(center_crop(resized, pp.input_size))
 
 
 def _normalise_into(pixels: np.ndarray, pp: Preprocessing, out: np.ndarray) -> None:
-    """(H, W, 3) uint8 -> ``out`` (3, H, W) float32, normalised: one table lookup per value.
+    """(H, W, 3) uint8, or (H, W) for gray -> ``out`` (3, H, W) float32, normalised: one table
+    lookup per value.
 
     Each output value depends only on its byte and channel, so a 256-entry table per channel,
     computed with torchvision's float32 operations (ToTensor + Normalize: ``(x / 255 - mean) /
@@ -276,7 +298,7 @@ def _normalise_into(pixels: np.ndarray, pp: Preprocessing, out: np.ndarray) -> N
     checks all 768 entries against torchvision), in about a third of the time.
     """
     table = _normalisation_table(tuple(pp.mean), tuple(pp.std))
-    planes = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    planes = (pixels,) * 3 if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
     for c in range(3):
         # mode="clip": a uint8 index is always inside the table, so numpy's bounds check is skipped.
         np.take(table[c], planes[c], out=out[c], mode="clip")

@@ -171,7 +171,7 @@ class PredictionStream:
             try:
                 # Reduced to the model's resize size right after decoding: the batch holds small
                 # images and at most one full-size decoded one, whatever the files' sizes.
-                image = load_image(path, self.predictor.preprocessing)
+                image = load_image(path, self.predictor.preprocessing, gray_ok=True)
             except DataError as exc:
                 self.summary.skipped += 1
                 if len(self.summary.skipped_files) < MAX_LISTED_SKIPS:

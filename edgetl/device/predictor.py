@@ -140,7 +140,9 @@ class Predictor:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             # Reduced to the model's resize size as soon as decoded: a batch holds small images.
-            loaded = [im if isinstance(im, Image.Image) else load_image(im, self.preprocessing) for im in chunk]
+            loaded = [
+                im if isinstance(im, Image.Image) else load_image(im, self.preprocessing, gray_ok=True) for im in chunk
+            ]
             records.extend(self._predict_loaded(names[start : start + batch_size], loaded, top_k))
         return records
 
