@@ -471,10 +471,13 @@ def _closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
         sock.close()
 
 
-def test_clients_that_stall_cannot_hold_the_server(files):
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_clients_that_stall_cannot_hold_the_server(files, parser):
     """Slowloris: connections that never finish their headers are closed after --header-timeout, a
-    body that stalls gets 408 after --timeout, and the server answers others all along."""
-    with Server(files["bundle"], "--max-connections", "2", "--header-timeout", "1", "--timeout", "2") as s:
+    body that stalls gets 408 after --timeout, and the server answers others all along (with either
+    HTTP parser)."""
+    args = ("--max-connections", "2", "--header-timeout", "1", "--timeout", "2", "--http", parser)
+    with Server(files["bundle"], *args) as s:
         heads = [_stalled(s.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n") for _ in range(6)]
         started = time.monotonic()
         closed = [_closed_within(sock, 6.0) for sock in heads]
@@ -485,6 +488,37 @@ def test_clients_that_stall_cannot_hold_the_server(files):
         assert done and answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in answer, answer
         ok = s.post("/v1/predict", content=files["red"].read_bytes())
         assert ok.status_code == 200 and ok.json()["records"][0]["label"] == "red"
+    assert s.proc.returncode == 0, s.stderr()
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_headers_without_end_are_refused_at_16_kib(files, parser):
+    """A request head that keeps growing (one endless header, sent in 1 KiB pieces well within
+    --header-timeout) is refused once past 16 KiB and its connection closed; httptools, which keeps
+    an unfinished header in memory, gets 431 from edgetl's guard, h11 its own 400. The server's
+    memory stays flat and it answers others."""
+    with Server(files["bundle"], "--http", parser) as s:
+        sock = _stalled(s.url, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nX-Long: ")
+        sent = 0
+        try:
+            while sent < 1024 * 1024:
+                sock.sendall(b"a" * 1024)
+                sent += 1024
+                time.sleep(0.002)
+        except OSError:  # the server closed the connection: the rest cannot be sent
+            pass
+        done, answer = _closed_within(sock, 10.0)
+        assert done and sent < 256 * 1024, sent
+        expected = b"HTTP/1.1 431 " if parser == "httptools" else b"HTTP/1.1 400 "
+        assert answer.startswith(expected), answer[:200]
+        if parser == "httptools":
+            body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert body == {"error": "the request line and headers are larger than 16384 bytes", "status": 431}
+        ok = s.post("/v1/predict", content=files["red"].read_bytes())
+        assert ok.status_code == 200 and ok.json()["records"][0]["label"] == "red"
+        # a large head that ends is still served (16 KiB is the limit: 12 KiB of headers pass)
+        big = s.post("/v1/predict", content=files["red"].read_bytes(), headers={"X-Note": "n" * 12 * 1024})
+        assert big.status_code == 200
     assert s.proc.returncode == 0, s.stderr()
 
 
@@ -779,5 +813,23 @@ def test_check_json_validates_and_names_the_bundle(files):
     record = doc["results"][0]
     assert record["version"] == version_of(files["bundle"]) and record["check"] is True
     assert record["heads"] == ["colour", "brightness"] and record["auth"] == "none" and record["tls"] is False
+    assert record["http"] == "httptools"  # the serve extra's parser, chosen by --http auto
+    h11 = CliRunner().invoke(main, ["serve", str(files["bundle"]), "--check", "--json", "--http", "h11"])
+    assert h11.exit_code == 0 and validate_document(h11.stdout, "serve")["results"][0]["http"] == "h11"
     missing = CliRunner().invoke(main, ["serve", str(files["root"] / "nothing"), "--check"])
     assert missing.exit_code == 1 and missing.stderr.startswith("Error: ") and len(missing.stderr.splitlines()) == 1
+
+
+def test_without_httptools_auto_is_h11_and_asking_for_it_is_one_line(monkeypatch):
+    from edgetl.core.errors import ConfigError
+    from edgetl.device.serve.server import http_parser
+
+    assert http_parser("auto") == "httptools" and http_parser("h11") == "h11"
+    monkeypatch.setitem(sys.modules, "httptools", None)  # as if it were not installed
+    assert http_parser("auto") == "h11"
+    with pytest.raises(
+        ConfigError, match=r"httptools is not installed; pip install 'edgetl\[serve\]' or give --http h11"
+    ):
+        http_parser("httptools")
+    with pytest.raises(ConfigError, match="choose one of auto, httptools, h11"):
+        http_parser("picohttp")

@@ -79,6 +79,15 @@ MIN_TOKEN_CHARS = 16
     "arrive within --timeout (408).",
 )
 @click.option(
+    "--http",
+    "http_parser_choice",
+    type=click.Choice(["auto", "httptools", "h11"]),
+    default="auto",
+    show_default=True,
+    help="HTTP parser: httptools (C, part of the serve extra; about 0.3 ms less per request), h11 (pure "
+    "Python), or auto: httptools when it is installed.",
+)
+@click.option(
     "--max-body-mb",
     type=click.FloatRange(0, 1024, min_open=True),
     default=10.0,
@@ -134,6 +143,7 @@ def serve(
     queue_size: int,
     timeout_s: float,
     header_timeout_s: float,
+    http_parser_choice: str,
     max_body_mb: float,
     max_connections: int,
     token_file: str | None,
@@ -180,6 +190,9 @@ def serve(
         )
     token = _read_token(token_file) if token_file is not None else None
     web = _import_web()
+    from edgetl.device.serve.server import http_parser
+
+    parser = http_parser(http_parser_choice)
     from edgetl.device.bundle_loading import LoadOptions
     from edgetl.device.serve.engine import Engine, EngineSettings
 
@@ -217,6 +230,7 @@ def serve(
             graceful_s=timeout_s + 5.0,
             access_log=_verbose(),
             header_timeout_s=header_timeout_s,
+            http=parser,
         )
 
         def ready(actual_port: int) -> None:
@@ -315,6 +329,7 @@ def _ready_record(engine, settings, port: int, bundle: str, auth: bool, check: b
         "queue_size": engine.settings.queue_size,
         "tls": settings.tls_cert is not None,
         "auth": "token" if auth else "none",
+        "http": settings.http,
         "check": check,
     }
 

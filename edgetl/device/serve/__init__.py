@@ -1,5 +1,5 @@
-"""`edgetl serve`: an inference service for one bundle (extra ``edgetl[serve]``: Starlette, Uvicorn,
-prometheus-client, python-multipart). No torch.
+"""`edgetl serve`: an inference service for one bundle (extra ``edgetl[serve]``: Starlette, Uvicorn
+and its httptools parser, prometheus-client, python-multipart). No torch.
 
 - :mod:`.engine`: the loaded model, its worker thread and bounded queue (micro-batching), hot swap;
 - :mod:`.app`: the Starlette app (``/v1/predict``, ``/v1/health``, ``/v1/model``, ``/metrics``, the page);

@@ -322,7 +322,7 @@ def _prepare(data: bytes, name: str, predictor, max_pixels: int = MAX_UPLOAD_PIX
     """Decode (with predict's guards, and at most ``max_pixels``) and preprocess one image:
     ((1, 3, S, S), decode ms, preprocess ms)."""
     t0 = time.perf_counter()
-    image = load_image(_Upload(data, name), predictor.preprocessing, max_pixels=max_pixels)
+    image = load_image(_Upload(data, name), predictor.preprocessing, max_pixels=max_pixels, gray_ok=True)
     t1 = time.perf_counter()
     x = predictor.preprocess([image])
     return x, (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0
