@@ -245,6 +245,12 @@ def main() -> None:
         help="Run the client threads on this CPU only and the server and bench on the others (a client "
         "on another machine, as near as one machine gets); default: everything shares every CPU.",
     )
+    ap.add_argument(
+        "--image",
+        type=Path,
+        default=None,
+        help="The image every client posts (default: the first digit of the data set, an 8x8 grayscale PNG).",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     global SERVER_CPUS
@@ -257,7 +263,7 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or make_bundle(args.work, args.img_size)
-    body = sample_png(args.work)
+    body = args.image.read_bytes() if args.image else sample_png(args.work)
 
     def bench_once(iterations: int) -> dict:
         return run_json(["bench", str(bundle), "--threads", str(args.threads), "--batch-size", "1",
@@ -302,6 +308,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "bundle": str(bundle),
         "img_size": args.img_size,
+        "image": {"path": str(args.image) if args.image else "first digit of the data set", "bytes": len(body)},
         "threads": args.threads,
         "pinning": None
         if SERVER_CPUS is None

@@ -64,7 +64,7 @@ def test_iter_images_checks_inputs_before_yielding(tmp_path, tree):
 def test_stream_is_lazy_one_batch_at_a_time(bundle_dir, tree, monkeypatch):
     opened = []
     real_load = images_mod.load_image
-    monkeypatch.setattr(images_mod, "load_image", lambda p, pp=None: opened.append(p) or real_load(p, pp))
+    monkeypatch.setattr(images_mod, "load_image", lambda p, pp=None, **kw: opened.append(p) or real_load(p, pp, **kw))
     predictor = open_bundle(bundle_dir).load()
     it = iter(PredictionStream(predictor, [tree], batch_size=2))
     next(it)

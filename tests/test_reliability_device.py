@@ -130,9 +130,9 @@ def test_evaluate_and_predict_pass_the_models_preprocessing(bundle, tmp_path, mo
     calls = []
     real = images_mod.load_image
 
-    def spy(path, pp=None):
+    def spy(path, pp=None, **kwargs):
         calls.append(pp)
-        return real(path, pp)
+        return real(path, pp, **kwargs)
 
     monkeypatch.setattr(images_mod, "load_image", spy)
     monkeypatch.setattr(evaluate_mod, "load_image", spy)
@@ -341,10 +341,10 @@ def test_predict_skips_decode_memory_error(bundle, tmp_path, monkeypatch):
     write_colour_images(tmp_path / "imgs")
     real = images_mod.load_image
 
-    def flaky(path, pp=None):
+    def flaky(path, pp=None, **kwargs):
         if Path(path).name == "green.png":
             raise DataError(f"cannot read image {path}: MemoryError")
-        return real(path, pp)
+        return real(path, pp, **kwargs)
 
     monkeypatch.setattr(images_mod, "load_image", flaky)
     predictor = open_bundle(bundle).load()
