@@ -98,8 +98,8 @@ def listen(host: str, port: int) -> socket.socket:
 HTTP_PARSERS = ("auto", "httptools", "h11")
 
 # Most bytes a request's line and headers may take (h11's own limit, its max_incomplete_event_size);
-# beyond it the connection gets 431 and is closed. h11 enforces it itself; httptools keeps a header
-# it has not seen the end of in memory, so the httptools protocol below counts.
+# beyond it the connection is answered (h11: its own 400; httptools: 431 from the protocol below) and
+# closed. httptools keeps a header it has not seen the end of in memory, so the protocol counts.
 MAX_HEAD_BYTES = 16 * 1024
 
 
