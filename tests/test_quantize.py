@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from pathlib import Path
@@ -216,7 +217,7 @@ def test_search_stops_at_the_first_attempt_within_the_bar(trunk_onnx, calib, tmp
 
 
 def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_path):
-    scores = iter([0.50, 0.70, 0.80, 0.75, 0.60, 0.60, 0.60, 0.60, 0.60])
+    scores = itertools.chain([0.50, 0.70, 0.80, 0.75], itertools.repeat(0.60))
     seen = []
 
     def evaluate(path):
@@ -243,3 +244,35 @@ def test_search_tries_every_remedy_and_keeps_the_best(trunk_onnx, calib, tmp_pat
     assert record["sensitivity"] and out.is_file()
     assert record["excluded_nodes"] == list(result.chosen.config.excluded_nodes)
     assert [a["val_top1"] for a in record["attempts"]] == [a.val_top1 for a in result.attempts]
+
+
+def test_exclusion_schedule_caps_only_the_counted_nodes():
+    # a tapped trunk: cheap pooling/flatten islands come first in cost order, then the convolutions
+    flat = [_source(f"flat{i}", 60.0, (f"Flatten_{i}",)) for i in range(20)]
+    convs = [_source("stem", 10.0, ("Conv_0",)), _source("dw", 13.0, ("Conv_1", "Clip_1"))]
+    counted = {"Conv_0", "Conv_1"}.__contains__
+    assert exclusion_schedule([*flat, *convs], cap=3) == []  # every node counted: the cap is spent on flattens
+    steps = exclusion_schedule([*flat, *convs], cap=3, counted=counted)
+    assert steps and "Conv_0" in steps[0] and "Conv_1" in steps[-1]
+    assert exclusion_schedule([*flat, *convs], cap=1, counted=counted)[-1][-1] == "Conv_0"
+
+
+def test_search_keeps_convolutions_of_a_tapped_trunk_in_float(calib, tmp_path):
+    # every block's pooled output in the features (finetune --features blocks): the float-island
+    # remedy must still reach the convolutions behind the taps' pooling and flatten nodes
+    from edgetl.workstation.model import tap_positions
+
+    torch.manual_seed(0)
+    trunk = build_trunk(get_backbone(TINY)).eval()
+    trunk.set_taps(tap_positions(trunk))
+    path = tmp_path / "trunk.onnx"
+    export_onnx(trunk, torch.zeros(2, 3, 32, 32), path, input_name="image", output_name="features")
+    result = search_int8(
+        OrtQuantizer(path, calib, lambda p: 0.5, workdir=tmp_path / "w", whole_int8=()),
+        tmp_path / "int8.onnx",
+        baseline_top1=0.9,
+        max_drop=1.0,
+    )
+    convs = {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"}
+    islands = [set(a.float_layers) for a in result.attempts if a.float_layers]
+    assert islands and any(island & convs for island in islands)

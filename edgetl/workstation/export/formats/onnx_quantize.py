@@ -54,7 +54,12 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.workstation.export.formats.onnx_sensitivity import NoiseSource, exclusion_schedule, rank_noise_sources
+from edgetl.workstation.export.formats.onnx_sensitivity import (
+    NoiseSource,
+    exclusion_schedule,
+    rank_noise_sources,
+    worst_first,
+)
 from edgetl.workstation.export.int8 import Attempt, QatHook, best, settled
 
 log = logging.getLogger(__name__)
@@ -376,15 +381,15 @@ class OrtQuantizer:
         log.info(
             "int8 sensitivity (%.1fs): worst %s",
             time.perf_counter() - t0,
-            "; ".join(f"{s.kind} {s.tensor} {s.sqnr_db:.1f} dB" for s in self.sensitivity[:3]) or "none",
+            "; ".join(f"{s.kind} {s.tensor} {s.sqnr_db:.1f} dB" for s in worst_first(self.sensitivity)[:3]) or "none",
         )
         import onnx
 
         graph = onnx.load(str(self.prepare())).graph
-        weighted = sum(1 for n in graph.node if n.op_type in WEIGHTED_OPS)
-        cap = max(3, int(weighted * self.max_excluded_fraction))  # tiny graphs still get a few nodes
+        weighted = {n.name for n in graph.node if n.op_type in WEIGHTED_OPS}
+        cap = max(3, int(len(weighted) * self.max_excluded_fraction))  # tiny graphs still get a few layers
         tried: list[tuple[str, ...]] = []
-        for nodes in exclusion_schedule(self.sensitivity, cap):
+        for nodes in exclusion_schedule(self.sensitivity, cap, counted=weighted.__contains__):
             tried.append(nodes)
             yield dataclasses.replace(base, excluded_nodes=nodes)
             if any(a.passed for a in attempts):

@@ -326,6 +326,12 @@ def rank_noise_sources(float_path: Path, qdq_path: Path, calib: np.ndarray, *, i
     return order_by_gain_per_cost(ranked, costs.island_cost)
 
 
+def worst_first(sources: Sequence[NoiseSource]) -> list[NoiseSource]:
+    """``sources`` by the noise each adds alone, most first (what a log calls the worst), whatever
+    order the search keeps them in float."""
+    return sorted(sources, key=lambda s: -s.noise)
+
+
 def order_by_gain_per_cost(
     sources: Sequence[NoiseSource], island_cost: Callable[[Sequence[str]], float]
 ) -> list[NoiseSource]:
@@ -333,7 +339,7 @@ def order_by_gain_per_cost(
     *added* cost, given those before it are already in float (islands that share nodes or edges
     cost less together). Ties, and every source when a cost is unknown, go to the most noise.
     With every cost equal this is the plain most-noise-first order."""
-    by_noise = sorted(sources, key=lambda s: -s.noise)  # a NaN SQNR counts as the most noise
+    by_noise = worst_first(sources)  # a NaN SQNR counts as the most noise
     if any(not math.isfinite(island_cost(s.nodes)) for s in by_noise):
         return by_noise
     ordered: list[NoiseSource] = []
@@ -353,9 +359,15 @@ def order_by_gain_per_cost(
     return ordered
 
 
-def exclusion_schedule(sources: Sequence[NoiseSource], cap: int) -> list[tuple[str, ...]]:
+def exclusion_schedule(
+    sources: Sequence[NoiseSource], cap: int, counted: Callable[[str], bool] | None = None
+) -> list[tuple[str, ...]]:
     """Node sets keeping growing prefixes of ``sources`` (in the order :func:`rank_noise_sources`
-    gives) in float, each at most ``cap`` nodes; a step that adds no node is skipped.
+    gives) in float, each with at most ``cap`` nodes that ``counted`` accepts (None: every node);
+    a step that adds no node is skipped. The quantizer counts only weighted layers: the nodes
+    without weights that a prefix also holds (pooling, flatten, concatenation of a trunk's taps)
+    cost next to nothing in float, and counting them could use up the cap before the first
+    convolution, leaving no step at all.
 
     Each step is the shortest prefix that removes half of the noise still left (1/2, 3/4, 7/8 ...
     of the total: about 3 dB more output SQNR per step), finally all sources. When a source's noise
@@ -382,7 +394,7 @@ def exclusion_schedule(sources: Sequence[NoiseSource], cap: int) -> list[tuple[s
     schedule: list[tuple[str, ...]] = []
     for k in dict.fromkeys(ends):
         nodes = tuple(dict.fromkeys(n for s in sources[:k] for n in s.nodes))
-        if len(nodes) > cap:
+        if sum(1 for n in nodes if counted is None or counted(n)) > cap:
             break
         if nodes and (not schedule or nodes != schedule[-1]):
             schedule.append(nodes)
