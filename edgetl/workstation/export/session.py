@@ -154,7 +154,7 @@ class ExportSession:
         quantizer = make_quantizer()
         # Passing attempts are timed against the fp32 trunk (batch 1, one validation image) and the
         # fastest is kept: int8 is for speed, the accuracy bar keeps it correct.
-        timer = speed.attempt_timer(quantizer.runner, self.x_val[: speed.BATCH_SIZE])
+        timer = speed.attempt_timer(quantizer.runner, self.x_val[: speed.BATCH_SIZE], floor=self._speed_floor())
         # Every attempt's trunk is also scored by its features' fidelity to fp32 (what heads added
         # later will see), on the first FIDELITY_IMAGES validation images.
         fidelity = features_scorer(getattr(quantizer, "scoring_runner", quantizer.runner), self.x_val[:FIDELITY_IMAGES])
@@ -378,6 +378,13 @@ class ExportSession:
             var["format"],
         )
 
+    def _speed_floor(self) -> float | None:
+        """The speed-up a miss of which is confirmed by timing again: ``--min-speedup`` where this CPU
+        has int8 dot-product instructions (a miss there warns, and can trigger QAT); None elsewhere."""
+        from edgetl.core import envinfo
+
+        return self.options.min_speedup if envinfo.int8_dot_product() else None
+
     def _measure_speed(self, name: str, bundle) -> None:
         """Time int8 variant ``name`` against its format's fp32 through the device runtime; record
         ``metrics.speedup_vs_fp32`` and the variant's ``speed``, and say where it is under
@@ -388,7 +395,9 @@ class ExportSession:
 
         var = self.variants[name]
         fmt = var["format"]
-        measured = speed.measure_variant(bundle, FORMATS[fmt].runtime, HEAD, self.x_val[: speed.BATCH_SIZE])
+        measured = speed.measure_variant(
+            bundle, FORMATS[fmt].runtime, HEAD, self.x_val[: speed.BATCH_SIZE], floor=self._speed_floor()
+        )
         if not measured.finite:
             raise ExportError(
                 f"variant {name}: its speed against {fmt}-fp32 could not be measured (p50 int8 "
