@@ -102,3 +102,14 @@ def test_user_weights_file_loaded_weights_only(tmp_path):
     build_trunk(spec, state)
     with pytest.raises(WeightsError, match="no such file"):
         resolve_weights(spec, str(tmp_path / "missing.pth"))
+
+
+def test_unfreeze_left_to_the_backbone():
+    from edgetl.workstation.options import TrainConfig
+
+    assert TrainConfig().unfreeze is None  # valid: resolved from the backbone when training starts
+    assert get_backbone("mobilenet_v2").train_config(TrainConfig()).unfreeze == 2
+    for name in ("efficientnet_b0", "resnet18", "mobilenet_v3_large"):
+        assert get_backbone(name).train_config(TrainConfig(backbone=name)).unfreeze == 3
+    given = TrainConfig(unfreeze=3)
+    assert get_backbone("mobilenet_v2").train_config(given) is given  # a given --unfreeze stands

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgetl.core.errors import ConfigError, DataError, OutputExistsError
+from edgetl.workstation.backbones import get_backbone
 from edgetl.workstation.options import TrainConfig
 from edgetl.workstation.run import load_run
 from edgetl.workstation.train import finetune
@@ -130,7 +131,10 @@ def test_balance_weights_inverse_frequency_and_imbalance_warning(tmp_path, caplo
     with caplog.at_level("WARNING"):
         result = finetune(data, tmp_path / "run", config=TrainConfig(**{**TINY, "balance": True}), progress=False)
     assert "imbalanced" in caplog.text
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["balance"] is True
+    train = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert train["balance"] is True
+    # --unfreeze left to the backbone is recorded as the number of blocks it means
+    assert train["unfreeze"] == get_backbone(TINY["backbone"]).fine_tune_blocks and "unfreeze" not in TINY
     assert 0 <= result.val_top1 <= 1
 
 

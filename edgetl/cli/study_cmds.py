@@ -88,9 +88,8 @@ def _note(fmt: str, text: str) -> None:
 @click.option(
     "--unfreeze",
     type=_int_range("unfreeze"),
-    default=_D.unfreeze,
-    show_default=True,
-    help="Trunk blocks trained by fine-tune.",
+    default=None,
+    help="Trunk blocks trained by fine-tune. Default: the backbone's (mobilenet_v2: 2, the others: 3).",
 )
 @click.option(
     "--batch-size",

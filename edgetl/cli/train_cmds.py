@@ -89,7 +89,10 @@ _D = TrainConfig()
     "jitter (flips with --hflip). Default: 1 for the feature-extraction head, 4 for the fine-tune.",
 )
 @click.option(
-    "--unfreeze", type=int, default=_D.unfreeze, show_default=True, help="Trunk blocks to unfreeze (fine-tune)."
+    "--unfreeze",
+    type=int,
+    default=None,
+    help="Trunk blocks to unfreeze (fine-tune). Default: the backbone's (mobilenet_v2: 2, the others: 3).",
 )
 @click.option("--epochs", type=int, default=_D.epochs, show_default=True)
 @click.option(

@@ -43,7 +43,8 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "views": (1, 64),
     "folds": (2, 20),
 }
-_OPTIONAL = ("img_size", "workers", "views")  # None: the backbone's size; 4 on CUDA, 0 on the CPU; views_for()
+# None: the backbone's size; 4 on CUDA, 0 on the CPU; views_for(); the backbone's fine_tune_blocks
+_OPTIONAL = ("img_size", "workers", "views", "unfreeze")
 # Views of each training image when --views is not given (measured, docs/training.md): augmented views
 # cost the feature-extraction head accuracy (the digits: 0.941 with 4 against 0.961 with 1) and give
 # the fine-tune some (the digits: 0.978 against 0.970).
@@ -71,7 +72,7 @@ def _opt(name: str) -> str:
 class TrainConfig:
     backbone: str = "mobilenet_v2"
     strategy: str = "auto"
-    unfreeze: int = 3
+    unfreeze: int | None = None  # None: the backbone's own (BackboneSpec.fine_tune_blocks)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-2  # head; the trunk gets lr * trunk_lr_scale

@@ -292,6 +292,7 @@ def run_study(
     with _locked_outputs(out_dir, plot_path):
         _check_outputs(out_dir, plot_path, force)  # again, under the lock: the first check only fails fast
         spec = get_backbone(cfg.backbone)
+        cfg = spec.train_config(cfg)  # the backbone's --unfreeze, in the study's record too
         if any(s != "scratch" for s in strategy_list):
             _check_weights_available(spec, cfg.weights)  # before minutes of scratch rows, not after
         prepared = prepare_data(data, cfg, val_dir=val_dir)

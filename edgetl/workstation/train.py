@@ -137,6 +137,7 @@ def train_model(
     from edgetl.workstation.weights import resolve_weights
 
     spec = get_backbone(cfg.backbone)
+    cfg = spec.train_config(cfg)  # --unfreeze left to the backbone (study rows come here directly)
     pp = spec.preprocessing(cfg.img_size)
     labels = prepared.labels
     device = select_device(cfg.device)
@@ -625,6 +626,7 @@ def _train_into(
     from edgetl.workstation import distributed
 
     spec = get_backbone(cfg.backbone)
+    cfg = spec.train_config(cfg)  # the backbone's defaults, recorded in config.json
     pp = spec.preprocessing(cfg.img_size)
     is_main = _is_main()
     created = is_main and resume_state is None
