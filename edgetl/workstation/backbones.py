@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetl.core.errors import ConfigError
 from edgetl.core.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from edgetl.workstation.options import TrainConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,8 +57,8 @@ class BackboneSpec:
         stem = self.weights_file.rsplit(".", 1)[0]
         return stem.rsplit("-", 1)[-1]
 
-    def train_config(self, cfg: Any) -> Any:
-        """``cfg`` (a TrainConfig) with what it leaves to the backbone filled in: ``unfreeze``."""
+    def train_config(self, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with what it leaves to the backbone filled in: ``unfreeze``."""
         if cfg.unfreeze is not None:
             return cfg
         return dataclasses.replace(cfg, unfreeze=self.fine_tune_blocks)

@@ -137,7 +137,7 @@ def train_model(
     from edgetl.workstation.weights import resolve_weights
 
     spec = get_backbone(cfg.backbone)
-    cfg = spec.train_config(cfg)  # --unfreeze left to the backbone (study rows come here directly)
+    cfg = spec.train_config(cfg)  # finetune and study resolved it already; other callers may not have
     pp = spec.preprocessing(cfg.img_size)
     labels = prepared.labels
     device = select_device(cfg.device)
